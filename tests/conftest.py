@@ -1,0 +1,94 @@
+"""Shared fixtures: a character-level tokenizer, a tiny random Llama, and a scripted Llama."""
+
+from __future__ import annotations
+
+import os
+import string
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the real embedded model (minutes)")
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_char_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
+    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return make_char_tokenizer()
+
+
+def make_tiny_llama(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def tiny_model(char_tokenizer):
+    return make_tiny_llama(char_tokenizer)
+
+
+class ScriptedLlama:
+    """Builds a Llama whose greedy output follows a per-row script of token ids, then EOS.
+
+    The real forward runs (so the KV cache is genuine); only the logits are replaced.
+    """
+
+    @staticmethod
+    def build(tokenizer, scripts: list[list[int]]):
+        from transformers import LlamaForCausalLM
+
+        class _Scripted(LlamaForCausalLM):
+            def forward(self, input_ids=None, past_key_values=None, **kwargs):
+                before = 0 if past_key_values is None else past_key_values.get_seq_length()
+                if before == 0:
+                    self._width = input_ids.shape[1]
+                    self._rows = input_ids.shape[0]
+                out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+                step = out.past_key_values.get_seq_length() - self._width
+                logits = torch.full_like(out.logits[:, -1:, :], -1e4)
+                for row in range(input_ids.shape[0]):
+                    script = self.scripts[row % len(self.scripts)]
+                    token = script[step] if step < len(script) else self.config.eos_token_id
+                    logits[row, 0, token] = 1e4
+                out.logits = logits
+                return out
+
+        model = _Scripted(make_tiny_llama(tokenizer).config)
+        model.scripts = scripts
+        model.generation_config.do_sample = False
+        return model

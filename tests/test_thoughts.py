@@ -1,0 +1,131 @@
+"""Thought segmentation and the transformers thought sampler."""
+
+import pytest
+from transformers import GenerationConfig
+
+from trl_resets.sampling import TransformersThoughtSampler
+from trl_resets.thoughts import (
+    STOP_ANSWER, STOP_EOS, STOP_MAX_THOUGHTS, STOP_MAX_TOKENS, ThoughtFormat, contains_final_answer,
+    segment_thoughts, wrap_question,
+)
+
+from .conftest import ScriptedLlama
+
+
+def _segment(tok, text, fmt, **kw):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids, segment_thoughts(ids, tok.decode, fmt, [tok.eos_token_id], **kw)
+
+
+def _texts(tok, rollout):
+    return [tok.decode(rollout.thought_ids(h)) for h in range(rollout.num_thoughts)]
+
+
+def test_delimiter_spans_cover_each_thought(char_tokenizer):
+    fmt = ThoughtFormat(max_completion_tokens=500)
+    ids, r = _segment(char_tokenizer, "a=1</thought> b=2</thought> so \\boxed{3}</thought> extra", fmt)
+    assert _texts(char_tokenizer, r) == ["a=1</thought>", " b=2</thought>", " so \\boxed{3}</thought>"]
+    assert r.stop_reason == STOP_ANSWER
+    assert r.token_ids == ids[: r.thought_spans[-1][1]]  # the text after the answer thought is dropped
+
+
+def test_thought_token_cap_cuts_and_continues(char_tokenizer):
+    fmt = ThoughtFormat(max_thought_tokens=4, max_completion_tokens=500)
+    _, r = _segment(char_tokenizer, "abcdefghij</thought>", fmt)
+    texts = _texts(char_tokenizer, r)
+    assert texts[:2] == ["abcd", "efgh"]
+    assert all(end - start <= 4 for start, end in r.thought_spans)
+
+
+def test_max_thoughts_counts_prefix_thoughts(char_tokenizer):
+    fmt = ThoughtFormat(max_thoughts=3, max_completion_tokens=500)
+    text = "x</thought>y</thought>z</thought>w</thought>"
+    _, fresh = _segment(char_tokenizer, text, fmt)
+    assert fresh.num_thoughts == 3 and fresh.stop_reason == STOP_MAX_THOUGHTS
+    _, after_prefix = _segment(char_tokenizer, text, fmt, start_thoughts=2)
+    assert after_prefix.num_thoughts == 1 and after_prefix.stop_reason == STOP_MAX_THOUGHTS
+
+
+def test_response_token_budget(char_tokenizer):
+    fmt = ThoughtFormat(max_completion_tokens=6)
+    _, r = _segment(char_tokenizer, "abc</thought>def</thought>", fmt)
+    assert len(r.token_ids) == 6 and r.stop_reason == STOP_MAX_TOKENS
+    _, budgeted = _segment(char_tokenizer, "abc</thought>def</thought>", ThoughtFormat(), token_budget=2)
+    assert len(budgeted.token_ids) == 2
+
+
+def test_paragraph_mode_splits_at_blank_lines_after_content(char_tokenizer):
+    fmt = ThoughtFormat(split="paragraph", max_completion_tokens=500)
+    _, r = _segment(char_tokenizer, "\n\nfirst step\n\nsecond\n\nso \\boxed{4}\n\nmore", fmt)
+    assert _texts(char_tokenizer, r) == ["\n\nfirst step\n\n", "second\n\n", "so \\boxed{4}\n\n"]
+    assert r.stop_reason == STOP_ANSWER
+
+
+def test_model_that_never_writes_the_delimiter(char_tokenizer):
+    fmt = ThoughtFormat(max_thought_tokens=5, max_thoughts=20, max_completion_tokens=12)
+    _, r = _segment(char_tokenizer, "1. add two numbers and keep going", fmt)
+    assert [e - s for s, e in r.thought_spans] == [5, 5, 2]
+    assert r.stop_reason == STOP_MAX_TOKENS
+
+
+def test_eos_after_a_thought_joins_that_thought(char_tokenizer):
+    tok = char_tokenizer
+    ids = tok("ab</thought>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    r = segment_thoughts(ids, tok.decode, ThoughtFormat(), [tok.eos_token_id])
+    assert r.num_thoughts == 1 and r.thought_spans[0] == (0, len(ids)) and r.stop_reason == STOP_EOS
+
+
+def test_final_answer_detection():
+    assert contains_final_answer("so \\boxed{12}")
+    assert contains_final_answer("\\boxed{\\frac{1}{2}}")
+    assert not contains_final_answer("\\boxed{12")
+    assert not contains_final_answer("boxed 12")
+
+
+def test_template_errors_are_clear():
+    assert "Problem: 2+2" in wrap_question("2+2")
+    with pytest.raises(ValueError, match="placeholder"):
+        wrap_question("q", "{problem}")
+
+
+def _sampler(tok, scripts, fmt):
+    model = ScriptedLlama.build(tok, scripts)
+    return TransformersThoughtSampler(model, tok, fmt, GenerationConfig(do_sample=False), [tok.eos_token_id])
+
+
+def test_sampler_decodes_each_rollout_in_one_pass_with_caps(char_tokenizer):
+    tok = char_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    scripts = [enc("a</thought>b</thought>\\boxed{1}</thought>zzz"), enc("abcdefghij" * 5)]
+    fmt = ThoughtFormat(max_thought_tokens=20, max_completion_tokens=60)
+    sampler = _sampler(tok, scripts, fmt)
+    calls = []
+    original = sampler.model.generate
+    sampler.model.generate = lambda *a, **k: calls.append(1) or original(*a, **k)
+    prompts = [enc("Q1:"), enc("Question 2:")]
+    rollouts = sampler.sample(prompts)
+    assert len(calls) == 1  # one decoding pass for the whole batch, not one per thought
+    first, second = rollouts
+    assert tok.decode(first.token_ids) == "a</thought>b</thought>\\boxed{1}</thought>"
+    assert first.stop_reason == STOP_ANSWER and first.num_thoughts == 3
+    assert [e - s for s, e in second.thought_spans] == [20, 20, 11]  # 10 letters + EOS
+    assert second.stop_reason == STOP_EOS  # script ran out, the model emitted EOS
+
+
+def test_sampler_respects_budgets_and_start_thoughts(char_tokenizer):
+    tok = char_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    scripts = [enc("a</thought>b</thought>c</thought>d</thought>")]
+    sampler = _sampler(tok, scripts, ThoughtFormat(max_thoughts=3, max_completion_tokens=100))
+    capped, budgeted = sampler.sample([enc("P"), enc("P")], start_thoughts=[2, 0], token_budgets=[100, 3])
+    assert capped.num_thoughts == 1 and capped.stop_reason == STOP_MAX_THOUGHTS
+    assert len(budgeted.token_ids) == 3 and budgeted.stop_reason == STOP_MAX_TOKENS
+
+
+def test_sampler_complete_stops_at_eos(char_tokenizer):
+    tok = char_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sampler = _sampler(tok, [enc("\\boxed{2}")], ThoughtFormat())
+    (reply,) = sampler.complete([enc("which step?")], max_new_tokens=20, temperature=0.0)
+    assert tok.decode(reply, skip_special_tokens=True) == "\\boxed{2}"
+    assert sampler.complete([], 5, 0.0) == []

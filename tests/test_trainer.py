@@ -1,0 +1,100 @@
+"""End to end: SRPOTrainer and RRPOTrainer train on a tiny model, metrics logged."""
+
+import math
+
+import pytest
+from datasets import Dataset
+
+from trl_resets import RRPOConfig, RRPOTrainer, SRPOConfig, SRPOTrainer
+from trl_resets.metrics import PREFIX, RATIOS, TOTALS
+
+from .conftest import make_tiny_llama
+
+
+def contains_seven(completions, answer, **kwargs):
+    """1.0 when the completion's text holds the answer digit."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [1.0 if a in t else 0.0 for t, a in zip(texts, answer)]
+
+
+def _dataset(conversational=False):
+    questions = ["2+5?", "3+4?", "1+6?", "9-2?"]
+    prompts = [[{"role": "user", "content": q}] for q in questions] if conversational else questions
+    return Dataset.from_dict({"prompt": prompts, "answer": ["7"] * 4})
+
+
+def _args(tmp_path, cls, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, max_completion_length=24,
+        max_thought_tokens=6, max_thoughts=6, learning_rate=1e-3, logging_steps=1, report_to="none",
+        use_cpu=True, bf16=False, save_strategy="no", seed_budget=2, temperature=1.0, seed=0,
+        localization_max_tokens=8,
+    )
+    settings.update(overrides)
+    return cls(**settings)
+
+
+def _train(trainer_cls, args, tok, **kwargs):
+    model = make_tiny_llama(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = trainer_cls(model=model, reward_funcs=contains_seven, args=args, train_dataset=kwargs.pop("data", _dataset()),
+                          processing_class=tok, **kwargs)
+    trainer.train()
+    changed = any(not (p.detach() == before[n]).all() for n, p in trainer.model.named_parameters())
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, logs, changed
+
+
+def test_srpo_trains_two_steps_and_logs_reset_metrics(tmp_path, char_tokenizer):
+    trainer, logs, changed = _train(SRPOTrainer, _args(tmp_path, SRPOConfig), char_tokenizer)
+    assert trainer.state.global_step == 2 and len(logs) == 2 and changed
+    for entry in logs:
+        for key in RATIOS + TOTALS:
+            assert PREFIX + key in entry, key
+        assert entry[PREFIX + "tokens_base"] > 0 and entry[PREFIX + "tokens_suffix"] > 0
+        assert 0.0 <= entry[PREFIX + "fallback_rate"] <= 1.0
+        # a random tiny model never answers with \boxed{N}: every self-localization falls back, counted
+        assert entry[PREFIX + "parse_failure_rate"] == 1.0
+        assert entry[PREFIX + "tokens_localization"] > 0
+        assert 0.0 < entry[PREFIX + "reset_depth_mean"] <= 1.0
+        assert math.isfinite(entry["loss"])
+
+
+def test_rrpo_trains_with_random_resets_and_conversational_prompts(tmp_path, char_tokenizer):
+    args = _args(tmp_path, RRPOConfig, num_base_generations=0, num_reset_prefixes=2, num_reset_generations=4)
+    trainer, logs, changed = _train(RRPOTrainer, args, char_tokenizer, data=_dataset(conversational=True))
+    assert trainer.state.global_step == 2 and changed
+    for entry in logs:
+        assert entry[PREFIX + "parse_failure_rate"] == 0.0  # random resets never fail to parse
+        assert entry[PREFIX + "tokens_localization"] == 0.0
+        value = entry[PREFIX + "base_pass_rate"]  # 2x4 split with G1=0 has no base group: NaN (None in logs)
+        assert value is None or math.isnan(value)
+
+
+def test_callable_localizer_and_clipped_loss(tmp_path, char_tokenizer):
+    calls = []
+
+    def first_step_is_wrong(question, thoughts):
+        calls.append((question, thoughts))
+        return 1
+
+    args = _args(tmp_path, SRPOConfig, max_steps=1, clip_surrogate=True)
+    trainer, logs, _ = _train(SRPOTrainer, args, char_tokenizer, localizer=first_step_is_wrong)
+    assert calls and all(isinstance(t, list) and t for _, t in calls)
+    assert logs[0][PREFIX + "reset_index_mean"] == 1.0 and logs[0][PREFIX + "parse_failure_rate"] == 0.0
+
+
+def test_bad_configurations_fail_at_construction(tmp_path, char_tokenizer):
+    with pytest.raises(ValueError, match="does not match the split"):
+        _args(tmp_path, SRPOConfig, num_generations=6)
+    with pytest.raises(ValueError, match="num_generations"):
+        _args(tmp_path, SRPOConfig, per_device_train_batch_size=4)
+    with pytest.raises(ValueError, match="num_iterations"):
+        _args(tmp_path, SRPOConfig, num_iterations=2)
+    model = make_tiny_llama(char_tokenizer)
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match="SRPOConfig"):
+        SRPOTrainer(model=model, reward_funcs=contains_seven,
+                    args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none"),
+                    train_dataset=_dataset(), processing_class=char_tokenizer)

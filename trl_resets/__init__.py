@@ -1,0 +1,30 @@
+"""trl-resets: reset-based credit assignment (SRPO, RRPO) for Hugging Face TRL."""
+
+from .advantages import group_advantages
+from .config import ResetConfig, RRPOConfig, SRPOConfig
+from .localizers import CallableLocalizer, Localizer, RandomLocalizer, SelfLocalizer
+from .loss import reset_pg_loss
+from .resets import ResetAlgorithm, Split
+from .thoughts import Rollout, ThoughtFormat
+from .trainer import ResetTrainer, RRPOTrainer, SRPOTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallableLocalizer",
+    "Localizer",
+    "RandomLocalizer",
+    "ResetAlgorithm",
+    "ResetConfig",
+    "ResetTrainer",
+    "Rollout",
+    "RRPOConfig",
+    "RRPOTrainer",
+    "SelfLocalizer",
+    "Split",
+    "SRPOConfig",
+    "SRPOTrainer",
+    "ThoughtFormat",
+    "group_advantages",
+    "reset_pg_loss",
+]

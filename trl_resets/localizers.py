@@ -1,0 +1,191 @@
+"""Localizers: who picks the reset index h* of a failed seed.
+
+A localizer answers, for each seed, the 1-based index of its first wrong thought. The reset
+algorithm checks every answer: one that is missing or outside ``1..H_s`` becomes a uniform random
+reset and is counted as a parse failure, so a garbled reply never stops training.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+# Our own wording of the paper's self-localization instruction (Appendix D).
+DEFAULT_LOCALIZATION_TEMPLATE = (
+    "Below is a problem and your earlier step-by-step solution to it. The solution's final answer is "
+    "wrong, so at least one step is wrong.\n\n"
+    "Problem: {question}\n\n"
+    "Your solution:\n{steps}\n\n"
+    "Find the step where the solution first went wrong: the step whose claim cannot be justified "
+    "from the problem and the steps before it. Look for the step where the mistake was made (a "
+    "misreading, an unfounded assumption, a faulty calculation or inference), not the later step "
+    "where its effect shows. Do not solve the problem again.\n"
+    "Answer with exactly one step number between 1 and {num_steps}. End your reply with that number "
+    "as \\boxed{{N}} on its own line and write nothing after it."
+)
+
+
+@dataclass
+class LocalizationRequest:
+    """A failed seed shown to a localizer: the question and the seed's thoughts (delimiters removed)."""
+
+    question: str
+    thoughts: list[str]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.thoughts)
+
+
+@dataclass
+class Localization:
+    """A localizer's answer: ``index`` is the 1-based first wrong thought, or None when it gave none."""
+
+    index: int | None
+    tokens: int = 0
+    reply: str | None = None
+
+
+class TextPolicy(Protocol):
+    """The current policy as a text-in, text-out function, for localizers that query it."""
+
+    def complete(self, prompts: list[str], max_new_tokens: int, temperature: float) -> list[tuple[str, int]]:
+        """One reply per prompt, with the number of tokens it took."""
+        ...
+
+
+class Localizer(Protocol):
+    name: str
+
+    def locate(
+        self, requests: list[LocalizationRequest], policy: TextPolicy | None, rng: random.Random
+    ) -> list[Localization]:
+        ...
+
+
+def render_steps(thoughts: Sequence[str]) -> str:
+    return "\n".join(f"Step {i}: {text}" for i, text in enumerate(thoughts, start=1))
+
+
+def localization_prompt(request: LocalizationRequest, template: str = DEFAULT_LOCALIZATION_TEMPLATE) -> str:
+    try:
+        return template.format(
+            question=request.question, steps=render_steps(request.thoughts), num_steps=request.num_steps
+        )
+    except (KeyError, IndexError) as err:
+        raise ValueError(
+            f"localization template has an unknown placeholder {err}; it may use {{question}}, {{steps}} "
+            "and {num_steps} (write literal braces as {{ and }})."
+        ) from None
+
+
+_BOXED_CONTENT = re.compile(r"\\boxed\s*\{([^{}]*)\}")
+_STEP_NUMBER = re.compile(r"^\s*(?:step\s*)?(\d+)\s*\.?\s*$", re.IGNORECASE)
+
+
+def parse_step_index(reply: str | None, num_steps: int) -> int | None:
+    """The step number in the reply's last ``\\boxed{N}``, or None when absent or outside 1..num_steps."""
+    if not reply:
+        return None
+    boxes = _BOXED_CONTENT.findall(reply)
+    if not boxes:
+        return None
+    match = _STEP_NUMBER.match(boxes[-1])
+    if not match:
+        return None
+    index = int(match.group(1))
+    return index if 1 <= index <= num_steps else None
+
+
+def resolve_reset_index(localization: Localization, num_thoughts: int, rng: random.Random) -> tuple[int, bool]:
+    """The reset index to use and whether the localizer's answer had to be replaced by a random one."""
+    index = localization.index
+    if isinstance(index, int) and not isinstance(index, bool) and 1 <= index <= num_thoughts:
+        return index, False
+    return rng.randint(1, num_thoughts), True
+
+
+class RandomLocalizer:
+    """RRPO: h* uniform over the seed's thoughts."""
+
+    name = "random"
+
+    def locate(self, requests, policy=None, rng=None) -> list[Localization]:
+        rng = rng or random.Random()
+        return [Localization(rng.randint(1, max(r.num_steps, 1))) for r in requests]
+
+
+class SelfLocalizer:
+    """SRPO: the current policy reads its failed chain and names the first wrong step as ``\\boxed{N}``.
+
+    All requests of a step go to the policy in one batched call.
+    """
+
+    name = "self"
+
+    def __init__(
+        self,
+        template: str = DEFAULT_LOCALIZATION_TEMPLATE,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+    ):
+        localization_prompt(LocalizationRequest("q", ["s"]), template)  # fail early on a broken template
+        self.template = template
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    def locate(self, requests, policy=None, rng=None) -> list[Localization]:
+        if policy is None:
+            raise ValueError("SelfLocalizer needs the policy to query; the trainer passes it in.")
+        prompts = [localization_prompt(r, self.template) for r in requests]
+        replies = policy.complete(prompts, self.max_new_tokens, self.temperature)
+        return [
+            Localization(parse_step_index(text, r.num_steps), tokens, text)
+            for r, (text, tokens) in zip(requests, replies)
+        ]
+
+
+class CallableLocalizer:
+    """Any function ``fn(question, thoughts) -> int`` (a PRM, an oracle, environment feedback).
+
+    Return values that are not an integer step number count as failures and become random resets.
+    """
+
+    def __init__(self, fn: Callable[[str, list[str]], object], name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"localizer must be callable or have a .locate method, got {type(fn).__name__}.")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "callable")
+
+    def locate(self, requests, policy=None, rng=None) -> list[Localization]:
+        return [Localization(_as_index(self.fn(r.question, list(r.thoughts)))) for r in requests]
+
+
+def _as_index(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def as_localizer(obj, default: str = "self", **self_kwargs) -> Localizer:
+    """Turns the trainer's ``localizer=`` argument (None, a name, an object, or a callable) into a Localizer."""
+    if obj is None:
+        obj = default
+    if isinstance(obj, str):
+        if obj == "self":
+            return SelfLocalizer(**self_kwargs)
+        if obj == "random":
+            return RandomLocalizer()
+        raise ValueError(f"unknown localizer {obj!r}; use 'self', 'random', a Localizer object or a callable.")
+    if hasattr(obj, "locate"):
+        return obj
+    return CallableLocalizer(obj)

@@ -1,0 +1,94 @@
+"""Per-step statistics of the reset construction, as sums that can be added across processes.
+
+Every ratio is kept as (numerator, denominator) and every total as a plain sum, so a distributed
+run adds the pieces from all processes first and divides once (`finalize`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .resets import BASE_GROUP, PromptGroups, TrainingRow
+
+RATIOS = (
+    "fallback_rate",
+    "parse_failure_rate",
+    "reset_index_mean",
+    "reset_depth_mean",
+    "base_pass_rate",
+    "sp_pass_rate",
+    "base_degenerate_rate",
+    "sp_degenerate_rate",
+    "grad_signal_ratio",
+)
+TOTALS = ("tokens_base", "tokens_suffix", "tokens_localization", "tokens_unused")
+PREFIX = "resets/"
+
+
+def _degenerate(rows: Sequence[TrainingRow]) -> bool:
+    rewards = [r.reward for r in rows]
+    return all(r == rewards[0] or (math.isnan(r) and math.isnan(rewards[0])) for r in rewards)
+
+
+def _signal(rows: Sequence[TrainingRow], advantages: Sequence[float]) -> float | None:
+    """Mean over rows with |A| > 0 of |A| / T (T = the row's active tokens); None when no row has signal."""
+    values = [abs(a) / max(r.active_tokens, 1) for r, a in zip(rows, advantages) if abs(a) > 0 and r.weight > 0]
+    return sum(values) / len(values) if values else None
+
+
+def step_sums(
+    groups: Sequence[PromptGroups], advantages: Sequence[Sequence[float]], success_threshold: float
+) -> list[float]:
+    """This process's numerators, denominators and totals, in a fixed order (see `finalize`)."""
+    num = dict.fromkeys(RATIOS, 0.0)
+    den = dict.fromkeys(RATIOS, 0.0)
+    tot = dict.fromkeys(TOTALS, 0.0)
+    for result, advs in zip(groups, advantages):
+        slots = len(result.resets) + result.fallbacks
+        num["fallback_rate"] += result.fallbacks
+        den["fallback_rate"] += slots
+        for record in result.resets:
+            num["parse_failure_rate"] += record.localizer_failed
+            num["reset_index_mean"] += record.reset_index
+            num["reset_depth_mean"] += record.reset_index / record.num_thoughts
+            tot["tokens_localization"] += record.localization_tokens
+        for key in ("parse_failure_rate", "reset_index_mean", "reset_depth_mean"):
+            den[key] += len(result.resets)
+        tot["tokens_unused"] += result.unused_tokens
+
+        by_group: dict[int, list[int]] = {}
+        for j, row in enumerate(result.rows):
+            if row.weight > 0:
+                by_group.setdefault(row.group, []).append(j)
+        sp_signals = []
+        base_signal = None
+        for group, members in by_group.items():
+            rows = [result.rows[j] for j in members]
+            key = "base" if group == BASE_GROUP else "sp"
+            passed = sum(r.reward >= success_threshold for r in rows)
+            num[f"{key}_pass_rate"] += passed
+            den[f"{key}_pass_rate"] += len(rows)
+            num[f"{key}_degenerate_rate"] += _degenerate(rows)
+            den[f"{key}_degenerate_rate"] += 1
+            tot["tokens_base" if group == BASE_GROUP else "tokens_suffix"] += sum(r.active_tokens for r in rows)
+            signal = _signal(rows, [advs[j] for j in members])
+            if group == BASE_GROUP:
+                base_signal = signal
+            elif signal is not None:
+                sp_signals.append(signal)
+        if base_signal is not None and sp_signals:
+            num["grad_signal_ratio"] += sum(sp_signals) / len(sp_signals)
+            den["grad_signal_ratio"] += base_signal
+    return [num[k] for k in RATIOS] + [den[k] for k in RATIOS] + [tot[k] for k in TOTALS]
+
+
+def finalize(sums: Sequence[float]) -> dict[str, float]:
+    """Metric values from (possibly summed across processes) `step_sums`; NaN where nothing was counted."""
+    n = len(RATIOS)
+    out = {}
+    for i, key in enumerate(RATIOS):
+        out[PREFIX + key] = sums[i] / sums[n + i] if sums[n + i] else math.nan
+    for i, key in enumerate(TOTALS):
+        out[PREFIX + key] = float(sums[2 * n + i])
+    return out

@@ -1,0 +1,278 @@
+"""Algorithm 2 (RRPO / SRPO rollout construction) as plain functions.
+
+Per prompt, with split G1 / k / G2:
+
+1. Phase 1: draw iid rollouts from the prompt. The first k incorrect ones, in sampling order, are
+   the seeds; they never enter the base group, which is the first G1 of the remaining rollouts.
+   Up to ``seed_budget`` extra rollouts may be drawn to find the seeds.
+2. Phase 2: a localizer names each seed's reset index h*; the reset state is the prompt plus the
+   seed's first h*-1 thoughts, as the exact sampled token ids; G2 suffixes are sampled from it.
+3. A seed slot left empty (no incorrect rollout within the budget) falls back to GRPO on the base
+   group: its rows are filled but carry zero loss weight, and the fallback is counted.
+
+Sampling, scoring and localizing are injected, so the algorithm runs the same under a trainer,
+a benchmark, or a scripted policy in a test.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .localizers import Localization, LocalizationRequest, Localizer, TextPolicy, resolve_reset_index
+from .sampling.base import ThoughtSampler
+from .thoughts import Rollout, ThoughtFormat
+
+BASE_GROUP = 0
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one prompt's ``num_generations`` rows are spent: G1 base rollouts + k prefixes x G2 suffixes."""
+
+    base: int = 4
+    prefixes: int = 1
+    per_prefix: int = 4
+
+    def __post_init__(self):
+        if self.base < 0 or self.prefixes < 1 or self.per_prefix < 1:
+            raise ValueError(
+                f"invalid split G1={self.base}, k={self.prefixes}, G2={self.per_prefix}: need G1 >= 0, k >= 1, G2 >= 1."
+            )
+        if self.per_prefix < 2 and self.base < 2:
+            raise ValueError(
+                f"split G1={self.base}, k={self.prefixes}, G2={self.per_prefix} has no group of 2 or more rollouts, "
+                "so every advantage would be zero; raise num_reset_generations or num_base_generations."
+            )
+
+    @property
+    def num_generations(self) -> int:
+        return self.base + self.prefixes * self.per_prefix
+
+    def __str__(self) -> str:
+        return f"{self.prefixes}x{self.per_prefix}" + (f" (+{self.base} base)" if self.base != self.per_prefix else "")
+
+
+@dataclass
+class Scored:
+    """A rollout with its rewards (one per reward function) and the aggregate that decides correctness."""
+
+    rollout: Rollout
+    rewards: list[float]
+    reward: float
+
+
+@dataclass
+class TrainingRow:
+    """One row of the training batch.
+
+    ``completion_ids`` is the whole response (a reset row's prefix, then its suffix); the first
+    ``prefix_len`` tokens carry no loss. ``group`` is 0 for the base group and j for the j-th
+    shared-prefix group. ``weight`` 0 marks a fallback filler row (no loss, no statistics).
+    """
+
+    completion_ids: list[int]
+    prefix_len: int
+    group: int
+    rewards: list[float]
+    reward: float
+    weight: float = 1.0
+    num_thoughts: int = 0
+    stop_reason: str = ""
+
+    @property
+    def active_tokens(self) -> int:
+        return len(self.completion_ids) - self.prefix_len
+
+
+@dataclass
+class ResetRecord:
+    """What happened to one seed: its length in thoughts, the reset index, how it was chosen."""
+
+    num_thoughts: int
+    reset_index: int
+    localizer_failed: bool
+    localization_tokens: int = 0
+    reply: str | None = None
+
+
+@dataclass
+class PromptGroups:
+    """Algorithm 2's result for one prompt: the rows (base group first) and what it took to make them."""
+
+    rows: list[TrainingRow]
+    resets: list[ResetRecord] = field(default_factory=list)
+    fallbacks: int = 0
+    phase1_draws: int = 0
+    unused_tokens: int = 0
+
+
+def choose_seeds(incorrect: Sequence[bool], split: Split) -> tuple[list[int], list[int]]:
+    """Seeds = the first k incorrect rollouts in sampling order; base = the first G1 of the others."""
+    seeds = [i for i, bad in enumerate(incorrect) if bad][: split.prefixes]
+    rest = [i for i in range(len(incorrect)) if i not in seeds]
+    return seeds, rest[: split.base]
+
+
+def reset_prefix(rollout: Rollout, reset_index: int) -> list[int]:
+    """The seed's first ``reset_index - 1`` thoughts, as its exact sampled token ids (h*=1: empty)."""
+    if not 1 <= reset_index <= rollout.num_thoughts:
+        raise ValueError(f"reset index {reset_index} is outside 1..{rollout.num_thoughts} (the seed's thoughts).")
+    return rollout.token_ids[: rollout.thought_spans[reset_index - 1][0]]
+
+
+def _is_incorrect(scored: Scored, threshold: float) -> bool:
+    return scored.reward < threshold  # NaN (unscorable) is never a seed
+
+
+def _row(scored: Scored, prefix_len: int, group: int, prefix_thoughts: int = 0) -> TrainingRow:
+    return TrainingRow(
+        completion_ids=list(scored.rollout.token_ids),
+        prefix_len=prefix_len,
+        group=group,
+        rewards=list(scored.rewards),
+        reward=scored.reward,
+        num_thoughts=prefix_thoughts + scored.rollout.num_thoughts,
+        stop_reason=scored.rollout.stop_reason,
+    )
+
+
+def _filler_rows(pool: list[Scored], count: int, group: int, num_rewards: int) -> list[TrainingRow]:
+    """Rows that keep the batch shape for an empty seed slot: fully masked, zero weight, no reward."""
+    rows = []
+    for i in range(count):
+        source = pool[i % len(pool)]
+        ids = list(source.rollout.token_ids)
+        rows.append(
+            TrainingRow(ids, len(ids), group, [math.nan] * num_rewards, math.nan, 0.0, source.rollout.num_thoughts)
+        )
+    return rows
+
+
+ScoreFn = Callable[[list[int], list[list[int]]], list[list[float]]]
+"""score(prompt_indices, completion_ids) -> rewards per reward function, one list per completion."""
+
+
+@dataclass
+class ResetAlgorithm:
+    """Runs Algorithm 2 for a batch of prompts.
+
+    Args:
+        split: G1 / k / G2.
+        fmt: thought format (caps shared by seeds and suffixes).
+        seed_budget: extra iid rollouts per prompt that may be drawn to find the seeds.
+        success_threshold: a rollout whose aggregated reward is below it is incorrect.
+        aggregate: per-function rewards -> one reward (default: sum, NaN-aware).
+        sync_any: ``flag -> any process's flag``; keeps processes in the same number of sampling rounds.
+    """
+
+    split: Split
+    fmt: ThoughtFormat
+    seed_budget: int = 8
+    success_threshold: float = 1.0
+    aggregate: Callable[[list[float]], float] | None = None
+    sync_any: Callable[[bool], bool] = bool
+
+    def _aggregate(self, rewards: list[float]) -> float:
+        if self.aggregate is not None:
+            return self.aggregate(rewards)
+        finite = [r for r in rewards if not math.isnan(r)]
+        return sum(finite) if finite else math.nan
+
+    def _score(self, score: ScoreFn, owners: list[int], rollouts: list[Rollout], prefixes=None) -> list[Scored]:
+        if prefixes is None:
+            prefixes = [[] for _ in rollouts]
+        completions = [p + r.token_ids for p, r in zip(prefixes, rollouts)]
+        per_func = score(owners, completions) if completions else []
+        if len(per_func) != len(completions):
+            raise ValueError(f"score function returned {len(per_func)} results for {len(completions)} completions.")
+        return [Scored(r, list(f), self._aggregate(list(f))) for r, f in zip(rollouts, per_func)]
+
+    def phase1(self, contexts: list[list[int]], sampler: ThoughtSampler, score: ScoreFn) -> list[list[Scored]]:
+        """Draws each prompt's iid rollouts: G1 + k at once, then more (within the budget) until k seeds."""
+        k, first = self.split.prefixes, self.split.base + self.split.prefixes
+        draws: list[list[Scored]] = [[] for _ in contexts]
+        wanted = {i: first for i in range(len(contexts))}
+        while self.sync_any(bool(wanted)):
+            owners = [i for i, n in wanted.items() for _ in range(n)]
+            rollouts = sampler.sample([contexts[i] for i in owners])
+            for i, scored in zip(owners, self._score(score, owners, rollouts)):
+                draws[i].append(scored)
+            wanted = {}
+            for i, drawn in enumerate(draws):
+                found = sum(_is_incorrect(s, self.success_threshold) for s in drawn)
+                left = first + self.seed_budget - len(drawn)
+                if found < k and left > 0:
+                    wanted[i] = min(left, first)
+        return draws
+
+    def run(
+        self,
+        contexts: list[list[int]],
+        questions: list[str],
+        sampler: ThoughtSampler,
+        score: ScoreFn,
+        localizer: Localizer,
+        describe: Callable[[Rollout], list[str]],
+        policy: TextPolicy | None = None,
+        rng: random.Random | None = None,
+    ) -> list[PromptGroups]:
+        """Algorithm 2 for every prompt; ``describe`` turns a seed into its thoughts' text for the localizer."""
+        rng = rng or random.Random(0)
+        split = self.split
+        draws = self.phase1(contexts, sampler, score)
+
+        results, seeds = [], []  # seeds: (prompt index, group number, Scored)
+        for i, drawn in enumerate(draws):
+            seed_idx, base_idx = choose_seeds([_is_incorrect(s, self.success_threshold) for s in drawn], split)
+            rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
+            used = set(seed_idx) | set(base_idx)
+            unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
+            results.append(PromptGroups(rows, phase1_draws=len(drawn), unused_tokens=unused))
+            seeds.extend((i, g + 1, drawn[j]) for g, j in enumerate(seed_idx))
+
+        requests = [LocalizationRequest(questions[i], describe(s.rollout)) for i, _, s in seeds]
+        answers = localizer.locate(requests, policy, rng)
+        if len(answers) != len(requests):
+            raise ValueError(f"localizer {localizer.name!r} answered {len(answers)} of {len(requests)} requests.")
+
+        reset_contexts, reset_owners, reset_prefixes, reset_starts, reset_budgets = [], [], [], [], []
+        for (i, _, seed), answer in zip(seeds, answers):
+            index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rng)
+            results[i].resets.append(
+                ResetRecord(seed.rollout.num_thoughts, index, failed, answer.tokens if answer else 0,
+                            answer.reply if answer else None)
+            )
+            prefix = reset_prefix(seed.rollout, index)
+            for _ in range(split.per_prefix):
+                reset_contexts.append(contexts[i] + prefix)
+                reset_owners.append(i)
+                reset_prefixes.append(prefix)
+                reset_starts.append(index - 1)
+                reset_budgets.append(self.fmt.max_completion_tokens - len(prefix))
+
+        suffixes = sampler.sample(reset_contexts, reset_starts, reset_budgets)
+        scored = self._score(score, reset_owners, suffixes, reset_prefixes)
+        cursor = 0
+        seeds_of = {}
+        for i, group, _ in seeds:
+            seeds_of.setdefault(i, []).append(group)
+        for i, result in enumerate(results):
+            groups = seeds_of.get(i, [])
+            for group, record in zip(groups, result.resets):
+                prefix_len = len(reset_prefixes[cursor])
+                for _ in range(split.per_prefix):
+                    row = _row(scored[cursor], 0, group, record.reset_index - 1)
+                    row.completion_ids = reset_prefixes[cursor] + row.completion_ids
+                    row.prefix_len = prefix_len
+                    result.rows.append(row)
+                    cursor += 1
+            missing = split.prefixes - len(groups)
+            if missing:
+                result.fallbacks = missing
+                num_rewards = len(draws[i][0].rewards) if draws[i] else 0
+                for group in range(len(groups) + 1, split.prefixes + 1):
+                    result.rows.extend(_filler_rows(draws[i], split.per_prefix, group, num_rewards))
+        return results

@@ -1,0 +1,356 @@
+"""TRL adapters: `SRPOTrainer` and `RRPOTrainer` on top of `trl.GRPOTrainer`.
+
+Three hooks, everything else is TRL's:
+
+* generation goes through GRPOTrainer's ``rollout_func`` extension point: thought-level sampling
+  and Algorithm 2 (`resets.ResetAlgorithm`) build each prompt's rows; a reset row's completion is
+  prefix + suffix and its prefix is masked through ``env_mask`` (TRL's tool/env mask);
+* rewards are computed while generating (the seed search needs them), so ``_calculate_rewards``
+  hands TRL the same numbers instead of calling the reward functions again, and the advantages
+  TRL computed per prompt are replaced by per-group ones;
+* the loss is the paper's unclipped ``-A * log pi`` (or TRL's clipped loss on the same masks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import random
+import textwrap
+import warnings
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import gather
+from torch import nn
+from trl import GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
+
+from . import metrics as reset_metrics
+from .advantages import group_advantages
+from .config import ResetConfig, RRPOConfig, SRPOConfig
+from .localizers import as_localizer
+from .loss import reset_pg_loss
+from .resets import PromptGroups, ResetAlgorithm, Split
+from .sampling import TransformersThoughtSampler
+from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
+
+_PAPER = {
+    "title": "Credit Assignment with Resets in Language Model Reasoning",
+    "id": None,
+    "citation": textwrap.dedent("""\
+        @article{samanta2026resets,
+            title  = {{Credit Assignment with Resets in Language Model Reasoning}},
+            author = {Ankur Samanta and Akshayaa Magesh and Ayush Jain and Youliang Yu and Daniel Jiang and Kavosh Asadi and Kaveh Hassani and Paul Sajda and Jalaj Bhandari and Yonathan Efroni},
+            year   = 2026,
+        }"""),
+}
+
+
+def _reset_rollout(prompts, trainer):
+    """GRPOTrainer's ``rollout_func`` contract: (prompts, trainer) -> dict of token lists."""
+    return trainer._reset_rollout(prompts)
+
+
+def _is_conversational(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def _question_text(prompt) -> str:
+    return prompt[-1]["content"] if _is_conversational(prompt) else prompt
+
+
+class _PolicyText:
+    """The policy as text in / text out (for self-localization), in the dataset's prompt style."""
+
+    def __init__(self, trainer: "ResetTrainer", sampler: TransformersThoughtSampler, conversational: bool):
+        self.trainer, self.sampler, self.conversational = trainer, sampler, conversational
+
+    def complete(self, prompts, max_new_tokens, temperature):
+        if not prompts:
+            self.sampler.complete([], max_new_tokens, temperature)
+            return []
+        messages = [[{"role": "user", "content": p}] for p in prompts] if self.conversational else prompts
+        ids, _, _ = self.trainer._tokenize_prompts(messages)
+        replies = self.sampler.complete([list(x) for x in ids], max_new_tokens, temperature)
+        texts = self.trainer.processing_class.batch_decode(replies, skip_special_tokens=True)
+        return [(text, len(reply)) for text, reply in zip(texts, replies)]
+
+
+class ResetTrainer(GRPOTrainer):
+    """GRPO with reset groups (Algorithm 2). Use `SRPOTrainer` or `RRPOTrainer`."""
+
+    config_class = ResetConfig
+    _tag_names = ["trl", "trl-resets"]
+    _name = "Reset"
+    _paper = _PAPER
+
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: ResetConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        localizer=None,
+        **kwargs,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = self.config_class(output_dir=f"{str(name).split('/')[-1]}-{self._name}")
+        if not isinstance(args, ResetConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__} (got {type(args).__name__}); "
+                f"build one with {self.config_class.__name__}(...) instead of GRPOConfig."
+            )
+        for name in ("rollout_func", "tools", "environment_factory"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name} is not supported by {type(self).__name__}: it owns generation itself.")
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        for func in funcs:
+            if isinstance(func, (str, nn.Module)):
+                raise ValueError(
+                    f"reward function {func!r} is a reward model; {type(self).__name__} supports callables "
+                    "`(completions, **columns) -> list[float]` only (wrap the model in such a function)."
+                )
+        if args.use_vllm:
+            raise ValueError(
+                "use_vllm=True is not supported yet: trl-resets samples thoughts with the transformers backend "
+                "only in this release. Set use_vllm=False."
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rollout_func.*experimental.*")
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                rollout_func=_reset_rollout,
+                **kwargs,
+            )
+        self.split = Split(args.num_base_generations, args.num_reset_prefixes, args.num_reset_generations)
+        self.thought_format = ThoughtFormat(
+            delimiter=args.thought_delimiter,
+            split=args.thought_split,
+            max_thoughts=args.max_thoughts,
+            max_thought_tokens=args.max_thought_tokens,
+            max_completion_tokens=args.max_completion_length,
+        )
+        if args.rollout_template is not None:
+            wrap_question("probe", args.rollout_template, args.thought_delimiter)  # fail now on a broken template
+        self.localizer = as_localizer(
+            localizer,
+            default=args.localizer,
+            template=args.localization_template,
+            max_new_tokens=args.localization_max_tokens,
+            temperature=args.localization_temperature,
+        )
+        self.reset_algorithm = ResetAlgorithm(
+            split=self.split,
+            fmt=self.thought_format,
+            seed_budget=args.seed_budget,
+            success_threshold=args.success_threshold,
+            aggregate=self._aggregate_rewards,
+            sync_any=self._any_process,
+        )
+        self._reset_rng = random.Random(args.seed * 7919 + self.accelerator.process_index)
+        self._batch_inputs = None
+        self._batch_state = None
+
+    # ------------------------------------------------------------------ generation
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def _wrap(self, prompt):
+        template = self.args.rollout_template
+        if template is None:
+            return prompt
+        if _is_conversational(prompt):
+            last = prompt[-1]
+            return prompt[:-1] + [{**last, "content": wrap_question(last["content"], template, self.args.thought_delimiter)}]
+        return wrap_question(prompt, template, self.args.thought_delimiter)
+
+    @contextmanager
+    def _sampler(self):
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            yield TransformersThoughtSampler(
+                model,
+                self.processing_class,
+                self.thought_format,
+                generation_config=self.generation_config,
+                eos_ids=list(self.eos_token_ids),
+                collective=zero3,
+            )
+
+    def _describe(self, rollout: Rollout) -> list[str]:
+        decode = self.processing_class.decode
+        return [strip_delimiter(decode(rollout.thought_ids(h), skip_special_tokens=True), self.thought_format)
+                for h in range(rollout.num_thoughts)]
+
+    def _aggregate_rewards(self, rewards: list[float]) -> float:
+        weights = self.reward_weights.tolist()
+        terms = [w * r for w, r in zip(weights, rewards) if not math.isnan(r)]
+        return sum(terms) if terms else math.nan
+
+    def _score(self, rows_inputs: list[dict], prompts: list, completion_ids: list[list[int]]) -> list[list[float]]:
+        """Calls the reward functions on full trajectories, with the dataset columns as keyword arguments."""
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if _is_conversational(prompts[0]):
+            completions = [[{"role": "assistant", "content": t}] for t in texts]
+        else:
+            completions = texts
+        keys = [k for k in rows_inputs[0] if k not in ("prompt", "completion", "completion_ids")]
+        columns = {k: [row[k] for row in rows_inputs] for k in keys}
+        columns["trainer_state"] = self.state
+        columns["log_metric"] = self._log_metric
+        per_func = []
+        for func, name in zip(self.reward_funcs, self.reward_func_names):
+            out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            if inspect.isawaitable(out):
+                out = asyncio.run_coroutine_threadsafe(out, self.async_loop).result() if getattr(
+                    self, "async_loop", None) else asyncio.run(out)
+            out = list(out)
+            if len(out) != len(completions):
+                raise ValueError(
+                    f"reward function {name!r} returned {len(out)} rewards for {len(completions)} completions; "
+                    "it must return one reward per completion."
+                )
+            per_func.append([math.nan if r is None else float(r) for r in out])
+        return [list(values) for values in zip(*per_func)]
+
+    def _reset_rollout(self, prompts: list) -> dict:
+        wrapped = [self._wrap(p) for p in prompts]
+        prompt_ids, _, _ = self._tokenize_prompts(wrapped)
+        prompt_ids = [list(ids) for ids in prompt_ids]
+        if not self.model.training:
+            with self._sampler() as sampler:
+                rollouts = sampler.sample(prompt_ids)
+            self._batch_state = None
+            return {"prompt_ids": prompt_ids, "completion_ids": [r.token_ids for r in rollouts], "logprobs": None}
+
+        n = self.num_generations
+        firsts = list(range(0, len(prompts), n))
+        inputs = self._batch_inputs
+
+        def score(owners, completion_ids):
+            rows = [firsts[u] for u in owners]
+            return self._score([inputs[r] for r in rows], [prompts[r] for r in rows], completion_ids)
+
+        with self._sampler() as sampler:
+            groups = self.reset_algorithm.run(
+                contexts=[prompt_ids[i] for i in firsts],
+                questions=[_question_text(prompts[i]) for i in firsts],
+                sampler=sampler,
+                score=score,
+                localizer=self.localizer,
+                describe=self._describe,
+                policy=_PolicyText(self, sampler, _is_conversational(prompts[0])),
+                rng=self._reset_rng,
+            )
+        self._batch_state = self._summarize(groups)
+        rows = [row for g in groups for row in g.rows]
+        return {
+            "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
+            "completion_ids": [row.completion_ids for row in rows],
+            "logprobs": None,
+            "env_mask": [[0] * row.prefix_len + [1] * row.active_tokens for row in rows],
+        }
+
+    def _summarize(self, groups: list[PromptGroups]) -> dict:
+        """Rewards, per-group advantages and metric sums of this process's rows."""
+        device = self.accelerator.device
+        groups_per_prompt = self.split.prefixes + 1
+        rows = [(p, row) for p, g in enumerate(groups) for row in g.rows]
+        rewards = torch.tensor([row.reward for _, row in rows], dtype=torch.float32)
+        group_ids = torch.tensor([p * groups_per_prompt + row.group for p, row in rows])
+        weights = torch.tensor([row.weight for _, row in rows], dtype=torch.float32)
+        scale = self.args.scale_rewards != "none"
+        advantages = group_advantages(rewards, group_ids, scale=scale) * weights
+        per_prompt = advantages.split([len(g.rows) for g in groups])
+        sums = reset_metrics.step_sums(groups, [a.tolist() for a in per_prompt], self.args.success_threshold)
+        return {
+            "rewards_per_func": torch.tensor([row.rewards for _, row in rows], dtype=torch.float32, device=device),
+            "advantages": advantages.to(device),
+            "metric_sums": torch.tensor(sums, dtype=torch.float64, device=device),
+        }
+
+    # ------------------------------------------------------------------ rewards and advantages
+    def _generate_and_score_completions(self, inputs):
+        self._batch_inputs = inputs
+        self._batch_state = None
+        output = super()._generate_and_score_completions(inputs)
+        state, self._batch_state, self._batch_inputs = self._batch_state, None, None
+        if state is not None:
+            output["advantages"] = state["advantages"]
+            sums = self.accelerator.reduce(state["metric_sums"], reduction="sum")
+            for name, value in reset_metrics.finalize(sums.tolist()).items():
+                self._metrics["train"][name].append(value)
+        return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self._batch_state is None:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return gather(self._batch_state["rewards_per_func"])
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        if self.args.clip_surrogate:
+            return super()._compute_loss(model, inputs)
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
+        )
+        loss = reset_pg_loss(
+            logps,
+            inputs["advantages"],
+            mask,
+            ref_logps=inputs.get("ref_per_token_logps"),
+            beta=self.beta,
+            token_weights=inputs.get("importance_sampling_ratio"),
+        )
+        mode = "train" if self.model.training else "eval"
+        totals = self.accelerator.reduce(
+            torch.stack([(entropies * mask).sum(), mask.sum().to(entropies.dtype)]).detach(), reduction="sum"
+        )
+        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(loss.detach()).mean().item())
+        if mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+
+class SRPOTrainer(ResetTrainer):
+    """Self-Reset Policy Optimization: the policy localizes its own first wrong thought (default localizer)."""
+
+    config_class = SRPOConfig
+    _tag_names = ["trl", "trl-resets", "srpo"]
+    _name = "SRPO"
+
+
+class RRPOTrainer(ResetTrainer):
+    """Random-Reset Policy Optimization: the reset index is uniform over the seed's thoughts."""
+
+    config_class = RRPOConfig
+    _tag_names = ["trl", "trl-resets", "rrpo"]
+    _name = "RRPO"
