@@ -1,0 +1,92 @@
+"""Thought-level sampling against plain generation: same backend, model, prompts and token budget.
+
+    python benchmarks/sampler_throughput.py            # embedded SmolLM2-135M-Instruct
+    python benchmarks/sampler_throughput.py --quick    # fewer prompts and tokens (under two minutes)
+
+Prints tokens per second for both and, as its last line, the ratio (thought sampler / plain).
+Writes benchmarks/results/sampler_throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from trl_resets.sampling import TransformersThoughtSampler
+from trl_resets.tasks import make_arithmetic_dataset
+from trl_resets.thoughts import ThoughtFormat, wrap_question
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder or id (default: the embedded SmolLM2)")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128, help="token budget per rollout")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.tokens, args.repeats = 4, 48, 2
+    if args.model is None:
+        from trl_resets.models import default_model_path
+
+        args.model = default_model_path()
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    rows = make_arithmetic_dataset(args.prompts, num_steps=3, seed=1)
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": wrap_question(q)}], add_generation_prompt=True,
+                                tokenize=True, return_dict=True)["input_ids"]
+        for q in rows["prompt"]
+    ]
+    # EOS is suppressed and the thought caps are loose, so both paths decode the full budget.
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.95, suppress_tokens=[tok.eos_token_id],
+                              pad_token_id=tok.pad_token_id)
+    fmt = ThoughtFormat(max_thoughts=10_000, max_thought_tokens=32, max_completion_tokens=args.tokens)
+    sampler = TransformersThoughtSampler(model, tok, fmt, config, eos_ids=[])
+
+    def plain():
+        ids = sampler._generate(prompts, config={"max_new_tokens": args.tokens, "min_new_tokens": args.tokens})
+        return ids.numel()
+
+    def thoughts():
+        rollouts = sampler.sample(prompts)
+        return sum(len(r.token_ids) for r in rollouts)
+
+    rates = {"plain": [], "thought": []}
+    thoughts()  # warm-up
+    for _ in range(args.repeats):
+        for name, run in (("plain", plain), ("thought", thoughts)):
+            start = time.perf_counter()
+            tokens = run()
+            rates[name].append(tokens / (time.perf_counter() - start))
+    best = {k: max(v) for k, v in rates.items()}
+    ratio = best["thought"] / best["plain"]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    result = {"model": args.model, "prompts": args.prompts, "tokens": args.tokens, "repeats": args.repeats,
+              "tokens_per_s": best, "ratio": ratio, "machine": machine}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sampler_throughput.json").write_text(json.dumps(result, indent=2))
+    table = (
+        "| sampler | tokens/s (best of runs) |\n|---|---|\n"
+        f"| plain generate | {best['plain']:.1f} |\n| thought sampler | {best['thought']:.1f} |\n"
+    )
+    (RESULTS / "sampler_throughput.md").write_text(
+        f"{table}\nratio {ratio:.3f}; {args.prompts} prompts x {args.tokens} tokens; {machine}\n"
+    )
+    print(table)
+    print(f"thought/plain throughput ratio: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
