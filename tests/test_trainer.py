@@ -60,6 +60,25 @@ def test_srpo_trains_two_steps_and_logs_reset_metrics(tmp_path, char_tokenizer):
         assert math.isfinite(entry["loss"])
 
 
+def test_reset_prefix_is_masked_in_the_loss_inputs(tmp_path, char_tokenizer):
+    args = _args(tmp_path, SRPOConfig, max_steps=1)
+    model = make_tiny_llama(char_tokenizer)
+    trainer = SRPOTrainer(model=model, reward_funcs=contains_seven, args=args, train_dataset=_dataset(),
+                          processing_class=char_tokenizer, localizer=lambda q, thoughts: len(thoughts))
+    rollouts, loss_inputs = [], []
+    rollout, compute_loss = trainer._reset_rollout, trainer._compute_loss
+    trainer._reset_rollout = lambda prompts: rollouts.append(rollout(prompts)) or rollouts[-1]
+    trainer._compute_loss = lambda m, inputs: loss_inputs.append(inputs) or compute_loss(m, inputs)
+    trainer.train()
+    env_masks = rollouts[0]["env_mask"]
+    masked = sum(row.count(0) for row in env_masks)
+    assert masked > 0  # resets at the seed's last thought leave a non-empty prefix
+    inputs = loss_inputs[0]
+    active = inputs["completion_mask"] * inputs["tool_mask"]
+    assert int((inputs["completion_mask"] - active).sum()) == masked
+    assert sorted(active.sum(-1).tolist()) == sorted(float(row.count(1)) for row in env_masks)
+
+
 def test_rrpo_trains_with_random_resets_and_conversational_prompts(tmp_path, char_tokenizer):
     args = _args(tmp_path, RRPOConfig, num_base_generations=0, num_reset_prefixes=2, num_reset_generations=4)
     trainer, logs, changed = _train(RRPOTrainer, args, char_tokenizer, data=_dataset(conversational=True))
