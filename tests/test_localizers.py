@@ -68,8 +68,47 @@ def test_templates_and_names_are_checked():
     with pytest.raises(ValueError, match="placeholder"):
         SelfLocalizer(template="{problem}")
     with pytest.raises(ValueError, match="unknown localizer"):
-        as_localizer("oracle")
+        as_localizer("prm")
+    assert as_localizer("oracle").name == "oracle"
     assert as_localizer(None, default="random").name == "random"
     assert as_localizer(lambda q, t: 1).locate([LocalizationRequest("q", ["a"])])[0].index == 1
     text = localization_prompt(LocalizationRequest("Q", ["a", "b", "c"]))
     assert "Step 3: c" in text and "between 1 and 3" in text
+
+
+def _problem_row():
+    from trl_resets.tasks import make_arithmetic_dataset
+
+    return make_arithmetic_dataset(1, num_steps=3, seed=5)[0]
+
+
+def test_oracle_localizer_points_at_the_checkers_first_wrong_step():
+    from trl_resets.localizers import OracleLocalizer
+
+    row = _problem_row()
+    good = list(row["solution_steps"])
+    assert len(good) == 3  # three operations, the last one boxes the answer
+    wrong_second = [good[0], "90 + 3 = 94", "94 + 6 = 100, so the answer is \\boxed{100}"]
+    assert good[0].startswith("18 * 5 = 90")
+    requests = [
+        LocalizationRequest("q", wrong_second, row),
+        LocalizationRequest("q", ["I am not sure.", *good[1:]], row),
+        LocalizationRequest("q", good[:2], row),  # right so far, stopped early: reset at its last thought
+        LocalizationRequest("q", good, row),  # the checker finds no error: no answer, random reset
+    ]
+    answers = OracleLocalizer().locate(requests, None, random.Random(0))
+    assert [a.index for a in answers] == [2, 1, 2, None]
+    assert resolve_reset_index(answers[3], 3, random.Random(0))[1] is True
+
+
+def test_oracle_localizer_needs_rows_and_accepts_a_custom_checker():
+    from trl_resets.localizers import OracleLocalizer
+
+    with pytest.raises(ValueError, match="dataset row"):
+        OracleLocalizer().locate([LocalizationRequest("q", ["a"])])
+    seen = []
+    custom = OracleLocalizer(lambda row, thoughts: seen.append((row, thoughts)) or "3")
+    assert custom.locate([LocalizationRequest("q", ["a", "b", "c"], {"k": 1})])[0].index == 3
+    assert seen == [({"k": 1}, ["a", "b", "c"])]
+    with pytest.raises(TypeError):
+        OracleLocalizer(checker=5)

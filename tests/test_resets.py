@@ -149,9 +149,28 @@ def test_random_localizer_is_uniform_over_thoughts():
     assert all(abs(picks.count(i) / 3000 - 1 / 3) < 0.04 for i in (1, 2, 3))
 
 
+def test_k0_is_plain_grpo_without_seed_search_or_localization():
+    loc = FixedLocalizer(2)
+    (res,), sampler = run(Split(8, 0, 1), correct=set(), localizer=loc)
+    assert len(res.rows) == 8 and all(r.group == 0 and r.prefix_len == 0 for r in res.rows)
+    assert [draw_of(r) for r in res.rows] == list(range(8))
+    assert res.phase1_draws == 8 and len(sampler.calls) == 1 and loc.requests == [] and res.fallbacks == 0
+
+
+def test_rows_reach_the_localizer_with_each_request():
+    loc = FixedLocalizer(2)
+    sampler = ScriptedSampler()
+    algo = ResetAlgorithm(Split(4, 1, 4), ThoughtFormat(max_completion_tokens=100), seed_budget=4)
+    algo.run([[7], [8]], ["q0", "q1"], sampler, scripted_score(set()), loc, describe=lambda r: ["t"] * 3,
+             rng=random.Random(0), rows=[{"answer": 1}, {"answer": 2}])
+    assert [r.row["answer"] for r in loc.requests[0]] == [1, 2]
+
+
 def test_split_validation():
     with pytest.raises(ValueError, match="G1"):
-        Split(4, 0, 4)
+        Split(4, -1, 4)
+    with pytest.raises(ValueError, match="advantage"):
+        Split(1, 0, 4)
     with pytest.raises(ValueError, match="advantage"):
         Split(1, 2, 1)
     assert Split(4, 1, 4).num_generations == 8 and Split(0, 2, 4).num_generations == 8

@@ -2,7 +2,7 @@
 
 from .advantages import group_advantages
 from .config import ResetConfig, RRPOConfig, SRPOConfig
-from .localizers import CallableLocalizer, Localizer, RandomLocalizer, SelfLocalizer
+from .localizers import CallableLocalizer, Localizer, OracleLocalizer, RandomLocalizer, SelfLocalizer
 from .loss import reset_pg_loss
 from .resets import ResetAlgorithm, Split
 from .thoughts import Rollout, ThoughtFormat
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CallableLocalizer",
     "Localizer",
+    "OracleLocalizer",
     "RandomLocalizer",
     "ResetAlgorithm",
     "ResetConfig",

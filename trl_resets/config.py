@@ -21,7 +21,8 @@ class ResetConfig(GRPOConfig):
     num_base_generations (`int`, defaults to `4`):
         G1: iid rollouts from the prompt in the base group. May be 0 (the 1x8 split).
     num_reset_prefixes (`int`, defaults to `1`):
-        k: seeds (failed rollouts) per prompt, each giving one reset state.
+        k: seeds (failed rollouts) per prompt, each giving one reset state. 0 turns resets off: plain GRPO on
+        the G1 base rollouts with the same thought sampler, the like-for-like baseline.
     num_reset_generations (`int`, defaults to `4`):
         G2: suffixes sampled from each reset state.
     num_generations (`int` or `None`, defaults to `None`):
@@ -50,7 +51,8 @@ class ResetConfig(GRPOConfig):
     > Localization
 
     localizer (`str`, defaults to `"self"` for SRPO and `"random"` for RRPO):
-        `"self"` or `"random"`; a `localizer=` object passed to the trainer takes precedence.
+        `"self"`, `"random"`, or `"oracle"` (the arithmetic task's exact step checker, see [`OracleLocalizer`]);
+        a `localizer=` object passed to the trainer takes precedence.
     localization_template (`str`, defaults to the package's localization instruction):
         Placeholders `{question}`, `{steps}` (the seed as `Step 1: ...` lines) and `{num_steps}`.
     localization_max_tokens (`int`, defaults to `32`):
@@ -89,7 +91,9 @@ class ResetConfig(GRPOConfig):
         default=DEFAULT_ROLLOUT_TEMPLATE,
         metadata={"help": "Wraps each question; placeholders {question} and {delimiter}. None: prompts as given."},
     )
-    localizer: str = field(default="self", metadata={"help": "'self' or 'random'.", "choices": ["self", "random"]})
+    localizer: str = field(
+        default="self", metadata={"help": "'self', 'random' or 'oracle'.", "choices": ["self", "random", "oracle"]}
+    )
     localization_template: str = field(
         default=DEFAULT_LOCALIZATION_TEMPLATE,
         metadata={"help": "Localization prompt; placeholders {question}, {steps}, {num_steps}."},
@@ -103,6 +107,11 @@ class ResetConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        if self.num_reset_prefixes < 0 or self.num_base_generations < 0 or self.num_reset_generations < 1:
+            raise ValueError(
+                "num_base_generations and num_reset_prefixes must be >= 0 and num_reset_generations >= 1, got "
+                f"{self.num_base_generations}, {self.num_reset_prefixes}, {self.num_reset_generations}."
+            )
         split_sum = self.num_base_generations + self.num_reset_prefixes * self.num_reset_generations
         if self.num_generations is None:
             self.num_generations = split_sum
@@ -154,4 +163,6 @@ class SRPOConfig(ResetConfig):
 class RRPOConfig(ResetConfig):
     __doc__ = "Configuration for [`RRPOTrainer`] (random resets). " + (ResetConfig.__doc__ or "")
 
-    localizer: str = field(default="random", metadata={"help": "'self' or 'random'.", "choices": ["self", "random"]})
+    localizer: str = field(
+        default="random", metadata={"help": "'self', 'random' or 'oracle'.", "choices": ["self", "random", "oracle"]}
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,10 +30,15 @@ DEFAULT_LOCALIZATION_TEMPLATE = (
 
 @dataclass
 class LocalizationRequest:
-    """A failed seed shown to a localizer: the question and the seed's thoughts (delimiters removed)."""
+    """A failed seed shown to a localizer: the question and the seed's thoughts (delimiters removed).
+
+    ``row`` holds the prompt's dataset columns when the trainer has them (the answer, a reference
+    solution): an oracle localizer grades the seed against it; the policy never sees it.
+    """
 
     question: str
     thoughts: list[str]
+    row: Mapping | None = None
 
     @property
     def num_steps(self) -> int:
@@ -164,6 +169,45 @@ class CallableLocalizer:
         return [Localization(_as_index(self.fn(r.question, list(r.thoughts)))) for r in requests]
 
 
+class OracleLocalizer:
+    """The credit-assignment oracle made real: h* is the first wrong thought according to an exact checker.
+
+    ``checker(row, thoughts)`` gets the prompt's dataset columns and the seed's thoughts and returns the
+    1-based first wrong thought, or None when it finds none. The default is the arithmetic task's
+    step checker (:func:`trl_resets.tasks.check_steps`). A chain whose thoughts are all right but that
+    stops before the answer (the checker says ``H_s + 1``) resets at its last thought. When the checker
+    finds no error the answer counts as a failure and the reset is random, like any unusable answer.
+    """
+
+    name = "oracle"
+
+    def __init__(self, checker: Callable[[Mapping, list[str]], int | None] | None = None):
+        if checker is not None and not callable(checker):
+            raise TypeError(f"checker must be callable, got {type(checker).__name__}.")
+        self.checker = checker
+
+    def _first_wrong(self, row: Mapping, thoughts: list[str]) -> int | None:
+        if self.checker is not None:
+            return _as_index(self.checker(row, thoughts))
+        from .tasks.arithmetic import check_steps
+
+        return check_steps(row, thoughts).first_wrong
+
+    def locate(self, requests, policy=None, rng=None) -> list[Localization]:
+        answers = []
+        for request in requests:
+            if request.row is None:
+                raise ValueError(
+                    "OracleLocalizer needs the prompt's dataset row (answer, reference steps) with each request; "
+                    "the trainers pass it, a direct caller must set LocalizationRequest.row."
+                )
+            index = self._first_wrong(request.row, list(request.thoughts))
+            if index is not None and index > request.num_steps >= 1:
+                index = request.num_steps
+            answers.append(Localization(index, 0, None if index is None else f"\\boxed{{{index}}}"))
+        return answers
+
+
 def _as_index(value) -> int | None:
     if isinstance(value, bool):
         return None
@@ -185,7 +229,12 @@ def as_localizer(obj, default: str = "self", **self_kwargs) -> Localizer:
             return SelfLocalizer(**self_kwargs)
         if obj == "random":
             return RandomLocalizer()
-        raise ValueError(f"unknown localizer {obj!r}; use 'self', 'random', a Localizer object or a callable.")
+        if obj == "oracle":
+            return OracleLocalizer()
+        raise ValueError(
+            f"unknown localizer {obj!r}; use 'self', 'random', 'oracle' (the arithmetic task's step checker), a "
+            "Localizer object or a callable."
+        )
     if hasattr(obj, "locate"):
         return obj
     return CallableLocalizer(obj)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .localizers import Localization, LocalizationRequest, Localizer, TextPolicy, resolve_reset_index
@@ -37,11 +37,11 @@ class Split:
     per_prefix: int = 4
 
     def __post_init__(self):
-        if self.base < 0 or self.prefixes < 1 or self.per_prefix < 1:
+        if self.base < 0 or self.prefixes < 0 or self.per_prefix < 1:
             raise ValueError(
-                f"invalid split G1={self.base}, k={self.prefixes}, G2={self.per_prefix}: need G1 >= 0, k >= 1, G2 >= 1."
+                f"invalid split G1={self.base}, k={self.prefixes}, G2={self.per_prefix}: need G1 >= 0, k >= 0, G2 >= 1."
             )
-        if self.per_prefix < 2 and self.base < 2:
+        if (self.per_prefix < 2 or self.prefixes == 0) and self.base < 2:
             raise ValueError(
                 f"split G1={self.base}, k={self.prefixes}, G2={self.per_prefix} has no group of 2 or more rollouts, "
                 "so every advantage would be zero; raise num_reset_generations or num_base_generations."
@@ -51,7 +51,14 @@ class Split:
     def num_generations(self) -> int:
         return self.base + self.prefixes * self.per_prefix
 
+    @property
+    def is_grpo(self) -> bool:
+        """k=0: no resets, plain GRPO on G1 rollouts (the like-for-like baseline)."""
+        return self.prefixes == 0
+
     def __str__(self) -> str:
+        if self.is_grpo:
+            return f"GRPO ({self.base})"
         return f"{self.prefixes}x{self.per_prefix}" + (f" (+{self.base} base)" if self.base != self.per_prefix else "")
 
 
@@ -218,8 +225,13 @@ class ResetAlgorithm:
         describe: Callable[[Rollout], list[str]],
         policy: TextPolicy | None = None,
         rng: random.Random | None = None,
+        rows: Sequence[Mapping] | None = None,
     ) -> list[PromptGroups]:
-        """Algorithm 2 for every prompt; ``describe`` turns a seed into its thoughts' text for the localizer."""
+        """Algorithm 2 for every prompt; ``describe`` turns a seed into its thoughts' text for the localizer.
+
+        ``rows`` (optional, one per prompt) are the prompts' dataset columns, handed to the localizer with
+        each request (an oracle localizer grades the seed against them).
+        """
         rng = rng or random.Random(0)
         split = self.split
         draws = self.phase1(contexts, sampler, score)
@@ -227,13 +239,18 @@ class ResetAlgorithm:
         results, seeds = [], []  # seeds: (prompt index, group number, Scored)
         for i, drawn in enumerate(draws):
             seed_idx, base_idx = choose_seeds([_is_incorrect(s, self.success_threshold) for s in drawn], split)
-            rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
+            base_rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
             used = set(seed_idx) | set(base_idx)
             unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
-            results.append(PromptGroups(rows, phase1_draws=len(drawn), unused_tokens=unused))
+            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused))
             seeds.extend((i, g + 1, drawn[j]) for g, j in enumerate(seed_idx))
 
-        requests = [LocalizationRequest(questions[i], describe(s.rollout)) for i, _, s in seeds]
+        if split.is_grpo:
+            return results
+        requests = [
+            LocalizationRequest(questions[i], describe(s.rollout), None if rows is None else rows[i])
+            for i, _, s in seeds
+        ]
         answers = localizer.locate(requests, policy, rng)
         if len(answers) != len(requests):
             raise ValueError(f"localizer {localizer.name!r} answered {len(answers)} of {len(requests)} requests.")

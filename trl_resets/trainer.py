@@ -264,6 +264,7 @@ class ResetTrainer(GRPOTrainer):
                 describe=self._describe,
                 policy=_PolicyText(self, sampler, _is_conversational(prompts[0])),
                 rng=self._reset_rng,
+                rows=[inputs[i] for i in firsts],
             )
         self._batch_state = self._summarize(groups)
         rows = [row for g in groups for row in g.rows]
