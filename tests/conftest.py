@@ -11,6 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+# The test models are tiny: one thread is faster than two, and far faster on a loaded machine.
+torch.set_num_threads(int(os.environ.get("TRL_RESETS_TEST_THREADS", "1")))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs the real embedded model (minutes)")

@@ -17,7 +17,12 @@ def reward(completions, answer, **kwargs):
     return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
 
 
-def main(out_dir):
+def main(out_dir, vllm_mode=None):
+    engines = []
+    if vllm_mode:
+        from tests import fake_vllm
+
+        engines = fake_vllm.install(prefix_caching=True)
     tok = make_char_tokenizer()
     # Different seeds per prompt make some processes find seeds and others not.
     data = Dataset.from_dict({"prompt": [f"{i}+{7 - i}?" for i in range(8)], "answer": ["7"] * 8})
@@ -25,6 +30,7 @@ def main(out_dir):
         output_dir=out_dir, per_device_train_batch_size=8, max_steps=2, max_completion_length=16,
         max_thought_tokens=5, max_thoughts=4, learning_rate=1e-3, logging_steps=1, report_to="none",
         use_cpu=True, bf16=False, save_strategy="no", seed_budget=2, localization_max_tokens=6,
+        use_vllm=bool(vllm_mode), vllm_mode=vllm_mode or "colocate",
     )
     trainer = SRPOTrainer(model=make_tiny_llama(tok), reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=tok)
@@ -41,10 +47,11 @@ def main(out_dir):
         "prompts": seen,
         "param_hash": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
         "logs": [e for e in trainer.state.log_history if "loss" in e],
+        "engine_requests": engines[0].fake_llm.requests if engines else None,
     }
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(report, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

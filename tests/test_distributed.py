@@ -6,15 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_two_process_srpo_run(tmp_path):
+
+@pytest.mark.parametrize("vllm_mode", [None, "server"])
+def test_two_process_srpo_run(tmp_path, vllm_mode):
     launcher = Path(sys.executable).with_name("accelerate")
     worker = Path(__file__).with_name("distributed_worker.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     # `--cpu` makes accelerate's launcher start one process only; `--multi_gpu` starts 2 through torch's
     # elastic launcher, and `use_cpu=True` in the config keeps them on the CPU (gloo).
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(worker), str(tmp_path)]
+           "--dynamo_backend", "no", str(worker), str(tmp_path)] + ([vllm_mode] if vllm_mode else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -26,3 +29,8 @@ def test_two_process_srpo_run(tmp_path):
     for r in reports:
         assert all(len(r["prompts"]) % 8 == 0 for r in reports)
         assert all("resets/fallback_rate" in e for e in r["logs"])
+    if vllm_mode == "server":
+        # one server (the main process's client) sampled for both processes, whose unfinished rows differ per round
+        assert reports[0]["engine_requests"] > 0
+        for r in reports:
+            assert all(e["sampling/sampling_logp_difference/mean"] < 1e-3 for e in r["logs"])

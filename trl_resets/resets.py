@@ -88,6 +88,7 @@ class TrainingRow:
     weight: float = 1.0
     num_thoughts: int = 0
     stop_reason: str = ""
+    logprobs: list[float] | None = None  # sampling logprob of each completion token, when the backend reports them
 
     @property
     def active_tokens(self) -> int:
@@ -143,6 +144,7 @@ def _row(scored: Scored, prefix_len: int, group: int, prefix_thoughts: int = 0) 
         reward=scored.reward,
         num_thoughts=prefix_thoughts + scored.rollout.num_thoughts,
         stop_reason=scored.rollout.stop_reason,
+        logprobs=None if scored.rollout.logprobs is None else list(scored.rollout.logprobs),
     )
 
 
@@ -152,8 +154,10 @@ def _filler_rows(pool: list[Scored], count: int, group: int, num_rewards: int) -
     for i in range(count):
         source = pool[i % len(pool)]
         ids = list(source.rollout.token_ids)
+        lps = None if source.rollout.logprobs is None else list(source.rollout.logprobs)
         rows.append(
-            TrainingRow(ids, len(ids), group, [math.nan] * num_rewards, math.nan, 0.0, source.rollout.num_thoughts)
+            TrainingRow(ids, len(ids), group, [math.nan] * num_rewards, math.nan, 0.0, source.rollout.num_thoughts,
+                        logprobs=lps)
         )
     return rows
 
@@ -256,6 +260,7 @@ class ResetAlgorithm:
             raise ValueError(f"localizer {localizer.name!r} answered {len(answers)} of {len(requests)} requests.")
 
         reset_contexts, reset_owners, reset_prefixes, reset_starts, reset_budgets = [], [], [], [], []
+        reset_prefix_lps = []
         for (i, _, seed), answer in zip(seeds, answers):
             index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rng)
             results[i].resets.append(
@@ -263,7 +268,10 @@ class ResetAlgorithm:
                             answer.reply if answer else None)
             )
             prefix = reset_prefix(seed.rollout, index)
+            seed_lps = seed.rollout.logprobs
+            prefix_lps = None if seed_lps is None else list(seed_lps[: len(prefix)])
             for _ in range(split.per_prefix):
+                reset_prefix_lps.append(prefix_lps)
                 reset_contexts.append(contexts[i] + prefix)
                 reset_owners.append(i)
                 reset_prefixes.append(prefix)
@@ -284,6 +292,10 @@ class ResetAlgorithm:
                     row = _row(scored[cursor], 0, group, record.reset_index - 1)
                     row.completion_ids = reset_prefixes[cursor] + row.completion_ids
                     row.prefix_len = prefix_len
+                    if row.logprobs is not None and reset_prefix_lps[cursor] is not None:
+                        row.logprobs = reset_prefix_lps[cursor] + row.logprobs
+                    else:
+                        row.logprobs = None
                     result.rows.append(row)
                     cursor += 1
             missing = split.prefixes - len(groups)

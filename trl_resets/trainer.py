@@ -22,7 +22,7 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from accelerate.utils import gather
+from accelerate.utils import broadcast_object_list, gather, gather_object
 from torch import nn
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
@@ -33,7 +33,7 @@ from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
 from .loss import reset_pg_loss
 from .resets import PromptGroups, ResetAlgorithm, Split
-from .sampling import TransformersThoughtSampler
+from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled
 from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
@@ -59,6 +59,33 @@ def _is_conversational(prompt) -> bool:
 
 def _question_text(prompt) -> str:
     return prompt[-1]["content"] if _is_conversational(prompt) else prompt
+
+
+def _logprobs_or_none(per_row: list) -> list | None:
+    """Sampling logprobs for TRL (vLLM importance-sampling correction), or None when any row lacks them."""
+    if not per_row or any(lps is None for lps in per_row):
+        return None
+    return [list(lps) for lps in per_row]
+
+
+def _check_vllm_settings(args) -> None:
+    """Settings the per-thought vLLM sampler cannot honour fail here, before the engine starts."""
+    if args.vllm_enable_sleep_mode:
+        raise ValueError(
+            "vllm_enable_sleep_mode=True is not supported: a reset step makes several vLLM calls (seed search, "
+            "localization, suffixes, per-thought rounds) and sleep mode would reload the weights before each one. "
+            "Set vllm_enable_sleep_mode=False."
+        )
+    if args.vllm_structured_outputs_regex is not None:
+        raise ValueError(
+            "vllm_structured_outputs_regex is not supported: thoughts are sampled in rounds, and a regex would be "
+            "applied to each round separately. Unset it."
+        )
+    if args.vllm_mode == "colocate" and args.vllm_tensor_parallel_size > 1:
+        raise ValueError(
+            "vllm_tensor_parallel_size > 1 in colocate mode is not supported yet (processes have different numbers "
+            "of unfinished rollouts per round). Use vllm_mode='server' for tensor parallelism."
+        )
 
 
 class _PolicyText:
@@ -116,10 +143,7 @@ class ResetTrainer(GRPOTrainer):
                     "`(completions, **columns) -> list[float]` only (wrap the model in such a function)."
                 )
         if args.use_vllm:
-            raise ValueError(
-                "use_vllm=True is not supported yet: trl-resets samples thoughts with the transformers backend "
-                "only in this release. Set use_vllm=False."
-            )
+            _check_vllm_settings(args)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*rollout_func.*experimental.*")
             super().__init__(
@@ -158,8 +182,10 @@ class ResetTrainer(GRPOTrainer):
             sync_any=self._any_process,
         )
         self._reset_rng = random.Random(args.seed * 7919 + self.accelerator.process_index)
+        self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
+        self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
 
     # ------------------------------------------------------------------ generation
     def _any_process(self, flag: bool) -> bool:
@@ -177,8 +203,45 @@ class ResetTrainer(GRPOTrainer):
             return prompt[:-1] + [{**last, "content": wrap_question(last["content"], template, self.args.thought_delimiter)}]
         return wrap_question(prompt, template, self.args.thought_delimiter)
 
+    def _probe_prefix_caching(self) -> bool:
+        """Per-thought vLLM rounds only with prefix caching on; otherwise one pass per rollout (see vllm_backend)."""
+        found = [prefix_caching_enabled(self.vllm_generation)]
+        if self.args.vllm_mode == "server":
+            broadcast_object_list(found, from_process=0)
+        if not found[0]:
+            warnings.warn(
+                "vLLM prefix caching is off or could not be confirmed, so thoughts are not sampled in per-thought "
+                "rounds: each rollout is one request for its whole budget, cut at its stop point afterwards (same "
+                "distribution, some tokens discarded). Start the server with --enable_prefix_caching to sample "
+                "thought by thought.",
+                stacklevel=3,
+            )
+        return bool(found[0])
+
+    def _vllm_sampler(self) -> VLLMThoughtSampler:
+        def broadcast(obj):
+            box = [obj]
+            broadcast_object_list(box, from_process=0)
+            return box[0]
+
+        return VLLMThoughtSampler(
+            self.vllm_generation,
+            self.processing_class,
+            self.thought_format,
+            eos_ids=list(self.eos_token_ids),
+            per_thought=self._vllm_per_thought,
+            sync_any=self._any_process,
+            gather=lambda items: gather_object([items]),
+            broadcast=broadcast,
+            is_main_process=self.accelerator.is_main_process,
+            process_index=self.accelerator.process_index,
+        )
+
     @contextmanager
     def _sampler(self):
+        if self.use_vllm:  # TRL has synced the weights into the engine before calling the rollout function
+            yield self._vllm_sampler()
+            return
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         with (
             unwrap_model_for_generation(
@@ -244,7 +307,8 @@ class ResetTrainer(GRPOTrainer):
             with self._sampler() as sampler:
                 rollouts = sampler.sample(prompt_ids)
             self._batch_state = None
-            return {"prompt_ids": prompt_ids, "completion_ids": [r.token_ids for r in rollouts], "logprobs": None}
+            return {"prompt_ids": prompt_ids, "completion_ids": [r.token_ids for r in rollouts],
+                    "logprobs": _logprobs_or_none([r.logprobs for r in rollouts])}
 
         n = self.num_generations
         firsts = list(range(0, len(prompts), n))
@@ -271,7 +335,7 @@ class ResetTrainer(GRPOTrainer):
         return {
             "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
             "completion_ids": [row.completion_ids for row in rows],
-            "logprobs": None,
+            "logprobs": _logprobs_or_none([row.logprobs for row in rows]),
             "env_mask": [[0] * row.prefix_len + [1] * row.active_tokens for row in rows],
         }
 
@@ -287,6 +351,8 @@ class ResetTrainer(GRPOTrainer):
         advantages = group_advantages(rewards, group_ids, scale=scale) * weights
         per_prompt = advantages.split([len(g.rows) for g in groups])
         sums = reset_metrics.step_sums(groups, [a.tolist() for a in per_prompt], self.args.success_threshold)
+        self.reset_history.append({"step": self.state.global_step + 1, "resets": [
+            (r.reset_index, r.num_thoughts, r.localizer_failed) for g in groups for r in g.resets]})
         return {
             "rewards_per_func": torch.tensor([row.rewards for _, row in rows], dtype=torch.float32, device=device),
             "advantages": advantages.to(device),
@@ -339,6 +405,17 @@ class ResetTrainer(GRPOTrainer):
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         return loss
+
+    # ------------------------------------------------------------------ model card
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card (trainer name, tags, paper citation) plus the method, split, localizer and headline metrics."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            from pathlib import Path
+
+            from .model_card import add_reset_section
+
+            add_reset_section(Path(self.args.output_dir) / "README.md", self, dataset_name)
 
 
 class SRPOTrainer(ResetTrainer):

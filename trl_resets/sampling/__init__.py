@@ -2,5 +2,6 @@
 
 from .base import ThoughtSampler
 from .transformers_backend import TransformersThoughtSampler
+from .vllm_backend import VLLMThoughtSampler, prefix_caching_enabled
 
-__all__ = ["ThoughtSampler", "TransformersThoughtSampler"]
+__all__ = ["ThoughtSampler", "TransformersThoughtSampler", "VLLMThoughtSampler", "prefix_caching_enabled"]
