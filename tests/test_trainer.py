@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from datasets import Dataset
 
 from trl_resets import RRPOConfig, RRPOTrainer, SRPOConfig, SRPOTrainer
@@ -117,3 +118,56 @@ def test_bad_configurations_fail_at_construction(tmp_path, char_tokenizer):
         SRPOTrainer(model=model, reward_funcs=contains_seven,
                     args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none"),
                     train_dataset=_dataset(), processing_class=char_tokenizer)
+
+
+def _tiny_reward_model(tok):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def test_reward_model_scores_full_trajectories(tmp_path, char_tokenizer):
+    reward_model = _tiny_reward_model(char_tokenizer)
+    args = _args(tmp_path, SRPOConfig, max_steps=1, success_threshold=10.0)  # every rollout is a seed candidate
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=[reward_model], args=args,
+                          train_dataset=_dataset(), processing_class=char_tokenizer,
+                          reward_processing_classes=[char_tokenizer])
+    prompts, texts = ["2+5?", "3+4?"], ["so 7", "maybe 8 or so"]
+    ids = [char_tokenizer(t)["input_ids"] for t in texts]
+    got = trainer._score([{"answer": "7"}] * 2, prompts, ids)
+    for (score,), prompt, text in zip(got, prompts, texts):
+        batch = char_tokenizer(prompt + text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            want = reward_model(**batch).logits[0, 0].item()
+        assert abs(score - want) < 1e-5
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 1 and math.isfinite(logs[0]["loss"]) and logs[0][PREFIX + "fallback_rate"] == 0.0
+
+
+def test_k0_split_trains_plain_grpo_with_the_thought_sampler(tmp_path, char_tokenizer):
+    args = _args(tmp_path, SRPOConfig, num_base_generations=8, num_reset_prefixes=0)
+    assert args.num_generations == 8
+    trainer, logs, changed = _train(SRPOTrainer, args, char_tokenizer)
+    assert changed and len(logs) == 2
+    for entry in logs:
+        assert entry[PREFIX + "tokens_suffix"] == 0 and entry[PREFIX + "tokens_localization"] == 0
+        assert entry[PREFIX + "tokens_base"] > 0
+
+
+def test_oracle_localizer_gets_the_dataset_row(tmp_path, char_tokenizer):
+    seen = []
+
+    def checker(row, thoughts):
+        seen.append(row["answer"])
+        return 1
+
+    from trl_resets import OracleLocalizer
+
+    args = _args(tmp_path, SRPOConfig, max_steps=1)
+    trainer, logs, _ = _train(SRPOTrainer, args, char_tokenizer, localizer=OracleLocalizer(checker))
+    assert seen and set(seen) == {"7"}
+    assert logs[0][PREFIX + "reset_index_mean"] == 1.0 and logs[0][PREFIX + "parse_failure_rate"] == 0.0

@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import broadcast_object_list, gather, gather_object
 from torch import nn
 from trl import GRPOTrainer
+from trl.data_utils import apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 
 from . import metrics as reset_metrics
@@ -135,13 +136,6 @@ class ResetTrainer(GRPOTrainer):
         for name in ("rollout_func", "tools", "environment_factory"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}: it owns generation itself.")
-        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        for func in funcs:
-            if isinstance(func, (str, nn.Module)):
-                raise ValueError(
-                    f"reward function {func!r} is a reward model; {type(self).__name__} supports callables "
-                    "`(completions, **columns) -> list[float]` only (wrap the model in such a function)."
-                )
         if args.use_vllm:
             _check_vllm_settings(args)
         with warnings.catch_warnings():
@@ -181,6 +175,14 @@ class ResetTrainer(GRPOTrainer):
             aggregate=self._aggregate_rewards,
             sync_any=self._any_process,
         )
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3 and any(
+            isinstance(f, nn.Module) for f in self.reward_funcs
+        ):
+            raise ValueError(
+                f"reward models under DeepSpeed ZeRO-3 are not supported by {type(self).__name__}: processes score "
+                "different numbers of rollouts per round, and a sharded reward model needs them in step. Use ZeRO-2, "
+                "or wrap the reward model in a function that runs an unsharded copy."
+            )
         self._reset_rng = random.Random(args.seed * 7919 + self.accelerator.process_index)
         self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
         self._batch_inputs = None
@@ -285,7 +287,10 @@ class ResetTrainer(GRPOTrainer):
         columns["trainer_state"] = self.state
         columns["log_metric"] = self._log_metric
         per_func = []
-        for func, name in zip(self.reward_funcs, self.reward_func_names):
+        for func, name, func_tokenizer in zip(self.reward_funcs, self.reward_func_names, self.reward_processing_classes):
+            if isinstance(func, nn.Module):
+                per_func.append(self._score_with_model(func, func_tokenizer, prompts, completions))
+                continue
             out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
             if inspect.isawaitable(out):
                 out = asyncio.run_coroutine_threadsafe(out, self.async_loop).result() if getattr(
@@ -298,6 +303,21 @@ class ResetTrainer(GRPOTrainer):
                 )
             per_func.append([math.nan if r is None else float(r) for r in out])
         return [list(values) for values in zip(*per_func)]
+
+    @torch.no_grad()
+    def _score_with_model(self, model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
+        """A reward model's score (its first logit) for each prompt + completion, in the reward tokenizer's format."""
+        if _is_conversational(prompts[0]):
+            texts = [apply_chat_template({"messages": p + c}, tokenizer)["text"] for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(text=texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              padding_side="right", add_special_tokens=False)
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            scores.extend(model(**batch).logits[:, 0].float().tolist())
+        return scores
 
     def _reset_rollout(self, prompts: list) -> dict:
         wrapped = [self._wrap(p) for p in prompts]
