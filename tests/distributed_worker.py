@@ -1,7 +1,12 @@
-"""Run by tests/test_distributed.py under `accelerate launch --num_processes 2 --cpu`."""
+"""Run by tests/test_distributed.py as 2 CPU processes (accelerate launch, or torchrun for DeepSpeed).
+
+Modes: none (plain data parallel), "server" (vLLM server mode against the fake engine), "zero3"
+(DeepSpeed ZeRO-3: parameters sharded, so generation is a collective on every process).
+"""
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -17,7 +22,11 @@ def reward(completions, answer, **kwargs):
     return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
 
 
-def main(out_dir, vllm_mode=None):
+def main(out_dir, mode=None):
+    zero3 = mode == "zero3"
+    vllm_mode = mode if mode in ("server", "colocate") else None
+    if zero3:
+        os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     engines = []
     if vllm_mode:
         from tests import fake_vllm
@@ -31,6 +40,8 @@ def main(out_dir, vllm_mode=None):
         max_thought_tokens=5, max_thoughts=4, learning_rate=1e-3, logging_steps=1, report_to="none",
         use_cpu=True, bf16=False, save_strategy="no", seed_budget=2, localization_max_tokens=6,
         use_vllm=bool(vllm_mode), vllm_mode=vllm_mode or "colocate",
+        deepspeed={"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+                   "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}} if zero3 else None,
     )
     trainer = SRPOTrainer(model=make_tiny_llama(tok), reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=tok)
@@ -38,7 +49,13 @@ def main(out_dir, vllm_mode=None):
     original = trainer._reset_rollout
     trainer._reset_rollout = lambda prompts: seen.extend(prompts) or original(prompts)
     trainer.train()
-    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+            params = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    else:
+        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     rank = trainer.accelerator.process_index
     report = {
         "rank": rank,
@@ -48,6 +65,8 @@ def main(out_dir, vllm_mode=None):
         "param_hash": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
         "logs": [e for e in trainer.state.log_history if "loss" in e],
         "engine_requests": engines[0].fake_llm.requests if engines else None,
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "num_params": int(params.numel()),
     }
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(report, f)

@@ -9,15 +9,21 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.parametrize("vllm_mode", [None, "server"])
+@pytest.mark.parametrize("vllm_mode", [None, "server", "zero3"])
 def test_two_process_srpo_run(tmp_path, vllm_mode):
     launcher = Path(sys.executable).with_name("accelerate")
     worker = Path(__file__).with_name("distributed_worker.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     # `--cpu` makes accelerate's launcher start one process only; `--multi_gpu` starts 2 through torch's
     # elastic launcher, and `use_cpu=True` in the config keeps them on the CPU (gloo).
+    if vllm_mode == "zero3":
+        pytest.importorskip("deepspeed")
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(worker), str(tmp_path)] + ([vllm_mode] if vllm_mode else [])
+    if vllm_mode == "zero3":
+        # accelerate's launcher runs DeepSpeed through its own launcher (GPU-only); torchrun starts the 2 CPU ranks
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29561",
+               str(worker), str(tmp_path), "zero3"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -34,3 +40,6 @@ def test_two_process_srpo_run(tmp_path, vllm_mode):
         assert reports[0]["engine_requests"] > 0
         for r in reports:
             assert all(e["sampling/sampling_logp_difference/mean"] < 1e-3 for e in r["logs"])
+    if vllm_mode == "zero3":
+        assert [r["zero_stage"] for r in reports] == [3, 3]
+        assert reports[0]["num_params"] > 1000  # the hash covers the gathered parameters, not empty shards
