@@ -1,0 +1,292 @@
+"""Learning speed on the fast testbed: GRPO, RRPO and SRPO (self / oracle, splits, clip) at the same rollout budget.
+
+    python benchmarks/learning_speed.py            # every method, 3 seeds (about 20 minutes on 2 busy cores)
+    python benchmarks/learning_speed.py --quick    # GRPO and SRPO, 1 seed, 12 steps (under two minutes)
+
+Every method trains the shipped testbed policy (benchmarks/testbed/) with the package's trainers,
+sampler and localizers: 8 rows per prompt, the same prompts in the same order each step, the same number
+of steps. GRPO is the reset trainer with k=0 and G1=8 (same thought sampler and harness). Held-out
+accuracy is sampled at temperature 1 on a fixed evaluation set with fixed sampling noise.
+
+Headline: the steps SRPO needs to reach GRPO's final accuracy, as a fraction of GRPO's steps (last line).
+Writes benchmarks/results/learning_speed.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.testbed import (  # noqa: E402
+    EVAL_SEED,
+    RL_SEED,
+    config_fields,
+    evaluate,
+    load_policy,
+    quiet,
+    task_dataset,
+)
+
+RESULTS = Path(__file__).parent / "results"
+
+# name -> (trainer, config overrides). Every split spends 8 rows per prompt.
+METHODS = {
+    "GRPO": ("srpo", dict(num_base_generations=8, num_reset_prefixes=0)),
+    "RRPO": ("rrpo", dict(num_base_generations=4, num_reset_prefixes=1, num_reset_generations=4)),
+    "SRPO": ("srpo", dict(num_base_generations=4, num_reset_prefixes=1, num_reset_generations=4)),
+    "SRPO-oracle": ("srpo", dict(num_base_generations=4, num_reset_prefixes=1, num_reset_generations=4,
+                                 localizer="oracle")),
+    "SRPO-2x4": ("srpo", dict(num_base_generations=0, num_reset_prefixes=2, num_reset_generations=4)),
+    "SRPO-1x8": ("srpo", dict(num_base_generations=0, num_reset_prefixes=1, num_reset_generations=8)),
+    "SRPO-clip": ("srpo", dict(num_base_generations=4, num_reset_prefixes=1, num_reset_generations=4,
+                               clip_surrogate=True)),
+}
+BASELINE, HEADLINE_METHOD = "GRPO", "SRPO"
+
+
+def steps_to_reach(steps: list[int], curve: list[float], target: float) -> int | None:
+    """The first evaluated step at which ``curve`` reaches ``target``; None if it never does."""
+    for step, value in zip(steps, curve):
+        if value >= target:
+            return step
+    return None
+
+
+def speed_ratio(steps: list[int], baseline: list[float], method: list[float]) -> float | None:
+    """Steps ``method`` needs to reach the baseline's final value, over the baseline's steps.
+
+    None when it never does, or when the baseline ended no higher than it started (nothing to reach).
+    """
+    if baseline[-1] <= baseline[0]:
+        return None
+    reached = steps_to_reach(steps, method, baseline[-1])
+    return None if reached is None else reached / steps[-1]
+
+
+def mean_and_spread(runs: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Per point: mean, minimum and maximum over runs (seeds)."""
+    columns = list(zip(*runs))
+    return ([sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns])
+
+
+def _trainer_class(kind: str):
+    from trl_resets import RRPOTrainer, SRPOTrainer
+
+    base = {"srpo": SRPOTrainer, "rrpo": RRPOTrainer}[kind]
+
+    class Counting(base):
+        """The trainer unchanged, plus a count of every token its samplers generate (seeds and replies too)."""
+
+        generated_tokens = 0
+
+        @contextmanager
+        def _sampler(self):
+            with super()._sampler() as sampler:
+                yield sampler
+            self.generated_tokens += sampler.generated_tokens
+
+    return Counting
+
+
+def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from trl_resets import RRPOConfig, SRPOConfig
+    from trl_resets.rewards import boxed_answer_reward
+
+    kind, overrides = METHODS[method]
+    model, tokenizer = load_policy(opts.policy)
+    out_dir = tempfile.mkdtemp(prefix="learning_speed-")
+    config_cls = {"srpo": SRPOConfig, "rrpo": RRPOConfig}[kind]
+    args = config_cls(
+        output_dir=out_dir, per_device_train_batch_size=8 * opts.prompts_per_step, max_steps=opts.steps,
+        learning_rate=opts.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0, seed=seed,
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True,
+        seed_budget=8, **config_fields(), **overrides,
+    )
+    record = {"steps": [0], "accuracy": [start_eval["accuracy"]], "tokens": [0], "seconds": [0.0]}
+    eval_seconds = [0.0]
+
+    class Evaluate(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step % opts.eval_every == 0 or state.global_step == opts.steps:
+                tic = time.perf_counter()
+                result = evaluate(trainer.model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED)
+                record["steps"].append(state.global_step)
+                record["accuracy"].append(result["accuracy"])
+                record["tokens"].append(trainer.generated_tokens)
+                record["seconds"].append(tic - start - eval_seconds[0])
+                eval_seconds[0] += time.perf_counter() - tic
+
+    trainer = _trainer_class(kind)(
+        model=model, reward_funcs=boxed_answer_reward, args=args, processing_class=tokenizer,
+        train_dataset=task_dataset(opts.train_prompts, seed=RL_SEED), callbacks=[Evaluate()],
+    )
+    trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the benchmark prints its own lines
+    start = time.perf_counter()
+    trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    logs = [e for e in trainer.state.log_history if "resets/tokens_base" in e]
+    record["train_seconds"] = time.perf_counter() - start - eval_seconds[0]
+    record["localization_parse_failure"] = _mean([e.get("resets/parse_failure_rate") for e in logs])
+    record["fallback_rate"] = _mean([e.get("resets/fallback_rate") for e in logs])
+    return record
+
+
+def _mean(values):
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Mean curves over seeds and every method's steps-to-GRPO's-final-accuracy ratio."""
+    summary = {}
+    for method, records in runs.items():
+        mean, low, high = mean_and_spread([r["accuracy"] for r in records])
+        summary[method] = {
+            "steps": records[0]["steps"], "accuracy_mean": mean, "accuracy_min": low, "accuracy_max": high,
+            "tokens_mean": mean_and_spread([r["tokens"] for r in records])[0],
+            "seconds_per_step": sum(r["train_seconds"] for r in records) / len(records) / records[0]["steps"][-1],
+        }
+    base = summary[BASELINE]
+    for method, entry in summary.items():
+        entry["steps_to_grpo_final"] = steps_to_reach(base["steps"], entry["accuracy_mean"], base["accuracy_mean"][-1])
+        entry["ratio_to_grpo"] = speed_ratio(base["steps"], base["accuracy_mean"], entry["accuracy_mean"])
+    return summary
+
+
+def baseline_improved(summary: dict) -> bool:
+    curve = summary[BASELINE]["accuracy_mean"]
+    return curve[-1] > curve[0]
+
+
+def table(summary: dict, seeds: int) -> str:
+    lines = [
+        f"| method | start acc | final acc (mean, min-max over {seeds} seeds) | steps to GRPO's final | "
+        "fraction of GRPO's steps | tokens generated | s/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, e in summary.items():
+        ratio = "not reached" if e["ratio_to_grpo"] is None else f"{e['ratio_to_grpo']:.2f}"
+        if not baseline_improved(summary):
+            ratio = "GRPO did not improve"
+        reached = "-" if e["steps_to_grpo_final"] is None else str(e["steps_to_grpo_final"])
+        lines.append(
+            f"| {method} | {e['accuracy_mean'][0]:.3f} | {e['accuracy_mean'][-1]:.3f} "
+            f"({e['accuracy_min'][-1]:.3f}-{e['accuracy_max'][-1]:.3f}) | {reached} | {ratio} | "
+            f"{e['tokens_mean'][-1]:.0f} | {e['seconds_per_step']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for method, e in summary.items():
+        style = {"linewidth": 2.5} if method in (BASELINE, HEADLINE_METHOD) else {"linewidth": 1.2, "alpha": 0.85}
+        for ax, x in ((axes[0], e["steps"]), (axes[1], e["tokens_mean"])):
+            (line,) = ax.plot(x, e["accuracy_mean"], label=method, **style)
+            ax.fill_between(x, e["accuracy_min"], e["accuracy_max"], color=line.get_color(), alpha=0.12)
+    axes[0].axhline(summary[BASELINE]["accuracy_mean"][-1], color="gray", linestyle=":", linewidth=1)
+    axes[0].set_xlabel("training step")
+    axes[1].set_xlabel("generated tokens (all sampling, localization included)")
+    axes[0].set_ylabel("held-out accuracy (sampled, T=1)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--prompts_per_step", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--eval_every", type=int, default=4)
+    parser.add_argument("--eval_problems", type=int, default=64)
+    parser.add_argument("--eval_samples", type=int, default=4)
+    parser.add_argument("--train_prompts", type=int, default=512)
+    parser.add_argument("--policy", default=None, help="testbed policy folder (default: the shipped one)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS))
+    opts = parser.parse_args()
+    if opts.quick:
+        opts.methods, opts.seeds, opts.steps, opts.eval_every = [BASELINE, HEADLINE_METHOD], 1, 12, 4
+        opts.prompts_per_step, opts.eval_problems, opts.eval_samples = 8, 48, 4
+    for name in (BASELINE, HEADLINE_METHOD):
+        if name not in opts.methods:
+            opts.methods.insert(0 if name == BASELINE else 1, name)
+    if opts.policy is None:
+        from benchmarks.testbed import POLICY_DIR
+
+        opts.policy = str(POLICY_DIR)
+    torch.set_num_threads(opts.threads)
+    quiet()
+    wall = time.perf_counter()
+    eval_set = task_dataset(opts.eval_problems, seed=EVAL_SEED)
+    model, tokenizer = load_policy(opts.policy)
+    start_eval = evaluate(model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED)
+    print(f"testbed start accuracy {start_eval['accuracy']:.3f} ({opts.eval_problems} problems x "
+          f"{opts.eval_samples} samples)", flush=True)
+
+    runs: dict[str, list[dict]] = {}
+    for method in opts.methods:
+        for seed in range(opts.seeds):
+            record = train_one(method, seed, opts, eval_set, start_eval)
+            runs.setdefault(method, []).append(record)
+            print(f"{method:12s} seed {seed}: accuracy {' '.join(f'{a:.2f}' for a in record['accuracy'])} "
+                  f"({record['train_seconds']:.0f}s)", flush=True)
+
+    summary = summarize(runs)
+    wall = time.perf_counter() - wall
+    load = os.getloadavg()
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{opts.threads} thread(s), load average {load[0]:.1f} at the end (other jobs share the cores)")
+    setting = (f"{opts.seeds} seed(s), {opts.steps} steps x {opts.prompts_per_step} prompts x 8 rows, lr {opts.lr}, "
+               f"eval {opts.eval_problems} problems x {opts.eval_samples} samples every {opts.eval_every} steps")
+    headline = summary[HEADLINE_METHOD]["ratio_to_grpo"]
+    text = table(summary, opts.seeds)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if opts.quick else ""
+    (out / f"learning_speed{suffix}.json").write_text(json.dumps(
+        {"setting": setting, "machine": machine, "wall_seconds": wall, "options": vars(opts),
+         "start_accuracy": start_eval["accuracy"], "summary": summary, "runs": runs}, indent=1) + "\n")
+    headline_text = "not reached" if headline is None else f"{headline:.2f}"
+    if not baseline_improved(summary):
+        headline_text = "undefined (GRPO did not improve)"
+    (out / f"learning_speed{suffix}.md").write_text(
+        f"# Learning speed on the testbed\n\n{text}\nSRPO steps to GRPO's final accuracy / GRPO's steps: "
+        f"**{headline_text}**\n\n{setting}; {machine}; wall {wall:.0f}s.\n\n"
+        f"![learning speed](learning_speed{suffix}.png)\n"
+    )
+    plot(summary, out / f"learning_speed{suffix}.png", f"testbed, {setting}")
+    print(text)
+    print(f"{setting}; {machine}; wall {wall:.0f}s")
+    print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")
+
+
+if __name__ == "__main__":
+    main()

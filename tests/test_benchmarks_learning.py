@@ -1,0 +1,73 @@
+"""The arithmetic of the learning-speed and localization-quality benchmarks."""
+
+import math
+
+import pytest
+
+from benchmarks.learning_speed import mean_and_spread, speed_ratio, steps_to_reach, summarize
+from benchmarks.localization_quality import correction_by_deviation, deviation_histogram, is_clean, rates
+
+
+def test_steps_to_reach_is_the_first_evaluation_at_or_above_the_target():
+    steps = [0, 5, 10, 15, 20]
+    assert steps_to_reach(steps, [0.3, 0.4, 0.5, 0.45, 0.6], 0.5) == 10
+    assert steps_to_reach(steps, [0.3, 0.4, 0.5, 0.45, 0.6], 0.61) is None
+    assert steps_to_reach(steps, [0.7, 0.4, 0.5, 0.45, 0.6], 0.5) == 0
+
+
+def test_speed_ratio_measures_against_the_baselines_final_value():
+    steps = [0, 10, 20, 30, 40]
+    grpo = [0.4, 0.45, 0.5, 0.55, 0.6]
+    assert speed_ratio(steps, grpo, [0.4, 0.5, 0.61, 0.7, 0.7]) == 0.5
+    assert speed_ratio(steps, grpo, grpo) == 1.0
+    assert speed_ratio(steps, grpo, [0.4, 0.4, 0.4, 0.4, 0.59]) is None
+    assert speed_ratio(steps, [0.5, 0.6, 0.4, 0.4, 0.45], [0.5] * 5) is None  # GRPO got worse: nothing to reach
+
+
+def test_summary_averages_seeds_then_compares_with_grpo():
+    def run(acc):
+        return {"steps": [0, 10, 20], "accuracy": acc, "tokens": [0, 100, 200], "train_seconds": 40.0}
+
+    runs = {"GRPO": [run([0.4, 0.5, 0.6]), run([0.4, 0.4, 0.5])],  # mean final 0.55
+            "SRPO": [run([0.4, 0.6, 0.7]), run([0.4, 0.5, 0.6])]}  # mean 0.4, 0.55, 0.65
+    summary = summarize(runs)
+    assert summary["SRPO"]["accuracy_mean"] == pytest.approx([0.4, 0.55, 0.65])
+    assert summary["SRPO"]["steps_to_grpo_final"] == 10 and summary["SRPO"]["ratio_to_grpo"] == 0.5
+    assert summary["GRPO"]["ratio_to_grpo"] == 1.0
+    assert summary["GRPO"]["seconds_per_step"] == 2.0
+    mean, low, high = mean_and_spread([[1.0, 2.0], [3.0, 0.0]])
+    assert mean == [2.0, 1.0] and low == [1.0, 0.0] and high == [3.0, 2.0]
+
+
+def _record(first_wrong, self_index, self_success, random_index, random_success):
+    return {"first_wrong": first_wrong,
+            "self": {"index": self_index, "clean": is_clean(self_index, first_wrong), "success": self_success},
+            "random": {"index": random_index, "clean": is_clean(random_index, first_wrong), "success": random_success}}
+
+
+def test_clean_prefixes_and_correction_rates_split_by_the_checkers_first_error():
+    assert is_clean(2, 2) and is_clean(1, 3) and not is_clean(3, 2)
+    records = [_record(2, 2, 0.75, 3, 0.0), _record(3, 1, 0.5, 1, 0.25), _record(1, 2, 0.0, 1, 1.0)]
+    self_rates = rates(records, "self")
+    assert self_rates["clean"]["n"] == 2 and self_rates["clean"]["success"] == pytest.approx(0.625)
+    assert self_rates["erroneous"] == {"n": 1, "success": 0.0, "pass_at_g2": 0.0}
+    assert self_rates["all"]["pass_at_g2"] == pytest.approx(2 / 3)
+    assert deviation_histogram(records, "self") == {-2: 1, 0: 1, 1: 1}
+    assert correction_by_deviation(records, "random") == {-2: 0.25, 0: 1.0, 1: 0.0}
+    empty = rates([r for r in records if r["random"]["clean"]], "random")["erroneous"]
+    assert empty["n"] == 0 and empty["success"] is None and not math.isnan(empty["n"])
+
+
+def test_one_oracle_srpo_step_on_the_testbed_counts_tokens_and_evaluates():
+    from types import SimpleNamespace
+
+    from benchmarks.learning_speed import train_one
+    from benchmarks.testbed import EVAL_SEED, POLICY_DIR, task_dataset
+
+    opts = SimpleNamespace(policy=str(POLICY_DIR), prompts_per_step=1, steps=1, lr=3e-4, eval_every=1,
+                           eval_samples=1, train_prompts=4)
+    record = train_one("SRPO-oracle", 0, opts, task_dataset(4, seed=EVAL_SEED), {"accuracy": 0.25})
+    assert record["steps"] == [0, 1] and record["accuracy"][0] == 0.25 and 0.0 <= record["accuracy"][1] <= 1.0
+    # 5 phase-1 rollouts (G1 + k) at least, then 4 suffixes when a seed was found: far more than 20 tokens
+    assert record["tokens"][1] > 20
+    assert record["localization_parse_failure"] in (None, 0.0)  # the checker always names a step
