@@ -1,0 +1,212 @@
+"""benchmarks/step_cost.py: the timing wrappers, the wall-clock split and the ratios (no model runs here)."""
+
+import importlib.util
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from trl_resets.localizers import LocalizationRequest, RandomLocalizer
+from trl_resets.thoughts import Rollout
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+_spec = importlib.util.spec_from_file_location("step_cost", _PATH)
+step_cost = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(step_cost)
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_timed_adds_each_call_duration_and_keeps_results():
+    clock = FakeClock()
+    probe = step_cost.Probe(clock)
+
+    def work(x, advance):
+        clock.now += advance
+        return x * 2
+
+    timed = probe.timed("rollout", work)
+    assert timed(3, advance=1.5) == 6
+    assert timed(4, advance=0.25) == 8
+    assert probe.seconds["rollout"] == pytest.approx(1.75)
+    assert probe.calls["rollout"] == 2
+
+
+def test_timed_counts_time_of_a_call_that_raises():
+    clock = FakeClock()
+    probe = step_cost.Probe(clock)
+
+    def broken():
+        clock.now += 2.0
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        probe.timed("step", broken)()
+    assert probe.seconds["step"] == pytest.approx(2.0)
+
+
+def test_timed_localizer_times_inner_locate_and_passes_answers_through():
+    clock = FakeClock()
+    probe = step_cost.Probe(clock)
+
+    class SlowRandom(RandomLocalizer):
+        def locate(self, requests, policy=None, rng=None):
+            clock.now += 0.5
+            return super().locate(requests, policy, rng)
+
+    wrapped = step_cost.TimedLocalizer(SlowRandom(), probe)
+    requests = [LocalizationRequest("q", ["a", "b", "c"]), LocalizationRequest("q", ["a"])]
+    answers = wrapped.locate(requests, None, random.Random(0))
+    assert wrapped.name == "random"
+    assert [1 <= a.index <= r.num_steps for a, r in zip(answers, requests)] == [True, True]
+    assert probe.seconds["localization"] == pytest.approx(0.5)
+
+
+class FakeSampler:
+    """Returns rollouts of fixed lengths; replies of fixed length; advances the clock per call."""
+
+    def __init__(self, clock, length=5, reply=3):
+        self.clock, self.length, self.reply = clock, length, reply
+        self.extra = "kept"
+
+    def sample(self, contexts, start_thoughts=None, token_budgets=None):
+        self.clock.now += 1.0
+        n = self.length if start_thoughts is None else self.length - 2
+        return [Rollout(list(range(n)), [(0, n)], "eos") for _ in contexts]
+
+    def complete(self, prompts, max_new_tokens, temperature):
+        self.clock.now += 0.25
+        return [[7] * self.reply for _ in prompts]
+
+
+def test_counting_sampler_splits_tokens_and_time_by_use():
+    clock = FakeClock()
+    probe = step_cost.Probe(clock)
+    sampler = step_cost.CountingSampler(FakeSampler(clock), probe)
+    sampler.sample([[1], [2], [3]])                  # phase 1: 3 rollouts x 5 tokens
+    sampler.sample([[1]])                            # seed search: 1 more x 5
+    sampler.sample([[1, 2]] * 4, [1] * 4, [10] * 4)  # suffixes: 4 x 3 tokens
+    sampler.complete([[1], [2]], 8, 0.0)             # localization: 2 x 3 tokens
+    assert probe.tokens["phase1"] == 20 and probe.tokens["phase1_rollouts"] == 4
+    assert probe.tokens["suffix"] == 12 and probe.tokens["suffix_rollouts"] == 4
+    assert probe.tokens["localization"] == 6
+    assert probe.seconds["sample_phase1"] == pytest.approx(2.0)
+    assert probe.seconds["sample_suffix"] == pytest.approx(1.0)
+    assert probe.seconds["sample_localization"] == pytest.approx(0.25)
+    assert sampler.extra == "kept"  # other attributes reach the inner sampler
+
+
+def test_step_parts_and_record():
+    clock = FakeClock()
+    probe = step_cost.Probe(clock)
+    probe.add_time("step", 10.0)
+    probe.add_time("rollout", 6.0)
+    probe.add_time("localization", 1.5)
+    probe.add_time("sample_phase1", 3.0)
+    probe.add_time("sample_suffix", 1.0)
+    probe.add_tokens("phase1", 300)
+    probe.add_tokens("suffix", 100)
+    probe.add_tokens("localization", 40)
+    record = step_cost.step_record(probe, prompts=2)
+    assert record["generation"] == pytest.approx(4.5)
+    assert record["localization"] == pytest.approx(1.5)
+    assert record["update"] == pytest.approx(4.0)
+    assert record["generation"] + record["localization"] + record["update"] == pytest.approx(record["step"])
+    assert record["tokens_per_group"] == 200 and record["localization_tokens_per_group"] == 20
+    assert record["total_tokens_per_group"] == 220
+    assert record["gen_tokens_per_s"] == pytest.approx(100.0)  # 400 tokens in 4 s of sampling
+
+
+def test_grpo_record_has_no_localization():
+    probe = step_cost.Probe(FakeClock())
+    probe.add_time("step", 4.0)
+    probe.add_time("rollout", 3.0)
+    record = step_cost.step_record(probe, prompts=1)
+    assert record["localization"] == 0.0 and record["localization_tokens_per_group"] == 0
+    assert math.isnan(record["gen_tokens_per_s"])  # no sampling seen: no throughput, not a division error
+
+
+def _record(step, gen, loc, tokens, loc_tokens=0.0, rate=100.0):
+    return {"step": step, "generation": gen, "localization": loc, "update": step - gen - loc,
+            "tokens_per_group": tokens, "phase1_tokens_per_group": tokens, "suffix_tokens_per_group": 0.0,
+            "localization_tokens_per_group": loc_tokens, "total_tokens_per_group": tokens + loc_tokens,
+            "phase1_rollouts_per_group": 8.0, "gen_tokens_per_s": rate}
+
+
+def test_summary_takes_medians_and_ratios_divide_by_grpo():
+    runs = {
+        "GRPO": [_record(10, 6, 0, 800), _record(30, 6, 0, 800), _record(12, 6, 0, 800)],  # one noisy outlier
+        "SRPO": [_record(13, 7, 1, 700, 60, 80.0), _record(14, 7, 1, 700, 60, 80.0), _record(40, 7, 1, 700, 60, 80.0)],
+    }
+    summary = step_cost.summarize(runs)
+    assert summary["GRPO"]["step"] == 12 and summary["SRPO"]["step"] == 14
+    ratios = step_cost.ratios_to(summary)
+    assert ratios["GRPO"]["wall_clock"] == 1.0
+    assert ratios["SRPO"]["wall_clock"] == pytest.approx(14 / 12)
+    assert ratios["SRPO"]["tokens"] == pytest.approx(700 / 800)
+    assert ratios["SRPO"]["tokens_with_localization"] == pytest.approx(760 / 800)
+    assert ratios["SRPO"]["gen_throughput"] == pytest.approx(0.8)
+    # 1.17x is over the 1.15x wall-clock target; 0.95x tokens is within 1.08x
+    assert step_cost.verdicts(ratios["SRPO"]) == {"wall_clock": False, "tokens": True}
+    assert step_cost.headline(ratios).startswith("SRPO/GRPO wall-clock per step: 1.17x")
+
+
+def test_tokens_target_counts_localization_replies():
+    ratios = {"wall_clock": 1.0, "tokens": 1.05, "tokens_with_localization": 1.10}
+    assert step_cost.verdicts(ratios) == {"wall_clock": True, "tokens": False}
+
+
+def test_markdown_and_plot(tmp_path):
+    runs = {"GRPO": [_record(10, 6, 0, 800)], "RRPO": [_record(11, 7, 0, 750)],
+            "SRPO": [_record(12, 7, 1, 700, 50)]}
+    summary = step_cost.summarize(runs)
+    ratios = step_cost.ratios_to(summary)
+    table = step_cost.render_table(summary, ratios)
+    assert table.count("\n") == 5 and "| SRPO | 12.0 |" in table and "1.20x" in table
+    targets = step_cost.render_targets(ratios)
+    assert "missed" in targets and "1.51x" in targets
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "cost.png"
+    step_cost.plot(summary, ratios, path, "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_localization_note_reports_parse_failures_only_when_logged():
+    runs = {"SRPO": [{"trainer_logged": {"resets/parse_failure_rate": 1.0}},
+                     {"trainer_logged": {"resets/parse_failure_rate": 0.5}}]}
+    assert "75% (mean over 2 step(s))" in step_cost.localization_note(runs)
+    assert step_cost.localization_note({"SRPO": [{"trainer_logged": {}}]}) == ""
+    assert step_cost.localization_note({"GRPO": []}) == ""
+
+
+def test_mean_line_uses_means_not_medians():
+    runs = {"GRPO": [_record(10, 6, 0, 800), _record(10, 6, 0, 800), _record(10, 6, 0, 800)],
+            "SRPO": [_record(11, 7, 1, 800), _record(11, 7, 1, 800), _record(41, 7, 1, 1700)]}
+    assert step_cost.ratios_to(step_cost.summarize(runs))["SRPO"]["wall_clock"] == pytest.approx(1.1)
+    line = step_cost.render_mean_line(runs)
+    assert "wall-clock 2.10x" in line and "tokens 1.38x" in line  # (11+11+41)/3/10 and (800+800+1700)/3/800
+
+
+def test_logged_metrics_per_group_and_rates_skip_nan_and_none():
+    logs = [
+        {"loss": 0.1},  # a log line without the reset metrics
+        {"resets/tokens_base": 100.0, "resets/tokens_suffix": 40.0, "resets/tokens_unused": 0.0,
+         "resets/tokens_localization": 10.0, "resets/parse_failure_rate": 1.0, "resets/fallback_rate": None},
+        {"resets/tokens_base": 60.0, "resets/tokens_suffix": 20.0, "resets/tokens_unused": 8.0,
+         "resets/tokens_localization": 6.0, "resets/parse_failure_rate": float("nan"), "resets/fallback_rate": 0.0},
+    ]
+    out = step_cost.logged_metrics(logs, groups=2)
+    assert out["resets/tokens_base"] == 80.0 and out["resets/tokens_suffix"] == 30.0
+    assert out["resets/tokens_unused"] == 4.0 and out["resets/tokens_localization"] == 8.0
+    assert out["resets/parse_failure_rate"] == 1.0 and out["resets/fallback_rate"] == 0.0
+    assert "resets/reset_depth_mean" not in out
+    assert step_cost.logged_metrics([{"loss": 1.0}], groups=1) == {}
