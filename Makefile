@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup train test clean
+.PHONY: setup train train-rrpo train-grpo evaluate-format test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ setup: $(VENV)/.installed
 
 train: setup
 	$(BIN)/python examples/train_srpo.py $(ARGS)
+
+# The like-for-like siblings of `make train` (same harness, task, warm-up and LoRA).
+train-rrpo: setup
+	$(BIN)/python examples/train_rrpo.py $(ARGS)
+
+train-grpo: setup
+	$(BIN)/python examples/train_grpo.py $(ARGS)
+
+# Before / after the format warm-up (the table in the README).
+evaluate-format: setup
+	$(BIN)/python examples/evaluate_format.py $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)

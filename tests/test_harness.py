@@ -1,0 +1,124 @@
+"""The main job's harness: recipes parse, a one-step run on a tiny model writes the whole output folder."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_resets import harness
+from trl_resets.plots import plot_reset_index, plot_rewards
+
+from .conftest import make_tiny_llama
+
+RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, char_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny_llama(char_tokenizer).save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _smoke_args(model_dir, out, *extra):
+    return ["--model_name_or_path", model_dir, "--output_dir", str(out), "--warmup", "false", "--max_steps", "1",
+            "--num_problems", "2", "--per_device_train_batch_size", "8", "--max_completion_length", "24",
+            "--max_thought_tokens", "6", "--max_thoughts", "4", "--localization_max_tokens", "8",
+            "--seed_budget", "2", "--temperature", "1.0", "--lora_r", "4", "--lora_alpha", "8",
+            "--lora_target_modules", "q_proj", "v_proj", "--learning_rate", "1e-3", *extra]
+
+
+def _png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG and path.stat().st_size > 2000
+
+
+def test_srpo_main_job_one_step_writes_adapter_metrics_plots_and_card(tmp_path, tiny_model_dir):
+    out = tmp_path / "srpo"
+    trainer = harness.main("srpo", _smoke_args(tiny_model_dir, out))
+    assert trainer.state.global_step == 1
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = [line for line in lines if "loss" in line]
+    assert len(step) == 1 and "reward" in step[0] and "resets/reset_index_mean" in step[0]
+    resets = [json.loads(line) for line in (out / "resets.jsonl").read_text().splitlines()]
+    # 1 prompt per step (8 rows), k=1: one seed unless the prompt fell back to GRPO
+    assert len(resets) == 1 - round(step[0]["resets/fallback_rate"])
+    for record in resets:
+        assert record["step"] == 1 and 1 <= record["reset_index"] <= record["num_thoughts"]
+    if resets:
+        assert sum(r["reset_index"] for r in resets) / len(resets) == pytest.approx(step[0]["resets/reset_index_mean"])
+    assert _png(out / "reward.png") and _png(out / "reset_index.png")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["headline"]["reward"]["last"] == pytest.approx(step[0]["reward"])
+    card = (out / "README.md").read_text()
+    assert "| method | SRPO |" in card and "| localizer | self |" in card and "generated arithmetic task" in card
+
+
+def test_grpo_baseline_job_has_no_resets(tmp_path, tiny_model_dir):
+    out = tmp_path / "grpo"
+    trainer = harness.main("grpo", _smoke_args(tiny_model_dir, out))
+    assert trainer.split.is_grpo and trainer.args.num_generations == 8
+    assert (out / "resets.jsonl").read_text() == ""
+    assert _png(out / "reset_index.png")
+    assert "| method | GRPO |" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_recipes_parse_with_their_script(recipe):
+    method = recipe.split("_")[0]
+    path = RECIPES / recipe
+    keys = yaml.safe_load(path.read_text())
+    argv = ["--config", str(path)]
+    if keys.get("bf16"):  # a GPU recipe: check its keys here without a GPU
+        argv += ["--bf16", "false", "--use_cpu", "true"]
+    args, model_args, task, run = harness.parse(method, argv)
+    assert args.num_generations == 8 and model_args.lora_r == 64 and model_args.lora_alpha == 64
+    assert args.learning_rate == 5e-5 and args.temperature == 0.7 and args.top_p == 0.95
+    assert args.num_reset_prefixes == (0 if method == "grpo" else 1)
+    if method != "grpo":
+        assert args.localizer == {"srpo": "self", "rrpo": "random"}[method]
+    if "gpu" in recipe:
+        assert task.dataset_name == "AI-MO/NuminaMath-CoT" and task.dataset_source == "olympiads"
+        assert task.num_problems == 400 and not run.warmup and args.num_train_epochs == 2
+        assert args.use_vllm and args.vllm_mode == "colocate" and args.max_completion_length == 4096
+        assert args.max_thoughts == 20 and args.max_thought_tokens == 256 and not args.clip_surrogate
+        # 32 prompts per generation, optimizer steps of 8 prompts
+        rows = args.per_device_train_batch_size * args.steps_per_generation
+        assert rows // 8 == 32 and args.per_device_train_batch_size * args.gradient_accumulation_steps // 8 == 8
+    else:
+        assert task.dataset_name is None and run.warmup and args.use_cpu
+
+
+def test_bad_settings_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="num_reset_prefixes=0"):
+        harness.parse("grpo", ["--num_reset_prefixes", "1", "--num_base_generations", "4",
+                               "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown method"):
+        harness.build_parser("ppo")
+    with pytest.raises(ValueError, match="num_steps"):
+        harness.load_problems(harness.TaskArguments(num_steps="two"))
+    with pytest.raises(ValueError, match="num_problems"):
+        harness.load_problems(harness.TaskArguments(num_problems=0))
+    args, model_args, task, run = harness.parse("srpo", ["--dataset_name", "some/hub-set", "--model_name_or_path",
+                                                         str(tmp_path), "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="warmup: false"):
+        harness.prepare_model(args, model_args, task, run)
+
+
+def test_arithmetic_problems_are_conversational():
+    data = harness.load_problems(harness.TaskArguments(num_problems=5, num_steps="2,3"))
+    assert len(data) == 5 and set(data["num_steps"]) <= {2, 3}
+    assert all(row["prompt"][0]["role"] == "user" and row["answer"] for row in data)
+
+
+def test_plots_handle_nan_and_no_resets(tmp_path):
+    logs = [{"step": 1, "reward": 0.5, "resets/sp_pass_rate": float("nan")}, {"step": 2, "reward": 0.6}]
+    assert _png(plot_rewards(logs, tmp_path / "r.png"))
+    assert _png(plot_reset_index([], tmp_path / "h.png"))
+    resets = [{"reset_index": 2, "num_thoughts": 3, "localizer_failed": False},
+              {"reset_index": 1, "num_thoughts": 2, "localizer_failed": True}]
+    assert _png(plot_reset_index(resets, tmp_path / "h2.png"))

@@ -1,0 +1,364 @@
+"""The main job: one harness behind ``examples/train_srpo.py``, ``train_rrpo.py`` and ``train_grpo.py``.
+
+With no arguments a script loads the embedded SmolLM2-135M-Instruct, gives it the format warm-up
+(:mod:`trl_resets.warmup`, cached), trains a LoRA adapter (rank 64, alpha 64) for a few steps on
+the arithmetic task on the CPU, and writes an output folder::
+
+    adapter_model.safetensors, adapter_config.json, tokenizer files   the trained adapter
+    metrics.jsonl      every log line of the run (one JSON object per line)
+    resets.jsonl       every reset of the run: step, h*, the seed's length, whether the localizer failed
+    summary.json       settings, headline metrics, wall time
+    reward.png         reward and base / shared-prefix pass rates per step
+    reset_index.png    histogram of the reset index h*
+    README.md          the model card (TRL's card plus the reset section, see `trl_resets.model_card`)
+
+Every setting comes from the command line or a YAML recipe (``--config``) through ``TrlParser``:
+the method's config (`SRPOConfig` / `RRPOConfig` / `ResetConfig`), TRL's ``ModelConfig``,
+`TaskArguments` and `RunArguments`. A recipe that names a hub dataset (``dataset_name``) trains on
+its problems with the boxed-answer reward instead of the arithmetic task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from transformers import TrainerCallback  # noqa: E402
+from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
+
+from .config import ResetConfig, RRPOConfig, SRPOConfig  # noqa: E402
+from .rewards import boxed_answer_reward, extract_boxed  # noqa: E402
+from .tasks import make_arithmetic_dataset  # noqa: E402
+from .trainer import ResetTrainer, RRPOTrainer, SRPOTrainer  # noqa: E402
+
+
+class GRPOBaselineTrainer(ResetTrainer):
+    """The like-for-like GRPO baseline: `ResetTrainer` with k=0 (same thought sampler, no resets)."""
+
+    _tag_names = ["trl", "trl-resets", "grpo"]
+    _name = "GRPO"
+
+
+METHODS = {
+    "srpo": (SRPOConfig, SRPOTrainer),
+    "rrpo": (RRPOConfig, RRPOTrainer),
+    "grpo": (ResetConfig, GRPOBaselineTrainer),
+}
+
+# Short prompts for the CPU job: the prompt is most of every sequence a 135M model reads, and both the
+# warm-up and the RL loss pay for each of its tokens. The GPU recipes keep the package's full prompts.
+COMPACT_ROLLOUT_TEMPLATE = (
+    "Solve the problem one step at a time. End each step with {delimiter}. In the last step, write the "
+    "final answer as \\boxed{{answer}}.\n\nProblem: {question}"
+)
+COMPACT_LOCALIZATION_TEMPLATE = (
+    "Problem: {question}\n\nA solution whose final answer is wrong:\n{steps}\n\n"
+    "Which step is the first wrong one? Reply with its number (1 to {num_steps}) as \\boxed{{N}}."
+)
+
+# The CPU main job. A recipe for other hardware sets every one of these keys it wants changed.
+CPU_DEFAULTS = dict(
+    rollout_template=COMPACT_ROLLOUT_TEMPLATE,
+    localization_template=COMPACT_LOCALIZATION_TEMPLATE,
+    per_device_train_batch_size=16,
+    max_steps=6,
+    learning_rate=5e-5,
+    lr_scheduler_type="constant",
+    weight_decay=0.01,
+    max_grad_norm=1.0,
+    gradient_checkpointing=False,  # recomputing activations costs a third more compute; memory is not short here
+    max_completion_length=128,
+    max_thought_tokens=48,
+    max_thoughts=6,
+    temperature=0.7,
+    top_p=0.95,
+    seed_budget=4,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    use_peft=True,
+    lora_r=64,
+    lora_alpha=64,
+    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
+METHOD_DEFAULTS = {
+    "srpo": dict(output_dir="outputs/srpo-smollm2-arithmetic"),
+    "rrpo": dict(output_dir="outputs/rrpo-smollm2-arithmetic"),
+    "grpo": dict(output_dir="outputs/grpo-smollm2-arithmetic", num_base_generations=8, num_reset_prefixes=0),
+}
+
+
+@dataclass
+class TaskArguments:
+    """The training problems: the arithmetic task (default) or a hub dataset with boxed answers."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset (e.g. AI-MO/NuminaMath-CoT); unset: the generated arithmetic task."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_split: str = field(default="train", metadata={"help": "Hub dataset split."})
+    dataset_source: str | None = field(
+        default=None, metadata={"help": "Keep only rows whose 'source' column equals this (e.g. olympiads)."}
+    )
+    question_column: str = field(default="problem", metadata={"help": "Hub dataset column with the question."})
+    answer_column: str = field(
+        default="solution", metadata={"help": "Hub dataset column whose last \\boxed{} is the reference answer."}
+    )
+    num_problems: int = field(default=32, metadata={"help": "Training problems (hub: the first N after shuffling)."})
+    num_steps: str = field(default="2,3", metadata={"help": "Arithmetic steps per problem, e.g. '3' or '2,3'."})
+    operations: str = field(default="+-", metadata={"help": "Arithmetic operations, e.g. '+-' or '+-*/'."})
+    task_seed: int = field(default=0, metadata={"help": "Seed of the generated problems / of the hub shuffle."})
+
+
+@dataclass
+class RunArguments:
+    """The format warm-up and the run's outputs."""
+
+    warmup: bool = field(
+        default=True, metadata={"help": "Run the cached format warm-up (trl_resets.warmup) before RL training."}
+    )
+    warmup_epochs: float = field(default=1.0, metadata={"help": "Warm-up SFT epochs."})
+    warmup_learning_rate: float = field(default=2e-3, metadata={"help": "Warm-up SFT learning rate."})
+    warmup_examples: int = field(default=64, metadata={"help": "Warm-up reference solutions (rollout format)."})
+    warmup_localization_examples: int = field(
+        default=32, metadata={"help": "Warm-up injected-error chains (localization format)."}
+    )
+    plots: bool = field(default=True, metadata={"help": "Write reward.png and reset_index.png (needs matplotlib)."})
+
+
+def build_parser(method: str) -> TrlParser:
+    """The parser of one method, with the CPU main job as defaults (a recipe or flags override them)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {sorted(METHODS)}.")
+    config_cls, _ = METHODS[method]
+    parser = TrlParser((config_cls, ModelConfig, TaskArguments, RunArguments))
+    parser.set_defaults(**CPU_DEFAULTS, **METHOD_DEFAULTS[method])
+    return parser
+
+
+def parse(method: str, argv: list[str] | None = None):
+    """(config, model_args, task, run) from ``argv`` (default: sys.argv) and an optional ``--config`` recipe."""
+    args, model_args, task, run = build_parser(method).parse_args_and_config(argv)
+    if method == "grpo" and args.num_reset_prefixes != 0:
+        raise ValueError(
+            f"train_grpo runs the GRPO baseline, which needs num_reset_prefixes=0 (got {args.num_reset_prefixes}); "
+            "use train_srpo.py or train_rrpo.py for reset groups."
+        )
+    return args, model_args, task, run
+
+
+# --------------------------------------------------------------------------- data
+
+
+def step_counts(text: str) -> list[int]:
+    """The step counts of a `num_steps` setting such as "3" or "2,3"."""
+    try:
+        counts = [int(part) for part in str(text).replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ValueError(f"num_steps must be a step count or a comma list such as '2,3', got {text!r}.") from None
+    if not counts:
+        raise ValueError(f"num_steps is empty ({text!r}); give e.g. '3' or '2,3'.")
+    return counts
+
+
+def load_problems(task: TaskArguments):
+    """The training dataset: conversational ``prompt`` plus ``answer`` (and the task's own columns)."""
+    if task.num_problems < 1:
+        raise ValueError(f"num_problems must be at least 1, got {task.num_problems}.")
+    if task.dataset_name is None:
+        rows = make_arithmetic_dataset(task.num_problems, num_steps=step_counts(task.num_steps), seed=task.task_seed,
+                                       operations=tuple(task.operations))
+        return rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    return load_hub_problems(task)
+
+
+def load_hub_problems(task: TaskArguments):
+    """Problems from a hub dataset whose answer column holds a boxed final answer (NuminaMath style)."""
+    import datasets
+
+    data = datasets.load_dataset(task.dataset_name, task.dataset_config, split=task.dataset_split)
+    for column in (task.question_column, task.answer_column):
+        if column not in data.column_names:
+            raise ValueError(f"{task.dataset_name} has no column {column!r}; its columns are {data.column_names}. "
+                             "Set question_column / answer_column.")
+    if task.dataset_source is not None:
+        if "source" not in data.column_names:
+            raise ValueError(f"dataset_source={task.dataset_source!r} needs a 'source' column, which "
+                             f"{task.dataset_name} lacks.")
+        data = data.filter(lambda row: row["source"] == task.dataset_source)
+    data = data.map(lambda row: {"answer": extract_boxed(row[task.answer_column] or "")})
+    data = data.filter(lambda row: row["answer"] is not None)
+    if len(data) == 0:
+        raise ValueError(f"no row of {task.dataset_name} (source={task.dataset_source!r}) has a boxed answer.")
+    data = data.shuffle(seed=task.task_seed).select(range(min(task.num_problems, len(data))))
+    keep = {"answer"}
+    data = data.map(lambda row: {"prompt": [{"role": "user", "content": row[task.question_column]}]},
+                    remove_columns=[c for c in data.column_names if c not in keep])
+    return data
+
+
+# --------------------------------------------------------------------------- model
+
+
+def prepare_model(args: ResetConfig, model_args: ModelConfig, task: TaskArguments, run: RunArguments) -> str:
+    """The model to train: the given one or the embedded default, after the (cached) format warm-up."""
+    path = model_args.model_name_or_path
+    if path is None:
+        from .models import default_model_path
+
+        path = default_model_path()
+    if not run.warmup:
+        return path
+    if task.dataset_name is not None:
+        raise ValueError(
+            "the format warm-up trains on the arithmetic task and is meant for small models on it; with "
+            f"dataset_name={task.dataset_name!r} set warmup: false (the recipe's model should follow the format)."
+        )
+    from .warmup import warm_up
+
+    settings = warmup_settings(args, task, run)
+    return _main_process_first(args, lambda: warm_up(path, settings, use_cpu=args.use_cpu or None))
+
+
+def warmup_settings(args: ResetConfig, task: TaskArguments, run: RunArguments):
+    """The warm-up that matches a run: its task, its prompts and its delimiter."""
+    from .warmup import WarmupSettings
+
+    return WarmupSettings(
+        num_rollout_examples=run.warmup_examples,
+        num_localization_examples=run.warmup_localization_examples,
+        num_steps=tuple(step_counts(task.num_steps)),
+        operations=task.operations,
+        epochs=run.warmup_epochs,
+        learning_rate=run.warmup_learning_rate,
+        rollout_template=args.rollout_template,
+        localization_template=args.localization_template,
+        delimiter=args.thought_delimiter,
+    )
+
+
+def _main_process_first(args, fn):
+    """Run ``fn`` on the main process first (it fills a cache), then on the others (they find it)."""
+    with args.main_process_first(desc="format warm-up"):
+        return fn()
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlMetrics(TrainerCallback):
+    """Appends every log line to ``path`` as JSON (NaN written as null)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **{k: _jsonable(v) for k, v in logs.items()}}) + "\n")
+
+
+def gathered_resets(trainer) -> list[dict]:
+    """Every reset of the run, from all processes (call on all processes)."""
+    from accelerate.utils import gather_object
+
+    local = [{"step": entry["step"], "reset_index": h, "num_thoughts": n, "localizer_failed": bool(failed)}
+             for entry in getattr(trainer, "reset_history", []) for h, n, failed in entry["resets"]]
+    if trainer.accelerator.num_processes > 1:
+        local = gather_object(local)
+    return sorted(local, key=lambda r: r["step"])
+
+
+def dataset_label(task: TaskArguments) -> str:
+    if task.dataset_name is None:
+        return (f"generated arithmetic task ({task.num_problems} problems, {task.num_steps} steps, "
+                f"operations {task.operations})")
+    source = f", source={task.dataset_source}" if task.dataset_source else ""
+    return f"{task.dataset_name} ({task.num_problems} problems{source})"
+
+
+def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, model_path: str, seconds: float) -> dict:
+    """metrics summary, resets, plots and the model card, in ``out`` (main process)."""
+    from .model_card import headline_metrics
+
+    resets = gathered_resets(trainer)
+    if not trainer.accelerator.is_main_process:
+        return {}
+    with (out / "resets.jsonl").open("w") as f:
+        for record in resets:
+            f.write(json.dumps(record) + "\n")
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    summary = {
+        "method": trainer._name,
+        "model": model_path,
+        "steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 1),
+        "headline": headline_metrics(trainer.state.log_history),
+        "resets": len(resets),
+        "task": asdict(task),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if run.plots:
+        from .plots import plot_reset_index, plot_rewards
+
+        plot_rewards(logs, out / "reward.png", title=f"{trainer._name}: reward and pass rates")
+        plot_reset_index(resets, out / "reset_index.png", title=f"{trainer._name}: reset index h*")
+    return summary
+
+
+def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: RunArguments):
+    """Build the trainer, train, and write the output folder; returns the trainer."""
+    _, trainer_cls = METHODS[method]
+    model_path = prepare_model(args, model_args, task, run)
+    dataset = load_problems(task)
+    if args.model_init_kwargs is None:
+        args.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
+        if model_args.attn_implementation is not None:
+            args.model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    trainer = trainer_cls(
+        model=model_path,
+        reward_funcs=boxed_answer_reward,
+        args=args,
+        train_dataset=dataset,
+        peft_config=get_peft_config(model_args),
+        callbacks=[JsonlMetrics(out / "metrics.jsonl")],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(args.output_dir)
+    summary = write_outputs(trainer, out, task, run, model_path, seconds)
+    trainer.training_data_label = dataset_label(task)  # read by the card's reset section
+    if args.push_to_hub:
+        trainer.push_to_hub(dataset_name=task.dataset_name, model_name=out.name)
+    else:
+        trainer.create_model_card(model_name=out.name, dataset_name=task.dataset_name)
+    if trainer.accelerator.is_main_process:
+        reward = summary.get("headline", {}).get("reward", {}).get("mean", math.nan)
+        print(f"{trainer._name}: {trainer.state.global_step} steps in {seconds:.0f} s, mean reward {reward:.3f}; "
+              f"adapter, metrics, plots and model card in {out}")
+    return trainer
+
+
+def main(method: str, argv: list[str] | None = None):
+    """Entry point of the example scripts."""
+    args, model_args, task, run = parse(method, argv)
+    return train(method, args, model_args, task, run)
