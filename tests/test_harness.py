@@ -122,3 +122,30 @@ def test_plots_handle_nan_and_no_resets(tmp_path):
     resets = [{"reset_index": 2, "num_thoughts": 3, "localizer_failed": False},
               {"reset_index": 1, "num_thoughts": 2, "localizer_failed": True}]
     assert _png(plot_reset_index(resets, tmp_path / "h2.png"))
+
+
+def test_gpu_recipe_data_path_on_a_local_numina_shaped_dataset(tmp_path):
+    """The GPU recipe's dataset settings, pointed at a local folder shaped like NuminaMath-CoT (no hub here)."""
+    folder = tmp_path / "numina"
+    folder.mkdir()
+    rows = [
+        {"problem": f"olympiad problem {i}", "solution": f"... so the answer is \\boxed{{{i}}}.", "source": "olympiads"}
+        for i in range(5)
+    ] + [
+        {"problem": "no boxed answer", "solution": "it is 3", "source": "olympiads"},
+        {"problem": "other source", "solution": "\\boxed{9}", "source": "amc_aime"},
+    ]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    keys = yaml.safe_load((RECIPES / "srpo_qwen2.5-1.5b_numina_gpu.yaml").read_text())
+    task = harness.TaskArguments(
+        dataset_name=str(folder), dataset_split=keys["dataset_split"], dataset_source=keys["dataset_source"],
+        question_column=keys["question_column"], answer_column=keys["answer_column"], num_problems=4,
+    )
+    data = harness.load_problems(task)
+    assert len(data) == 4 and set(data.column_names) == {"prompt", "answer"}
+    for row in data:
+        question = row["prompt"][0]["content"]
+        assert row["prompt"][0]["role"] == "user" and question.startswith("olympiad problem")
+        assert row["answer"] == question.rsplit(" ", 1)[1]  # the boxed answer of the same row
+    with pytest.raises(ValueError, match="no column"):
+        harness.load_problems(harness.TaskArguments(dataset_name=str(folder), question_column="question"))
