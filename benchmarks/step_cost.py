@@ -234,6 +234,17 @@ def headline(ratios) -> str:
             f"(target <= {TARGETS['wall_clock']:.2f}x, paper {PAPER_SRPO['wall_clock']:.2f}x)")
 
 
+def _stacked_bars(ax, methods: list[str], series: dict, labels: list[str]) -> list[float]:
+    """One stacked bar per method (``series``: name -> (values, color)), labelled on top; returns the bar heights."""
+    bottom = [0.0] * len(methods)
+    for name, (values, color) in series.items():
+        ax.bar(methods, values, bottom=bottom, color=color, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, label in enumerate(labels):
+        ax.text(i, bottom[i], label, ha="center", va="bottom", fontsize=9)
+    return bottom
+
+
 def plot(summary, ratios, path: Path, title: str) -> None:
     import matplotlib
 
@@ -243,14 +254,10 @@ def plot(summary, ratios, path: Path, title: str) -> None:
     methods = list(summary)
     colors = {"generation": "#4c72b0", "localization": "#dd8452", "update": "#55a868"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 5.2), gridspec_kw={"width_ratios": [3, 2]})
-    bottom = [0.0] * len(methods)
-    for part in PARTS:
-        values = [max(summary[m][part], 0.0) for m in methods]
-        ax.bar(methods, values, bottom=bottom, color=colors[part], label=part)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    for i, m in enumerate(methods):
-        ax.text(i, bottom[i], f"{summary[m]['step']:.1f} s\n{ratios[m]['wall_clock']:.2f}x", ha="center",
-                va="bottom", fontsize=9)
+    bottom = _stacked_bars(
+        ax, methods, {part: ([max(summary[m][part], 0.0) for m in methods], colors[part]) for part in PARTS},
+        [f"{summary[m]['step']:.1f} s\n{ratios[m]['wall_clock']:.2f}x" for m in methods],
+    )
     ax.axhline(summary["GRPO"]["step"] * TARGETS["wall_clock"], color="grey", ls="--", lw=1,
                label=f"target {TARGETS['wall_clock']}x GRPO")
     ax.set_ylabel("seconds per training step (median)")
@@ -258,16 +265,11 @@ def plot(summary, ratios, path: Path, title: str) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=8, frameon=False)
     ax.set_title("wall-clock split")
     tokens = {
-        "phase 1": [summary[m]["phase1_tokens_per_group"] for m in methods],
-        "suffixes": [summary[m]["suffix_tokens_per_group"] for m in methods],
-        "localization": [summary[m]["localization_tokens_per_group"] for m in methods],
+        "phase 1": ([summary[m]["phase1_tokens_per_group"] for m in methods], "#4c72b0"),
+        "suffixes": ([summary[m]["suffix_tokens_per_group"] for m in methods], "#8172b3"),
+        "localization": ([summary[m]["localization_tokens_per_group"] for m in methods], "#dd8452"),
     }
-    bottom = [0.0] * len(methods)
-    for (name, values), color in zip(tokens.items(), ("#4c72b0", "#8172b3", "#dd8452")):
-        ax2.bar(methods, values, bottom=bottom, color=color, label=name)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    for i, m in enumerate(methods):
-        ax2.text(i, bottom[i], f"{ratios[m]['tokens_with_localization']:.2f}x", ha="center", va="bottom", fontsize=9)
+    bottom = _stacked_bars(ax2, methods, tokens, [f"{ratios[m]['tokens_with_localization']:.2f}x" for m in methods])
     ax2.axhline(summary["GRPO"]["total_tokens_per_group"] * TARGETS["tokens"], color="grey", ls="--", lw=1,
                 label=f"target {TARGETS['tokens']}x")
     ax2.set_ylabel("generated tokens per prompt group (median)")
