@@ -1,9 +1,11 @@
 """Cost of one training step: GRPO, RRPO and SRPO at 8 rollouts per prompt, same prompts, same model.
 
-    python benchmarks/step_cost.py            # embedded SmolLM2-135M-Instruct + LoRA r64, 1 prompt x 8 per step
-    python benchmarks/step_cost.py --quick    # one prompt, short rollouts, one round, no activation
-                                              # checkpointing, light warm-up (a smoke test)
-    python benchmarks/step_cost.py --model path/to/warmed-up-model
+    python benchmarks/step_cost.py            # the main job's setting: embedded SmolLM2-135M-Instruct after
+                                              # its format warm-up (cached; built if missing, untimed), the
+                                              # main job's prompts, task and sampling, LoRA r64
+    python benchmarks/step_cost.py --quick    # the embedded model as shipped, one prompt, short rollouts,
+                                              # one round, light warm-up (a smoke test)
+    python benchmarks/step_cost.py --model path/to/model   # any model, the package's default prompts
 
 GRPO is the reset trainer with ``num_reset_prefixes=0, num_base_generations=8`` (plain GRPO on the same
 thought sampler); RRPO and SRPO use the 4 + 1x4 split (G1=4 base rollouts, one seed, G2=4 suffixes).
@@ -421,6 +423,20 @@ def write_outputs(result: dict, name: str, write_json: bool = True) -> None:
     plot(summary, ratios, RESULTS / f"{name}.png", f"{result['setup']}; {result['machine_before']}")
 
 
+def main_job_setting(prompts: int):
+    """(model path, dataset, config fields) of the CPU main job (`make train`): its format-warmed-up model
+    (trained now if not cached, before any timing), its rollout and localization prompts, and its first
+    ``prompts`` problems."""
+    from trl_resets import harness
+
+    args, model_args, task, run = harness.parse("srpo", [])
+    task.num_problems = prompts
+    print("the main job's model: format warm-up (cached after the first run) ...", flush=True)
+    model = harness.prepare_model(args, model_args, task, run)
+    fields = {key: getattr(args, key) for key in ("rollout_template", "localization_template")}
+    return model, harness.load_problems(task), fields
+
+
 def machine_line() -> str:
     import torch
 
@@ -457,11 +473,6 @@ def main():
         write_outputs(result, name, write_json=False)
         print(headline(result["ratios_to_grpo"]))
         return
-    if args.model is None:
-        from trl_resets.models import default_model_path
-
-        args.model = default_model_path()
-
     import tempfile
 
     import torch
@@ -472,16 +483,23 @@ def main():
     hf_logging.set_verbosity_error()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    rows = make_arithmetic_dataset(args.prompts, num_steps=2, seed=args.seed, operations=("+", "-"))
-    dataset = rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     settings = dict(
         per_device_train_batch_size=8 * args.prompts, max_steps=args.steps, learning_rate=5e-5,
         max_completion_length=args.tokens, max_thought_tokens=args.thought_tokens, max_thoughts=args.thoughts,
         temperature=0.7, top_p=0.95, seed_budget=4, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True, gradient_checkpointing=False,
     )
-    if args.quick:  # a smoke test: recomputing activations in the backward pass only adds update time
-        settings["gradient_checkpointing"] = False
+    main_job = args.model is None and not args.quick
+    if main_job:  # the model, prompts and problems `make train` trains on
+        args.model, dataset, job_settings = main_job_setting(args.prompts)
+        settings.update(job_settings)
+    else:
+        if args.model is None:
+            from trl_resets.models import default_model_path
+
+            args.model = default_model_path()
+        rows = make_arithmetic_dataset(args.prompts, num_steps=2, seed=args.seed, operations=("+", "-"))
+        dataset = rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     started = time.perf_counter()
     machine_before = machine_line()
     with tempfile.TemporaryDirectory() as tmp:
@@ -508,7 +526,10 @@ def main():
     machine_after = machine_line()
     summary = summarize(runs)
     ratios = ratios_to(summary)
-    setup = f"{args.model.rstrip('/').split('/')[-1]}, " + (f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")
+    model_name = args.model.rstrip('/').split('/')[-1]
+    if main_job:
+        model_name = f"{model_name} (the main job's model, prompts and task)"
+    setup = f"{model_name}, " + (f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")
     setup += (f"; {args.prompts} prompt(s) x 8 rollouts per step, {args.tokens} tokens max "
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO; "
               f"median of {args.rounds} round(s) x {args.steps} step(s)")
