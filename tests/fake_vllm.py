@@ -69,7 +69,10 @@ class FakeLLM:
     """``vllm.LLM`` look-alike over a copy of a transformers causal LM."""
 
     def __init__(self, model, tokenizer, prefix_caching: bool = True, seed: int = 0):
-        self.model = copy.deepcopy(model).eval()
+        model = copy.deepcopy(model)
+        if hasattr(model, "merge_and_unload"):  # a PEFT model: the engine holds the plain base model, as vLLM
+            model = model.merge_and_unload()  # loads it from its files (TRL then sends merged weights by name)
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.generator = torch.Generator().manual_seed(seed)
         self.weights = _Weights(self.model)

@@ -1,6 +1,7 @@
 """The main job's harness: recipes parse, a one-step run on a tiny model writes the whole output folder."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,40 @@ def test_gpu_recipe_data_path_on_a_local_numina_shaped_dataset(tmp_path):
         assert row["answer"] == question.rsplit(" ", 1)[1]  # the boxed answer of the same row
     with pytest.raises(ValueError, match="no column"):
         harness.load_problems(harness.TaskArguments(dataset_name=str(folder), question_column="question"))
+
+
+def test_gpu_recipe_runs_end_to_end_with_only_the_hardware_swapped(tmp_path, tiny_model_dir, monkeypatch):
+    """The paper's GPU recipe as a GPU user runs it, on a CPU: every key of the recipe applies (vLLM colocate
+    with per-thought stops, 32 prompts per generation in 4 optimizer steps of 8 prompts, gradient
+    checkpointing, LoRA 64, the 1x4 split, self-localization) except what this machine cannot have: the hub
+    model and dataset (a tiny local model, a local NuminaMath-shaped folder), the GPU (bf16 off), real vLLM
+    (the CPU stand-in that follows its API) and the rollout lengths a 1.5B model needs."""
+    from . import fake_vllm
+
+    engines = fake_vllm.install(monkeypatch)
+    folder = tmp_path / "numina"
+    folder.mkdir()
+    rows = [{"problem": f"{i}+1?", "solution": f"so \\boxed{{{i + 1}}}", "source": "olympiads"} for i in range(40)]
+    rows += [{"problem": "skip me", "solution": "\\boxed{1}", "source": "amc_aime"}]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "gpu-recipe"
+    trainer = harness.main("srpo", [
+        "--config", str(RECIPES / "srpo_qwen2.5-1.5b_numina_gpu.yaml"), "--model_name_or_path", tiny_model_dir,
+        "--dataset_name", str(folder), "--output_dir", str(out), "--bf16", "false", "--use_cpu", "true",
+        "--dtype", "float32", "--max_steps", "4", "--max_completion_length", "24", "--max_thought_tokens", "6",
+        "--max_thoughts", "4", "--localization_max_tokens", "8", "--save_strategy", "no",
+    ])
+    args = trainer.args
+    assert trainer.state.global_step == 4 and args.use_vllm and args.vllm_mode == "colocate"
+    assert args.gradient_checkpointing and args.per_device_train_batch_size * args.steps_per_generation // 8 == 32
+    llm = engines[0].fake_llm
+    assert llm.requests > 0 and trainer._vllm_per_thought is True
+    assert all(p.temperature == 0.7 and p.top_p == 0.95 for p in llm.calls if p.temperature != 0.0)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "loss" in s]
+    assert len(steps) == 4 and all(math.isfinite(s["loss"]) for s in steps)
+    # one generation of 32 of the 40 olympiads prompts serves the 4 optimizer steps
+    resets = [json.loads(line) for line in (out / "resets.jsonl").read_text().splitlines()]
+    assert 0 < len(resets) <= 32 and {r["step"] for r in resets} <= {1, 2, 3, 4}
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 64
+    assert "SRPO" in (out / "README.md").read_text()
