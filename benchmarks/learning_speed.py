@@ -2,6 +2,8 @@
 
     python benchmarks/learning_speed.py            # every method, 3 seeds (about 20 minutes on 2 busy cores)
     python benchmarks/learning_speed.py --quick    # GRPO and SRPO, 1 seed, 12 steps (under two minutes)
+    python benchmarks/learning_speed.py --policy benchmarks/testbed/policy-critical --tag critical
+                                                   # the critical-step testbed (hard * and / steps)
 
 Every method trains the shipped testbed policy (benchmarks/testbed/) with the package's trainers,
 sampler and localizers: 8 rows per prompt, the same prompts in the same order each step, the same number
@@ -134,7 +136,7 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
 
     trainer = _trainer_class(kind)(
         model=model, reward_funcs=boxed_answer_reward, args=args, processing_class=tokenizer,
-        train_dataset=task_dataset(opts.train_prompts, seed=RL_SEED), callbacks=[Evaluate()],
+        train_dataset=task_dataset(opts.train_prompts, seed=RL_SEED, num_steps=opts.num_steps), callbacks=[Evaluate()],
     )
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the benchmark prints its own lines
     start = time.perf_counter()
@@ -223,13 +225,16 @@ def main():
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--prompts_per_step", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--eval_every", type=int, default=4)
+    parser.add_argument("--eval_every", type=int, default=2)
     parser.add_argument("--eval_problems", type=int, default=64)
     parser.add_argument("--eval_samples", type=int, default=4)
     parser.add_argument("--train_prompts", type=int, default=512)
+    parser.add_argument("--num_steps", type=int, nargs="+", default=None,
+                        help="step counts of the training and evaluation problems (default: all the testbed's)")
     parser.add_argument("--policy", default=None, help="testbed policy folder (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tag", default="", help="results name suffix, e.g. 'critical' -> learning_speed_critical.*")
     parser.add_argument("--out", default=str(RESULTS))
     opts = parser.parse_args()
     if opts.quick:
@@ -245,7 +250,7 @@ def main():
     torch.set_num_threads(opts.threads)
     quiet()
     wall = time.perf_counter()
-    eval_set = task_dataset(opts.eval_problems, seed=EVAL_SEED)
+    eval_set = task_dataset(opts.eval_problems, seed=EVAL_SEED, num_steps=opts.num_steps)
     model, tokenizer = load_policy(opts.policy)
     start_eval = evaluate(model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED)
     print(f"testbed start accuracy {start_eval['accuracy']:.3f} ({opts.eval_problems} problems x "
@@ -270,7 +275,7 @@ def main():
     text = table(summary, opts.seeds)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if opts.quick else ""
+    suffix = (f"_{opts.tag}" if opts.tag else "") + ("_quick" if opts.quick else "")
     (out / f"learning_speed{suffix}.json").write_text(json.dumps(
         {"setting": setting, "machine": machine, "wall_seconds": wall, "options": vars(opts),
          "start_accuracy": start_eval["accuracy"], "summary": summary, "runs": runs}, indent=1) + "\n")

@@ -3,6 +3,7 @@
     python benchmarks/localization_quality.py            # 128 problems x 4 samples
     python benchmarks/localization_quality.py --quick    # 48 problems (under two minutes)
     python benchmarks/localization_quality.py --policy PATH   # another checkpoint (e.g. after SRPO training)
+    python benchmarks/localization_quality.py --policy benchmarks/testbed/policy-critical --tag critical
 
 Failed rollouts of the testbed policy are the seeds. For each, the policy localizes its first wrong step
 (`SelfLocalizer`, the trainer's call), `RandomLocalizer` draws a reset index, and the checker
@@ -222,6 +223,7 @@ def main():
     parser.add_argument("--policy", default=str(POLICY_DIR))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tag", default="", help="results name suffix, e.g. 'critical' -> localization_quality_critical.*")
     parser.add_argument("--out", default=str(RESULTS))
     opts = parser.parse_args()
     if opts.quick:
@@ -240,7 +242,7 @@ def main():
     text = table(summary)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if opts.quick else ""
+    suffix = (f"_{opts.tag}" if opts.tag else "") + ("_quick" if opts.quick else "")
     s, r = summary["self"], summary["random"]
     headline = (f"clean prefixes: self-localized {s['clean_share']:.3f} vs random {r['clean_share']:.3f}; "
                 f"self-localized suffix success {_fmt(s['correction']['all']['success'])} vs random "

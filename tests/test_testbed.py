@@ -11,6 +11,7 @@ from benchmarks.testbed import (
     POLICY_DIR,
     TASK,
     TextPolicy,
+    config_fields,
     corrupt_chain,
     localization_label,
     localization_reply,
@@ -21,11 +22,12 @@ from benchmarks.testbed import (
     task_dataset,
     thoughts_of,
 )
-from trl_resets.localizers import LocalizationRequest, SelfLocalizer
+from trl_resets.localizers import LocalizationRequest, SelfLocalizer, parse_step_index
 from trl_resets.tasks import check_steps
 from trl_resets.tasks.arithmetic import ArithmeticProblem, apply_operation
 
 EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)")
+CHECK = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+) vs (\d+) (ok|no)$")
 
 
 def _problems(n, seed=5):
@@ -57,6 +59,21 @@ def test_injected_errors_hit_the_tunable_rate_and_match_the_checker():
     assert 0.25 < wrong_steps / total_steps <= 0.31
 
 
+def test_per_operator_error_rates_put_the_slips_on_the_hard_steps():
+    rng = random.Random(13)
+    rates = {"*": 0.5, "/": 0.5, "+": 0.0, "-": 0.0}
+    slips = {"hard": [0, 0], "easy": [0, 0]}  # [wrong, total]
+    for problem in _problems(600, seed=14):
+        chain = corrupt_chain(problem, rates, rng)
+        for step in chain.steps:
+            left, op, right, result = EQUATION.match(step).groups()
+            kind = slips["hard" if op in "*/" else "easy"]
+            kind[0] += apply_operation(int(left), op, int(right)) != int(result)
+            kind[1] += 1
+    assert slips["easy"][0] == 0 and slips["easy"][1] > 500
+    assert 0.4 < slips["hard"][0] / slips["hard"][1] <= 0.5 and slips["hard"][1] > 300
+
+
 def test_localization_labels_are_right_at_the_tunable_rate():
     rng = random.Random(2)
     labels = [localization_label(2, 4, 0.6, rng) for _ in range(4000)]
@@ -66,12 +83,36 @@ def test_localization_labels_are_right_at_the_tunable_rate():
     assert localization_label(1, 1, 0.0, rng) == 1  # a one-step chain has no other step to name
 
 
+def test_localization_reply_checks_each_step_then_names_one():
+    rng = random.Random(6)
+    for problem in _problems(40, seed=9):
+        chain = corrupt_chain(problem, 0.4, rng)
+        for named in range(1, len(chain.steps) + 1):
+            reply = localization_reply(chain.steps, named)
+            assert parse_step_index(reply, len(chain.steps)) == named  # what SelfLocalizer reads from it
+            lines = reply.strip("\n").split("\n")
+            assert len(lines) == named + 1 and lines[-1] == f"\\boxed{{{named}}}"
+            for i, line in enumerate(lines[:-1], 1):
+                number, check = line.split(": ")
+                left, op, right, redone, written, verdict = CHECK.match(check).groups()
+                step = EQUATION.match(chain.steps[i - 1]).groups()
+                assert int(number) == i and (left, op, right, written) == step  # the step as it was written
+                assert int(redone) == apply_operation(int(left), op, int(right))  # its equation redone right
+                assert verdict == ("no" if i == named else "ok")
+
+
+def test_task_dataset_picks_step_counts_within_the_testbeds():
+    assert set(task_dataset(30, num_steps=[6])["num_steps"]) == {6}
+    with pytest.raises(ValueError, match="knows"):
+        task_dataset(3, num_steps=[9])
+
+
 def test_tokenizer_round_trips_the_trainer_formats():
     rng = random.Random(3)
     problem = _problems(1)[0]
     chain = corrupt_chain(problem, 0.5, rng)
     texts = [rollout_prompt(problem.question()) + chain.completion(),
-             localization_request(problem.question(), chain.steps) + localization_reply(2)]
+             localization_request(problem.question(), chain.steps) + localization_reply(chain.steps, 2)]
     tokenizer = make_tokenizer(texts)
     for text in texts:
         ids = tokenizer(text)["input_ids"]
@@ -81,13 +122,44 @@ def test_tokenizer_round_trips_the_trainer_formats():
     assert TASK["max_value"] <= MAX_NUMBER  # every right value is one token too
 
 
-@pytest.fixture(scope="module")
-def policy():
-    if not (POLICY_DIR / "config.json").exists():
-        pytest.fail(f"the testbed policy is missing from {POLICY_DIR}; run benchmarks/testbed/train_testbed.py")
+@pytest.fixture(scope="module", params=["policy", "policy-critical"])
+def policy(request):
+    """Each shipped testbed policy: the uniform-slip one and the critical-step one."""
+    folder = POLICY_DIR.parent / request.param
+    if not (folder / "config.json").exists():
+        pytest.fail(f"the testbed policy is missing from {folder}; run benchmarks/testbed/train_testbed.py")
     from benchmarks.testbed import load_policy
 
-    return load_policy()
+    return load_policy(folder)
+
+
+def test_critical_policy_slips_on_the_hard_steps():
+    """The critical-step policy's own rollouts: `*` and `/` steps wrong far more often than `+` and `-`."""
+    import torch
+
+    from benchmarks.testbed import CRITICAL_POLICY_DIR, load_policy
+
+    model, tokenizer = load_policy(CRITICAL_POLICY_DIR)
+    torch.manual_seed(0)
+    rows = task_dataset(48, seed=15)
+    rollouts = make_sampler(model, tokenizer).sample(
+        [tokenizer(rollout_prompt(q))["input_ids"] for q in rows["prompt"] for _ in range(2)])
+    slips = {"hard": [0, 0], "easy": [0, 0]}  # [wrong, total]
+    for rollout in rollouts:
+        for thought in thoughts_of(rollout, tokenizer):
+            match = EQUATION.match(thought.strip())
+            if match:
+                left, op, right, result = match.groups()
+                try:
+                    wrong = apply_operation(int(left), op, int(right)) != int(result)
+                except ValueError:  # e.g. a division with a remainder after an earlier slip
+                    continue
+                kind = slips["hard" if op in "*/" else "easy"]
+                kind[0] += wrong
+                kind[1] += 1
+    hard, easy = (slips[k][0] / max(slips[k][1], 1) for k in ("hard", "easy"))
+    assert slips["hard"][1] > 50 and slips["easy"][1] > 100
+    assert hard > 0.25 and easy < 0.1 and hard > 4 * easy
 
 
 def test_shipped_policy_writes_delimited_thoughts_and_boxed_answers(policy):
@@ -119,6 +191,33 @@ def test_shipped_policy_answers_the_localization_prompt(policy):
             chain = corrupt_chain(problem, 0.5, rng)
         requests.append(LocalizationRequest(problem.question(), chain.steps))
     policy_text = TextPolicy(make_sampler(model, tokenizer))
-    answers = SelfLocalizer(LOCALIZATION_TEMPLATE, 4, 0.0).locate(requests, policy_text, rng)
+    budget = config_fields()["localization_max_tokens"]
+    answers = SelfLocalizer(LOCALIZATION_TEMPLATE, budget, 0.0).locate(requests, policy_text, rng)
     parsed = [a.index for a in answers if a.index is not None]
     assert len(parsed) >= 14 and all(1 <= i <= len(r.thoughts) for i, r in zip(parsed, requests))
+
+
+def test_shipped_policy_localizes_better_than_chance_and_below_perfect(policy):
+    """Greedy self-localization on injected failures finds the first wrong step far above chance; sampled
+    at T=1 (the trainer's setting) it is right well short of always (the tunable, imperfect localizer)."""
+    import torch
+
+    model, tokenizer = policy
+    rng = random.Random(11)
+    requests, truth = [], []
+    for problem in _problems(48, seed=12):
+        chain = corrupt_chain(problem, 0.3, rng)
+        while chain.first_wrong is None:
+            chain = corrupt_chain(problem, 0.3, rng)
+        requests.append(LocalizationRequest(problem.question(), chain.steps))
+        truth.append(chain.first_wrong)
+    chance = sum(1 / len(r.thoughts) for r in requests) / len(requests)
+    policy_text = TextPolicy(make_sampler(model, tokenizer))
+    budget = config_fields()["localization_max_tokens"]
+    hits = {}
+    for temperature in (0.0, 1.0):
+        torch.manual_seed(0)
+        answers = SelfLocalizer(LOCALIZATION_TEMPLATE, budget, temperature).locate(requests, policy_text, rng)
+        hits[temperature] = sum(a.index == t for a, t in zip(answers, truth)) / len(truth)
+    assert hits[0.0] > chance + 0.3 and hits[1.0] > chance + 0.15
+    assert hits[1.0] < 0.95

@@ -1,14 +1,18 @@
-r"""The fast testbed: a ~1M-parameter Llama that does the multi-step arithmetic task thought by thought.
+r"""The fast testbed: a 0.47M-parameter Llama that does the multi-step arithmetic task thought by thought.
 
-It is trained from scratch (`train_testbed.py`) on chains in exactly the trainer's format, with two
+It is trained from scratch (`train_testbed.py`) on 4-6 step chains in exactly the trainer's format, with
 knobs that make it a useful policy for comparing RL methods in seconds per step:
 
 * ``step_error_rate`` (p): each step of a training chain writes a wrong result with probability p,
   and later steps carry the wrong value forward. Sampled at temperature 1, the policy makes step
   errors at about that rate, so its accuracy sits well between 0 and 1 and RL can raise it.
-* ``localization_accuracy`` (q): asked the localization prompt about a failed chain, the training
-  label is the checker's first wrong step with probability q, otherwise another step uniformly.
-  Sampled at temperature 1, self-localization is a real model call, right about q of the time.
+  With ``hard_ops`` the rate depends on the step's operator (the critical-step testbed, ``policy-critical``:
+  ``*`` and ``/`` slip half the time, ``+`` and ``-`` rarely), so a problem's difficulty sits in a few steps.
+* ``localization_accuracy`` (q): asked the localization prompt about a failed chain, the policy checks
+  the steps in order (one ``"i: a op b = redone vs written ok"`` line each, see `localization_reply`) and
+  ends with ``\boxed{N}``; in training, N is the checker's first wrong step with probability q, otherwise
+  another step uniformly (the check lines agree with N). Sampled at temperature 1, self-localization is a
+  real model call, better than a random reset and short of perfect (measured by localization_quality.py).
 
 Everything else is the package's: `make_arithmetic_dataset` problems, `wrap_question` prompts,
 `localization_prompt` requests, thoughts closed by ``</thought>``, the last one boxing the answer.
@@ -17,6 +21,7 @@ Everything else is the package's: `make_arithmetic_dataset` problems, `wrap_ques
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,25 +31,34 @@ from trl_resets.tasks.arithmetic import ArithmeticProblem, apply_operation
 from trl_resets.thoughts import DEFAULT_DELIMITER, wrap_question
 
 POLICY_DIR = Path(__file__).parent / "policy"
+CRITICAL_POLICY_DIR = Path(__file__).parent / "policy-critical"
 
 # Our own short wording for a tiny model: the templates are config fields, the format is the trainer's.
 # The localization prompt leaves the question out: every injected error shows in its own step's equation.
 ROLLOUT_TEMPLATE = "Problem: {question}\nSteps, each closed by {delimiter}:\n"
-LOCALIZATION_TEMPLATE = "A wrong solution:\n{steps}\nFirst wrong step, 1 to {num_steps}?"
-# The task's size: short chains of small numbers, so a rollout is about 30 tokens.
-TASK = {"num_steps": [2, 3, 4], "max_operand": 5, "max_start": 10, "max_value": 30}
+LOCALIZATION_TEMPLATE = "A wrong solution:\n{steps}\nCheck the steps in order. First wrong step, 1 to {num_steps}?"
+# The task's size: 4-6 steps of small numbers, so a rollout is about 45 tokens and, at the policy's step
+# error rate, few rollouts from the prompt succeed (the regime resets are for).
+TASK = {"num_steps": [4, 5, 6], "max_operand": 5, "max_start": 10, "max_value": 30}
 MAX_NUMBER = 99  # largest number a chain (even a wrong one) may write; the vocabulary holds 0..MAX_NUMBER
 ERROR_DELTAS = (-4, -3, -2, -1, 1, 2, 3, 4)
 # Seeds of the problem sets: the testbed's training chains, RL prompts and held-out evaluation never share one.
 TRAIN_SEED, RL_SEED, EVAL_SEED = 1000, 2000, 3000
 
+_EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)")
 _TOKEN_PATTERN = r" ?</thought>| ?\\boxed\{| ?\d+| ?[A-Za-z]+|\n| ?[^\sA-Za-z\d]|\s"
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 
 
-def task_dataset(n: int, seed: int = RL_SEED):
-    """``n`` arithmetic problems at the testbed's size (a `make_arithmetic_dataset` dataset)."""
-    return make_arithmetic_dataset(n, seed=seed, **TASK)
+def task_dataset(n: int, seed: int = RL_SEED, num_steps=None):
+    """``n`` arithmetic problems at the testbed's size (a `make_arithmetic_dataset` dataset); ``num_steps``
+    (a list of step counts within the testbed's) picks harder or easier ones."""
+    task = dict(TASK)
+    if num_steps is not None:
+        if not set(num_steps) <= set(TASK["num_steps"]):
+            raise ValueError(f"the testbed policy knows {TASK['num_steps']}-step problems, not {num_steps}.")
+        task["num_steps"] = list(num_steps)
+    return make_arithmetic_dataset(n, seed=seed, **task)
 
 
 def rollout_prompt(question: str) -> str:
@@ -74,8 +88,12 @@ def _stays_valid(value: int, ops) -> bool:
     return 0 <= value <= MAX_NUMBER
 
 
-def corrupt_chain(problem: ArithmeticProblem, error_rate: float, rng: random.Random) -> Chain:
+def corrupt_chain(problem: ArithmeticProblem, error_rate, rng: random.Random) -> Chain:
     r"""The problem's chain with each step's result wrong with probability ``error_rate``, carried forward.
+
+    ``error_rate`` is one probability for every step, or a mapping from operator to probability (steps
+    whose operator is missing from it stay right): the critical-step testbed makes ``*`` and ``/`` slips
+    likely and ``+`` / ``-`` slips rare, so a problem's difficulty sits in a few hard steps.
 
     A wrong result is the right one plus a small nonzero delta, chosen so the rest of the chain stays in
     whole numbers from 0 to MAX_NUMBER (a step with no such delta stays right). Later steps apply their
@@ -85,7 +103,8 @@ def corrupt_chain(problem: ArithmeticProblem, error_rate: float, rng: random.Ran
     ops = list(problem.ops)
     for i, (op, operand) in enumerate(ops):
         result = apply_operation(value, op, operand)
-        if rng.random() < error_rate:
+        rate = error_rate.get(op, 0.0) if isinstance(error_rate, dict) else error_rate
+        if rng.random() < rate:
             deltas = [d for d in ERROR_DELTAS if _stays_valid(result + d, ops[i + 1:])]
             if deltas:
                 result += rng.choice(deltas)
@@ -110,8 +129,21 @@ def localization_request(question: str, steps: list[str]) -> str:
     return localization_prompt(LocalizationRequest(question, steps), LOCALIZATION_TEMPLATE)
 
 
-def localization_reply(step: int) -> str:
-    return f" \\boxed{{{step}}}"
+def localization_reply(steps: list[str], named: int) -> str:
+    r"""The testbed's answer to the localization prompt: it checks the steps in order, then names one.
+
+    One line per step up to the named one, ``"{i}: {a} {op} {b} = {right} vs {written} ok"``: the step's
+    equation redone, the result the step wrote, and a verdict (``no`` on the named step's line), then
+    ``\boxed{named}``. The model reasons before it answers, as a large model asked the localization
+    prompt does, and each verdict only compares two numbers side by side, which a tiny model learns
+    where judging a whole chain at once is beyond it.
+    """
+    lines = []
+    for i, step in enumerate(steps[:named], 1):
+        left, op, right, written = _EQUATION.match(step).groups()
+        redone = apply_operation(int(left), op, int(right))
+        lines.append(f"\n{i}: {left} {op} {right} = {redone} vs {written} {'no' if i == named else 'ok'}")
+    return "".join(lines) + f"\n\\boxed{{{named}}}"
 
 
 def make_tokenizer(texts):
@@ -159,10 +191,10 @@ def config_fields(**overrides) -> dict:
     fields = dict(
         rollout_template=ROLLOUT_TEMPLATE,
         localization_template=LOCALIZATION_TEMPLATE,
-        max_completion_length=64,
-        max_thoughts=6,
+        max_completion_length=96,
+        max_thoughts=8,
         max_thought_tokens=20,
-        localization_max_tokens=4,
+        localization_max_tokens=80,  # a check line (11 tokens) per step, then the boxed step number
         localization_temperature=1.0,
         temperature=1.0,
         top_p=1.0,
