@@ -141,12 +141,13 @@ def main():
     tokenizer = make_tokenizer(
         text for pair in zip(range(4000), examples(vocab_rng, 0.5, 0.5)) for text in pair[1]
     )
-    model = build_model(tokenizer, args.seed, args.layers, args.hidden)
     if args.init:  # go on from a saved policy (same flags otherwise; the data stream starts afresh)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.init)
         model = AutoModelForCausalLM.from_pretrained(args.init)
+    else:
+        model = build_model(tokenizer, args.seed, args.layers, args.hidden)
     print(f"testbed policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"vocabulary {len(tokenizer)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
