@@ -9,6 +9,7 @@ import yaml
 
 from trl_resets import harness
 from trl_resets.plots import plot_reset_index, plot_rewards
+from trl_resets.tasks import make_arithmetic_dataset
 
 from .conftest import make_tiny_llama
 
@@ -90,6 +91,8 @@ def test_recipes_parse_with_their_script(recipe):
         # 32 prompts per generation, optimizer steps of 8 prompts
         rows = args.per_device_train_batch_size * args.steps_per_generation
         assert rows // 8 == 32 and args.per_device_train_batch_size * args.gradient_accumulation_steps // 8 == 8
+        # a backward pass over 16 full-length rows peaked at 65.7 GiB on an H100 (benchmarks/gpu_recipe.py)
+        assert args.per_device_train_batch_size <= 4
     else:
         assert task.dataset_name is None and run.warmup and args.use_cpu
 
@@ -187,3 +190,37 @@ def test_gpu_recipe_runs_end_to_end_with_only_the_hardware_swapped(tmp_path, tin
     assert 0 < len(resets) <= 32 and {r["step"] for r in resets} <= {1, 2, 3, 4}
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 64
     assert "SRPO" in (out / "README.md").read_text()
+
+
+def _load_benchmark(name):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_recipe_stand_ins_have_the_recipe_model_shape_and_the_numina_data_shape(tmp_path, tiny_model_dir):
+    """benchmarks/gpu_recipe.py: the stand-in model has Qwen2.5-1.5B's size, the stand-in data passes the
+    recipe's source filter and boxed-answer extraction, and a built model loads as a Qwen2 causal LM."""
+    import torch
+    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+
+    gpu_recipe = _load_benchmark("gpu_recipe")
+    with torch.device("meta"):
+        full = Qwen2ForCausalLM(Qwen2Config(**gpu_recipe.SHAPES["qwen2.5-1.5b"]))
+    assert sum(p.numel() for p in full.parameters()) == 1_543_714_304  # Qwen2.5-1.5B's count
+    gpu_recipe.build_model("tiny", tiny_model_dir, tmp_path / "model", "cpu")
+    config = AutoConfig.from_pretrained(tmp_path / "model")
+    assert config.model_type == "qwen2" and config.vocab_size == 151936 and config.num_key_value_heads == 2
+    gpu_recipe.build_dataset(tmp_path / "numina", num_problems=10, other_source=3)
+    keys = yaml.safe_load((RECIPES / "srpo_qwen2.5-1.5b_numina_gpu.yaml").read_text())
+    task = harness.TaskArguments(dataset_name=str(tmp_path / "numina"), dataset_source=keys["dataset_source"],
+                                 question_column=keys["question_column"], answer_column=keys["answer_column"],
+                                 num_problems=keys["num_problems"])
+    data = harness.load_hub_problems(task)
+    expected = make_arithmetic_dataset(13, num_steps=[3, 4, 5, 6], seed=0)
+    assert len(data) == 10  # the 3 rows of another source are dropped
+    assert sorted(data["answer"]) == sorted(expected["answer"][:10])
