@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -102,9 +103,10 @@ class CountingSampler:
 
     def sample(self, contexts, start_thoughts=None, token_budgets=None):
         key = "phase1" if start_thoughts is None else "suffix"
-        start = self._probe.clock()
+        start, encoded = self._probe.clock(), getattr(self._inner, "prefill_tokens", 0)
         rollouts = self._inner.sample(contexts, start_thoughts, token_budgets)
         self._probe.add_time(f"sample_{key}", self._probe.clock() - start)
+        self._probe.add_tokens("prefill", getattr(self._inner, "prefill_tokens", 0) - encoded)
         self._probe.add_tokens(key, sum(len(r.token_ids) for r in rollouts))
         self._probe.add_tokens(f"{key}_rollouts", len(rollouts))
         return rollouts
@@ -145,6 +147,7 @@ def step_record(probe: Probe, prompts: int) -> dict:
         "localization_tokens_per_group": probe.tokens.get("localization", 0) / prompts,
         "total_tokens_per_group": (rollout_tokens + probe.tokens.get("localization", 0)) / prompts,
         "phase1_rollouts_per_group": probe.tokens.get("phase1_rollouts", 0) / prompts,
+        "prefill_tokens_per_group": probe.tokens.get("prefill", 0) / prompts,  # context tokens encoded
         "gen_tokens_per_s": rollout_tokens / sample_seconds if sample_seconds > 0 else float("nan"),
         "seconds": dict(probe.seconds),
     }
@@ -154,13 +157,15 @@ def step_record(probe: Probe, prompts: int) -> dict:
 NUMBERS = (
     "step", "generation", "localization", "update", "tokens_per_group", "phase1_tokens_per_group",
     "suffix_tokens_per_group", "localization_tokens_per_group", "total_tokens_per_group",
-    "phase1_rollouts_per_group", "gen_tokens_per_s",
+    "phase1_rollouts_per_group", "prefill_tokens_per_group", "gen_tokens_per_s",
 )
 
 
 def summarize(runs: dict[str, list[dict]], stat=statistics.median) -> dict[str, dict[str, float]]:
     """Per method, the median (or ``stat``) over its measured steps of every number in ``NUMBERS``."""
-    return {m: {k: stat([r[k] for r in records]) for k in NUMBERS} for m, records in runs.items() if records}
+    # results saved before a number existed give NaN for it
+    return {m: {k: stat([r.get(k, math.nan) for r in records]) for k in NUMBERS}
+            for m, records in runs.items() if records}
 
 
 def ratio(value: float, base: float) -> float:
@@ -195,7 +200,7 @@ def render_table(summary, ratios) -> str:
     head = (
         "| method | step s | generation s | localization s | update s | tokens/group | of which suffix "
         "| localization tokens/group | gen tok/s | wall-clock vs GRPO | tokens vs GRPO (with loc.) "
-        "| gen tok/s vs GRPO |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| gen tok/s vs GRPO | context tokens encoded/group |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for m, s in summary.items():
@@ -204,7 +209,8 @@ def render_table(summary, ratios) -> str:
             f"| {m} | {s['step']:.1f} | {s['generation']:.1f} | {s['localization']:.2f} | {s['update']:.1f} "
             f"| {s['tokens_per_group']:.0f} | {s['suffix_tokens_per_group']:.0f} "
             f"| {s['localization_tokens_per_group']:.0f} | {s['gen_tokens_per_s']:.1f} | {r['wall_clock']:.2f}x "
-            f"| {r['tokens']:.2f}x ({r['tokens_with_localization']:.2f}x) | {r['gen_throughput']:.2f}x |"
+            f"| {r['tokens']:.2f}x ({r['tokens_with_localization']:.2f}x) | {r['gen_throughput']:.2f}x "
+            f"| {s['prefill_tokens_per_group']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
 

@@ -77,9 +77,11 @@ class FakeSampler:
     def __init__(self, clock, length=5, reply=3):
         self.clock, self.length, self.reply = clock, length, reply
         self.extra = "kept"
+        self.prefill_tokens = 0
 
     def sample(self, contexts, start_thoughts=None, token_budgets=None):
         self.clock.now += 1.0
+        self.prefill_tokens += len({tuple(c) for c in contexts})  # one token per distinct context
         n = self.length if start_thoughts is None else self.length - 2
         return [Rollout(list(range(n)), [(0, n)], "eos") for _ in contexts]
 
@@ -99,6 +101,7 @@ def test_counting_sampler_splits_tokens_and_time_by_use():
     assert probe.tokens["phase1"] == 20 and probe.tokens["phase1_rollouts"] == 4
     assert probe.tokens["suffix"] == 12 and probe.tokens["suffix_rollouts"] == 4
     assert probe.tokens["localization"] == 6
+    assert probe.tokens["prefill"] == 3 + 1 + 1  # the inner sampler's count, read around each call
     assert probe.seconds["sample_phase1"] == pytest.approx(2.0)
     assert probe.seconds["sample_suffix"] == pytest.approx(1.0)
     assert probe.seconds["sample_localization"] == pytest.approx(0.25)
@@ -139,7 +142,7 @@ def _record(step, gen, loc, tokens, loc_tokens=0.0, rate=100.0):
     return {"step": step, "generation": gen, "localization": loc, "update": step - gen - loc,
             "tokens_per_group": tokens, "phase1_tokens_per_group": tokens, "suffix_tokens_per_group": 0.0,
             "localization_tokens_per_group": loc_tokens, "total_tokens_per_group": tokens + loc_tokens,
-            "phase1_rollouts_per_group": 8.0, "gen_tokens_per_s": rate}
+            "phase1_rollouts_per_group": 8.0, "prefill_tokens_per_group": 100.0, "gen_tokens_per_s": rate}
 
 
 def test_summary_takes_medians_and_ratios_divide_by_grpo():

@@ -9,7 +9,7 @@ from trl_resets.thoughts import (
     segment_thoughts, wrap_question,
 )
 
-from .conftest import ScriptedLlama
+from .conftest import ScriptedLlama, make_tiny_llama
 
 
 def _segment(tok, text, fmt, **kw):
@@ -129,3 +129,38 @@ def test_sampler_complete_stops_at_eos(char_tokenizer):
     (reply,) = sampler.complete([enc("which step?")], max_new_tokens=20, temperature=0.0)
     assert tok.decode(reply, skip_special_tokens=True) == "\\boxed{2}"
     assert sampler.complete([], 5, 0.0) == []
+
+
+def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer):
+    """Rows that repeat a context share one prefill: greedy decoding gives the same tokens as the
+    unshared path, and only the distinct contexts are encoded."""
+    import torch
+
+    tok = char_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    model = make_tiny_llama(tok, seed=3).eval()
+    fmt = ThoughtFormat(max_thought_tokens=6, max_completion_tokens=14)
+    config = GenerationConfig(do_sample=False, output_scores=True, return_dict_in_generate=False)
+    contexts = [enc("Q: 12+7?")] * 3 + [enc("Q: 3*4, then 5?")] * 2 + [enc("Q: 1?")]
+    runs = {}
+    for share in (False, True):
+        sampler = TransformersThoughtSampler(model, tok, fmt, config, [tok.eos_token_id], share_prefill=share)
+        seen = []
+        hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+        rollouts = sampler.sample(contexts)
+        hook.remove()
+        runs[share] = ([r.token_ids for r in rollouts], sampler.prefill_tokens, seen)
+    assert runs[True][0] == runs[False][0]
+    assert all(len(ids) > 0 for ids in runs[True][0])
+    # unshared: every row's context; shared: 3 distinct contexts plus each row's last context token
+    assert runs[False][1] == sum(len(c) for c in contexts)
+    distinct = {tuple(c) for c in contexts}
+    assert runs[True][1] == sum(len(c) for c in distinct) + len(contexts)
+    width = max(len(c) for c in contexts)
+    assert runs[True][2][0] == torch.Size([3, width - 1])  # one prefill row per distinct context
+    assert runs[True][2][1] == torch.Size([6, 1])  # then every row decodes from the copied cache
+
+
+def test_shared_prefill_is_off_for_collective_decoding(char_tokenizer, tiny_model):
+    sampler = TransformersThoughtSampler(tiny_model, char_tokenizer, ThoughtFormat(), collective=True)
+    assert not sampler.share_prefill  # an extra forward on some ZeRO-3 processes only would hang the others

@@ -4,6 +4,12 @@ The KV cache runs across thoughts and every cap is enforced while decoding by a 
 criterion that follows each row with a `ThoughtTracker`, so a rollout is sampled exactly as
 thought-by-thought prompting would sample it, at the cost of plain generation. Rows stop
 independently; nothing is re-encoded between thoughts.
+
+Rows that share a context (a group's rollouts of one prompt, the suffixes of one reset prefix) share
+its prefill: each distinct context is encoded once and its KV cache is copied to its rows before
+decoding, as vLLM's prefix caching does. Decoding is unchanged; only the duplicate prefill goes. (A
+model sampled in training mode with dropout, as TRL samples, draws one dropout mask for a shared
+prefill instead of one per row; every decoding step still draws its own.)
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
 
@@ -51,7 +57,9 @@ class TransformersThoughtSampler:
         eos_ids: tokens that end a rollout.
         batch_size: most rows decoded at once (``None``: all).
         collective: set when every process must run the same number of ``generate`` calls
-            (DeepSpeed ZeRO-3); an empty call then decodes one dummy token instead of skipping.
+            (DeepSpeed ZeRO-3); an empty call then decodes one dummy token instead of skipping, and
+            contexts are not deduplicated (that would add a forward pass on some processes only).
+        share_prefill: encode each distinct context once and copy its cache to the rows that repeat it.
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class TransformersThoughtSampler:
         eos_ids: list[int] | None = None,
         batch_size: int | None = None,
         collective: bool = False,
+        share_prefill: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -74,7 +83,9 @@ class TransformersThoughtSampler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.batch_size = batch_size
         self.collective = collective
+        self.share_prefill = share_prefill and not collective
         self.generated_tokens = 0
+        self.prefill_tokens = 0  # context tokens encoded (after sharing), for benchmarks
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -90,8 +101,34 @@ class TransformersThoughtSampler:
             setattr(config, key, value)
         config.pad_token_id = self.pad_id
         with torch.no_grad():
+            cache = self._shared_prefill(contexts, ids, mask) if self.share_prefill else None
+            if cache is not None:
+                overrides["past_key_values"] = cache
+            else:
+                self.prefill_tokens += sum(len(c) for c in contexts)
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **overrides)
         return out[:, ids.shape[1]:]
+
+    def _shared_prefill(self, contexts, ids: torch.Tensor, mask: torch.Tensor):
+        """The KV cache of every row's context but its last token, each distinct context encoded once.
+
+        ``generate`` then feeds only the last column. Positions follow the left padding exactly as
+        ``generate`` numbers them, so the cache equals the one the rows' own prefill would build.
+        Returns None (plain prefill) when no context repeats.
+        """
+        first: dict[tuple, int] = {}
+        rows = [first.setdefault(tuple(c), len(first)) for c in contexts]
+        if len(first) == len(contexts) or ids.shape[1] < 2:
+            return None
+        leaders = [rows.index(u) for u in range(len(first))]
+        head_ids, head_mask = ids[leaders, :-1], mask[leaders, :-1]
+        positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True)
+        cache.batch_select_indices(torch.tensor(rows, device=ids.device))
+        self.prefill_tokens += sum(len(c) for c in first) + len(contexts)
+        return cache
 
     def _dummy_call(self) -> None:
         """Keeps collective decoding in step on a process with nothing to decode."""
