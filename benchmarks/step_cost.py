@@ -466,6 +466,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine, more threads mostly wait on each "
                              "other); 0: torch's choice")
+    parser.add_argument("--no-share-prefill", dest="share_prefill", action="store_false",
+                        help="encode every row's context separately (the sampler's behaviour before prefill sharing)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="results name (default step_cost, step_cost_quick)")
     parser.add_argument("--replot", action="store_true", help="redraw the Markdown and PNG from the saved JSON")
@@ -494,6 +496,7 @@ def main():
         max_completion_length=args.tokens, max_thought_tokens=args.thought_tokens, max_thoughts=args.thoughts,
         temperature=0.7, top_p=0.95, seed_budget=4, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True, gradient_checkpointing=False,
+        share_prefill=args.share_prefill,
     )
     main_job = args.model is None and not args.quick
     if main_job:  # the model, prompts and problems `make train` trains on
@@ -538,7 +541,8 @@ def main():
     setup = f"{model_name}, " + (f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")
     setup += (f"; {args.prompts} prompt(s) x 8 rollouts per step, {args.tokens} tokens max "
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO; "
-              f"median of {args.rounds} round(s) x {args.steps} step(s)")
+              f"median of {args.rounds} round(s) x {args.steps} step(s); "
+              + ("shared prefill" if args.share_prefill else "no prefill sharing"))
     result = {
         "model": args.model, "settings": {k: v for k, v in vars(args).items() if k != "model"},
         "setup": setup, "summary": summary, "ratios_to_grpo": ratios, "targets": TARGETS,

@@ -171,3 +171,12 @@ def test_oracle_localizer_gets_the_dataset_row(tmp_path, char_tokenizer):
     trainer, logs, _ = _train(SRPOTrainer, args, char_tokenizer, localizer=OracleLocalizer(checker))
     assert seen and set(seen) == {"7"}
     assert logs[0][PREFIX + "reset_index_mean"] == 1.0 and logs[0][PREFIX + "parse_failure_rate"] == 0.0
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_share_prefill_setting_reaches_the_sampler(tmp_path, char_tokenizer, share):
+    args = _args(tmp_path, SRPOConfig, share_prefill=share)
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven, args=args,
+                          train_dataset=_dataset(), processing_class=char_tokenizer)
+    with trainer._sampler() as sampler:
+        assert sampler.share_prefill is share

@@ -44,6 +44,9 @@ class ResetConfig(GRPOConfig):
         Thoughts per rollout, a reset prefix's thoughts included.
     max_thought_tokens (`int`, defaults to `256`):
         Tokens per thought; a longer thought is cut there and the next one begins.
+    share_prefill (`bool`, defaults to `True`):
+        Without vLLM: rows with the same context (a prompt's rollouts, a reset prefix's suffixes) share one
+        prefill of it. Decoding is unchanged; `False` encodes each row's context separately.
     rollout_template (`str` or `None`, defaults to the package's thought-by-thought instruction):
         Wraps each question; placeholders `{question}` and `{delimiter}`. `None` uses the dataset's prompts as
         they are (for prompts that already carry the instruction).
@@ -87,6 +90,9 @@ class ResetConfig(GRPOConfig):
     )
     max_thoughts: int = field(default=20, metadata={"help": "Thoughts per rollout, prefix included."})
     max_thought_tokens: int = field(default=256, metadata={"help": "Tokens per thought."})
+    share_prefill: bool = field(
+        default=True, metadata={"help": "Without vLLM: encode a context shared by several rows once."}
+    )
     rollout_template: str | None = field(
         default=DEFAULT_ROLLOUT_TEMPLATE,
         metadata={"help": "Wraps each question; placeholders {question} and {delimiter}. None: prompts as given."},

@@ -263,6 +263,7 @@ class ResetTrainer(GRPOTrainer):
                 generation_config=self.generation_config,
                 eos_ids=list(self.eos_token_ids),
                 collective=zero3,
+                share_prefill=self.args.share_prefill,
             )
 
     def _describe(self, rollout: Rollout) -> list[str]:
