@@ -192,23 +192,14 @@ def test_gpu_recipe_runs_end_to_end_with_only_the_hardware_swapped(tmp_path, tin
     assert "SRPO" in (out / "README.md").read_text()
 
 
-def _load_benchmark(name):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_recipe_stand_ins_have_the_recipe_model_shape_and_the_numina_data_shape(tmp_path, tiny_model_dir):
     """benchmarks/gpu_recipe.py: the stand-in model has Qwen2.5-1.5B's size, the stand-in data passes the
     recipe's source filter and boxed-answer extraction, and a built model loads as a Qwen2 causal LM."""
     import torch
     from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
-    gpu_recipe = _load_benchmark("gpu_recipe")
+    from benchmarks import gpu_recipe
+
     with torch.device("meta"):
         full = Qwen2ForCausalLM(Qwen2Config(**gpu_recipe.SHAPES["qwen2.5-1.5b"]))
     assert sum(p.numel() for p in full.parameters()) == 1_543_714_304  # Qwen2.5-1.5B's count

@@ -140,7 +140,7 @@ def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     model = make_tiny_llama(tok, seed=3).eval()
     fmt = ThoughtFormat(max_thought_tokens=6, max_completion_tokens=14)
-    config = GenerationConfig(do_sample=False, output_scores=True, return_dict_in_generate=False)
+    config = GenerationConfig(do_sample=False)
     contexts = [enc("Q: 12+7?")] * 3 + [enc("Q: 3*4, then 5?")] * 2 + [enc("Q: 1?")]
     runs = {}
     for share in (False, True):

@@ -116,18 +116,23 @@ class TransformersThoughtSampler:
         ``generate`` numbers them, so the cache equals the one the rows' own prefill would build.
         Returns None (plain prefill) when no context repeats.
         """
-        first: dict[tuple, int] = {}
-        rows = [first.setdefault(tuple(c), len(first)) for c in contexts]
-        if len(first) == len(contexts) or ids.shape[1] < 2:
+        group_of: dict[tuple, int] = {}  # context -> its group; leaders[g]: the first row of group g
+        rows, leaders = [], []
+        for i, context in enumerate(contexts):
+            key = tuple(context)
+            if key not in group_of:
+                group_of[key] = len(leaders)
+                leaders.append(i)
+            rows.append(group_of[key])
+        if len(leaders) == len(contexts) or ids.shape[1] < 2:
             return None
-        leaders = [rows.index(u) for u in range(len(first))]
         head_ids, head_mask = ids[leaders, :-1], mask[leaders, :-1]
         positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions, past_key_values=cache,
                    use_cache=True)
         cache.batch_select_indices(torch.tensor(rows, device=ids.device))
-        self.prefill_tokens += sum(len(c) for c in first) + len(contexts)
+        self.prefill_tokens += sum(len(contexts[i]) for i in leaders) + len(contexts)
         return cache
 
     def _dummy_call(self) -> None:
