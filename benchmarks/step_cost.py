@@ -104,9 +104,11 @@ class CountingSampler:
     def sample(self, contexts, start_thoughts=None, token_budgets=None):
         key = "phase1" if start_thoughts is None else "suffix"
         start, encoded = self._probe.clock(), getattr(self._inner, "prefill_tokens", 0)
+        computed = getattr(self._inner, "row_steps", 0)
         rollouts = self._inner.sample(contexts, start_thoughts, token_budgets)
         self._probe.add_time(f"sample_{key}", self._probe.clock() - start)
         self._probe.add_tokens("prefill", getattr(self._inner, "prefill_tokens", 0) - encoded)
+        self._probe.add_tokens("row_steps", getattr(self._inner, "row_steps", 0) - computed)
         self._probe.add_tokens(key, sum(len(r.token_ids) for r in rollouts))
         self._probe.add_tokens(f"{key}_rollouts", len(rollouts))
         return rollouts
@@ -148,6 +150,8 @@ def step_record(probe: Probe, prompts: int) -> dict:
         "total_tokens_per_group": (rollout_tokens + probe.tokens.get("localization", 0)) / prompts,
         "phase1_rollouts_per_group": probe.tokens.get("phase1_rollouts", 0) / prompts,
         "prefill_tokens_per_group": probe.tokens.get("prefill", 0) / prompts,  # context tokens encoded
+        # rows the model computed over all rollout decoding steps (finished rows included when not compacted)
+        "row_steps_per_group": probe.tokens.get("row_steps", 0) / prompts,
         "gen_tokens_per_s": rollout_tokens / sample_seconds if sample_seconds > 0 else float("nan"),
         "seconds": dict(probe.seconds),
     }
@@ -157,7 +161,7 @@ def step_record(probe: Probe, prompts: int) -> dict:
 NUMBERS = (
     "step", "generation", "localization", "update", "tokens_per_group", "phase1_tokens_per_group",
     "suffix_tokens_per_group", "localization_tokens_per_group", "total_tokens_per_group",
-    "phase1_rollouts_per_group", "prefill_tokens_per_group", "gen_tokens_per_s",
+    "phase1_rollouts_per_group", "prefill_tokens_per_group", "row_steps_per_group", "gen_tokens_per_s",
 )
 
 
@@ -200,7 +204,8 @@ def render_table(summary, ratios) -> str:
     head = (
         "| method | step s | generation s | localization s | update s | tokens/group | of which suffix "
         "| localization tokens/group | gen tok/s | wall-clock vs GRPO | tokens vs GRPO (with loc.) "
-        "| gen tok/s vs GRPO | context tokens encoded/group |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| gen tok/s vs GRPO | context tokens encoded/group | rows x decoding steps/group |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for m, s in summary.items():
@@ -210,7 +215,7 @@ def render_table(summary, ratios) -> str:
             f"| {s['tokens_per_group']:.0f} | {s['suffix_tokens_per_group']:.0f} "
             f"| {s['localization_tokens_per_group']:.0f} | {s['gen_tokens_per_s']:.1f} | {r['wall_clock']:.2f}x "
             f"| {r['tokens']:.2f}x ({r['tokens_with_localization']:.2f}x) | {r['gen_throughput']:.2f}x "
-            f"| {s['prefill_tokens_per_group']:.0f} |"
+            f"| {s['prefill_tokens_per_group']:.0f} | {s.get('row_steps_per_group', float('nan')):.0f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -466,6 +471,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine, more threads mostly wait on each "
                              "other); 0: torch's choice")
+    parser.add_argument("--no-compact", dest="compact", action="store_false",
+                        help="decode with transformers' generate, which computes stopped rows until the batch ends "
+                             "(the sampler's behaviour before compact decoding)")
     parser.add_argument("--no-share-prefill", dest="share_prefill", action="store_false",
                         help="encode every row's context separately (the sampler's behaviour before prefill sharing)")
     parser.add_argument("--quick", action="store_true")
@@ -496,7 +504,7 @@ def main():
         max_completion_length=args.tokens, max_thought_tokens=args.thought_tokens, max_thoughts=args.thoughts,
         temperature=0.7, top_p=0.95, seed_budget=4, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True, gradient_checkpointing=False,
-        share_prefill=args.share_prefill,
+        share_prefill=args.share_prefill, compact_decoding=args.compact,
     )
     main_job = args.model is None and not args.quick
     if main_job:  # the model, prompts and problems `make train` trains on
@@ -542,7 +550,8 @@ def main():
     setup += (f"; {args.prompts} prompt(s) x 8 rollouts per step, {args.tokens} tokens max "
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO; "
               f"median of {args.rounds} round(s) x {args.steps} step(s); "
-              + ("shared prefill" if args.share_prefill else "no prefill sharing"))
+              + ("shared prefill" if args.share_prefill else "no prefill sharing")
+              + ("; compact decoding" if args.compact else "; generate (no compaction)"))
     result = {
         "model": args.model, "settings": {k: v for k, v in vars(args).items() if k != "model"},
         "setup": setup, "summary": summary, "ratios_to_grpo": ratios, "targets": TARGETS,

@@ -81,11 +81,20 @@ class ScriptedLlama:
                 if before == 0:
                     self._width = input_ids.shape[1]
                     self._rows = input_ids.shape[0]
+                    self._row_ids = list(range(input_ids.shape[0]))
+                    if past_key_values is not None:  # follow rows the sampler drops or copies in the cache
+                        select = past_key_values.batch_select_indices
+
+                        def follow(indices, select=select):
+                            self._row_ids = [self._row_ids[i] for i in indices.tolist()]
+                            select(indices)
+
+                        past_key_values.batch_select_indices = follow
                 out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
                 step = out.past_key_values.get_seq_length() - self._width
                 logits = torch.full_like(out.logits[:, -1:, :], -1e4)
                 for row in range(input_ids.shape[0]):
-                    script = self.scripts[row % len(self.scripts)]
+                    script = self.scripts[self._row_ids[row] % len(self.scripts)]
                     token = script[step] if step < len(script) else self.config.eos_token_id
                     logits[row, 0, token] = 1e4
                 out.logits = logits

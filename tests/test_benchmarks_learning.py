@@ -65,7 +65,7 @@ def test_one_oracle_srpo_step_on_the_testbed_counts_tokens_and_evaluates():
     from benchmarks.testbed import EVAL_SEED, POLICY_DIR, task_dataset
 
     opts = SimpleNamespace(policy=str(POLICY_DIR), prompts_per_step=1, steps=1, lr=3e-4, eval_every=1,
-                           eval_samples=1, train_prompts=4, num_steps=None)
+                           eval_samples=1, train_prompts=4, num_steps=None, task=None)
     record = train_one("SRPO-oracle", 0, opts, task_dataset(4, seed=EVAL_SEED), {"accuracy": 0.25})
     assert record["steps"] == [0, 1] and record["accuracy"][0] == 0.25 and 0.0 <= record["accuracy"][1] <= 1.0
     # 5 phase-1 rollouts (G1 + k) at least, then 4 suffixes when a seed was found: far more than 20 tokens

@@ -107,6 +107,24 @@ def test_task_dataset_picks_step_counts_within_the_testbeds():
         task_dataset(3, num_steps=[9])
 
 
+def test_a_policy_carries_its_task_and_the_caps_follow_its_longest_chain(tmp_path):
+    import json
+
+    from benchmarks.testbed import POLICY_DIR, policy_task
+
+    assert policy_task(POLICY_DIR) == TASK  # the shipped policies were trained on the default task
+    assert policy_task(tmp_path) == TASK  # a folder without testbed.json: the default
+    long_task = {**TASK, "num_steps": [8, 9, 10]}
+    (tmp_path / "testbed.json").write_text(json.dumps({"task": long_task}))
+    assert policy_task(tmp_path) == long_task
+    assert set(task_dataset(40, task=long_task)["num_steps"]) == {8, 9, 10}
+    with pytest.raises(ValueError, match="knows"):
+        task_dataset(3, num_steps=[11], task=long_task)
+    short, long = config_fields(), config_fields(long_task)
+    assert (short["max_completion_length"], short["max_thoughts"], short["localization_max_tokens"]) == (96, 8, 80)
+    assert (long["max_completion_length"], long["max_thoughts"], long["localization_max_tokens"]) == (160, 12, 128)
+
+
 def test_tokenizer_round_trips_the_trainer_formats():
     rng = random.Random(3)
     problem = _problems(1)[0]

@@ -88,23 +88,28 @@ def test_template_errors_are_clear():
         wrap_question("q", "{problem}")
 
 
-def _sampler(tok, scripts, fmt):
+def _sampler(tok, scripts, fmt, compact=True):
     model = ScriptedLlama.build(tok, scripts)
-    return TransformersThoughtSampler(model, tok, fmt, GenerationConfig(do_sample=False), [tok.eos_token_id])
+    return TransformersThoughtSampler(model, tok, fmt, GenerationConfig(do_sample=False), [tok.eos_token_id],
+                                      compact=compact)
 
 
-def test_sampler_decodes_each_rollout_in_one_pass_with_caps(char_tokenizer):
+@pytest.mark.parametrize("compact", [True, False])
+def test_sampler_decodes_each_rollout_in_one_pass_with_caps(char_tokenizer, compact):
     tok = char_tokenizer
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     scripts = [enc("a</thought>b</thought>\\boxed{1}</thought>zzz"), enc("abcdefghij" * 5)]
     fmt = ThoughtFormat(max_thought_tokens=20, max_completion_tokens=60)
-    sampler = _sampler(tok, scripts, fmt)
-    calls = []
+    sampler = _sampler(tok, scripts, fmt, compact)
+    calls, widths = [], []
     original = sampler.model.generate
     sampler.model.generate = lambda *a, **k: calls.append(1) or original(*a, **k)
+    hook = sampler.model.model.embed_tokens.register_forward_hook(lambda m, a, out: widths.append(a[0].shape[1]))
     prompts = [enc("Q1:"), enc("Question 2:")]
     rollouts = sampler.sample(prompts)
-    assert len(calls) == 1  # one decoding pass for the whole batch, not one per thought
+    hook.remove()
+    # one decoding pass for the whole batch, not one per thought: a single prefill, then one token per step
+    assert len(calls) == (0 if compact else 1) and sum(w > 1 for w in widths) == 1
     first, second = rollouts
     assert tok.decode(first.token_ids) == "a</thought>b</thought>\\boxed{1}</thought>"
     assert first.stop_reason == STOP_ANSWER and first.num_thoughts == 3
@@ -131,7 +136,8 @@ def test_sampler_complete_stops_at_eos(char_tokenizer):
     assert sampler.complete([], 5, 0.0) == []
 
 
-def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer):
+@pytest.mark.parametrize("compact", [True, False])
+def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer, compact):
     """Rows that repeat a context share one prefill: greedy decoding gives the same tokens as the
     unshared path, and only the distinct contexts are encoded."""
     import torch
@@ -144,7 +150,8 @@ def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer
     contexts = [enc("Q: 12+7?")] * 3 + [enc("Q: 3*4, then 5?")] * 2 + [enc("Q: 1?")]
     runs = {}
     for share in (False, True):
-        sampler = TransformersThoughtSampler(model, tok, fmt, config, [tok.eos_token_id], share_prefill=share)
+        sampler = TransformersThoughtSampler(model, tok, fmt, config, [tok.eos_token_id], share_prefill=share,
+                                             compact=compact)
         seen = []
         hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
         rollouts = sampler.sample(contexts)
@@ -152,15 +159,132 @@ def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer
         runs[share] = ([r.token_ids for r in rollouts], sampler.prefill_tokens, seen)
     assert runs[True][0] == runs[False][0]
     assert all(len(ids) > 0 for ids in runs[True][0])
-    # unshared: every row's context; shared: 3 distinct contexts plus each row's last context token
-    assert runs[False][1] == sum(len(c) for c in contexts)
+    assert runs[False][1] == sum(len(c) for c in contexts)  # unshared: every row's context
     distinct = {tuple(c) for c in contexts}
-    assert runs[True][1] == sum(len(c) for c in distinct) + len(contexts)
     width = max(len(c) for c in contexts)
-    assert runs[True][2][0] == torch.Size([3, width - 1])  # one prefill row per distinct context
-    assert runs[True][2][1] == torch.Size([6, 1])  # then every row decodes from the copied cache
+    if compact:  # the 3 distinct contexts, whole; every row decodes from the copied cache
+        assert runs[True][1] == sum(len(c) for c in distinct)
+        assert runs[True][2][0] == torch.Size([3, width]) and runs[True][2][1] == torch.Size([6, 1])
+    else:  # generate feeds each row's last context token itself
+        assert runs[True][1] == sum(len(c) for c in distinct) + len(contexts)
+        assert runs[True][2][0] == torch.Size([3, width - 1]) and runs[True][2][1] == torch.Size([6, 1])
 
 
 def test_shared_prefill_is_off_for_collective_decoding(char_tokenizer, tiny_model):
     sampler = TransformersThoughtSampler(tiny_model, char_tokenizer, ThoughtFormat(), collective=True)
     assert not sampler.share_prefill  # an extra forward on some ZeRO-3 processes only would hang the others
+
+
+def _compare_backends(model, tok, contexts, config, fmt, seed=0, **kwargs):
+    import torch
+
+    out = {}
+    for compact in (True, False):
+        sampler = TransformersThoughtSampler(model, tok, fmt, config, [tok.eos_token_id], compact=compact, **kwargs)
+        torch.manual_seed(seed)
+        out[compact] = (sampler.sample(contexts), sampler)
+    return out
+
+
+def test_compact_decoding_draws_what_generate_draws_while_every_row_runs(char_tokenizer):
+    """Same processors (temperature, top-k, top-p), same draws: with the same seed and no row stopping early,
+    the compact loop samples exactly the tokens generate samples."""
+    tok = char_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    model = make_tiny_llama(tok, seed=5).eval()
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=30, top_p=0.9)
+    fmt = ThoughtFormat(max_thoughts=50, max_thought_tokens=50, max_completion_tokens=12)
+    contexts = [enc("Q: 12+7?"), enc("Q: 3*4, then 5?"), enc("Q: 1?"), enc("Q: 1?")]
+    runs = _compare_backends(model, tok, contexts, config, fmt, seed=12)
+    compact, plain = runs[True][0], runs[False][0]
+    assert all(r.stop_reason == STOP_MAX_TOKENS for r in compact)  # no row stopped early (so no compaction)
+    assert [r.token_ids for r in compact] == [r.token_ids for r in plain]
+    assert len({tuple(r.token_ids) for r in compact}) > 1  # sampled, not one greedy path
+
+
+def test_compact_decoding_drops_stopped_rows_and_keeps_each_rows_tokens(char_tokenizer):
+    """Rows stop at different steps (answer, thought cap, budget, EOS): greedy rollouts are identical to
+    generate's, in the callers' order, and the model computes only the rows still running."""
+    tok = char_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    scripts = [enc("a</thought>\\boxed{1}</thought>"), enc("abcdefghij" * 5), enc("x</thought>y</thought>z"),
+               enc("a</thought>b</thought>c</thought>d</thought>e</thought>")]
+    fmt = ThoughtFormat(max_thoughts=4, max_thought_tokens=12, max_completion_tokens=40)
+    model = ScriptedLlama.build(tok, scripts)
+    contexts = [enc("Q1:"), enc("Question 2:"), enc("Q3"), enc("Q4: go")]
+    runs = _compare_backends(model, tok, contexts, GenerationConfig(do_sample=False), fmt, share_prefill=False)
+    (compact, fast), (plain, slow) = runs[True], runs[False]
+    assert [(r.token_ids, r.thought_spans, r.stop_reason) for r in compact] == [
+        (r.token_ids, r.thought_spans, r.stop_reason) for r in plain]
+    assert len({r.stop_reason for r in compact}) >= 3
+    lengths = [len(r.token_ids) for r in compact]
+    assert fast.row_steps == sum(lengths)  # one row-step per token drawn
+    assert slow.row_steps == len(contexts) * max(lengths)  # generate runs every row to the longest
+
+
+def test_compact_decoding_falls_back_to_generate_for_row_state_processors(char_tokenizer):
+    tok = char_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    model = make_tiny_llama(tok, seed=5).eval()
+    config = GenerationConfig(do_sample=False, repetition_penalty=1.3)
+    fmt = ThoughtFormat(max_completion_tokens=10)
+    with pytest.warns(UserWarning, match="RepetitionPenalty"):
+        runs = _compare_backends(model, tok, [enc("Q: 1?"), enc("Q: 22+3?")], config, fmt)
+    (compact, fast), (plain, _) = runs[True], runs[False]
+    assert fast.generate_calls == 1 and [r.token_ids for r in compact] == [r.token_ids for r in plain]
+
+
+def _lora_model(tok, **lora):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_llama(tok, seed=4), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"], **lora))
+    with torch.no_grad():  # a trained-looking adapter: B is zero at initialisation
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_sampling_weights_merge_the_adapter_exactly_and_restore_the_base_weights(char_tokenizer):
+    import torch
+
+    from trl_resets.sampling import sampling_weights
+
+    tok = char_tokenizer
+    model = _lora_model(tok).train()
+    ids = torch.tensor([tok("Q: 12+7?", add_special_tokens=False)["input_ids"]])
+    bases = {n: p for n, p in model.named_parameters() if "base_layer.weight" in n}
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in bases.items()}
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+    model.train()
+    with sampling_weights(model) as merged, torch.no_grad():
+        assert merged and not model.training  # eval mode: no LoRA dropout while sampling
+        assert any(not torch.equal(p, before[n][1]) for n, p in bases.items())  # weights swapped for W + BA
+        logits = model(input_ids=ids).logits
+    assert torch.allclose(logits, unmerged, atol=1e-5)  # what the unmerged adapter computes
+    assert not torch.allclose(logits, make_tiny_llama(tok, seed=4).eval()(input_ids=ids).logits, atol=1e-3)
+    assert model.training  # mode restored
+    for n, p in bases.items():  # the very same tensors, bit for bit: no unmerge arithmetic
+        assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, unmerged)  # the adapter is live again
+
+
+def test_sampling_weights_sample_unmerged_when_an_exact_merge_is_not_possible(char_tokenizer):
+    from trl_resets.sampling import sampling_weights
+
+    model = _lora_model(char_tokenizer, use_dora=True).train()
+    with pytest.warns(UserWarning, match="DoRA"), sampling_weights(model) as merged:
+        assert not merged and not model.training
+    assert model.training
+    plain = make_tiny_llama(char_tokenizer).train()
+    with sampling_weights(plain) as merged:  # no adapter: eval mode only, no warning
+        assert not merged and not plain.training
+    with sampling_weights(_lora_model(char_tokenizer), merge=False) as merged:
+        assert not merged
+    assert plain.training

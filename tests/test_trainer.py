@@ -173,10 +173,42 @@ def test_oracle_localizer_gets_the_dataset_row(tmp_path, char_tokenizer):
     assert logs[0][PREFIX + "reset_index_mean"] == 1.0 and logs[0][PREFIX + "parse_failure_rate"] == 0.0
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_share_prefill_setting_reaches_the_sampler(tmp_path, char_tokenizer, share):
-    args = _args(tmp_path, SRPOConfig, share_prefill=share)
+@pytest.mark.parametrize("share,compact", [(True, True), (False, False), (True, False)])
+def test_sampler_settings_reach_the_sampler(tmp_path, char_tokenizer, share, compact):
+    args = _args(tmp_path, SRPOConfig, share_prefill=share, compact_decoding=compact)
     trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven, args=args,
                           train_dataset=_dataset(), processing_class=char_tokenizer)
     with trainer._sampler() as sampler:
-        assert sampler.share_prefill is share
+        assert sampler.share_prefill is share and sampler.compact is compact
+
+
+def test_lora_policy_samples_merged_and_its_base_weights_come_back_untouched(tmp_path, char_tokenizer):
+    """With a LoRA adapter the sampler runs on merged weights; after training, only the adapter has moved."""
+    from peft import LoraConfig
+
+    from trl_resets.sampling import transformers_backend
+
+    merges = []
+    original = transformers_backend._mergeable_lora_layers
+
+    def counting(model):
+        layers, reason = original(model)
+        merges.append(bool(layers))
+        return layers, reason
+
+    transformers_backend._mergeable_lora_layers = counting
+    try:
+        args = _args(tmp_path, SRPOConfig)
+        trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven, args=args,
+                              train_dataset=_dataset(), processing_class=char_tokenizer,
+                              peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                     target_modules=["q_proj", "v_proj"]))
+        base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+        adapter = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+        trainer.train()
+    finally:
+        transformers_backend._mergeable_lora_layers = original
+    assert merges and all(merges)  # every sampling round ran on merged weights
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in base.items())
+    assert any(not torch.equal(params[n], p) for n, p in adapter.items())

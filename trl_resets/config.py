@@ -47,6 +47,16 @@ class ResetConfig(GRPOConfig):
     share_prefill (`bool`, defaults to `True`):
         Without vLLM: rows with the same context (a prompt's rollouts, a reset prefix's suffixes) share one
         prefill of it. Decoding is unchanged; `False` encodes each row's context separately.
+    compact_decoding (`bool`, defaults to `True`):
+        Without vLLM: decode with the sampler's own loop, which drops each rollout from the batch (and the KV
+        cache) as soon as it stops, so the work follows the tokens drawn; `False` uses transformers'
+        `generate`, which computes every row until the batch's longest ends. Same logits processors and
+        draws; configs with per-row processors (repetition penalty, minimum lengths) use `generate`.
+    merge_adapter_for_sampling (`bool`, defaults to `True`):
+        Without vLLM: sample from the policy in eval mode (no dropout, as vLLM samples) with its LoRA adapters
+        merged into the base weights, one matmul per layer instead of three. The base weights are restored bit
+        for bit after sampling. Adapters that cannot be merged exactly (DoRA, quantized or tied base weights)
+        are sampled unmerged, with a warning; off under ZeRO-3 and FSDP, whose weights are sharded.
     rollout_template (`str` or `None`, defaults to the package's thought-by-thought instruction):
         Wraps each question; placeholders `{question}` and `{delimiter}`. `None` uses the dataset's prompts as
         they are (for prompts that already carry the instruction).
@@ -92,6 +102,12 @@ class ResetConfig(GRPOConfig):
     max_thought_tokens: int = field(default=256, metadata={"help": "Tokens per thought."})
     share_prefill: bool = field(
         default=True, metadata={"help": "Without vLLM: encode a context shared by several rows once."}
+    )
+    compact_decoding: bool = field(
+        default=True, metadata={"help": "Without vLLM: drop stopped rollouts from the decoding batch at once."}
+    )
+    merge_adapter_for_sampling: bool = field(
+        default=True, metadata={"help": "Without vLLM: sample in eval mode with LoRA adapters merged (exact restore)."}
     )
     rollout_template: str | None = field(
         default=DEFAULT_ROLLOUT_TEMPLATE,

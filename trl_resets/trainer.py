@@ -34,7 +34,7 @@ from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
 from .loss import reset_pg_loss
 from .resets import PromptGroups, ResetAlgorithm, Split
-from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled
+from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
@@ -255,6 +255,8 @@ class ResetTrainer(GRPOTrainer):
             ) as model,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            sampling_weights(model, merge=self.args.merge_adapter_for_sampling and not zero3
+                             and not self.is_fsdp_enabled),
         ):
             yield TransformersThoughtSampler(
                 model,
@@ -264,6 +266,7 @@ class ResetTrainer(GRPOTrainer):
                 eos_ids=list(self.eos_token_ids),
                 collective=zero3,
                 share_prefill=self.args.share_prefill,
+                compact=self.args.compact_decoding,
             )
 
     def _describe(self, rollout: Rollout) -> list[str]:
