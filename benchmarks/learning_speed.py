@@ -38,6 +38,7 @@ from benchmarks.testbed import (  # noqa: E402
     config_fields,
     evaluate,
     load_policy,
+    policy_task,
     quiet,
     task_dataset,
 )
@@ -118,7 +119,7 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
         output_dir=out_dir, per_device_train_batch_size=8 * opts.prompts_per_step, max_steps=opts.steps,
         learning_rate=opts.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0, seed=seed,
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True,
-        seed_budget=8, **config_fields(), **overrides,
+        seed_budget=8, **config_fields(opts.task), **overrides,
     )
     record = {"steps": [0], "accuracy": [start_eval["accuracy"]], "tokens": [0], "seconds": [0.0]}
     eval_seconds = [0.0]
@@ -127,7 +128,8 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
         def on_step_end(self, _args, state, control, **kwargs):
             if state.global_step % opts.eval_every == 0 or state.global_step == opts.steps:
                 tic = time.perf_counter()
-                result = evaluate(trainer.model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED)
+                result = evaluate(trainer.model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED,
+                                  fields=config_fields(opts.task))
                 record["steps"].append(state.global_step)
                 record["accuracy"].append(result["accuracy"])
                 record["tokens"].append(trainer.generated_tokens)
@@ -136,7 +138,8 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
 
     trainer = _trainer_class(kind)(
         model=model, reward_funcs=boxed_answer_reward, args=args, processing_class=tokenizer,
-        train_dataset=task_dataset(opts.train_prompts, seed=RL_SEED, num_steps=opts.num_steps), callbacks=[Evaluate()],
+        train_dataset=task_dataset(opts.train_prompts, seed=RL_SEED, num_steps=opts.num_steps, task=opts.task),
+        callbacks=[Evaluate()],
     )
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the benchmark prints its own lines
     start = time.perf_counter()
@@ -247,12 +250,14 @@ def main():
         from benchmarks.testbed import POLICY_DIR
 
         opts.policy = str(POLICY_DIR)
+    opts.task = policy_task(opts.policy)
     torch.set_num_threads(opts.threads)
     quiet()
     wall = time.perf_counter()
-    eval_set = task_dataset(opts.eval_problems, seed=EVAL_SEED, num_steps=opts.num_steps)
+    eval_set = task_dataset(opts.eval_problems, seed=EVAL_SEED, num_steps=opts.num_steps, task=opts.task)
     model, tokenizer = load_policy(opts.policy)
-    start_eval = evaluate(model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED)
+    start_eval = evaluate(model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED,
+                          fields=config_fields(opts.task))
     print(f"testbed start accuracy {start_eval['accuracy']:.3f} ({opts.eval_problems} problems x "
           f"{opts.eval_samples} samples)", flush=True)
 

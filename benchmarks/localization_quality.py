@@ -40,6 +40,7 @@ from benchmarks.testbed import (  # noqa: E402
     config_fields,
     load_policy,
     make_sampler,
+    policy_task,
     quiet,
     rollout_prompt,
     task_dataset,
@@ -92,9 +93,10 @@ def correction_by_deviation(records: list[dict], key: str) -> dict[int, float]:
 def collect(opts) -> tuple[list[dict], dict]:
     """Seeds, their reset indices under each localizer, and the success of their suffix groups."""
     model, tokenizer = load_policy(opts.policy)
-    sampler = make_sampler(model, tokenizer)
-    fields = config_fields()
-    dataset = task_dataset(opts.problems, seed=EVAL_SEED)
+    task = policy_task(opts.policy)
+    fields = config_fields(task)
+    sampler = make_sampler(model, tokenizer, fields=fields)
+    dataset = task_dataset(opts.problems, seed=EVAL_SEED, task=task)
     rows = [dict(zip(dataset.column_names, values)) for values in zip(*dataset.to_dict().values())]
     rng = random.Random(opts.seed)
     torch.manual_seed(opts.seed)
@@ -110,7 +112,7 @@ def collect(opts) -> tuple[list[dict], dict]:
     seeds = [(owners[j], contexts[j], rollouts[j]) for j, r in enumerate(rewards) if r < 1.0]
     stats = {"rollouts": len(rollouts), "accuracy": sum(rewards) / len(rewards), "seeds": len(seeds)}
 
-    requests = [LocalizationRequest(rows[i]["prompt"], thoughts_of(ro, tokenizer), rows[i]) for i, _, ro in seeds]
+    requests = [LocalizationRequest(rows[i]["prompt"], thoughts_of(ro, tokenizer, fields), rows[i]) for i, _, ro in seeds]
     temperature = fields["localization_temperature"] if opts.temperature is None else opts.temperature
     self_loc = SelfLocalizer(LOCALIZATION_TEMPLATE, fields["localization_max_tokens"], temperature)
     answers = {

@@ -50,13 +50,23 @@ _TOKEN_PATTERN = r" ?</thought>| ?\\boxed\{| ?\d+| ?[A-Za-z]+|\n| ?[^\sA-Za-z\d]
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 
 
-def task_dataset(n: int, seed: int = RL_SEED, num_steps=None):
+def policy_task(path: str | Path = POLICY_DIR) -> dict:
+    """The task a testbed policy was trained on (the ``task`` of its ``testbed.json``; TASK if it has none)."""
+    import json
+
+    settings = Path(path) / "testbed.json"
+    task = json.loads(settings.read_text()).get("task") if settings.exists() else None
+    return dict(task or TASK)
+
+
+def task_dataset(n: int, seed: int = RL_SEED, num_steps=None, task: dict | None = None):
     """``n`` arithmetic problems at the testbed's size (a `make_arithmetic_dataset` dataset); ``num_steps``
-    (a list of step counts within the testbed's) picks harder or easier ones."""
-    task = dict(TASK)
+    (a list of step counts within the testbed's) picks harder or easier ones. ``task``: the policy's task
+    (`policy_task`), TASK by default."""
+    task = dict(task or TASK)
     if num_steps is not None:
-        if not set(num_steps) <= set(TASK["num_steps"]):
-            raise ValueError(f"the testbed policy knows {TASK['num_steps']}-step problems, not {num_steps}.")
+        if not set(num_steps) <= set(task["num_steps"]):
+            raise ValueError(f"the testbed policy knows {task['num_steps']}-step problems, not {num_steps}.")
         task["num_steps"] = list(num_steps)
     return make_arithmetic_dataset(n, seed=seed, **task)
 
@@ -186,15 +196,20 @@ def load_policy(path: str | Path = POLICY_DIR):
     return model, tokenizer
 
 
-def config_fields(**overrides) -> dict:
-    """ResetConfig fields that fit the testbed (templates, caps, sampling at temperature 1)."""
+def config_fields(task: dict | None = None, **overrides) -> dict:
+    """ResetConfig fields that fit the testbed (templates, caps, sampling at temperature 1).
+
+    The caps follow the task's longest chain (``task``: `policy_task`, TASK by default): 16 tokens and one
+    thought per step with two to spare, and a check line (11 tokens) per step for the localization reply.
+    """
+    longest = max((task or TASK)["num_steps"])
     fields = dict(
         rollout_template=ROLLOUT_TEMPLATE,
         localization_template=LOCALIZATION_TEMPLATE,
-        max_completion_length=96,
-        max_thoughts=8,
+        max_completion_length=16 * longest,
+        max_thoughts=longest + 2,
         max_thought_tokens=20,
-        localization_max_tokens=80,  # a check line (11 tokens) per step, then the boxed step number
+        localization_max_tokens=12 * longest + 8,  # the check lines, then the boxed step number
         localization_temperature=1.0,
         temperature=1.0,
         top_p=1.0,
@@ -213,15 +228,16 @@ def thought_format(fields: dict | None = None):
                          max_completion_tokens=fields["max_completion_length"])
 
 
-def make_sampler(model, tokenizer, temperature: float = 1.0):
-    """A TransformersThoughtSampler over the testbed at the trainer's sampling settings."""
+def make_sampler(model, tokenizer, temperature: float = 1.0, fields: dict | None = None):
+    """A TransformersThoughtSampler over the testbed at the trainer's sampling settings (``fields``:
+    `config_fields` of the policy's task, the default task's if None)."""
     from transformers import GenerationConfig
 
     from trl_resets.sampling import TransformersThoughtSampler
 
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
                               pad_token_id=tokenizer.pad_token_id)
-    return TransformersThoughtSampler(model, tokenizer, thought_format(), config)
+    return TransformersThoughtSampler(model, tokenizer, thought_format(fields), config)
 
 
 class TextPolicy:
@@ -237,17 +253,19 @@ class TextPolicy:
         return [(tokenizer.decode(r, skip_special_tokens=True), len(r)) for r in replies]
 
 
-def thoughts_of(rollout, tokenizer) -> list[str]:
+def thoughts_of(rollout, tokenizer, fields: dict | None = None) -> list[str]:
     """A rollout's thoughts as text without delimiters (what the trainer shows a localizer)."""
     from trl_resets.thoughts import strip_delimiter
 
-    fmt = thought_format()
+    fmt = thought_format(fields)
     return [strip_delimiter(tokenizer.decode(rollout.thought_ids(h), skip_special_tokens=True), fmt)
             for h in range(rollout.num_thoughts)]
 
 
-def evaluate(model, tokenizer, dataset, samples: int = 4, seed: int = 0, batch_size: int = 128) -> dict:
-    """Sampled accuracy (temperature 1) on ``dataset``, ``samples`` rollouts per problem, with fixed noise.
+def evaluate(model, tokenizer, dataset, samples: int = 4, seed: int = 0, batch_size: int = 128,
+             fields: dict | None = None) -> dict:
+    """Sampled accuracy (temperature 1) on ``dataset``, ``samples`` rollouts per problem, with fixed noise
+    (``fields``: `config_fields` of the policy's task, for its caps).
 
     Returns the accuracy and the mean rollout length in tokens.
     """
@@ -257,7 +275,7 @@ def evaluate(model, tokenizer, dataset, samples: int = 4, seed: int = 0, batch_s
 
     was_training = model.training
     model.eval()
-    sampler = make_sampler(model, tokenizer)
+    sampler = make_sampler(model, tokenizer, fields=fields)
     sampler.batch_size = batch_size
     contexts = [tokenizer(rollout_prompt(q))["input_ids"] for q in dataset["prompt"] for _ in range(samples)]
     with torch.random.fork_rng(), torch.no_grad():

@@ -4,6 +4,9 @@
     python benchmarks/testbed/train_testbed.py --hard_ops '*/' --hard_error_rate 0.5 --step_error_rate 0.05 \
         --out benchmarks/testbed/policy-critical                    # the critical-step testbed
     python benchmarks/testbed/train_testbed.py --step_error_rate 0.1 --localization_accuracy 0.8 --out /tmp/p
+    python benchmarks/testbed/train_testbed.py --num_steps 8 9 10 --step_error_rate 0.12 \
+        --init benchmarks/testbed/policy --steps 1200 --out benchmarks/testbed/policy-long
+                                                                    # the long-chain testbed
 
 Half of each batch is rollouts (the testbed's rollout prompt, then a chain whose steps are wrong with
 probability ``--step_error_rate``, or per operator with ``--hard_ops``), half localization examples (the
@@ -41,11 +44,11 @@ from benchmarks.testbed import (  # noqa: E402
 from trl_resets.tasks.arithmetic import sample_problem  # noqa: E402
 
 
-def examples(rng: random.Random, error_rate, loc_accuracy: float):
+def examples(rng: random.Random, error_rate, loc_accuracy: float, task: dict = TASK):
     """Endless (prompt, completion) pairs, rollouts and localizations alternating."""
     while True:
-        problem = sample_problem(rng, rng.choice(TASK["num_steps"]), TASK["max_operand"], TASK["max_start"],
-                                 TASK["max_value"], ("+", "-", "*", "/"))
+        problem = sample_problem(rng, rng.choice(task["num_steps"]), task["max_operand"], task["max_start"],
+                                 task["max_value"], ("+", "-", "*", "/"))
         chain = corrupt_chain(problem, error_rate, rng)
         yield rollout_prompt(problem.question()), chain.completion()
         wrong, tries = chain, 0
@@ -118,6 +121,8 @@ def main():
                              "the others with --step_error_rate")
     parser.add_argument("--hard_error_rate", type=float, default=0.5)
     parser.add_argument("--localization_accuracy", type=float, default=0.7, help="q: chance the label is right")
+    parser.add_argument("--num_steps", type=int, nargs="+", default=TASK["num_steps"],
+                        help="chain lengths of the task (saved in testbed.json; the benchmarks read it back)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--steps", type=int, default=3000)
@@ -135,7 +140,8 @@ def main():
     error_rate = args.step_error_rate
     if args.hard_ops:
         error_rate = {op: args.hard_error_rate if op in args.hard_ops else args.step_error_rate for op in "+-*/"}
-    stream = examples(rng, error_rate, args.localization_accuracy)
+    task = {**TASK, "num_steps": sorted(args.num_steps)}
+    stream = examples(rng, error_rate, args.localization_accuracy, task)
     # The vocabulary: words of a large sample of both example kinds, plus every number.
     vocab_rng = random.Random(f"testbed-vocab-{args.seed}")
     tokenizer = make_tokenizer(
@@ -177,7 +183,7 @@ def main():
 
     out = Path(args.out)
     save(model, tokenizer, out)
-    settings = {**vars(args), "out": None, "max_number": MAX_NUMBER, "task": TASK,
+    settings = {**vars(args), "out": None, "max_number": MAX_NUMBER, "task": task,
                 "train_seconds": round(time.time() - start)}
     (out / "testbed.json").write_text(json.dumps(settings, indent=2) + "\n")
     print(f"saved to {out} ({time.time() - start:.0f}s)")
