@@ -8,8 +8,8 @@ independently; nothing is re-encoded between thoughts.
 Rows that share a context (a group's rollouts of one prompt, the suffixes of one reset prefix) share
 its prefill: each distinct context is encoded once and its KV cache is copied to its rows before
 decoding, as vLLM's prefix caching does. Decoding is unchanged; only the duplicate prefill goes. (A
-model sampled in training mode with dropout, as TRL samples, draws one dropout mask for a shared
-prefill instead of one per row; every decoding step still draws its own.)
+model sampled in training mode with dropout draws one dropout mask for a shared prefill instead of one
+per row; the trainer samples in eval mode, see `sampling_weights`.)
 
 Compact decoding (the default): rather than ``generate``, which computes every row of a batch until the
 last one stops, the sampler runs its own decoding loop that drops a row, and its slice of the KV cache,
@@ -239,16 +239,21 @@ class TransformersThoughtSampler:
         elif not all(contexts):
             reason = "an empty context"
         else:
-            resolved, _ = self.model._prepare_generation_config(copy.deepcopy(config))
-            processors = self.model._get_logits_processor(
-                generation_config=resolved, input_ids_seq_length=max(len(c) for c in contexts),
-                device=self.model.device,
-            )
-            unsafe = [type(p).__name__ for p in processors if not isinstance(p, _ROW_SAFE_PROCESSORS)]
-            if not unsafe and not (resolved.min_new_tokens or resolved.min_length):
-                processors.do_sample = bool(resolved.do_sample)
-                return processors
-            reason = f"logits processors that keep per-row state ({', '.join(unsafe) or 'minimum lengths'})"
+            try:  # generate's own config resolution and processor list (private helpers of transformers 5)
+                resolved, _ = self.model._prepare_generation_config(copy.deepcopy(config))
+                processors = self.model._get_logits_processor(
+                    generation_config=resolved, input_ids_seq_length=max(len(c) for c in contexts),
+                    device=self.model.device,
+                )
+            except (AttributeError, TypeError, ValueError) as error:
+                resolved, processors = None, None
+                reason = f"this transformers version ({type(error).__name__}: {error})"
+            if processors is not None:
+                unsafe = [type(p).__name__ for p in processors if not isinstance(p, _ROW_SAFE_PROCESSORS)]
+                if not unsafe and not (resolved.min_new_tokens or resolved.min_length):
+                    processors.do_sample = bool(resolved.do_sample)
+                    return processors
+                reason = f"logits processors that keep per-row state ({', '.join(unsafe) or 'minimum lengths'})"
         self.generate_calls += 1
         _warn_once(f"compact decoding is off for {reason}; sampling with transformers' generate instead.")
         return None
