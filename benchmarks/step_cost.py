@@ -474,6 +474,8 @@ def main():
     parser.add_argument("--no-compact", dest="compact", action="store_false",
                         help="decode with transformers' generate, which computes stopped rows until the batch ends "
                              "(the sampler's behaviour before compact decoding)")
+    parser.add_argument("--no-merge", dest="merge", action="store_false",
+                        help="sample with the LoRA adapter unmerged (as before merged sampling; still in eval mode)")
     parser.add_argument("--no-share-prefill", dest="share_prefill", action="store_false",
                         help="encode every row's context separately (the sampler's behaviour before prefill sharing)")
     parser.add_argument("--quick", action="store_true")
@@ -504,7 +506,7 @@ def main():
         max_completion_length=args.tokens, max_thought_tokens=args.thought_tokens, max_thoughts=args.thoughts,
         temperature=0.7, top_p=0.95, seed_budget=4, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True, gradient_checkpointing=False,
-        share_prefill=args.share_prefill, compact_decoding=args.compact,
+        share_prefill=args.share_prefill, compact_decoding=args.compact, merge_adapter_for_sampling=args.merge,
     )
     main_job = args.model is None and not args.quick
     if main_job:  # the model, prompts and problems `make train` trains on
@@ -551,7 +553,8 @@ def main():
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO; "
               f"median of {args.rounds} round(s) x {args.steps} step(s); "
               + ("shared prefill" if args.share_prefill else "no prefill sharing")
-              + ("; compact decoding" if args.compact else "; generate (no compaction)"))
+              + ("; compact decoding" if args.compact else "; generate (no compaction)")
+              + ("; LoRA merged for sampling" if args.merge else "; LoRA unmerged for sampling"))
     result = {
         "model": args.model, "settings": {k: v for k, v in vars(args).items() if k != "model"},
         "setup": setup, "summary": summary, "ratios_to_grpo": ratios, "targets": TARGETS,

@@ -30,8 +30,8 @@ EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)")
 CHECK = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+) vs (\d+) (ok|no)$")
 
 
-def _problems(n, seed=5):
-    return [ArithmeticProblem.from_row(row) for row in task_dataset(n, seed=seed)]
+def _problems(n, seed=5, task=None):
+    return [ArithmeticProblem.from_row(row) for row in task_dataset(n, seed=seed, task=task)]
 
 
 def test_error_free_chains_are_the_reference_solution():
@@ -140,15 +140,17 @@ def test_tokenizer_round_trips_the_trainer_formats():
     assert TASK["max_value"] <= MAX_NUMBER  # every right value is one token too
 
 
-@pytest.fixture(scope="module", params=["policy", "policy-critical"])
+@pytest.fixture(scope="module", params=["policy", "policy-critical", "policy-long", "policy-hard"])
 def policy(request):
-    """Each shipped testbed policy: the uniform-slip one and the critical-step one."""
+    """Each shipped testbed policy (uniform slips, critical steps, long chains, long chains with many slips):
+    its model, tokenizer, task and config fields."""
     folder = POLICY_DIR.parent / request.param
     if not (folder / "config.json").exists():
         pytest.fail(f"the testbed policy is missing from {folder}; run benchmarks/testbed/train_testbed.py")
-    from benchmarks.testbed import load_policy
+    from benchmarks.testbed import load_policy, policy_task
 
-    return load_policy(folder)
+    task = policy_task(folder)
+    return (*load_policy(folder), task, config_fields(task))
 
 
 def test_critical_policy_slips_on_the_hard_steps():
@@ -183,33 +185,34 @@ def test_critical_policy_slips_on_the_hard_steps():
 def test_shipped_policy_writes_delimited_thoughts_and_boxed_answers(policy):
     import torch
 
-    model, tokenizer = policy
+    model, tokenizer, task, fields = policy
     torch.manual_seed(0)
-    sampler = make_sampler(model, tokenizer)
-    rows = task_dataset(8, seed=7)
+    sampler = make_sampler(model, tokenizer, fields=fields)
+    rows = task_dataset(8, seed=7, task=task)
     rollouts = sampler.sample([tokenizer(rollout_prompt(q))["input_ids"] for q in rows["prompt"]])
     finished = 0
-    for rollout in rollouts:
+    for rollout, steps in zip(rollouts, rows["num_steps"]):
         text = tokenizer.decode(rollout.token_ids)
         assert rollout.num_thoughts >= 1 and text.count("</thought>") >= rollout.num_thoughts - 1
-        finished += rollout.stop_reason == "answer" and "\\boxed{" in thoughts_of(rollout, tokenizer)[-1]
+        finished += (rollout.stop_reason == "answer" and rollout.num_thoughts == steps
+                     and "\\boxed{" in thoughts_of(rollout, tokenizer, fields)[-1])
     assert finished >= 6
 
 
 def test_shipped_policy_answers_the_localization_prompt(policy):
     import torch
 
-    model, tokenizer = policy
+    model, tokenizer, task, fields = policy
     torch.manual_seed(0)
     rng = random.Random(4)
     requests = []
-    for problem in _problems(16, seed=8):
+    for problem in _problems(16, seed=8, task=task):
         chain = corrupt_chain(problem, 0.0, rng)
         while chain.first_wrong is None:
             chain = corrupt_chain(problem, 0.5, rng)
         requests.append(LocalizationRequest(problem.question(), chain.steps))
-    policy_text = TextPolicy(make_sampler(model, tokenizer))
-    budget = config_fields()["localization_max_tokens"]
+    policy_text = TextPolicy(make_sampler(model, tokenizer, fields=fields))
+    budget = fields["localization_max_tokens"]
     answers = SelfLocalizer(LOCALIZATION_TEMPLATE, budget, 0.0).locate(requests, policy_text, rng)
     parsed = [a.index for a in answers if a.index is not None]
     assert len(parsed) >= 14 and all(1 <= i <= len(r.thoughts) for i, r in zip(parsed, requests))
@@ -220,18 +223,18 @@ def test_shipped_policy_localizes_better_than_chance_and_below_perfect(policy):
     at T=1 (the trainer's setting) it is right well short of always (the tunable, imperfect localizer)."""
     import torch
 
-    model, tokenizer = policy
+    model, tokenizer, task, fields = policy
     rng = random.Random(11)
     requests, truth = [], []
-    for problem in _problems(48, seed=12):
+    for problem in _problems(48, seed=12, task=task):
         chain = corrupt_chain(problem, 0.3, rng)
         while chain.first_wrong is None:
             chain = corrupt_chain(problem, 0.3, rng)
         requests.append(LocalizationRequest(problem.question(), chain.steps))
         truth.append(chain.first_wrong)
     chance = sum(1 / len(r.thoughts) for r in requests) / len(requests)
-    policy_text = TextPolicy(make_sampler(model, tokenizer))
-    budget = config_fields()["localization_max_tokens"]
+    policy_text = TextPolicy(make_sampler(model, tokenizer, fields=fields))
+    budget = fields["localization_max_tokens"]
     hits = {}
     for temperature in (0.0, 1.0):
         torch.manual_seed(0)

@@ -282,6 +282,9 @@ def test_sampling_weights_sample_unmerged_when_an_exact_merge_is_not_possible(ch
     with pytest.warns(UserWarning, match="DoRA"), sampling_weights(model) as merged:
         assert not merged and not model.training
     assert model.training
+    saved = _lora_model(char_tokenizer, modules_to_save=["lm_head"]).train()
+    with pytest.warns(UserWarning, match="modules_to_save"), sampling_weights(saved) as merged:
+        assert not merged  # disabling the adapter would put the original lm_head back while sampling
     plain = make_tiny_llama(char_tokenizer).train()
     with sampling_weights(plain) as merged:  # no adapter: eval mode only, no warning
         assert not merged and not plain.training

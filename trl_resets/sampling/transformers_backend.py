@@ -52,6 +52,9 @@ def _mergeable_lora_layers(model):
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
     layers = []
     for name, module in model.named_modules():
+        if type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
+            # disabling the adapter would also swap these trained copies back to the originals
+            return None, f"{name} is a {type(module).__name__} (modules_to_save / trainable tokens)"
         if not isinstance(module, LoraLayer):
             continue
         adapters = [a for a in module.active_adapters if a in module.lora_A]
