@@ -213,3 +213,14 @@ def test_logged_metrics_per_group_and_rates_skip_nan_and_none():
     assert out["resets/parse_failure_rate"] == 1.0 and out["resets/fallback_rate"] == 0.0
     assert "resets/reset_depth_mean" not in out
     assert step_cost.logged_metrics([{"loss": 1.0}], groups=1) == {}
+
+
+def test_pooled_update_ratio_takes_one_update_for_every_method():
+    # GRPO's updates ran slow (load), SRPO's fast: pooled, both get the median update of all rounds (5)
+    runs = {"GRPO": [_record(16, 6, 0, 800), _record(16, 6, 0, 800), _record(16, 6, 0, 800)],
+            "RRPO": [_record(14, 9, 0, 800)] * 3,
+            "SRPO": [_record(13, 7, 1, 800), _record(13, 7, 1, 800), _record(13, 7, 1, 800)]}
+    assert step_cost.ratios_to(step_cost.summarize(runs))["SRPO"]["wall_clock"] == pytest.approx(13 / 16)
+    pooled = step_cost.pooled_update_ratios(runs)
+    assert pooled["SRPO"] == pytest.approx((8 + 5) / (6 + 5)) and pooled["RRPO"] == pytest.approx((9 + 5) / 11)
+    assert "1.18x" in step_cost.render_pooled_line(runs)

@@ -291,3 +291,12 @@ def test_sampling_weights_sample_unmerged_when_an_exact_merge_is_not_possible(ch
     with sampling_weights(_lora_model(char_tokenizer), merge=False) as merged:
         assert not merged
     assert plain.training
+
+
+def test_plain_generate_baseline_takes_setting_overrides(char_tokenizer, tiny_model):
+    """The benchmarks' plain-generate baseline: settings override the sampler's config for one call."""
+    tok = char_tokenizer
+    sampler = TransformersThoughtSampler(tiny_model.eval(), tok, ThoughtFormat(), GenerationConfig(do_sample=True))
+    prompts = [tok("Q: 1?", add_special_tokens=False)["input_ids"], tok("Q: 22+3?", add_special_tokens=False)["input_ids"]]
+    out = sampler._generate(prompts, config={"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False})
+    assert out.shape == (2, 5) and sampler.generation_config.do_sample  # the sampler's own config is untouched

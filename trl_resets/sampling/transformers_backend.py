@@ -324,7 +324,11 @@ class TransformersThoughtSampler:
             next_position = next_position + 1
         return replies
 
-    def _generate(self, contexts: list[list[int]], config: GenerationConfig, **overrides) -> torch.Tensor:
+    def _generate(self, contexts: list[list[int]], config: GenerationConfig | dict, **overrides) -> torch.Tensor:
+        """Plain ``generate`` over left-padded ``contexts`` (``config``: a GenerationConfig, or settings that
+        override the sampler's); returns the new tokens, padded. Benchmarks call it as the plain baseline."""
+        if isinstance(config, dict):
+            config = self._config(config)
         ids, mask = _left_pad(contexts, self.pad_id, self.model.device)
         with torch.no_grad():
             cache = self._shared_prefill(contexts, ids, mask) if self.share_prefill else None
