@@ -147,6 +147,20 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def _distinct(contexts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(leaders, rows): the first row of each distinct context, and for every row the index of its context
+    among the leaders, found in one pass."""
+    group_of: dict[tuple, int] = {}
+    leaders, rows = [], []
+    for i, context in enumerate(contexts):
+        key = tuple(context)
+        if key not in group_of:
+            group_of[key] = len(leaders)
+            leaders.append(i)
+        rows.append(group_of[key])
+    return leaders, rows
+
+
 def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -273,14 +287,7 @@ class TransformersThoughtSampler:
         device = self.model.device
         ids, mask = _left_pad(contexts, self.pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        group_of: dict[tuple, int] = {}
-        rows, leaders = [], []
-        for i, context in enumerate(contexts):
-            key = tuple(context) if self.share_prefill else i
-            if key not in group_of:
-                group_of[key] = len(leaders)
-                leaders.append(i)
-            rows.append(group_of[key])
+        leaders, rows = _distinct(contexts) if self.share_prefill else (list(range(len(contexts))), None)
         cache = DynamicCache(config=self.model.config)
         extra = self._forward_kwargs()
         shared = len(leaders) < len(contexts)
@@ -346,14 +353,7 @@ class TransformersThoughtSampler:
         ``generate`` numbers them, so the cache equals the one the rows' own prefill would build.
         Returns None (plain prefill) when no context repeats.
         """
-        group_of: dict[tuple, int] = {}  # context -> its group; leaders[g]: the first row of group g
-        rows, leaders = [], []
-        for i, context in enumerate(contexts):
-            key = tuple(context)
-            if key not in group_of:
-                group_of[key] = len(leaders)
-                leaders.append(i)
-            rows.append(group_of[key])
+        leaders, rows = _distinct(contexts)
         if len(leaders) == len(contexts) or ids.shape[1] < 2:
             return None
         head_ids, head_mask = ids[leaders, :-1], mask[leaders, :-1]
