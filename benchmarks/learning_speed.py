@@ -4,6 +4,8 @@
     python benchmarks/learning_speed.py --quick    # GRPO and SRPO, 1 seed, 12 steps (under two minutes)
     python benchmarks/learning_speed.py --policy benchmarks/testbed/policy-critical --tag critical
                                                    # the critical-step testbed (hard * and / steps)
+    python benchmarks/learning_speed.py --methods GRPO SRPO --seeds 12 --reuse A.json B.json --tag more
+                                                   # earlier runs read back (same settings), the rest run
 
 Every method trains the shipped testbed policy (benchmarks/testbed/) with the package's trainers,
 sampler and localizers: 8 rows per prompt, the same prompts in the same order each step, the same number
@@ -58,6 +60,37 @@ METHODS = {
                                clip_surrogate=True)),
 }
 BASELINE, HEADLINE_METHOD = "GRPO", "SRPO"
+# The options a run's result depends on: a run in a --reuse file counts for this invocation only if they match.
+RUN_OPTIONS = ("steps", "prompts_per_step", "lr", "eval_every", "eval_problems", "eval_samples", "train_prompts",
+               "num_steps", "policy", "task")
+
+
+def reusable_runs(paths, opts) -> dict[tuple[str, int], dict]:
+    """Runs recorded in earlier results files (``--reuse``), keyed by (method, seed).
+
+    A run is reproducible from its method, seed and RUN_OPTIONS (the trainer, the sampling noise and the
+    evaluation are all seeded), so a file whose options match is read back instead of run again; one whose
+    options differ is an error, not a silent mix. Records from before seeds were written down are numbered
+    from 0 in file order (every earlier run started at seed 0).
+    """
+    found = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        theirs = data.get("options", {})
+        differ = [k for k in RUN_OPTIONS if _comparable(theirs.get(k)) != _comparable(getattr(opts, k))]
+        if differ:
+            raise SystemExit(f"--reuse {path}: its runs used other settings ({', '.join(differ)}: "
+                             f"{[theirs.get(k) for k in differ]} here {[getattr(opts, k) for k in differ]}).")
+        for method, records in data["runs"].items():
+            for index, record in enumerate(records):
+                found[(method, record.get("seed", index))] = {**record, "seed": record.get("seed", index)}
+    return found
+
+
+def _comparable(value):
+    if isinstance(value, str) and Path(value).exists():
+        return str(Path(value).resolve())
+    return json.loads(json.dumps(value))  # tuples and lists alike
 
 
 def steps_to_reach(steps: list[int], curve: list[float], target: float) -> int | None:
@@ -77,6 +110,13 @@ def speed_ratio(steps: list[int], baseline: list[float], method: list[float]) ->
         return None
     reached = steps_to_reach(steps, method, baseline[-1])
     return None if reached is None else reached / steps[-1]
+
+
+def median_curve(runs: list[list[float]]) -> list[float]:
+    """The median over seeds at each evaluation (a stalled seed moves it less than the mean)."""
+    import statistics
+
+    return [statistics.median(values) for values in zip(*runs)]
 
 
 def mean_and_spread(runs: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
@@ -121,7 +161,7 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True,
         seed_budget=8, **config_fields(opts.task), **overrides,
     )
-    record = {"steps": [0], "accuracy": [start_eval["accuracy"]], "tokens": [0], "seconds": [0.0]}
+    record = {"seed": seed, "steps": [0], "accuracy": [start_eval["accuracy"]], "tokens": [0], "seconds": [0.0]}
     eval_seconds = [0.0]
 
     class Evaluate(TrainerCallback):
@@ -164,6 +204,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         mean, low, high = mean_and_spread([r["accuracy"] for r in records])
         summary[method] = {
             "steps": records[0]["steps"], "accuracy_mean": mean, "accuracy_min": low, "accuracy_max": high,
+            "accuracy_median": median_curve([r["accuracy"] for r in records]), "seeds": len(records),
             "tokens_mean": mean_and_spread([r["tokens"] for r in records])[0],
             "seconds_per_step": sum(r["train_seconds"] for r in records) / len(records) / records[0]["steps"][-1],
         }
@@ -171,6 +212,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     for method, entry in summary.items():
         entry["steps_to_grpo_final"] = steps_to_reach(base["steps"], entry["accuracy_mean"], base["accuracy_mean"][-1])
         entry["ratio_to_grpo"] = speed_ratio(base["steps"], base["accuracy_mean"], entry["accuracy_mean"])
+        entry["ratio_to_grpo_median"] = speed_ratio(base["steps"], base["accuracy_median"], entry["accuracy_median"])
     return summary
 
 
@@ -181,18 +223,20 @@ def baseline_improved(summary: dict) -> bool:
 
 def table(summary: dict, seeds: int) -> str:
     lines = [
-        f"| method | start acc | final acc (mean, min-max over {seeds} seeds) | steps to GRPO's final | "
-        "fraction of GRPO's steps | tokens generated | s/step |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | start acc | final acc (mean, min-max over {seeds} seeds) | final (median) | steps to GRPO's "
+        "final | fraction of GRPO's steps (mean curves) | same, median curves | tokens generated | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, e in summary.items():
         ratio = "not reached" if e["ratio_to_grpo"] is None else f"{e['ratio_to_grpo']:.2f}"
         if not baseline_improved(summary):
             ratio = "GRPO did not improve"
+        median_ratio = "not reached" if e["ratio_to_grpo_median"] is None else f"{e['ratio_to_grpo_median']:.2f}"
         reached = "-" if e["steps_to_grpo_final"] is None else str(e["steps_to_grpo_final"])
         lines.append(
             f"| {method} | {e['accuracy_mean'][0]:.3f} | {e['accuracy_mean'][-1]:.3f} "
-            f"({e['accuracy_min'][-1]:.3f}-{e['accuracy_max'][-1]:.3f}) | {reached} | {ratio} | "
+            f"({e['accuracy_min'][-1]:.3f}-{e['accuracy_max'][-1]:.3f}) | {e['accuracy_median'][-1]:.3f} | {reached} "
+            f"| {ratio} | {median_ratio} | "
             f"{e['tokens_mean'][-1]:.0f} | {e['seconds_per_step']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -225,6 +269,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first_seed", type=int, default=0,
+                        help="seeds first_seed .. first_seed+seeds-1 (more seeds later: --first_seed 6, then --merge)")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--prompts_per_step", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -236,6 +282,9 @@ def main():
                         help="step counts of the training and evaluation problems (default: all the testbed's)")
     parser.add_argument("--policy", default=None, help="testbed policy folder (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    parser.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
+                        help="results files of earlier runs with the same settings: their (method, seed) runs are "
+                             "read back, not run again (to add seeds or methods to a comparison)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tag", default="", help="results name suffix, e.g. 'critical' -> learning_speed_critical.*")
     parser.add_argument("--out", default=str(RESULTS))
@@ -261,13 +310,21 @@ def main():
     print(f"testbed start accuracy {start_eval['accuracy']:.3f} ({opts.eval_problems} problems x "
           f"{opts.eval_samples} samples)", flush=True)
 
+    reused = reusable_runs(opts.reuse, opts)
     runs: dict[str, list[dict]] = {}
     for method in opts.methods:
-        for seed in range(opts.seeds):
-            record = train_one(method, seed, opts, eval_set, start_eval)
+        for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
+            record = reused.get((method, seed))
+            if record is not None and record["accuracy"][0] != start_eval["accuracy"]:
+                raise SystemExit(f"--reuse: {method} seed {seed} started at accuracy {record['accuracy'][0]:.3f}, "
+                                 f"this evaluation gives {start_eval['accuracy']:.3f}: not the same code or policy.")
+            origin = "read back" if record is not None else None
+            if record is None:
+                record = train_one(method, seed, opts, eval_set, start_eval)
+                origin = f"{record['train_seconds']:.0f}s"
             runs.setdefault(method, []).append(record)
             print(f"{method:12s} seed {seed}: accuracy {' '.join(f'{a:.2f}' for a in record['accuracy'])} "
-                  f"({record['train_seconds']:.0f}s)", flush=True)
+                  f"({origin})", flush=True)
 
     summary = summarize(runs)
     wall = time.perf_counter() - wall

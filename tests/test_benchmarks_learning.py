@@ -1,10 +1,11 @@
-"""The arithmetic of the learning-speed and localization-quality benchmarks."""
+"""The arithmetic of the learning-speed, localization-quality and credit-signal benchmarks."""
 
 import math
 
 import pytest
 
-from benchmarks.learning_speed import mean_and_spread, speed_ratio, steps_to_reach, summarize
+from benchmarks.credit_signal import split_by_part
+from benchmarks.learning_speed import mean_and_spread, reusable_runs, speed_ratio, steps_to_reach, summarize
 from benchmarks.localization_quality import correction_by_deviation, deviation_histogram, is_clean, rates
 
 
@@ -39,6 +40,49 @@ def test_summary_averages_seeds_then_compares_with_grpo():
     assert mean == [2.0, 1.0] and low == [1.0, 0.0] and high == [3.0, 2.0]
 
 
+def test_median_curves_discount_one_stalled_seed():
+    def run(acc):
+        return {"steps": [0, 10, 20], "accuracy": acc, "tokens": [0, 100, 200], "train_seconds": 40.0}
+
+    runs = {"GRPO": [run([0.1, 0.5, 0.8]), run([0.1, 0.5, 0.8]), run([0.1, 0.1, 0.1])],  # one seed stalls
+            "SRPO": [run([0.1, 0.6, 0.7])] * 3}
+    summary = summarize(runs)
+    assert summary["GRPO"]["accuracy_mean"][-1] == pytest.approx(0.5667, abs=1e-3)
+    assert summary["GRPO"]["accuracy_median"] == [0.1, 0.5, 0.8]
+    assert summary["SRPO"]["ratio_to_grpo"] == 0.5  # the stalled seed drags GRPO's mean below SRPO's at step 10
+    assert summary["SRPO"]["ratio_to_grpo_median"] is None  # by the median SRPO never reaches GRPO's 0.8
+    assert summary["SRPO"]["seeds"] == 3
+
+
+def test_reused_runs_must_come_from_the_same_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks.learning_speed import RUN_OPTIONS
+
+    options = {k: 1 for k in RUN_OPTIONS} | {"policy": "some/where", "num_steps": None, "task": {"num_steps": [4, 5]}}
+    old = {"options": options, "runs": {"GRPO": [{"accuracy": [0.1, 0.2]}, {"accuracy": [0.1, 0.3]}],
+                                        "SRPO": [{"seed": 7, "accuracy": [0.1, 0.4]}]}}
+    path = tmp_path / "old.json"
+    path.write_text(__import__("json").dumps(old))
+    found = reusable_runs([path], SimpleNamespace(**options))
+    assert found[("GRPO", 1)]["accuracy"] == [0.1, 0.3] and found[("GRPO", 1)]["seed"] == 1  # numbered in order
+    assert found[("SRPO", 7)]["accuracy"] == [0.1, 0.4] and ("SRPO", 0) not in found
+    with pytest.raises(SystemExit, match="lr"):
+        reusable_runs([path], SimpleNamespace(**(options | {"lr": 2})))
+    with pytest.raises(SystemExit, match="task"):
+        reusable_runs([path], SimpleNamespace(**(options | {"task": {"num_steps": [8]}})))
+
+
+def test_failed_rollout_signal_splits_at_the_checkers_first_wrong_thought():
+    spans = [(0, 3), (3, 5), (5, 9)]
+    values = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # the last token is past every thought
+    parts = split_by_part(spans, 2, values)
+    assert parts == {"prefix": [0.1, 0.2, 0.3], "first_wrong": [0.4, 0.5], "after": [0.6, 0.7, 0.8, 0.9, 1.0]}
+    first = split_by_part(spans, 1, values)
+    assert first["prefix"] == [] and first["first_wrong"] == [0.1, 0.2, 0.3]
+    assert sum(map(len, first.values())) == len(values)
+
+
 def _record(first_wrong, self_index, self_success, random_index, random_success):
     return {"first_wrong": first_wrong,
             "self": {"index": self_index, "clean": is_clean(self_index, first_wrong), "success": self_success},
@@ -71,3 +115,19 @@ def test_one_oracle_srpo_step_on_the_testbed_counts_tokens_and_evaluates():
     # 5 phase-1 rollouts (G1 + k) at least, then 4 suffixes when a seed was found: far more than 20 tokens
     assert record["tokens"][1] > 20
     assert record["localization_parse_failure"] in (None, 0.0)  # the checker always names a step
+
+
+def test_credit_signal_on_the_shipped_policy_accounts_for_every_failed_token():
+    from benchmarks.credit_signal import PARTS, measure
+    from benchmarks.testbed import POLICY_DIR
+
+    result = measure(str(POLICY_DIR), problems=6, samples=4, seed=0)
+    parts = result["parts"]
+    assert result["failed"] > 0 and 0.0 <= result["accuracy"] <= 1.0
+    assert sum(parts[n]["signal_share"] for n in PARTS) == pytest.approx(1.0)
+    assert sum(parts[n]["token_share"] for n in PARTS) == pytest.approx(1.0)
+    for name in PARTS:
+        if parts[name]["tokens"]:
+            assert 0.0 <= parts[name]["mean_signal_per_token"] <= 1.0
+    # the slipped step is where the policy was least sure: its tokens carry more signal than the clean prefix's
+    assert parts["first_wrong"]["mean_signal_per_token"] > parts["prefix"]["mean_signal_per_token"]

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from benchmarks.testbed import (
+    FILLERS,
     LOCALIZATION_TEMPLATE,
     MAX_NUMBER,
     POLICY_DIR,
@@ -72,6 +73,23 @@ def test_per_operator_error_rates_put_the_slips_on_the_hard_steps():
             kind[1] += 1
     assert slips["easy"][0] == 0 and slips["easy"][1] > 500
     assert 0.4 < slips["hard"][0] / slips["hard"][1] <= 0.5 and slips["hard"][1] > 300
+
+
+def test_filler_words_open_steps_uniformly_and_change_nothing_the_checker_sees():
+    rng = random.Random(11)
+    opening = {}
+    for problem in _problems(400, seed=13):
+        chain = corrupt_chain(problem, 0.3, rng, FILLERS)
+        for step in chain.steps:
+            word, equation = step.split(" ", 1)
+            assert word in FILLERS and EQUATION.match(equation)
+            opening[word] = opening.get(word, 0) + 1
+        assert check_steps(problem, chain.steps).first_wrong == chain.first_wrong
+        if chain.first_wrong:  # the check lines read the equation behind the filler
+            reply = localization_reply(chain.steps, chain.first_wrong)
+            assert f"vs {EQUATION.match(chain.steps[0].split(' ', 1)[1]).group(4)} " in reply
+    assert set(opening) == set(FILLERS)
+    assert max(opening.values()) < 1.3 * min(opening.values())  # drawn uniformly (about 2000 steps)
 
 
 def test_localization_labels_are_right_at_the_tunable_rate():

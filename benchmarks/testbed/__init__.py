@@ -45,7 +45,10 @@ ERROR_DELTAS = (-4, -3, -2, -1, 1, 2, 3, 4)
 # Seeds of the problem sets: the testbed's training chains, RL prompts and held-out evaluation never share one.
 TRAIN_SEED, RL_SEED, EVAL_SEED = 1000, 2000, 3000
 
-_EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)")
+_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+# Words a step may open with, all meaning nothing: with ``fillers`` set, correct steps carry entropy that has
+# no bearing on the outcome, as a large model's wording does (the prefix-entropy testbed, ``policy-fillers``).
+FILLERS = ("so", "then", "next", "now", "thus", "here", "and", "again")
 _TOKEN_PATTERN = r" ?</thought>| ?\\boxed\{| ?\d+| ?[A-Za-z]+|\n| ?[^\sA-Za-z\d]|\s"
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 
@@ -98,7 +101,7 @@ def _stays_valid(value: int, ops) -> bool:
     return 0 <= value <= MAX_NUMBER
 
 
-def corrupt_chain(problem: ArithmeticProblem, error_rate, rng: random.Random) -> Chain:
+def corrupt_chain(problem: ArithmeticProblem, error_rate, rng: random.Random, fillers=()) -> Chain:
     r"""The problem's chain with each step's result wrong with probability ``error_rate``, carried forward.
 
     ``error_rate`` is one probability for every step, or a mapping from operator to probability (steps
@@ -108,6 +111,9 @@ def corrupt_chain(problem: ArithmeticProblem, error_rate, rng: random.Random) ->
     A wrong result is the right one plus a small nonzero delta, chosen so the rest of the chain stays in
     whole numbers from 0 to MAX_NUMBER (a step with no such delta stays right). Later steps apply their
     operation to the chain's own running value, as a model that slipped once would.
+
+    ``fillers``: words one of which, drawn uniformly, opens each step (none by default); the checker
+    ignores them, so they are entropy a model's steps carry with no effect on the outcome.
     """
     value, steps, first_wrong = problem.start, [], None
     ops = list(problem.ops)
@@ -120,6 +126,8 @@ def corrupt_chain(problem: ArithmeticProblem, error_rate, rng: random.Random) ->
                 result += rng.choice(deltas)
                 first_wrong = first_wrong or i + 1
         step = f"{value} {op} {operand} = {result}"
+        if fillers:
+            step = f"{rng.choice(fillers)} {step}"
         if i == len(ops) - 1:
             step += f", so the answer is \\boxed{{{result}}}"
         steps.append(step)
@@ -150,7 +158,7 @@ def localization_reply(steps: list[str], named: int) -> str:
     """
     lines = []
     for i, step in enumerate(steps[:named], 1):
-        left, op, right, written = _EQUATION.match(step).groups()
+        left, op, right, written = _EQUATION.search(step).groups()
         redone = apply_operation(int(left), op, int(right))
         lines.append(f"\n{i}: {left} {op} {right} = {redone} vs {written} {'no' if i == named else 'ok'}")
     return "".join(lines) + f"\n\\boxed{{{named}}}"

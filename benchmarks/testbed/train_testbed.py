@@ -7,6 +7,8 @@
     python benchmarks/testbed/train_testbed.py --num_steps 8 9 10 --step_error_rate 0.12 \
         --init benchmarks/testbed/policy --steps 1200 --out benchmarks/testbed/policy-long
                                                                     # the long-chain testbed
+    python benchmarks/testbed/train_testbed.py --fillers 8 --out benchmarks/testbed/policy-fillers
+                                                                    # the prefix-entropy testbed
 
 Half of each batch is rollouts (the testbed's rollout prompt, then a chain whose steps are wrong with
 probability ``--step_error_rate``, or per operator with ``--hard_ops``), half localization examples (the
@@ -30,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.testbed import (  # noqa: E402
+    FILLERS,
     MAX_NUMBER,
     POLICY_DIR,
     TASK,
@@ -44,17 +47,18 @@ from benchmarks.testbed import (  # noqa: E402
 from trl_resets.tasks.arithmetic import sample_problem  # noqa: E402
 
 
-def examples(rng: random.Random, error_rate, loc_accuracy: float, task: dict = TASK):
-    """Endless (prompt, completion) pairs, rollouts and localizations alternating."""
+def examples(rng: random.Random, error_rate, loc_accuracy: float, task: dict = TASK, fillers=()):
+    """Endless (prompt, completion) pairs, rollouts and localizations alternating (``fillers``: see
+    `corrupt_chain`)."""
     while True:
         problem = sample_problem(rng, rng.choice(task["num_steps"]), task["max_operand"], task["max_start"],
                                  task["max_value"], ("+", "-", "*", "/"))
-        chain = corrupt_chain(problem, error_rate, rng)
+        chain = corrupt_chain(problem, error_rate, rng, fillers)
         yield rollout_prompt(problem.question()), chain.completion()
         wrong, tries = chain, 0
         while wrong.first_wrong is None:  # localization is only ever asked about a failed chain: the
             tries += 1  # policy's own failures, at its own error rates (a problem that almost never fails
-            wrong = corrupt_chain(problem, error_rate if tries < 100 else 0.5, rng)  # gets uniform slips)
+            wrong = corrupt_chain(problem, error_rate if tries < 100 else 0.5, rng, fillers)  # uniform slips)
         label = localization_label(wrong.first_wrong, len(wrong.steps), loc_accuracy, rng)
         yield localization_request(problem.question(), wrong.steps), localization_reply(wrong.steps, label)
 
@@ -123,6 +127,9 @@ def main():
     parser.add_argument("--localization_accuracy", type=float, default=0.7, help="q: chance the label is right")
     parser.add_argument("--num_steps", type=int, nargs="+", default=TASK["num_steps"],
                         help="chain lengths of the task (saved in testbed.json; the benchmarks read it back)")
+    parser.add_argument("--fillers", type=int, default=0, choices=range(len(FILLERS) + 1),
+                        help="each step opens with one of the first N filler words, drawn uniformly: entropy in "
+                             "correct steps that has no bearing on the outcome (0: none)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--steps", type=int, default=3000)
@@ -141,11 +148,12 @@ def main():
     if args.hard_ops:
         error_rate = {op: args.hard_error_rate if op in args.hard_ops else args.step_error_rate for op in "+-*/"}
     task = {**TASK, "num_steps": sorted(args.num_steps)}
-    stream = examples(rng, error_rate, args.localization_accuracy, task)
+    fillers = FILLERS[: args.fillers]
+    stream = examples(rng, error_rate, args.localization_accuracy, task, fillers)
     # The vocabulary: words of a large sample of both example kinds, plus every number.
     vocab_rng = random.Random(f"testbed-vocab-{args.seed}")
     tokenizer = make_tokenizer(
-        text for pair in zip(range(4000), examples(vocab_rng, 0.5, 0.5)) for text in pair[1]
+        text for pair in zip(range(4000), examples(vocab_rng, 0.5, 0.5, fillers=fillers)) for text in pair[1]
     )
     if args.init:  # go on from a saved policy (same flags otherwise; the data stream starts afresh)
         from transformers import AutoModelForCausalLM, AutoTokenizer
