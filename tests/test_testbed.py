@@ -158,17 +158,17 @@ def test_tokenizer_round_trips_the_trainer_formats():
     assert TASK["max_value"] <= MAX_NUMBER  # every right value is one token too
 
 
-@pytest.fixture(scope="module", params=["policy", "policy-critical", "policy-long", "policy-hard"])
+@pytest.fixture(scope="module", params=["policy", "policy-critical", "policy-long", "policy-hard", "policy-fillers"])
 def policy(request):
-    """Each shipped testbed policy (uniform slips, critical steps, long chains, long chains with many slips):
-    its model, tokenizer, task and config fields."""
+    """Each shipped testbed policy (uniform slips, critical steps, long chains, long chains with many slips,
+    filler words): its model, tokenizer, task, config fields and the filler words its steps open with."""
     folder = POLICY_DIR.parent / request.param
     if not (folder / "config.json").exists():
         pytest.fail(f"the testbed policy is missing from {folder}; run benchmarks/testbed/train_testbed.py")
-    from benchmarks.testbed import load_policy, policy_task
+    from benchmarks.testbed import load_policy, policy_fillers, policy_task
 
     task = policy_task(folder)
-    return (*load_policy(folder), task, config_fields(task))
+    return (*load_policy(folder), task, config_fields(task), policy_fillers(folder))
 
 
 def test_critical_policy_slips_on_the_hard_steps():
@@ -203,7 +203,7 @@ def test_critical_policy_slips_on_the_hard_steps():
 def test_shipped_policy_writes_delimited_thoughts_and_boxed_answers(policy):
     import torch
 
-    model, tokenizer, task, fields = policy
+    model, tokenizer, task, fields, fillers = policy
     torch.manual_seed(0)
     sampler = make_sampler(model, tokenizer, fields=fields)
     rows = task_dataset(8, seed=7, task=task)
@@ -212,22 +212,24 @@ def test_shipped_policy_writes_delimited_thoughts_and_boxed_answers(policy):
     for rollout, steps in zip(rollouts, rows["num_steps"]):
         text = tokenizer.decode(rollout.token_ids)
         assert rollout.num_thoughts >= 1 and text.count("</thought>") >= rollout.num_thoughts - 1
-        finished += (rollout.stop_reason == "answer" and rollout.num_thoughts == steps
-                     and "\\boxed{" in thoughts_of(rollout, tokenizer, fields)[-1])
+        thoughts = thoughts_of(rollout, tokenizer, fields)
+        finished += (rollout.stop_reason == "answer" and rollout.num_thoughts == steps and "\\boxed{" in thoughts[-1])
+        if fillers:  # a filler policy opens its steps with its filler words
+            assert sum(t.split(" ", 1)[0] in fillers for t in thoughts) >= len(thoughts) - 1
     assert finished >= 6
 
 
 def test_shipped_policy_answers_the_localization_prompt(policy):
     import torch
 
-    model, tokenizer, task, fields = policy
+    model, tokenizer, task, fields, fillers = policy
     torch.manual_seed(0)
     rng = random.Random(4)
     requests = []
     for problem in _problems(16, seed=8, task=task):
-        chain = corrupt_chain(problem, 0.0, rng)
+        chain = corrupt_chain(problem, 0.0, rng, fillers)
         while chain.first_wrong is None:
-            chain = corrupt_chain(problem, 0.5, rng)
+            chain = corrupt_chain(problem, 0.5, rng, fillers)
         requests.append(LocalizationRequest(problem.question(), chain.steps))
     policy_text = TextPolicy(make_sampler(model, tokenizer, fields=fields))
     budget = fields["localization_max_tokens"]
@@ -241,13 +243,13 @@ def test_shipped_policy_localizes_better_than_chance_and_below_perfect(policy):
     at T=1 (the trainer's setting) it is right well short of always (the tunable, imperfect localizer)."""
     import torch
 
-    model, tokenizer, task, fields = policy
+    model, tokenizer, task, fields, fillers = policy
     rng = random.Random(11)
     requests, truth = [], []
     for problem in _problems(48, seed=12, task=task):
-        chain = corrupt_chain(problem, 0.3, rng)
+        chain = corrupt_chain(problem, 0.3, rng, fillers)
         while chain.first_wrong is None:
-            chain = corrupt_chain(problem, 0.3, rng)
+            chain = corrupt_chain(problem, 0.3, rng, fillers)
         requests.append(LocalizationRequest(problem.question(), chain.steps))
         truth.append(chain.first_wrong)
     chance = sum(1 / len(r.thoughts) for r in requests) / len(requests)
@@ -258,5 +260,9 @@ def test_shipped_policy_localizes_better_than_chance_and_below_perfect(policy):
         torch.manual_seed(0)
         answers = SelfLocalizer(LOCALIZATION_TEMPLATE, budget, temperature).locate(requests, policy_text, rng)
         hits[temperature] = sum(a.index == t for a, t in zip(answers, truth)) / len(truth)
-    assert hits[0.0] > chance + 0.3 and hits[1.0] > chance + 0.15
+    # The filler policy localizes less well (steps open with a variable word before the equation it must
+    # copy): localization_quality.py measured 0.375 exact at T=1 against 0.166 for random resets, where the
+    # others reach 0.58-0.65 against 0.10-0.22.
+    margin = 0.15 if fillers else 0.3
+    assert hits[0.0] > chance + margin and hits[1.0] > chance + 0.15
     assert hits[1.0] < 0.95

@@ -8,6 +8,8 @@ knobs that make it a useful policy for comparing RL methods in seconds per step:
   errors at about that rate, so its accuracy sits well between 0 and 1 and RL can raise it.
   With ``hard_ops`` the rate depends on the step's operator (the critical-step testbed, ``policy-critical``:
   ``*`` and ``/`` slip half the time, ``+`` and ``-`` rarely), so a problem's difficulty sits in a few steps.
+* ``fillers``: each step opens with a filler word drawn uniformly (`FILLERS`), which the checker ignores, so
+  correct steps carry entropy with no bearing on the outcome (``policy-fillers``).
 * ``localization_accuracy`` (q): asked the localization prompt about a failed chain, the policy checks
   the steps in order (one ``"i: a op b = redone vs written ok"`` line each, see `localization_reply`) and
   ends with ``\boxed{N}``; in training, N is the checker's first wrong step with probability q, otherwise
@@ -60,6 +62,15 @@ def policy_task(path: str | Path = POLICY_DIR) -> dict:
     settings = Path(path) / "testbed.json"
     task = json.loads(settings.read_text()).get("task") if settings.exists() else None
     return dict(task or TASK)
+
+
+def policy_fillers(path: str | Path = POLICY_DIR) -> tuple[str, ...]:
+    """The filler words a testbed policy opens its steps with (``fillers`` in its ``testbed.json``; none if unset)."""
+    import json
+
+    settings = Path(path) / "testbed.json"
+    count = json.loads(settings.read_text()).get("fillers", 0) if settings.exists() else 0
+    return FILLERS[:count]
 
 
 def task_dataset(n: int, seed: int = RL_SEED, num_steps=None, task: dict | None = None):
