@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ from benchmarks.testbed import (  # noqa: E402
     EVAL_SEED,
     config_fields,
     load_policy,
+    machine_description,
     make_sampler,
     policy_task,
     quiet,
@@ -184,9 +183,7 @@ def main():
         results[Path(policy).name] = measure(policy, opts.problems, opts.samples, opts.seed)
         print(f"{Path(policy).name}: {results[Path(policy).name]['failed']} failed rollouts measured", flush=True)
     wall = time.perf_counter() - wall
-    load = os.getloadavg()
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{opts.threads} thread(s), load average {load[0]:.1f} at the end (other jobs share the cores)")
+    machine = machine_description(opts.threads)
     setting = f"{opts.problems} problems x {opts.samples} rollouts per policy, sampled at T=1, seed {opts.seed}"
     text = table(results)
     headline = "clean prefix's share of failed rollouts' signal: " + ", ".join(

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from benchmarks.testbed import (  # noqa: E402
     config_fields,
     evaluate,
     load_policy,
+    machine_description,
     policy_task,
     quiet,
     task_dataset,
@@ -328,9 +327,7 @@ def main():
 
     summary = summarize(runs)
     wall = time.perf_counter() - wall
-    load = os.getloadavg()
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{opts.threads} thread(s), load average {load[0]:.1f} at the end (other jobs share the cores)")
+    machine = machine_description(opts.threads)
     setting = (f"{opts.seeds} seed(s), {opts.steps} steps x {opts.prompts_per_step} prompts x 8 rows, lr {opts.lr}, "
                f"eval {opts.eval_problems} problems x {opts.eval_samples} samples every {opts.eval_every} steps")
     headline = summary[HEADLINE_METHOD]["ratio_to_grpo"]

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import time
@@ -39,6 +37,7 @@ from benchmarks.testbed import (  # noqa: E402
     TextPolicy,
     config_fields,
     load_policy,
+    machine_description,
     make_sampler,
     policy_task,
     quiet,
@@ -236,9 +235,7 @@ def main():
     records, stats = collect(opts)
     summary = summarize(records)
     wall = time.perf_counter() - wall
-    load = os.getloadavg()
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{opts.threads} thread(s), load average {load[0]:.1f} at the end (other jobs share the cores)")
+    machine = machine_description(opts.threads)
     setting = (f"{opts.problems} problems x {opts.samples} samples (accuracy {stats['accuracy']:.3f}), "
                f"{len(records)} seeds, G2={opts.g2}")
     text = table(summary)

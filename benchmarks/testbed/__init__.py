@@ -311,6 +311,18 @@ def evaluate(model, tokenizer, dataset, samples: int = 4, seed: int = 0, batch_s
     }
 
 
+def machine_description(threads: int) -> str:
+    """The machine line the testbed benchmarks write beside their numbers (the load is taken now, at the end)."""
+    import os
+    import platform
+
+    import torch
+
+    load = os.getloadavg()
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{threads} thread(s), load average {load[0]:.1f} at the end (other jobs share the cores)")
+
+
 def quiet() -> None:
     """No progress bars or deprecation chatter from the libraries: the benchmark prints its own lines."""
     import os
