@@ -269,7 +269,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first_seed", type=int, default=0,
-                        help="seeds first_seed .. first_seed+seeds-1 (more seeds later: --first_seed 6, then --merge)")
+                        help="seeds first_seed .. first_seed+seeds-1 (more seeds later: --first_seed 6, then --reuse)")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--prompts_per_step", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
