@@ -75,6 +75,8 @@ def reusable_runs(paths, opts) -> dict[tuple[str, int], dict]:
     found = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+            raise SystemExit(f"--reuse {path}: not a learning_speed results file (it has no runs).")
         theirs = data.get("options", {})
         differ = [k for k in RUN_OPTIONS if _comparable(theirs.get(k)) != _comparable(getattr(opts, k))]
         if differ:

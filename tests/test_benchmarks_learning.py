@@ -71,6 +71,10 @@ def test_reused_runs_must_come_from_the_same_settings(tmp_path):
         reusable_runs([path], SimpleNamespace(**(options | {"lr": 2})))
     with pytest.raises(SystemExit, match="task"):
         reusable_runs([path], SimpleNamespace(**(options | {"task": {"num_steps": [8]}})))
+    other = tmp_path / "other.json"
+    other.write_text('{"summary": {}}')  # e.g. a localization_quality file
+    with pytest.raises(SystemExit, match="no runs"):
+        reusable_runs([other], SimpleNamespace(**options))
 
 
 def test_failed_rollout_signal_splits_at_the_checkers_first_wrong_thought():
