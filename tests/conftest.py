@@ -68,30 +68,39 @@ def tiny_model(char_tokenizer):
 class ScriptedLlama:
     """Builds a Llama whose greedy output follows a per-row script of token ids, then EOS.
 
-    The real forward runs (so the KV cache is genuine); only the logits are replaced.
+    The real forward runs (so the KV cache is genuine); only the logits are replaced. The step of a row is read
+    from the cache's length, so the model must receive the cache: it finds it among the keyword arguments
+    whatever transformers calls it, and a call without one is an error naming the cause, rather than a script
+    replayed from the wrong position.
     """
 
     @staticmethod
     def build(tokenizer, scripts: list[list[int]]):
-        from transformers import LlamaForCausalLM
+        from transformers import Cache, LlamaForCausalLM
 
         class _Scripted(LlamaForCausalLM):
-            def forward(self, input_ids=None, past_key_values=None, **kwargs):
-                before = 0 if past_key_values is None else past_key_values.get_seq_length()
+            def forward(self, input_ids=None, **kwargs):
+                caches = [value for value in kwargs.values() if isinstance(value, Cache)]
+                cache = caches[0] if caches else None
+                if cache is None:
+                    raise AssertionError(
+                        "the scripted model was called with no KV cache among its keyword arguments "
+                        f"({sorted(kwargs)}): transformers passes the cache under a name the caller did not use "
+                        "(see trl_resets.sampling.transformers_backend.cache_kwarg)")
+                before = cache.get_seq_length()
                 if before == 0:
                     self._width = input_ids.shape[1]
                     self._rows = input_ids.shape[0]
                     self._row_ids = list(range(input_ids.shape[0]))
-                    if past_key_values is not None:  # follow rows the sampler drops or copies in the cache
-                        select = past_key_values.batch_select_indices
+                    select = cache.batch_select_indices  # follow rows the sampler drops or copies in the cache
 
-                        def follow(indices, select=select):
-                            self._row_ids = [self._row_ids[i] for i in indices.tolist()]
-                            select(indices)
+                    def follow(indices, select=select):
+                        self._row_ids = [self._row_ids[i] for i in indices.tolist()]
+                        select(indices)
 
-                        past_key_values.batch_select_indices = follow
-                out = super().forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
-                step = out.past_key_values.get_seq_length() - self._width
+                    cache.batch_select_indices = follow
+                out = super().forward(input_ids=input_ids, **kwargs)
+                step = cache.get_seq_length() - self._width
                 logits = torch.full_like(out.logits[:, -1:, :], -1e4)
                 for row in range(input_ids.shape[0]):
                     script = self.scripts[self._row_ids[row] % len(self.scripts)]

@@ -1,9 +1,11 @@
 """Thought segmentation and the transformers thought sampler."""
 
 import pytest
-from transformers import GenerationConfig
+import torch
+from transformers import Cache, GenerationConfig
 
 from trl_resets.sampling import TransformersThoughtSampler
+from trl_resets.sampling.transformers_backend import cache_kwarg
 from trl_resets.thoughts import (
     STOP_ANSWER, STOP_EOS, STOP_MAX_THOUGHTS, STOP_MAX_TOKENS, ThoughtFormat, contains_final_answer,
     segment_thoughts, wrap_question,
@@ -88,6 +90,40 @@ def test_template_errors_are_clear():
         wrap_question("q", "{problem}")
 
 
+def test_generate_hands_the_kv_cache_to_forward_under_the_name_the_sampler_uses(char_tokenizer, tiny_model):
+    """The sampler's prefill, shared prefill and compact loop hand the cache to ``forward`` and ``generate`` by
+    name (``cache`` since transformers 5.24, ``past_key_values`` before). If ``generate`` moves it again, this
+    names the cause instead of leaving rollouts that come out shifted."""
+    expected = cache_kwarg(tiny_model)
+    seen = []
+    forward = tiny_model.forward
+
+    def spy(*args, **kwargs):
+        caches = {name: value for name, value in kwargs.items() if isinstance(value, Cache)}
+        seen.append((sorted(caches), [c.get_seq_length() for c in caches.values()], kwargs["input_ids"].shape[1]))
+        return forward(*args, **kwargs)
+
+    tiny_model.forward = spy
+    ids = torch.tensor([[7, 8, 9]])
+    tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                        pad_token_id=char_tokenizer.pad_token_id)
+    names = {tuple(n) for n, _, _ in seen}
+    assert names == {(expected,)}, (
+        f"transformers' generate passed the KV cache to forward as {names}, the sampler uses {expected!r}: "
+        "update cache_kwarg in trl_resets/sampling/transformers_backend.py")
+    assert [(lengths, width) for _, lengths, width in seen] == [([0], 3), ([3], 1), ([4], 1)], (
+        f"generate's prefill/decoding steps changed shape (cache length before, new tokens): {seen}")
+
+
+def test_cache_kwarg_refuses_a_forward_without_a_cache_argument():
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None):
+            return input_ids
+
+    with pytest.raises(TypeError, match="neither `cache` nor `past_key_values`"):
+        cache_kwarg(NoCache())
+
+
 def _sampler(tok, scripts, fmt, compact=True):
     model = ScriptedLlama.build(tok, scripts)
     return TransformersThoughtSampler(model, tok, fmt, GenerationConfig(do_sample=False), [tok.eos_token_id],
@@ -140,7 +176,6 @@ def test_sampler_complete_stops_at_eos(char_tokenizer):
 def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer, compact):
     """Rows that repeat a context share one prefill: greedy decoding gives the same tokens as the
     unshared path, and only the distinct contexts are encoded."""
-    import torch
 
     tok = char_tokenizer
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -176,7 +211,6 @@ def test_shared_prefill_is_off_for_collective_decoding(char_tokenizer, tiny_mode
 
 
 def _compare_backends(model, tok, contexts, config, fmt, seed=0, **kwargs):
-    import torch
 
     out = {}
     for compact in (True, False):
@@ -235,7 +269,6 @@ def test_compact_decoding_falls_back_to_generate_for_row_state_processors(char_t
 
 
 def _lora_model(tok, **lora):
-    import torch
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(make_tiny_llama(tok, seed=4), LoraConfig(
@@ -248,7 +281,6 @@ def _lora_model(tok, **lora):
 
 
 def test_sampling_weights_merge_the_adapter_exactly_and_restore_the_base_weights(char_tokenizer):
-    import torch
 
     from trl_resets.sampling import sampling_weights
 

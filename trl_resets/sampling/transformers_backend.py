@@ -147,6 +147,29 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def cache_kwarg(model) -> str:
+    """The keyword under which ``model``'s forward (and ``generate``) take the KV cache: ``cache`` from
+    transformers 5.24 on, where ``past_key_values`` became a deprecated alias, ``past_key_values`` before.
+
+    Read from the first ``forward`` in the class hierarchy of the (PEFT-unwrapped) model that names either, so
+    a subclass whose forward takes ``**kwargs`` follows its parent. A model whose forward names neither is an
+    error: the sampler must hand the cache over by name, and a wrong name would be dropped into ``**kwargs``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for cls in type(base).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            continue
+        params = inspect.signature(forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+    raise TypeError(
+        f"{type(base).__name__}.forward takes neither `cache` nor `past_key_values`: the thought sampler cannot "
+        "hand it a KV cache. Use a transformers causal LM with a cache argument."
+    )
+
+
 def _distinct(contexts: list[list[int]]) -> tuple[list[int], list[int]]:
     """(leaders, rows): the first row of each distinct context, and for every row the index of its context
     among the leaders, found in one pass."""
@@ -290,10 +313,11 @@ class TransformersThoughtSampler:
         leaders, rows = _distinct(contexts) if self.share_prefill else (list(range(len(contexts))), None)
         cache = DynamicCache(config=self.model.config)
         extra = self._forward_kwargs()
+        cache_name = cache_kwarg(self.model)
         shared = len(leaders) < len(contexts)
         index = torch.tensor(leaders, device=device) if shared else slice(None)
         out = self.model(input_ids=ids[index], attention_mask=mask[index], position_ids=positions[index],
-                         past_key_values=cache, use_cache=True, **extra)
+                         use_cache=True, **{cache_name: cache}, **extra)
         logits = out.logits[:, -1].to(dtype=torch.float32)
         del out
         self.prefill_tokens += sum(len(contexts[i]) for i in leaders)
@@ -326,7 +350,7 @@ class TransformersThoughtSampler:
                 ids, mask, tokens, next_position = ids[select], mask[select], tokens[select], next_position[select]
                 alive = [alive[b] for b in keep]
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **{cache_name: cache})
             logits = out.logits[:, -1].to(dtype=torch.float32)
             next_position = next_position + 1
         return replies
@@ -340,7 +364,7 @@ class TransformersThoughtSampler:
         with torch.no_grad():
             cache = self._shared_prefill(contexts, ids, mask) if self.share_prefill else None
             if cache is not None:
-                overrides["past_key_values"] = cache
+                overrides[cache_kwarg(self.model)] = cache
             else:
                 self.prefill_tokens += sum(len(c) for c in contexts)
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **overrides)
@@ -359,8 +383,8 @@ class TransformersThoughtSampler:
         head_ids, head_mask = ids[leaders, :-1], mask[leaders, :-1]
         positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True)
+        self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions, use_cache=True,
+                   **{cache_kwarg(self.model): cache})
         cache.batch_select_indices(torch.tensor(rows, device=ids.device))
         self.prefill_tokens += sum(len(contexts[i]) for i in leaders) + len(contexts)
         return cache
