@@ -10,6 +10,9 @@ Per prompt, with split G1 / k / G2:
 3. A seed slot left empty (no incorrect rollout within the budget) falls back to GRPO on the base
    group: its rows are filled but carry zero loss weight, and the fallback is counted.
 
+An incorrect rollout with no thoughts at all (an empty completion) has no step to reset to: it is never a
+seed (it may still sit in the base group) and is counted in ``PromptGroups.empty_seeds``.
+
 Sampling, scoring and localizing are injected, so the algorithm runs the same under a trainer,
 a benchmark, or a scripted policy in a test.
 """
@@ -115,6 +118,7 @@ class PromptGroups:
     fallbacks: int = 0
     phase1_draws: int = 0
     unused_tokens: int = 0
+    empty_seeds: int = 0  # incorrect phase-1 rollouts passed over as seeds because they have no thoughts
 
 
 def choose_seeds(incorrect: Sequence[bool], split: Split) -> tuple[list[int], list[int]]:
@@ -133,6 +137,11 @@ def reset_prefix(rollout: Rollout, reset_index: int) -> list[int]:
 
 def _is_incorrect(scored: Scored, threshold: float) -> bool:
     return scored.reward < threshold  # NaN (unscorable) is never a seed
+
+
+def _is_seed_candidate(scored: Scored, threshold: float) -> bool:
+    """Incorrect, and with at least one thought to reset to."""
+    return _is_incorrect(scored, threshold) and scored.rollout.num_thoughts > 0
 
 
 def _row(scored: Scored, prefix_len: int, group: int, prefix_thoughts: int = 0) -> TrainingRow:
@@ -213,7 +222,7 @@ class ResetAlgorithm:
                 draws[i].append(scored)
             wanted = {}
             for i, drawn in enumerate(draws):
-                found = sum(_is_incorrect(s, self.success_threshold) for s in drawn)
+                found = sum(_is_seed_candidate(s, self.success_threshold) for s in drawn)
                 left = first + self.seed_budget - len(drawn)
                 if found < k and left > 0:
                     wanted[i] = min(left, first)
@@ -242,11 +251,12 @@ class ResetAlgorithm:
 
         results, seeds = [], []  # seeds: (prompt index, group number, Scored)
         for i, drawn in enumerate(draws):
-            seed_idx, base_idx = choose_seeds([_is_incorrect(s, self.success_threshold) for s in drawn], split)
+            seed_idx, base_idx = choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], split)
             base_rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
             used = set(seed_idx) | set(base_idx)
             unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
-            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused))
+            empty = sum(_is_incorrect(s, self.success_threshold) and not s.rollout.num_thoughts for s in drawn)
+            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty))
             seeds.extend((i, g + 1, drawn[j]) for g, j in enumerate(seed_idx))
 
         if split.is_grpo:

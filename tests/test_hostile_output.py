@@ -1,0 +1,167 @@
+"""Hostile and degenerate model output: each case has a defined, counted outcome and nothing crashes.
+
+Segmentation cases run through `segment_thoughts` (the same tracker the samplers run while decoding) on a
+byte-level vocabulary; localization replies and group patterns run through Algorithm 2 with a scripted
+sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from trl_resets.advantages import group_advantages
+from trl_resets.localizers import SelfLocalizer, parse_step_index
+from trl_resets.resets import ResetAlgorithm, Split
+from trl_resets.thoughts import (
+    STOP_ANSWER, STOP_EOS, STOP_MAX_THOUGHTS, STOP_MAX_TOKENS, STOP_NONE, Rollout, ThoughtFormat, segment_thoughts,
+)
+
+from .test_properties import EOS, PIECES, decode
+
+FMT = ThoughtFormat(max_thoughts=4, max_thought_tokens=6, max_completion_tokens=30)
+
+
+def ids_of(*pieces: bytes) -> list[int]:
+    return [PIECES.index(p) for p in pieces]
+
+
+def texts(r: Rollout) -> list[str]:
+    return [decode(r.thought_ids(h)) for h in range(r.num_thoughts)]
+
+
+CASES = {
+    # name: (token pieces, expected thoughts' text, expected stop reason)
+    "empty completion": ((), [], STOP_NONE),
+    "EOS only": ((b"<eos>",), ["<eos>"], STOP_EOS),
+    "no delimiter ever": ((b"a",) * 40, ["aaaaaa"] * 4, STOP_MAX_THOUGHTS),
+    "a delimiter every token": ((b"</thought>",) * 10, ["</thought>"] * 4, STOP_MAX_THOUGHTS),
+    "a thought longer than its cap": ((b"1",) * 8 + (b"</thought>", b"<eos>"), ["111111", "11</thought><eos>"],
+                                      STOP_EOS),
+    "several boxes": ((b"\\boxed{", b"1", b"}", b"\\boxed{", b"a", b"}"), ["\\boxed{1}\\boxed{a}"], STOP_ANSWER),
+    "an answer outside any thought": ((b"a", b"</thought>", b"\\boxed{", b"1", b"}", b"<eos>"),
+                                      ["a</thought>", "\\boxed{1}<eos>"], STOP_EOS),
+    "text after the final answer": ((b"\\boxed{", b"1", b"}", b"</thought>", b"a", b"a"), ["\\boxed{1}</thought>"],
+                                    STOP_ANSWER),
+    "a delimiter split across tokens": ((b"a", b"</th", b"ought>", b"1", b"<eos>"), ["a</thought>", "1<eos>"],
+                                        STOP_EOS),
+    "invalid UTF-8 and a split character": ((b"\xff", "é".encode()[:1], b"</thought>", "é".encode()[1:], b"<eos>"),
+                                            ["\ufffd\ufffd</thought>", "\ufffd<eos>"], STOP_EOS),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_degenerate_rollouts_segment_to_a_defined_outcome(name):
+    pieces, expected, stop = CASES[name]
+    r = segment_thoughts(ids_of(*pieces), decode, FMT, [EOS])
+    assert (texts(r), r.stop_reason) == (expected, stop)
+
+
+def test_the_token_budget_cuts_a_rollout_that_never_stops():
+    r = segment_thoughts(ids_of(*[b"a", b"</thought>"] * 40), decode, ThoughtFormat(max_thoughts=99,
+                                                                                    max_completion_tokens=7), [EOS])
+    assert len(r.token_ids) == 7 and r.stop_reason == STOP_MAX_TOKENS and r.num_thoughts == 4
+
+
+REPLIES = {
+    "empty": ("", None),
+    "prose": ("The third step is where it goes wrong.", None),
+    "a number in words": ("\\boxed{three}", None),
+    "out of range": ("\\boxed{9}", None),
+    "zero": ("\\boxed{0}", None),
+    "many boxes, the last one counts": ("\\boxed{1} no, \\boxed{2}", 2),
+    "cut at its token cap": ("Step 2 is wrong, so \\boxed{", None),
+    "a step label": ("\\boxed{Step 3}", 3),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLIES))
+def test_localization_replies_parse_or_count_as_failures(name):
+    reply, expected = REPLIES[name]
+    assert parse_step_index(reply, 3) == expected
+
+
+class ScriptedSampler:
+    """Phase-1 draws follow ``rollouts`` in turn; every suffix is the same two-thought continuation."""
+
+    def __init__(self, rollouts):
+        self.rollouts, self.draws = rollouts, 0
+
+    def sample(self, contexts, start_thoughts=None, token_budgets=None):
+        out = []
+        for _ in contexts:
+            if start_thoughts is None:
+                pieces = self.rollouts[self.draws % len(self.rollouts)]
+                self.draws += 1
+            else:
+                pieces = (b"1", b"</thought>", b"\\boxed{", b"1", b"}", b"</thought>")
+            out.append(segment_thoughts(ids_of(*pieces), decode, FMT, [EOS]))
+        return out
+
+
+class ReplyPolicy:
+    """The policy as a text function that always gives the same localization reply."""
+
+    def __init__(self, reply):
+        self.reply, self.prompts = reply, []
+
+    def complete(self, prompts, max_new_tokens, temperature):
+        self.prompts += prompts
+        return [(self.reply, 5) for _ in prompts]
+
+
+def run(rollouts, score, reply="\\boxed{1}", split=Split(4, 1, 4), budget=2):
+    algo = ResetAlgorithm(split, FMT, seed_budget=budget)
+    policy = ReplyPolicy(reply)
+    (result,) = algo.run([[1]], ["q"], ScriptedSampler(rollouts), score, SelfLocalizer(), texts, policy=policy,
+                         rng=random.Random(0))
+    return result, policy
+
+
+WRONG = (b"a", b"</thought>", b"a", b"</thought>", b"\\boxed{", b"a", b"}", b"</thought>")
+RIGHT = (b"1", b"</thought>", b"\\boxed{", b"1", b"}", b"</thought>")
+
+
+def by_answer(owners, completions):
+    return [[1.0 if "\\boxed{1}" in decode(c) else 0.0] for c in completions]
+
+
+@pytest.mark.parametrize("name", list(REPLIES))
+def test_an_unusable_localization_reply_becomes_a_counted_random_reset(name):
+    reply, expected = REPLIES[name]
+    result, policy = run([WRONG, RIGHT], by_answer, reply=reply)
+    (record,) = result.resets
+    assert len(policy.prompts) == 1 and record.reply == reply
+    assert record.localizer_failed == (expected is None)
+    assert 1 <= record.reset_index <= record.num_thoughts == 3
+    assert len(result.rows) == 8
+
+
+def test_every_rollout_correct_falls_back_to_grpo_on_the_base_group():
+    result, policy = run([RIGHT], by_answer, budget=3)
+    assert result.fallbacks == 1 and result.resets == [] and policy.prompts == []
+    assert result.phase1_draws == 5 + 3  # G1 + k, then the whole seed budget
+    assert [r.weight for r in result.rows] == [1.0] * 4 + [0.0] * 4
+
+
+def test_every_rollout_wrong_resets_and_identical_suffixes_carry_no_advantage():
+    result, _ = run([WRONG], by_answer)
+    assert result.fallbacks == 0 and len(result.resets) == 1
+    base, reset = result.rows[:4], result.rows[4:]
+    assert all(r.reward == 0.0 for r in base)
+    rewards = torch.tensor([r.reward for r in result.rows])
+    groups = torch.tensor([r.group for r in result.rows])
+    advantages = group_advantages(rewards, groups)
+    assert torch.equal(advantages, torch.zeros(8))  # all-equal groups: zero advantage, no NaN
+    assert len({tuple(r.completion_ids[r.prefix_len:]) for r in reset}) == 1
+
+
+def test_an_empty_failed_rollout_is_never_a_seed_and_is_counted():
+    result, _ = run([(), WRONG, RIGHT], by_answer, budget=0)
+    assert result.empty_seeds >= 1 and len(result.resets) == 1 and result.resets[0].num_thoughts == 3
+    only_empty, _ = run([()], by_answer, budget=2)
+    assert only_empty.fallbacks == 1 and only_empty.resets == [] and only_empty.empty_seeds == 7
+    assert not any(math.isnan(r.reward) for r in only_empty.rows if r.weight)
