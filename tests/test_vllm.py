@@ -48,18 +48,27 @@ def position_scripted_llama(tokenizer, script_ids, prompt_len):
     return model.eval()
 
 
-class _Colocated:
-    """The minimum of a colocated ``VLLMGeneration`` the sampler touches, around a FakeLLM."""
+def _engine(llm, mode="colocate", **settings):
+    """The minimum of a ``VLLMGeneration`` the sampler touches, around a FakeLLM (server: through a FakeVLLMClient)."""
+    engine = object.__new__(fake_vllm.VLLMGeneration)
+    engine.mode = mode
+    if mode == "colocate":
+        engine.llm = llm
+    else:
+        engine.vllm_client = fake_vllm.FakeVLLMClient(llm)
+    engine.temperature, engine.top_p, engine.top_k, engine.min_p = 0.0, 1.0, 0, 0.0
+    engine.repetition_penalty, engine.max_completion_length, engine.logprobs = 1.0, 16, 0
+    engine.generation_kwargs, engine.structured_outputs_regex = {}, None
+    engine.tensor_parallel_size, engine.enable_sleep_mode = 1, False
+    engine.model, engine.accelerator = llm.model, SimpleNamespace(process_index=0, local_process_index=0)
+    for name, value in settings.items():
+        setattr(engine, name, value)
+    return engine
 
-    def __init__(self, llm, generation_class=None):
-        engine = object.__new__(fake_vllm.VLLMGeneration)
-        engine.mode, engine.llm = "colocate", llm
-        engine.temperature, engine.top_p, engine.top_k, engine.min_p = 0.0, 1.0, 0, 0.0
-        engine.repetition_penalty, engine.max_completion_length, engine.logprobs = 1.0, 16, 0
-        engine.generation_kwargs, engine.structured_outputs_regex = {}, None
-        engine.tensor_parallel_size, engine.enable_sleep_mode = 1, False
-        engine.model, engine.accelerator = llm.model, SimpleNamespace(process_index=0, local_process_index=0)
-        self.engine = engine
+
+class _Colocated:
+    def __init__(self, llm):
+        self.engine = _engine(llm)
 
 
 @pytest.fixture
@@ -107,18 +116,25 @@ def test_vllm_sampler_matches_the_transformers_sampler(monkeypatch, char_tokeniz
     assert [len(g.token_ids) for g in got[:2]] == [9, 3] and got[1].num_thoughts == 1
 
 
-def test_per_thought_rounds_encode_every_prompt_token_once(monkeypatch, char_tokenizer, scripted):
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_per_thought_rounds_re_encode_at_most_the_last_block(monkeypatch, char_tokenizer, scripted, block_size):
+    """vLLM caches whole blocks and has no KV for the last sampled token, so each round re-encodes the tail of its
+    prompt after the last full cached block: one token at block size 1, up to a block at vLLM's default 16."""
     monkeypatch.setattr(fake_vllm.vllm_generation, "SamplingParams", fake_vllm.FakeSamplingParams, raising=False)
     prompt, script, model = scripted
     fmt = ThoughtFormat(max_completion_tokens=200, max_thought_tokens=50, max_thoughts=10)
-    llm = fake_vllm.FakeLLM(model, char_tokenizer, prefix_caching=True)
+    llm = fake_vllm.FakeLLM(model, char_tokenizer, prefix_caching=True, block_size=block_size)
     sampler = VLLMThoughtSampler(_Colocated(llm).engine, char_tokenizer, fmt, eos_ids=[char_tokenizer.eos_token_id])
     (rollout,) = sampler.sample([prompt])
     assert rollout.stop_reason == "answer" and rollout.num_thoughts == 4
-    assert sampler.rounds == 4  # one request per thought ...
-    assert llm.prefill_tokens == len(prompt)  # ... and only the prompt was ever encoded: the rest came from the cache
+    assert sampler.rounds == 4  # one request per thought
+    lengths = [len(prompt)] + [len(prompt) + end for end in _thought_ends(script, char_tokenizer)[:3]]
+    cached = [0] + [(n - 1) // block_size * block_size for n in lengths[1:]]
+    assert llm.prefill_tokens == sum(n - c for n, c in zip(lengths, cached))
+    if block_size == 1:
+        assert llm.prefill_tokens == len(prompt) + 3  # the prompt once, then each round's last sampled token
     assert sampler.discarded_tokens == 0 and llm.decoded_tokens == len(rollout.token_ids)
-    assert all(p.stop == ["</thought>"] for p in llm.calls)
+    assert all(p.stop == ["</thought>"] and p.skip_special_tokens is False for p in llm.calls)
 
 
 def test_one_pass_without_prefix_cache_discards_what_follows_the_stop(monkeypatch, char_tokenizer, scripted):
@@ -133,8 +149,7 @@ def test_one_pass_without_prefix_cache_discards_what_follows_the_stop(monkeypatc
     assert rollout.stop_reason == "max_thoughts" and rollout.num_thoughts == 2
     assert sampler.rounds == 1 and llm.prefill_tokens == len(prompt)
     assert sampler.discarded_tokens == llm.decoded_tokens - len(rollout.token_ids) > 0
-    # the engine's own settings are restored after each request
-    assert engine.max_completion_length == 16 and engine.generation_kwargs == {}
+    assert engine.max_completion_length == 16 and engine.generation_kwargs == {}  # the wrapper is left as it was
 
 
 def test_complete_cuts_at_eos_and_uses_the_given_temperature(monkeypatch, char_tokenizer, scripted):
