@@ -193,10 +193,11 @@ class FakeLLM:
             return "stop", None
         if last in (params.stop_token_ids or []):
             return "stop", last
-        if params.stop and params.detokenize:
+        if params.stop and params.detokenize:  # as vLLM's detokenizer: only where the new text can complete a stop
             text = self.tokenizer.decode(out, skip_special_tokens=params.skip_special_tokens)
+            new = len(text) - len(self.tokenizer.decode(out[:-1], skip_special_tokens=params.skip_special_tokens))
             for s in params.stop:
-                if s in text:
+                if s in text[max(0, len(text) - new - len(s) + 1):]:
                     return "stop", s
         return None
 
