@@ -309,15 +309,19 @@ def test_every_request_asks_for_at_most_the_rows_remaining_budget(monkeypatch, c
             assert [b["max_tokens"] for b in engine.vllm_client.bodies[:2]] == [7, 50 if per_thought else budgets[1]]
 
 
+@pytest.mark.parametrize("per_thought", [True, False])
 @pytest.mark.parametrize("mode", ["colocate", "server"])
 def test_a_prompt_plus_budget_past_max_model_len_fails_before_sending_naming_the_row(monkeypatch, char_tokenizer,
-                                                                                    scripted, mode):
+                                                                                    scripted, mode, per_thought):
+    """Per-thought rounds would fit at first (5 tokens a round) and pass the limit later: the whole budget is
+    checked before the first round."""
     monkeypatch.setattr(fake_vllm.vllm_generation, "SamplingParams", fake_vllm.FakeSamplingParams, raising=False)
     prompt, script, model = scripted
-    llm = fake_vllm.FakeLLM(model, char_tokenizer, max_model_len=40)
+    llm = fake_vllm.FakeLLM(model, char_tokenizer, max_model_len=40, prefix_caching=per_thought)
     engine = _engine(llm, mode)
-    fmt = ThoughtFormat(max_completion_tokens=30, max_thought_tokens=50, max_thoughts=10)
-    sampler = VLLMThoughtSampler(engine, char_tokenizer, fmt, eos_ids=[char_tokenizer.eos_token_id], per_thought=False)
+    fmt = ThoughtFormat(max_completion_tokens=30, max_thought_tokens=5, max_thoughts=10)
+    sampler = VLLMThoughtSampler(engine, char_tokenizer, fmt, eos_ids=[char_tokenizer.eos_token_id],
+                                 per_thought=per_thought)
     flag = "vllm_max_model_length" if mode == "colocate" else "--max-model-len"
     long_context = prompt + script[:20]  # 24 tokens + a 30-token budget > 40; the short row fits
     with pytest.raises(ValueError, match=rf"rollout row 1.*24 tokens plus up to 30.*max_model_len=40.*{flag} to at "
@@ -491,3 +495,17 @@ def test_the_stand_in_client_merges_generation_kwargs_last_and_omits_unasked_log
     out = client.generate([prompt, prompt], temperature=0.0, max_tokens=3, logprobs=2)
     assert [len(pos) for pos in out["logprobs"][0]] == [2, 2, 2] and out["logprob_token_ids"][1][0][0] == script[0]
     assert client.get_server_info()["model_config"]["max_model_len"] == 4096
+
+
+def test_in_server_mode_every_process_stops_when_one_row_is_too_long(monkeypatch, char_tokenizer, scripted):
+    """Server requests are collective: a process whose rows fit must raise too, or it would wait forever."""
+    monkeypatch.setattr(fake_vllm.vllm_generation, "SamplingParams", fake_vllm.FakeSamplingParams, raising=False)
+    prompt, script, model = scripted
+    llm = fake_vllm.FakeLLM(model, char_tokenizer, max_model_len=40)
+    fmt = ThoughtFormat(max_completion_tokens=30, max_thought_tokens=5, max_thoughts=10)
+    other_process_failed = lambda flag: True  # noqa: E731  (what the all-reduce returns when another process's row fails)
+    sampler = VLLMThoughtSampler(_engine(llm, "server"), char_tokenizer, fmt, eos_ids=[char_tokenizer.eos_token_id],
+                                 sync_any=other_process_failed)
+    with pytest.raises(ValueError, match="another process.*max_model_len"):
+        sampler.sample([prompt])
+    assert llm.requests == 0

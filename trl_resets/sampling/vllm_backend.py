@@ -235,15 +235,24 @@ class VLLMThoughtSampler:
             self._limit_known = True
         return self._max_model_len
 
+    def _check_lengths(self, lengths: list[int], max_tokens: list[int], kind: str) -> None:
+        """Raises when a row's prompt plus budget exceeds the engine's ``max_model_len`` (server: on every process)."""
+        where = f" of process {self.process_index}" if self.engine.mode == "server" else ""
+        rows = [(f"{kind} row {i}{where}", n, m) for i, (n, m) in enumerate(zip(lengths, max_tokens))]
+        error = length_error(rows, self._limit(), self.engine.mode)
+        failed = error is not None
+        if self.engine.mode == "server":  # processes request together: all stop, not only the one whose row is long
+            failed = self.sync_any(failed)
+        if failed:
+            raise ValueError(error or "a request of another process exceeds the vLLM engine's max_model_len; "
+                                      "see that process's error for the row and the fix.")
+
     def _request(self, prompts: list[list[int]], max_tokens: list[int], temperature=None, extra=None, kind="rollout"):
         """Completion ids and sampled-token logprobs for each prompt (one completion each, ``max_tokens[i]`` at most)."""
         extra = extra or {}
+        self._check_lengths([len(p) for p in prompts], max_tokens, kind)
         if self.engine.mode == "server":
-            return self._request_server(prompts, max_tokens, temperature, extra, kind)
-        error = length_error([(f"{kind} row {i}", len(p), m) for i, (p, m) in enumerate(zip(prompts, max_tokens))],
-                             self._limit(), "colocate")
-        if error:
-            raise ValueError(error)
+            return self._request_server(prompts, max_tokens, temperature, extra)
         if not prompts:
             return [], []
         user = self.engine.generation_kwargs or {}
@@ -264,26 +273,19 @@ class VLLMThoughtSampler:
                 logprobs.append([_logprob_of(entry, token) for entry, token in zip(sample.logprobs, ids)])
         return completions, logprobs
 
-    def _request_server(self, prompts, max_tokens, temperature, extra, kind):
-        limit = self._limit()
+    def _request_server(self, prompts, max_tokens, temperature, extra):
         everyone = self.gather([(list(p), m) for p, m in zip(prompts, max_tokens)])
         payload = None
         if self.is_main_process:
-            rows = [(f"{kind} row {i} of process {rank}", len(p), m)
-                    for rank, part in enumerate(everyone) for i, (p, m) in enumerate(part)]
-            error = length_error(rows, limit, "server")
             flat = [row for part in everyone for row in part]
             completions, logprobs = [None] * len(flat), [None] * len(flat)
-            if error is None:
-                for budget in sorted({m for _, m in flat}):  # one call per budget: the server applies one to a call
-                    where = [j for j, (_, m) in enumerate(flat) if m == budget]
-                    ids, lps = self._call_server([flat[j][0] for j in where], budget, temperature, extra)
-                    for j, row_ids, row_lps in zip(where, ids, lps):
-                        completions[j], logprobs[j] = row_ids, row_lps
-            payload = (error, completions, logprobs, [len(part) for part in everyone])
-        error, completions, logprobs, sizes = self.broadcast(payload)
-        if error:
-            raise ValueError(error)
+            for budget in sorted({m for _, m in flat}):  # one call per budget: the server applies one to a call
+                where = [j for j, (_, m) in enumerate(flat) if m == budget]
+                ids, lps = self._call_server([flat[j][0] for j in where], budget, temperature, extra)
+                for j, row_ids, row_lps in zip(where, ids, lps):
+                    completions[j], logprobs[j] = row_ids, row_lps
+            payload = (completions, logprobs, [len(part) for part in everyone])
+        completions, logprobs, sizes = self.broadcast(payload)
         start = sum(sizes[: self.process_index])
         end = start + sizes[self.process_index]
         return completions[start:end], logprobs[start:end]
@@ -314,6 +316,8 @@ class VLLMThoughtSampler:
             ThoughtTracker(self.fmt, self._decode, self.eos_ids, start_thoughts[i], max(token_budgets[i], 1))
             for i in range(n)
         ]
+        # every request of a rollout fits when its context plus its whole budget does: fail before the first one
+        self._check_lengths([len(c) for c in contexts], [t.token_budget for t in trackers], "rollout")
         logprobs: list[list[float]] = [[] for _ in range(n)]
         if self.per_thought:
             self._sample_by_thought(contexts, trackers, logprobs)
