@@ -169,7 +169,7 @@ def test_complete_cuts_at_eos_and_uses_the_given_temperature(monkeypatch, char_t
 def _vllm_train(tmp_path, tok, monkeypatch, mode, prefix_caching=True, **overrides):
     engines = fake_vllm.install(monkeypatch, prefix_caching=prefix_caching)
     data = Dataset.from_dict({"prompt": ["2+5?", "3+4?"], "answer": ["7"] * 2})
-    args = _args(tmp_path, SRPOConfig, use_vllm=True, vllm_mode=mode, max_steps=2, **overrides)
+    args = _args(tmp_path, SRPOConfig, **{"use_vllm": True, "vllm_mode": mode, "max_steps": 2, **overrides})
     model = make_tiny_llama(tok)
     trainer = SRPOTrainer(model=model, reward_funcs=contains_seven, args=args, train_dataset=data, processing_class=tok)
     trainer.train()
@@ -509,3 +509,29 @@ def test_in_server_mode_every_process_stops_when_one_row_is_too_long(monkeypatch
     with pytest.raises(ValueError, match="another process.*max_model_len"):
         sampler.sample([prompt])
     assert llm.requests == 0
+
+
+def test_srpo_with_a_seed_in_colocate_mode_samples_distinct_rollouts_and_repeats(tmp_path, char_tokenizer,
+                                                                                 monkeypatch):
+    original = fake_vllm.FakeLLM.generate
+
+    def run():
+        seen = []
+
+        def recording(self, prompts, sampling_params=None, use_tqdm=False):
+            results = original(self, prompts, sampling_params, use_tqdm)
+            seen.extend((tuple(r.prompt_token_ids), tuple(r.outputs[0].token_ids)) for r in results)
+            return results
+
+        monkeypatch.setattr(fake_vllm.FakeLLM, "generate", recording)
+        trainer, engine, logs = _vllm_train(tmp_path, char_tokenizer, monkeypatch, "colocate", max_steps=1,
+                                            generation_kwargs={"seed": 11})
+        return seen, engine.fake_llm, logs
+
+    first, llm, logs = run()
+    assert len(logs) == 1 and all(p.seed is not None for p in llm.calls)
+    by_prompt = {}
+    for prompt, completion in first:
+        by_prompt.setdefault(prompt, set()).add(completion)
+    assert max(len(c) for c in by_prompt.values()) > 1  # copies of one context got different samples
+    assert run()[0] == first
