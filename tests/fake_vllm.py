@@ -13,9 +13,10 @@ stand-in. Tokens are sampled from a real torch model. What it follows (vLLM v1, 
 * Per-request options: ``repetition_penalty`` (prompt and output tokens), ``presence_penalty`` and
   ``frequency_penalty`` (output tokens only), ``min_tokens`` (EOS, stop tokens and stop strings held
   back until then), ``ignore_eos``, ``stop_token_ids``.
-* Logprobs as ``logprobs_mode="processed_logprobs"`` (TRL's setting) in the vLLM releases TRL 1.16
-  accepts (0.22-0.31): after penalties, temperature, min-p, top-k and top-p; masked tokens have
-  -inf. (Some earlier v1 releases computed them after the penalties only.) Greedy (temperature 0) takes the argmax of the
+* Logprobs as ``logprobs_mode="processed_logprobs"`` (TRL's setting) in recent vLLM sources: after
+  penalties, temperature, min-p, top-k and top-p; masked tokens have -inf. (Some earlier v1
+  releases computed them after the penalties only; which releases of TRL 1.16's range, vLLM
+  0.22-0.31, do which has not been checked.) Greedy (temperature 0) takes the argmax of the
   penalised logits and reports their log-softmax.
 * EOS: the tokenizer's EOS and every EOS id of the model's generation config end a request (kept in
   ``token_ids``). Stop strings are matched on the completion decoded with ``skip_special_tokens``
