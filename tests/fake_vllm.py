@@ -144,7 +144,9 @@ class FakeLLM:
                 cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching, block_size=block_size),
                 model_config=model_config,
             ),
-            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=self.weights))),
+            model_executor=SimpleNamespace(
+                driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=self.weights))
+            ),
             model_config=model_config,
         )
         self.prefix_caching = prefix_caching
@@ -180,7 +182,8 @@ class FakeLLM:
         if params.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(ids)))
             values = logits[seen]
-            logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+            penalty = params.repetition_penalty
+            logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
         if out and (params.presence_penalty or params.frequency_penalty):
             counts = torch.bincount(torch.tensor(out), minlength=logits.numel()).float()
             logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
@@ -283,7 +286,7 @@ class FakeVLLMClient:
         self.bodies.append(body)
         for prompt in prompts:  # the server validates the request before it runs any of it
             if len(prompt) + (body["max_tokens"] or 0) > self.llm.max_model_len:
-                raise Exception(
+                raise Exception(  # noqa: TRY002 (the type TRL's client raises on an HTTP error)
                     f"Request failed: 400, This model's maximum context length is {self.llm.max_model_len} tokens. "
                     f"However, you requested {body['max_tokens']} output tokens and your prompt contains "
                     f"{len(prompt)} input tokens."

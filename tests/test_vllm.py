@@ -140,7 +140,7 @@ def test_per_thought_rounds_re_encode_at_most_the_last_block(monkeypatch, char_t
 
 def test_one_pass_without_prefix_cache_discards_what_follows_the_stop(monkeypatch, char_tokenizer, scripted):
     monkeypatch.setattr(fake_vllm.vllm_generation, "SamplingParams", fake_vllm.FakeSamplingParams, raising=False)
-    prompt, script, model = scripted
+    prompt, _, model = scripted
     fmt = ThoughtFormat(max_completion_tokens=60, max_thought_tokens=50, max_thoughts=2)
     llm = fake_vllm.FakeLLM(model, char_tokenizer, prefix_caching=False)
     engine = _Colocated(llm).engine
@@ -239,7 +239,7 @@ def test_generation_kwargs_that_override_or_restart_per_request_fail_at_construc
 def test_a_seed_is_refused_in_server_mode_and_accepted_in_colocate_mode(tmp_path, char_tokenizer, monkeypatch):
     engines = fake_vllm.install(monkeypatch)
     data = Dataset.from_dict({"prompt": ["a"], "answer": ["7"]})
-    build = lambda mode: SRPOTrainer(  # noqa: E731
+    build = lambda mode: SRPOTrainer(
         model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven, processing_class=char_tokenizer,
         args=_args(tmp_path, SRPOConfig, use_vllm=True, vllm_mode=mode, generation_kwargs={"seed": 3}),
         train_dataset=data)
@@ -361,8 +361,7 @@ def test_the_sampled_tokens_logprob_is_picked_by_its_id_when_more_are_returned(m
                          generation_kwargs={"seed": 1} if mode == "colocate" else {})
         if top:  # keep what the engine hands back (server: ranked lists, most likely first)
             owner = engine.vllm_client if mode == "server" else llm
-            send = owner.generate
-            owner.generate = lambda *a, **kw: first_entries.append(out := send(*a, **kw)) or out
+            owner.generate = lambda *a, send=owner.generate, **kw: first_entries.append(out := send(*a, **kw)) or out
         sampler = VLLMThoughtSampler(engine, char_tokenizer, fmt, eos_ids=[char_tokenizer.eos_token_id])
         runs[top] = sampler.sample([context] * 3)
     for small, large in zip(runs[0], runs[5]):
@@ -411,7 +410,7 @@ def test_the_stand_ins_sampled_logprobs_are_the_processed_ones(char_tokenizer):
         ids.append(token)
 
 
-# ---------------------------------------------------------------------------------------------------- per-request options
+# ------------------------------------------------------------------------------------------ per-request options
 def test_repetition_penalty_is_honoured_across_rounds_while_per_request_penalties_would_restart(monkeypatch,
                                                                                                char_tokenizer):
     """vLLM's repetition penalty counts the prompt, so rounds sample what one pass samples; a presence penalty
@@ -437,12 +436,12 @@ def test_repetition_penalty_is_honoured_across_rounds_while_per_request_penaltie
         assert tokens(True, **settings)[0] != tokens(False, **settings)[0]
 
 
-# ---------------------------------------------------------------------------------------------------- stand-in fidelity
+# ------------------------------------------------------------------------------------------ stand-in fidelity
 def test_the_stand_in_stops_at_generation_config_eos_and_reports_finish_and_stop_reasons(char_tokenizer, scripted):
     prompt, script, model = scripted
     llm = fake_vllm.FakeLLM(model, char_tokenizer)
-    greedy = dict(temperature=0.0, max_tokens=60)
-    run = lambda **kw: llm.generate([{"prompt_token_ids": prompt}], fake_vllm.FakeSamplingParams(**kw))[0].outputs[0]  # noqa: E731
+    greedy = {"temperature": 0.0, "max_tokens": 60}
+    run = lambda **kw: llm.generate([{"prompt_token_ids": prompt}], fake_vllm.FakeSamplingParams(**kw))[0].outputs[0]
     full = run(**greedy)
     assert full.token_ids == script + [char_tokenizer.eos_token_id]
     assert (full.finish_reason, full.stop_reason) == ("stop", None)  # EOS kept in the ids
@@ -461,12 +460,12 @@ def test_the_stand_in_stops_at_generation_config_eos_and_reports_finish_and_stop
 
 
 def test_the_stand_in_matches_stop_strings_on_text_without_special_tokens(char_tokenizer, scripted):
-    prompt, script, model = scripted
+    prompt = scripted[0]
     special = char_tokenizer.convert_tokens_to_ids("<|user|>")
     talk = char_tokenizer("ab")["input_ids"] + [special] + char_tokenizer("cd")["input_ids"]
     scripted_talk = position_scripted_llama(char_tokenizer, talk, len(prompt))
     llm = fake_vllm.FakeLLM(scripted_talk, char_tokenizer)
-    run = lambda **kw: llm.generate(  # noqa: E731
+    run = lambda **kw: llm.generate(
         [{"prompt_token_ids": prompt}], fake_vllm.FakeSamplingParams(temperature=0.0, max_tokens=10, stop=["<|user|>"],
                                                                     **kw))[0].outputs[0]
     assert run().token_ids == talk + [char_tokenizer.eos_token_id]  # skipped from the text: never matched
@@ -477,7 +476,7 @@ def test_the_stand_ins_seeds_give_n_children_seed_plus_index(char_tokenizer):
     model = make_tiny_llama(char_tokenizer)
     llm = fake_vllm.FakeLLM(model, char_tokenizer)
     context = [{"prompt_token_ids": char_tokenizer(PROMPT)["input_ids"]}]
-    params = lambda **kw: fake_vllm.FakeSamplingParams(temperature=1.0, max_tokens=8, **kw)  # noqa: E731
+    params = lambda **kw: fake_vllm.FakeSamplingParams(temperature=1.0, max_tokens=8, **kw)
     (two,) = llm.generate(context, params(n=2, seed=10))
     singles = [llm.generate(context, params(seed=s))[0].outputs[0].token_ids for s in (10, 11)]
     assert [o.token_ids for o in two.outputs] == singles and singles[0] != singles[1]
@@ -500,10 +499,10 @@ def test_the_stand_in_client_merges_generation_kwargs_last_and_omits_unasked_log
 def test_in_server_mode_every_process_stops_when_one_row_is_too_long(monkeypatch, char_tokenizer, scripted):
     """Server requests are collective: a process whose rows fit must raise too, or it would wait forever."""
     monkeypatch.setattr(fake_vllm.vllm_generation, "SamplingParams", fake_vllm.FakeSamplingParams, raising=False)
-    prompt, script, model = scripted
+    prompt, _, model = scripted
     llm = fake_vllm.FakeLLM(model, char_tokenizer, max_model_len=40)
     fmt = ThoughtFormat(max_completion_tokens=30, max_thought_tokens=5, max_thoughts=10)
-    other_process_failed = lambda flag: True  # noqa: E731  (what the all-reduce returns when another process's row fails)
+    other_process_failed = lambda flag: True  # what the all-reduce returns when another process's row fails
     sampler = VLLMThoughtSampler(_engine(llm, "server"), char_tokenizer, fmt, eos_ids=[char_tokenizer.eos_token_id],
                                  sync_any=other_process_failed)
     with pytest.raises(ValueError, match="another process.*max_model_len"):
@@ -524,8 +523,8 @@ def test_srpo_with_a_seed_in_colocate_mode_samples_distinct_rollouts_and_repeats
             return results
 
         monkeypatch.setattr(fake_vllm.FakeLLM, "generate", recording)
-        trainer, engine, logs = _vllm_train(tmp_path, char_tokenizer, monkeypatch, "colocate", max_steps=1,
-                                            generation_kwargs={"seed": 11})
+        _, engine, logs = _vllm_train(tmp_path, char_tokenizer, monkeypatch, "colocate", max_steps=1,
+                                      generation_kwargs={"seed": 11})
         return seen, engine.fake_llm, logs
 
     first, llm, logs = run()

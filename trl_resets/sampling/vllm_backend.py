@@ -1,4 +1,4 @@
-"""Thought-level sampling through the engine TRL's vLLM wrapper (`trl.generation.vllm_generation.VLLMGeneration`) starts.
+"""Thought-level sampling on the vLLM engine that TRL's wrapper (`trl.generation.vllm_generation`) starts.
 
 Two ways to drive the engine, both sampling exactly the thought-by-thought distribution (every
 token is drawn from the exact token ids before it, and where a rollout stops is a function of those
@@ -141,9 +141,10 @@ def length_error(rows: list[tuple[str, int, int]], limit: int | None, mode: str)
     for name, prompt_len, max_tokens in rows:
         if prompt_len + max_tokens > limit:
             flag = "vllm_max_model_length" if mode == "colocate" else "the server's --max-model-len"
+            outcome = "reject the whole batch" if mode == "server" else "cut it short"
             return (
                 f"{name}: a prompt of {prompt_len} tokens plus up to {max_tokens} new tokens exceeds the vLLM "
-                f"engine's max_model_len={limit} (vLLM would {'reject the whole batch' if mode == 'server' else 'cut it short'}). "
+                f"engine's max_model_len={limit} (vLLM would {outcome}). "
                 f"Fix: raise {flag} to at least {prompt_len + max_tokens}, or shorten the prompts or "
                 "max_completion_length (localization_max_tokens for a localization prompt)."
             )
@@ -248,7 +249,7 @@ class VLLMThoughtSampler:
                                       "see that process's error for the row and the fix.")
 
     def _request(self, prompts: list[list[int]], max_tokens: list[int], temperature=None, extra=None, kind="rollout"):
-        """Completion ids and sampled-token logprobs for each prompt (one completion each, ``max_tokens[i]`` at most)."""
+        """Completion ids and sampled-token logprobs per prompt (one completion each, ``max_tokens[i]`` at most)."""
         extra = extra or {}
         self._check_lengths([len(p) for p in prompts], max_tokens, kind)
         if self.engine.mode == "server":
