@@ -534,3 +534,17 @@ def test_srpo_with_a_seed_in_colocate_mode_samples_distinct_rollouts_and_repeats
         by_prompt.setdefault(prompt, set()).add(completion)
     assert max(len(c) for c in by_prompt.values()) > 1  # copies of one context got different samples
     assert run()[0] == first
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_srpo_names_the_length_fix_when_the_engines_max_model_len_is_too_small(tmp_path, char_tokenizer, monkeypatch,
+                                                                              mode):
+    engines = fake_vllm.install(monkeypatch, server_max_model_len=30)
+    args = _args(tmp_path, SRPOConfig, use_vllm=True, vllm_mode=mode, max_steps=1, vllm_max_model_length=30)
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["2+5?", "3+4?"], "answer": ["7"] * 2}),
+                          processing_class=char_tokenizer)
+    flag = "vllm_max_model_length" if mode == "colocate" else "--max-model-len"
+    with pytest.raises(ValueError, match=rf"rollout row 0.*max_model_len=30.*Fix: raise .*{flag}"):
+        trainer.train()
+    assert engines[0].fake_llm.requests == 0
