@@ -35,6 +35,7 @@ from .localizers import as_localizer
 from .loss import reset_pg_loss
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
+from .sampling.vllm_backend import check_vllm_generation_kwargs
 from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
@@ -87,6 +88,7 @@ def _check_vllm_settings(args) -> None:
             "vllm_tensor_parallel_size > 1 in colocate mode is not supported yet (processes have different numbers "
             "of unfinished rollouts per round). Use vllm_mode='server' for tensor parallelism."
         )
+    check_vllm_generation_kwargs(args.generation_kwargs, args.vllm_mode)
 
 
 class _PolicyText:

@@ -19,7 +19,8 @@ class ThoughtSampler(Protocol):
         """One rollout per context (token ids), continuing it thought by thought.
 
         ``start_thoughts[i]`` thoughts already sit in context ``i`` (a reset prefix) and count
-        toward ``max_thoughts``; ``token_budgets[i]`` caps the tokens rollout ``i`` may add.
+        toward ``max_thoughts``; ``token_budgets[i]`` caps the tokens rollout ``i`` may add, and a
+        backend asks its engine for no more than that (context plus budget must fit the engine).
         """
         ...
 

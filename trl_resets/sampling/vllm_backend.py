@@ -1,4 +1,4 @@
-"""Thought-level sampling through TRL's vLLM wrapper (`trl.generation.vllm_generation.VLLMGeneration`).
+"""Thought-level sampling on the vLLM engine that TRL's wrapper (`trl.generation.vllm_generation`) starts.
 
 Two ways to drive the engine, both sampling exactly the thought-by-thought distribution (every
 token is drawn from the exact token ids before it, and where a rollout stops is a function of those
@@ -6,24 +6,106 @@ ids alone, so cutting a longer draw at the stop point changes nothing):
 
 * **per-thought rounds** (only when the engine caches prefixes): each round asks for one more
   thought per unfinished row, stopping at the thought boundary; the next round's prompt is the
-  previous prompt plus the tokens just sampled, which the prefix cache already holds, so nothing
-  is encoded twice. Rows stop as soon as their tracker says so (final answer, caps).
-* **one pass** (prefix caching off or unknown): a single request per rollout for its whole token
-  budget, cut afterwards by the same tracker. Nothing is re-encoded; tokens drawn after the stop
-  point are discarded (counted in ``discarded_tokens``).
+  previous prompt plus the tokens just sampled, which the prefix cache mostly holds (vLLM caches
+  whole blocks, so each round re-encodes at most the last partial block). Rows stop as soon as
+  their tracker says so (final answer, caps).
+* **one pass** (prefix caching off or unknown): a single request per rollout for its remaining
+  token budget, cut afterwards by the same tracker. Nothing is re-encoded; tokens drawn after the
+  stop point are discarded (counted in ``discarded_tokens``).
 
-Modes: ``colocate`` calls ``VLLMGeneration.generate`` on each process's own engine; ``server``
-gathers every process's requests, sends them from the main process through the wrapper's
-``VLLMClient`` in one call, and hands each process its own completions back, so processes may
-have different numbers of unfinished rows in a round.
+Every request asks for at most the row's remaining budget and is checked against the engine's
+``max_model_len`` before it is sent. ``generation_kwargs`` entries that would override the
+package's own settings, or that count only the tokens of one request (and so restart with every
+round and every reset suffix), are refused (`check_vllm_generation_kwargs`); a ``seed`` becomes one
+seed per row, derived from it.
+
+Modes: ``colocate`` calls the process's own ``vllm.LLM`` with one ``SamplingParams`` per row;
+``server`` gathers every process's requests, sends them from the main process through the
+wrapper's ``VLLMClient`` (one call per distinct token budget), and hands each process its own
+completions back, so processes may have different numbers of unfinished rows in a round.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable
-from contextlib import contextmanager
+
+from trl.generation import vllm_generation
 
 from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
+
+# generation_kwargs entries the package sets itself (or that contradict its config), with the fix.
+_OWN_SETTINGS = {
+    "temperature": "set GRPOConfig.temperature instead",
+    "top_p": "set GRPOConfig.top_p instead",
+    "top_k": "set GRPOConfig.top_k instead",
+    "min_p": "set GRPOConfig.min_p instead",
+    "repetition_penalty": "set GRPOConfig.repetition_penalty instead",
+    "max_tokens": "set max_completion_length (and max_thought_tokens) instead: every request asks for the row's "
+                  "remaining budget",
+    "n": "set num_generations and the split sizes instead: the package sends one request per rollout",
+    "best_of": "unset it: the package sends one request per rollout and keeps every sample",
+    "logprobs": "unset it: the package always asks for the sampled token's logprob",
+    "stop": "unset it: rollouts stop at the thought caps, the final answer and EOS",
+    "stop_token_ids": "unset it, or make the token an EOS token of the model's generation config",
+    "include_stop_str_in_output": "unset it: per-thought rounds set it themselves",
+    "skip_special_tokens": "unset it: per-thought rounds set it themselves (stop strings are matched on text with "
+                           "special tokens kept, as the thought tracker decodes)",
+    "ignore_eos": "unset it: rollouts end at EOS",
+    "detokenize": "unset it: thought boundaries are found as stop strings in the decoded text",
+    "structured_outputs": "unset it: a constraint would be applied to each per-thought round and to each reset "
+                          "suffix separately",
+    "guided_decoding": "unset it: a constraint would be applied to each per-thought round and to each reset suffix "
+                       "separately",
+    "truncate_prompt_tokens": "unset it: a truncated context is not the rollout's context",
+    "trace_decode_token_ids": "unset it: it replaces sampling with given tokens",
+    "flat_logprobs": "unset it: the package reads logprobs per token",
+    "output_kind": "unset it: the package reads final outputs",
+}
+# Options vLLM applies to the tokens generated in one request only: they restart with every per-thought
+# round and ignore a reset prefix (which reaches the engine as prompt), so the samples would not follow the
+# one-pass distribution.
+_PER_REQUEST_STATE = ("min_tokens", "presence_penalty", "frequency_penalty", "thinking_token_budget",
+                      "repetition_detection", "bad_words")
+
+
+def check_vllm_generation_kwargs(generation_kwargs: dict | None, mode: str) -> None:
+    """Refuses every ``generation_kwargs`` entry the vLLM backends cannot honour (see the module docstring)."""
+    for key in generation_kwargs or {}:
+        if key in _OWN_SETTINGS:
+            raise ValueError(
+                f"generation_kwargs[{key!r}] is not supported with use_vllm=True: it would override the sampling "
+                f"settings trl-resets sends with every request. Fix: {_OWN_SETTINGS[key]}."
+            )
+        if key in _PER_REQUEST_STATE:
+            raise ValueError(
+                f"generation_kwargs[{key!r}] is not supported with use_vllm=True: vLLM applies it to the tokens of "
+                "one request only, and a rollout is sampled over several requests (one per thought, and a reset "
+                "suffix after its prefix), so it would restart each time. Fix: unset it (repetition_penalty, "
+                "which counts the prompt too, is honoured)."
+            )
+    if mode == "server" and (generation_kwargs or {}).get("seed") is not None:
+        raise ValueError(
+            "generation_kwargs['seed'] is not supported with vllm_mode='server': the server applies one seed to "
+            "every prompt of a request, and the package sends one prompt per rollout, so every rollout of a "
+            "context would be identical (zero-variance groups). Fix: unset it; seed the server with `vllm serve "
+            "--seed N` instead, or use vllm_mode='colocate', where the seed is turned into one seed per row."
+        )
+
+
+def row_seed(seed: int, process_index: int, row: int) -> int:
+    """The seed of the ``row``-th seeded request of a process: distinct per row and process, fixed by ``seed``."""
+    digest = hashlib.blake2b(f"{seed}/{process_index}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # vLLM seeds are signed 64-bit integers
+
+
+def sampled_logprob(token_ids: list[int] | None, logprobs: list | None, token: int) -> float:
+    """The logprob of ``token`` among one position's entries (TRL's ranked lists); NaN when it is not there."""
+    for candidate, value in zip(token_ids or [], logprobs or []):
+        if candidate == token:
+            return float("nan") if value is None else float(value)
+    return float("nan")
 
 
 def prefix_caching_enabled(engine) -> bool | None:
@@ -39,13 +121,34 @@ def prefix_caching_enabled(engine) -> bool | None:
         return None
 
 
-def _sampled_logprobs(per_token) -> list[float]:
-    """The sampled token's logprob per position ([[lp, ...], ...] with the sampled one first); NaN when missing."""
-    out = []
-    for entry in per_token or []:
-        value = entry[0] if isinstance(entry, (list, tuple)) and entry else entry
-        out.append(float("nan") if value is None else float(value))
-    return out
+def max_model_len(engine) -> int | None:
+    """The longest prompt + completion the engine accepts (None when it cannot be told, e.g. off the main process)."""
+    try:
+        if engine.mode == "colocate":
+            return int(engine.llm.llm_engine.vllm_config.model_config.max_model_len)
+        client = getattr(engine, "vllm_client", None)
+        if client is None:
+            return None
+        return int(client.get_server_info()["model_config"]["max_model_len"])
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def length_error(rows: list[tuple[str, int, int]], limit: int | None, mode: str) -> str | None:
+    """The error for the first ``(row name, prompt length, max new tokens)`` past ``limit``; None when all fit."""
+    if limit is None:
+        return None
+    for name, prompt_len, max_tokens in rows:
+        if prompt_len + max_tokens > limit:
+            flag = "vllm_max_model_length" if mode == "colocate" else "the server's --max-model-len"
+            outcome = "reject the whole batch" if mode == "server" else "cut it short"
+            return (
+                f"{name}: a prompt of {prompt_len} tokens plus up to {max_tokens} new tokens exceeds the vLLM "
+                f"engine's max_model_len={limit} (vLLM would {outcome}). "
+                f"Fix: raise {flag} to at least {prompt_len + max_tokens}, or shorten the prompts or "
+                "max_completion_length (localization_max_tokens for a localization prompt)."
+            )
+    return None
 
 
 class VLLMThoughtSampler:
@@ -55,13 +158,13 @@ class VLLMThoughtSampler:
         engine: the trainer's ``VLLMGeneration`` (weights already synced by the trainer).
         tokenizer: the policy's tokenizer (``decode`` for boundary detection).
         fmt: the thought format.
-        eos_ids: tokens that end a rollout.
+        eos_ids: tokens that end a rollout (vLLM stops at the generation config's EOS tokens too: pass them all).
         per_thought: per-thought rounds (needs prefix caching) or one pass; see the module docstring.
         sync_any: ``flag -> any process's flag``; keeps processes in the same number of rounds.
         gather: ``local list -> list of every process's lists`` (server mode).
         broadcast: ``object on the main process -> that object everywhere`` (server mode).
         is_main_process: whether this process talks to the server.
-        process_index: this process's rank (server mode slicing).
+        process_index: this process's rank (server mode slicing, per-row seeds).
     """
 
     def __init__(
@@ -79,6 +182,7 @@ class VLLMThoughtSampler:
     ):
         if engine.mode not in ("colocate", "server"):
             raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {engine.mode!r}.")
+        check_vllm_generation_kwargs(engine.generation_kwargs, engine.mode)
         self.engine = engine
         self.tokenizer = tokenizer
         self.fmt = fmt
@@ -94,70 +198,115 @@ class VLLMThoughtSampler:
         self.generated_tokens = 0
         self.discarded_tokens = 0
         self.rounds = 0
+        self._max_model_len: int | None = None
+        self._limit_known = False
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # ------------------------------------------------------------------ engine calls
-    @contextmanager
-    def _settings(self, max_tokens: int, temperature: float | None, extra: dict):
-        """Temporarily points the wrapper's sampling settings at this request."""
+    def _settings(self, max_tokens: int, temperature: float | None) -> dict:
+        """The package's own sampling settings for one request (TRL's config values, this request's budget)."""
         engine = self.engine
-        saved = (engine.max_completion_length, engine.temperature, engine.generation_kwargs)
-        engine.max_completion_length = max_tokens
-        if temperature is not None:
-            engine.temperature = temperature
-        engine.generation_kwargs = {**(saved[2] or {}), **extra}
-        try:
-            yield
-        finally:
-            engine.max_completion_length, engine.temperature, engine.generation_kwargs = saved
+        return {
+            "n": 1,
+            "repetition_penalty": engine.repetition_penalty,
+            "temperature": engine.temperature if temperature is None else temperature,
+            "top_p": engine.top_p,
+            "top_k": engine.top_k,
+            "min_p": 0.0 if engine.min_p is None else engine.min_p,
+            "max_tokens": max_tokens,
+            "logprobs": engine.logprobs,
+        }
 
-    def _request(self, prompts: list[list[int]], max_tokens: int, temperature=None, extra=None):
-        """Completion ids and sampled-token logprobs for each prompt (one completion each)."""
+    def _next_row_seeds(self, count: int) -> list[int | None]:
+        """One derived seed per row when the user set ``generation_kwargs['seed']`` (the count lives on the engine,
+        so seeds keep changing across training steps, whose samplers are new objects)."""
+        seed = (self.engine.generation_kwargs or {}).get("seed")
+        if seed is None:
+            return [None] * count
+        start = getattr(self.engine, "_trl_resets_seeded_rows", 0)
+        self.engine._trl_resets_seeded_rows = start + count
+        return [row_seed(seed, self.process_index, start + k) for k in range(count)]
+
+    def _limit(self) -> int | None:
+        if not self._limit_known:
+            found = max_model_len(self.engine) if self.is_main_process or self.engine.mode == "colocate" else None
+            self._max_model_len = self.broadcast(found) if self.engine.mode == "server" else found
+            self._limit_known = True
+        return self._max_model_len
+
+    def _check_lengths(self, lengths: list[int], max_tokens: list[int], kind: str) -> None:
+        """Raises when a row's prompt plus budget exceeds the engine's ``max_model_len`` (server: on every process)."""
+        where = f" of process {self.process_index}" if self.engine.mode == "server" else ""
+        rows = [(f"{kind} row {i}{where}", n, m) for i, (n, m) in enumerate(zip(lengths, max_tokens))]
+        error = length_error(rows, self._limit(), self.engine.mode)
+        failed = error is not None
+        if self.engine.mode == "server":  # processes request together: all stop, not only the one whose row is long
+            failed = self.sync_any(failed)
+        if failed:
+            raise ValueError(error or "a request of another process exceeds the vLLM engine's max_model_len; "
+                                      "see that process's error for the row and the fix.")
+
+    def _request(self, prompts: list[list[int]], max_tokens: list[int], temperature=None, extra=None, kind="rollout"):
+        """Completion ids and sampled-token logprobs per prompt (one completion each, ``max_tokens[i]`` at most)."""
         extra = extra or {}
+        self._check_lengths([len(p) for p in prompts], max_tokens, kind)
         if self.engine.mode == "server":
             return self._request_server(prompts, max_tokens, temperature, extra)
         if not prompts:
             return [], []
-        with self._settings(max_tokens, temperature, extra):
-            _, completions, logprobs, _ = self.engine.generate(prompts, None, 1)
-        completions = [list(ids) for ids in completions]
-        logprobs = [_sampled_logprobs(lp) for lp in logprobs] if logprobs is not None else [
-            [float("nan")] * len(ids) for ids in completions
+        user = self.engine.generation_kwargs or {}
+        params = [  # vLLM's SamplingParams, as TRL's wrapper imports it
+            vllm_generation.SamplingParams(**self._settings(m, temperature), **{**user, **extra, "seed": seed})
+            for m, seed in zip(max_tokens, self._next_row_seeds(len(prompts)))
         ]
+        outputs = self.engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params,
+                                           use_tqdm=False)
+        completions, logprobs = [], []
+        for out in outputs:
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            completions.append(ids)
+            if sample.logprobs is None:
+                logprobs.append([float("nan")] * len(ids))
+            else:
+                logprobs.append([_logprob_of(entry, token) for entry, token in zip(sample.logprobs, ids)])
         return completions, logprobs
 
     def _request_server(self, prompts, max_tokens, temperature, extra):
-        engine = self.engine
-        everyone = self.gather(list(prompts))
+        everyone = self.gather([(list(p), m) for p, m in zip(prompts, max_tokens)])
         payload = None
         if self.is_main_process:
-            flat = [p for part in everyone for p in part]
-            completions, logprobs = [], []
-            if flat:
-                out = engine.vllm_client.generate(
-                    prompts=flat,
-                    n=1,
-                    repetition_penalty=engine.repetition_penalty,
-                    temperature=engine.temperature if temperature is None else temperature,
-                    top_p=engine.top_p,
-                    top_k=engine.top_k,
-                    min_p=0.0 if engine.min_p is None else engine.min_p,
-                    max_tokens=max_tokens,
-                    logprobs=engine.logprobs,
-                    generation_kwargs={**(engine.generation_kwargs or {}), **extra},
-                )
-                completions = [list(ids) for ids in out["completion_ids"]]
-                raw = out.get("logprobs")
-                logprobs = [_sampled_logprobs(lp) for lp in raw] if raw is not None else [
-                    [float("nan")] * len(ids) for ids in completions
-                ]
+            flat = [row for part in everyone for row in part]
+            completions, logprobs = [None] * len(flat), [None] * len(flat)
+            for budget in sorted({m for _, m in flat}):  # one call per budget: the server applies one to a call
+                where = [j for j, (_, m) in enumerate(flat) if m == budget]
+                ids, lps = self._call_server([flat[j][0] for j in where], budget, temperature, extra)
+                for j, row_ids, row_lps in zip(where, ids, lps):
+                    completions[j], logprobs[j] = row_ids, row_lps
             payload = (completions, logprobs, [len(part) for part in everyone])
         completions, logprobs, sizes = self.broadcast(payload)
         start = sum(sizes[: self.process_index])
         end = start + sizes[self.process_index]
         return completions[start:end], logprobs[start:end]
+
+    def _call_server(self, prompts, max_tokens, temperature, extra):
+        out = self.engine.vllm_client.generate(
+            prompts=prompts,
+            **self._settings(max_tokens, temperature),
+            generation_kwargs={**(self.engine.generation_kwargs or {}), **extra},
+        )
+        completions = [list(ids) for ids in out["completion_ids"]]
+        raw, raw_ids = out.get("logprobs"), out.get("logprob_token_ids")
+        if raw is None or raw_ids is None:
+            return completions, [[float("nan")] * len(ids) for ids in completions]
+        logprobs = [
+            [sampled_logprob(position_ids, position_lps, token) for token, position_ids, position_lps in
+             zip(ids, row_ids, row_lps)]
+            for ids, row_ids, row_lps in zip(completions, raw_ids, raw)
+        ]
+        return completions, logprobs
 
     # ------------------------------------------------------------------ ThoughtSampler
     def sample(self, contexts, start_thoughts=None, token_budgets=None) -> list[Rollout]:
@@ -168,6 +317,8 @@ class VLLMThoughtSampler:
             ThoughtTracker(self.fmt, self._decode, self.eos_ids, start_thoughts[i], max(token_budgets[i], 1))
             for i in range(n)
         ]
+        # every request of a rollout fits when its context plus its whole budget does: fail before the first one
+        self._check_lengths([len(c) for c in contexts], [t.token_budget for t in trackers], "rollout")
         logprobs: list[list[float]] = [[] for _ in range(n)]
         if self.per_thought:
             self._sample_by_thought(contexts, trackers, logprobs)
@@ -190,21 +341,23 @@ class VLLMThoughtSampler:
             lps.append(new_lps[position] if position < len(new_lps) else float("nan"))
 
     def _sample_one_pass(self, contexts, trackers, logprobs) -> None:
-        # Every process asks for the same budget (the server applies one setting to the whole batch).
-        completions, lps = self._request([list(c) for c in contexts], self.fmt.max_completion_tokens)
+        budgets = [t.token_budget for t in trackers]
+        completions, lps = self._request([list(c) for c in contexts], budgets)
         self.rounds += 1
         for tracker, lp_out, ids, new_lps in zip(trackers, logprobs, completions, lps):
             self._feed(tracker, lp_out, ids, new_lps)
 
     def _sample_by_thought(self, contexts, trackers, logprobs) -> None:
-        stop = {"stop": [self.fmt.boundary], "include_stop_str_in_output": True}
-        per_round = min(self.fmt.max_thought_tokens, self.fmt.max_completion_tokens)
+        # Stop strings are matched on the decoded completion; keep special tokens in it, as the tracker does.
+        stop = {"stop": [self.fmt.boundary], "include_stop_str_in_output": True, "skip_special_tokens": False}
         while True:
             active = [i for i, t in enumerate(trackers) if not t.done]
             if not self.sync_any(bool(active)):
                 return
             prompts = [list(contexts[i]) + trackers[i].tokens for i in active]
-            completions, lps = self._request(prompts, per_round, extra=stop)
+            budgets = [min(self.fmt.max_thought_tokens, trackers[i].token_budget - len(trackers[i].tokens))
+                       for i in active]
+            completions, lps = self._request(prompts, budgets, extra=stop)
             self.rounds += 1
             for i, ids, new_lps in zip(active, completions, lps):
                 if not ids:  # the engine gave nothing back: end the row rather than loop forever
@@ -213,10 +366,19 @@ class VLLMThoughtSampler:
                 self._feed(trackers[i], logprobs[i], ids, new_lps)
 
     def complete(self, prompts, max_new_tokens, temperature) -> list[list[int]]:
-        completions, _ = self._request([list(p) for p in prompts], max_new_tokens, temperature=temperature)
+        completions, _ = self._request([list(p) for p in prompts], [max_new_tokens] * len(prompts),
+                                       temperature=temperature, kind="localization")
         replies = []
         for row in completions:
             cut = next((j + 1 for j, tok in enumerate(row) if tok in self.eos_ids), len(row))
             replies.append(row[:cut])
         self.generated_tokens += sum(len(r) for r in replies)
         return replies
+
+
+def _logprob_of(entry: dict, token: int) -> float:
+    """The sampled token's logprob from one position of a vLLM output (``{token id: Logprob}``); NaN when absent."""
+    found = entry.get(token) if entry else None
+    if found is None or found.logprob is None or math.isnan(found.logprob):
+        return float("nan")
+    return float(found.logprob)
