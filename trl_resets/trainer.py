@@ -32,7 +32,7 @@ from . import metrics as reset_metrics
 from .advantages import group_advantages
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
-from .loss import reset_pg_loss
+from .loss import reset_pg_loss, rows_per_micro_batch, rows_with_loss
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
@@ -332,7 +332,8 @@ class ResetTrainer(GRPOTrainer):
                 rollouts = sampler.sample(prompt_ids)
             self._batch_state = None
             return {"prompt_ids": prompt_ids, "completion_ids": [r.token_ids for r in rollouts],
-                    "logprobs": _logprobs_or_none([r.logprobs for r in rollouts])}
+                    "logprobs": _logprobs_or_none([r.logprobs for r in rollouts]),
+                    "env_mask": [[1] * len(r.token_ids) for r in rollouts]}
 
         n = self.num_generations
         firsts = list(range(0, len(prompts), n))
@@ -389,6 +390,9 @@ class ResetTrainer(GRPOTrainer):
         self._batch_state = None
         output = super()._generate_and_score_completions(inputs)
         state, self._batch_state, self._batch_inputs = self._batch_state, None, None
+        if "tool_mask" in output:  # rows that carry loss in the generation batch, all processes: the loss's mean
+            live = rows_with_loss(output["completion_mask"] * output["tool_mask"]).sum()
+            output["num_loss_rows"] = self.accelerator.gather(live).sum()
         if state is not None:
             output["advantages"] = state["advantages"]
             sums = self.accelerator.reduce(state["metric_sums"], reduction="sum")
@@ -403,31 +407,69 @@ class ResetTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
-        if self.args.clip_surrogate:
-            return super()._compute_loss(model, inputs)
+        if "tool_mask" not in inputs:
+            raise RuntimeError(
+                "the loss inputs carry no tool_mask: TRL no longer hands over the env_mask that masks each reset "
+                "row's prefix, so the prefix would be trained. This trl version is not supported by trl-resets; "
+                "install the pinned one (see constraints.txt)."
+            )
         completion_mask = inputs["completion_mask"]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = completion_mask * inputs["tool_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
         )
-        loss = reset_pg_loss(
+        advantages = inputs["advantages"]
+        old_logps = inputs.get("old_per_token_logps")
+        weights = torch.ones_like(logps)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            weights = weights * inputs["importance_sampling_ratio"]
+        if self.top_entropy_quantile < 1.0:
+            weights = weights * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        if self.off_policy_mask_threshold is not None:
+            old = logps.detach() if old_logps is None else old_logps
+            weights = weights * self.get_off_policy_mask(
+                advantages.unsqueeze(1), logps, inputs.get("sampling_per_token_logps", old), mask,
+                self.off_policy_mask_threshold,
+            )
+        mode = "train" if self.model.training else "eval"
+        num_rows = None  # eval: the mean over this batch's rows
+        if mode == "train":
+            num_rows = rows_per_micro_batch(
+                inputs["num_loss_rows"].item(), self.accelerator.num_processes,
+                self.current_gradient_accumulation_steps, self.args.steps_per_generation,
+            )
+        terms = reset_pg_loss(
             logps,
-            inputs["advantages"],
+            advantages,
             mask,
+            old_logps=old_logps,
+            clip=(self.epsilon_low, self.epsilon_high) if self.args.clip_surrogate else None,
+            delta=self.args.delta,
             ref_logps=inputs.get("ref_per_token_logps"),
             beta=self.beta,
-            token_weights=inputs.get("importance_sampling_ratio"),
+            kl_bias_correction=self.args.use_bias_correction_kl,
+            token_weights=weights,
+            num_rows=num_rows,
         )
-        mode = "train" if self.model.training else "eval"
-        totals = self.accelerator.reduce(
-            torch.stack([(entropies * mask).sum(), mask.sum().to(entropies.dtype)]).detach(), reduction="sum"
-        )
-        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(loss.detach()).mean().item())
-        if mode == "train":
-            loss = loss / self.current_gradient_accumulation_steps
+        loss = terms.loss
+
+        def masked_mean(values):
+            totals = self.accelerator.reduce(
+                torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)]).detach(), reduction="sum"
+            )
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if terms.kl is not None:
+            self._metrics[mode]["kl"].append(masked_mean(terms.kl))
+        self._metrics[mode]["entropy"].append(masked_mean(entropies))
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(terms.policy_loss).mean().item())
+        if self.aux_loss_enabled:  # TRL's MoE load-balancing loss, scaled for accumulation as GRPO does
+            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
 
     # ------------------------------------------------------------------ model card
