@@ -227,6 +227,29 @@ class ResetConfig(GRPOConfig):
                 f"{self.num_generations}."
             )
         self._check_loss_options()
+        if not self.use_vllm:
+            self._check_generation_kwargs()
+
+    def _check_generation_kwargs(self):
+        """Settings of transformers' generation that the thought sampler (one sampled token per row and step, a
+        thought at a time, its own token budgets) cannot honour fail here, not in the middle of a step."""
+        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        refused = {
+            "num_beams": "beam search keeps several hypotheses per row; rollouts are sampled one token at a time",
+            "num_beam_groups": "beam search keeps several hypotheses per row; rollouts are sampled one token at a time",
+            "num_return_sequences": "each row is one rollout; num_generations sets the rollouts per prompt",
+            "penalty_alpha": "contrastive search is not sampling; rollouts are sampled one token at a time",
+            "max_new_tokens": "the sampler sets each thought's budget; use max_completion_length and max_thought_tokens",
+            "max_length": "the sampler sets each thought's budget; use max_completion_length and max_thought_tokens",
+        }
+        for key, why in refused.items():
+            value = kwargs.get(key)
+            if value is None or (key in ("num_beams", "num_beam_groups", "num_return_sequences") and value == 1):
+                continue
+            raise ValueError(
+                f"generation_kwargs={{{key!r}: {value!r}}} cannot be honoured by the thought sampler: {why}. "
+                f"Remove {key!r} from generation_kwargs."
+            )
 
     def _check_loss_options(self):
         """GRPOConfig options the reset loss cannot honour fail here, each naming the fix."""

@@ -27,6 +27,7 @@ from torch import nn
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.grpo_trainer import logger as _trl_logger
 
 from . import metrics as reset_metrics
 from .advantages import group_advantages
@@ -117,7 +118,7 @@ class ResetTrainer(GRPOTrainer):
     def __init__(
         self,
         model,
-        reward_funcs,
+        reward_funcs=None,
         args: ResetConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
@@ -187,6 +188,7 @@ class ResetTrainer(GRPOTrainer):
         self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
+        self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
 
     # ------------------------------------------------------------------ generation
@@ -290,6 +292,8 @@ class ResetTrainer(GRPOTrainer):
         columns = {k: [row[k] for row in rows_inputs] for k in keys}
         columns["trainer_state"] = self.state
         columns["log_metric"] = self._log_metric
+        columns["log_extra"] = lambda column, values: self._pending_row_extras.append(
+            (column, [tuple(ids) for ids in completion_ids], list(values)))
         per_func = []
         for func, name, func_tokenizer in zip(self.reward_funcs, self.reward_func_names, self.reward_processing_classes):
             if isinstance(func, nn.Module):
@@ -306,7 +310,28 @@ class ResetTrainer(GRPOTrainer):
                     "it must return one reward per completion."
                 )
             per_func.append([math.nan if r is None else float(r) for r in out])
-        return [list(values) for values in zip(*per_func)]
+        rows = [list(values) for values in zip(*per_func)]
+        unscored = [i for i, values in enumerate(rows) if values and all(math.isnan(v) for v in values)]
+        if unscored:
+            i = unscored[0]
+            row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
+            _trl_logger.warning(
+                f"Every reward function returned None for {len(unscored)} of {len(rows)} completions (their rows get no "
+                f"reward and no advantage), for example for {dict(row, prompt=prompts[i], completion=completions[i])}. "
+                "Make at least one reward function return a reward for every completion."
+            )
+        return rows
+
+    def _log_row_extras(self, rows) -> None:
+        """Hands TRL's completions table the columns reward functions logged with ``log_extra``, one value per
+        training row (the value logged when its trajectory was scored; None for filler rows)."""
+        pending, self._pending_row_extras = self._pending_row_extras, []
+        by_column: dict[str, dict[tuple, object]] = {}
+        for column, keys, values in pending:
+            by_column.setdefault(column, {}).update(zip(keys, values))
+        for column, values in by_column.items():
+            self._log_completion_extra(
+                column, [values.get(tuple(row.completion_ids)) if row.weight > 0 else None for row in rows])
 
     @torch.no_grad()
     def _score_with_model(self, model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
@@ -357,6 +382,7 @@ class ResetTrainer(GRPOTrainer):
             )
         self._batch_state = self._summarize(groups)
         rows = [row for g in groups for row in g.rows]
+        self._log_row_extras(rows)
         return {
             "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
             "completion_ids": [row.completion_ids for row in rows],
@@ -395,6 +421,10 @@ class ResetTrainer(GRPOTrainer):
             output["num_loss_rows"] = self.accelerator.gather(live).sum()
         if state is not None:
             output["advantages"] = state["advantages"]
+            trained = gather(state["advantages"]).tolist()  # the completions table shows the advantages trained
+            for _ in trained:
+                self._logs["advantages"].pop()
+            self._logs["advantages"].extend(trained)
             sums = self.accelerator.reduce(state["metric_sums"], reduction="sum")
             for name, value in reset_metrics.finalize(sums.tolist()).items():
                 self._metrics["train"][name].append(value)
