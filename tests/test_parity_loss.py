@@ -112,7 +112,8 @@ def test_trl_hands_the_sampling_policy_to_later_steps_of_a_generation(tmp_path, 
         ratio = torch.exp(now - inputs["old_per_token_logps"])
         want = _by_hand(trainer, inputs, ratio=ratio) * inputs["completion_mask"].size(0) * 2 / inputs["num_loss_rows"]
         live = int((mask.sum(1) > 0).sum())
-        seen.append((_grads(trainer, loss, keep=True), _grads(trainer, want), ratio[mask.bool()], live, inputs["num_loss_rows"]))
+        seen.append((_grads(trainer, loss, keep=True), _grads(trainer, want), ratio[mask.bool()], live,
+                     inputs["num_loss_rows"]))
         return loss
 
     trainer._compute_loss = recording

@@ -10,7 +10,6 @@ from trl import GRPOConfig
 from .localizers import DEFAULT_LOCALIZATION_TEMPLATE
 from .thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
 
-
 # How each GRPOConfig option stands with the reset loss. Fields inherited from transformers' TrainingArguments
 # (optimizer, schedule, logging, ...) act as in any Trainer and are not loss options; every field GRPOConfig
 # adds is in exactly one of the three sets below (a test holds TRL's fields to it).
@@ -239,8 +238,8 @@ class ResetConfig(GRPOConfig):
             "num_beam_groups": "beam search keeps several hypotheses per row; rollouts are sampled one token at a time",
             "num_return_sequences": "each row is one rollout; num_generations sets the rollouts per prompt",
             "penalty_alpha": "contrastive search is not sampling; rollouts are sampled one token at a time",
-            "max_new_tokens": "the sampler sets each thought's budget; use max_completion_length and max_thought_tokens",
-            "max_length": "the sampler sets each thought's budget; use max_completion_length and max_thought_tokens",
+            "max_new_tokens": "the sampler sets each thought's budget (max_completion_length, max_thought_tokens)",
+            "max_length": "the sampler sets each thought's budget (max_completion_length, max_thought_tokens)",
         }
         for key, why in refused.items():
             value = kwargs.get(key)

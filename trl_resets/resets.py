@@ -115,6 +115,8 @@ class PromptGroups:
     fallbacks: int = 0
     phase1_draws: int = 0
     unused_tokens: int = 0
+    first_draws: int = 0  # phase 1's first G1 + k iid draws, drawn whatever their rewards (seeds included)
+    first_draws_passed: int = 0
 
 
 def choose_seeds(incorrect: Sequence[bool], split: Split) -> tuple[list[int], list[int]]:
@@ -246,7 +248,10 @@ class ResetAlgorithm:
             base_rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
             used = set(seed_idx) | set(base_idx)
             unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
-            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused))
+            first = drawn[: split.base + split.prefixes]
+            passed = sum(s.reward >= self.success_threshold for s in first)  # NaN never passes
+            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused,
+                                        first_draws=len(first), first_draws_passed=passed))
             seeds.extend((i, g + 1, drawn[j]) for g, j in enumerate(seed_idx))
 
         if split.is_grpo:

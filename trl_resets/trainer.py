@@ -36,7 +36,7 @@ from .localizers import as_localizer
 from .loss import reset_pg_loss, rows_per_micro_batch, rows_with_loss
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
-from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
+from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
     "title": "Credit Assignment with Resets in Language Model Reasoning",
@@ -316,8 +316,9 @@ class ResetTrainer(GRPOTrainer):
             i = unscored[0]
             row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
             _trl_logger.warning(
-                f"Every reward function returned None for {len(unscored)} of {len(rows)} completions (their rows get no "
-                f"reward and no advantage), for example for {dict(row, prompt=prompts[i], completion=completions[i])}. "
+                f"Every reward function returned None for {len(unscored)} of {len(rows)} completions (their rows get "
+                f"no reward and no advantage), for example for "
+                f"{dict(row, prompt=prompts[i], completion=completions[i])}. "
                 "Make at least one reward function return a reward for every completion."
             )
         return rows
@@ -408,6 +409,9 @@ class ResetTrainer(GRPOTrainer):
             "rewards_per_func": torch.tensor([row.rewards for _, row in rows], dtype=torch.float32, device=device),
             "advantages": advantages.to(device),
             "metric_sums": torch.tensor(sums, dtype=torch.float64, device=device),
+            # per row: whole trajectory length, terminated (EOS or final answer), trained (not a filler)
+            "row_stats": torch.tensor([[len(row.completion_ids), row.stop_reason in (STOP_EOS, STOP_ANSWER),
+                                        row.weight > 0] for _, row in rows], dtype=torch.float32, device=device),
         }
 
     # ------------------------------------------------------------------ rewards and advantages
@@ -425,9 +429,18 @@ class ResetTrainer(GRPOTrainer):
             for _ in trained:
                 self._logs["advantages"].pop()
             self._logs["advantages"].extend(trained)
-            sums = self.accelerator.reduce(state["metric_sums"], reduction="sum")
-            for name, value in reset_metrics.finalize(sums.tolist()).items():
+            sums = self.accelerator.reduce(state["metric_sums"], reduction="sum").tolist()
+            for name, value in reset_metrics.finalize(sums).items():
                 self._metrics["train"][name].append(value)
+            # TRL's metrics, as it logged them just now, describe rows by prompt and by active tokens: restate them
+            # for the groups and the trained rows' whole trajectories
+            metrics = self._metrics["train"]
+            metrics["frac_reward_zero_std"][-1] = reset_metrics.zero_std_group_fraction(sums)
+            stats = gather(state["row_stats"])
+            trained = stats[stats[:, 2] > 0]
+            lengths, terminated = trained[:, 0].tolist(), (trained[:, 1] > 0).tolist()
+            for name, value in reset_metrics.completion_stats(lengths, terminated).items():
+                metrics[name][-1] = value
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

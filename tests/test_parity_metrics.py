@@ -1,0 +1,74 @@
+"""Logged metrics describe the rows that were trained: groups, whole trajectories, no filler rows."""
+
+import math
+
+import pytest
+
+from trl_resets import SRPOConfig, SRPOTrainer
+from trl_resets.metrics import PREFIX, completion_stats, step_sums, zero_std_group_fraction
+from trl_resets.resets import PromptGroups, TrainingRow
+from trl_resets.thoughts import STOP_ANSWER, STOP_EOS
+
+from .conftest import make_tiny_llama
+from .test_trainer import _args, _dataset
+
+
+def _row(n, group, reward, weight=1.0, stop=STOP_ANSWER, prefix=0):
+    return TrainingRow(list(range(n)), prefix, group, [reward], reward, weight, 1, stop)
+
+
+def test_rollouts_that_end_at_their_answer_are_not_clipped():
+    stats = completion_stats([5.0, 9.0], [True, True])
+    assert stats["completions/clipped_ratio"] == 0.0 and stats["completions/mean_terminated_length"] == 7.0
+    stats = completion_stats([5.0, 9.0, 4.0], [True, False, False])
+    assert stats["completions/clipped_ratio"] == pytest.approx(2 / 3)
+    assert stats["completions/max_terminated_length"] == 5.0 and stats["completions/min_length"] == 4.0
+
+
+def test_zero_std_fraction_counts_groups_and_policy_pass_rate_counts_the_first_draws():
+    # prompt 0: base group degenerate (all 1), one shared-prefix group with signal; prompt 1: base group with
+    # signal, its seed slot empty (fillers, no group)
+    p0 = PromptGroups([_row(3, 0, 1.0), _row(3, 0, 1.0), _row(4, 1, 0.0), _row(4, 1, 1.0)],
+                      first_draws=3, first_draws_passed=2)
+    p1 = PromptGroups([_row(3, 0, 0.0), _row(3, 0, 1.0), _row(3, 1, math.nan, 0.0), _row(3, 1, math.nan, 0.0)],
+                      fallbacks=1, first_draws=3, first_draws_passed=1)
+    sums = step_sums([p0, p1], [[0, 0, -1, 1], [-1, 1, 0, 0]], success_threshold=1.0)
+    assert zero_std_group_fraction(sums) == pytest.approx(1 / 3)  # 3 groups, 1 of them all equal
+    from trl_resets.metrics import finalize
+
+    values = finalize(sums)
+    assert values[PREFIX + "policy_pass_rate"] == pytest.approx(3 / 6)
+    assert values[PREFIX + "base_pass_rate"] == pytest.approx(3 / 4)
+
+
+def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer):
+    args = _args(tmp_path, SRPOConfig, max_steps=1, seed_budget=0, success_threshold=0.5)
+
+    def half_right(completions, **kwargs):
+        return [float(len(c) % 2) for c in completions]
+
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=half_right, args=args,
+                          train_dataset=_dataset(), processing_class=char_tokenizer)
+    results = []
+    run = trainer.reset_algorithm.run
+    trainer.reset_algorithm.run = lambda **kw: results.append(run(**kw)) or results[-1]
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    rows = [row for groups in results[0] for row in groups.rows if row.weight > 0]
+    lengths = [len(r.completion_ids) for r in rows]
+    assert log["completions/mean_length"] == pytest.approx(sum(lengths) / len(lengths))
+    assert log["completions/min_length"] == min(lengths) > 0
+    assert log["completions/max_length"] == max(lengths)
+    clipped = [r.stop_reason not in (STOP_EOS, STOP_ANSWER) for r in rows]
+    assert log["completions/clipped_ratio"] == pytest.approx(sum(clipped) / len(clipped))
+    groups = {}
+    for p, result in enumerate(results[0]):
+        for row in result.rows:
+            if row.weight > 0:
+                groups.setdefault((p, row.group), []).append(row.reward)
+    zero = [len(set(g)) == 1 for g in groups.values()]
+    assert log["frac_reward_zero_std"] == pytest.approx(sum(zero) / len(zero))
+    first = [g.first_draws for g in results[0]]
+    assert first == [args.num_base_generations + args.num_reset_prefixes] * len(results[0])
+    assert log[PREFIX + "policy_pass_rate"] == pytest.approx(
+        sum(g.first_draws_passed for g in results[0]) / sum(first))
