@@ -69,3 +69,41 @@ def test_generation_settings_the_sampler_cannot_honour_are_refused(tmp_path, kwa
     with pytest.raises(ValueError, match=f"{next(iter(kwargs))}.*Remove"):
         _args(tmp_path, SRPOConfig, generation_kwargs=kwargs)
     assert _args(tmp_path, SRPOConfig, generation_kwargs={"num_beams": 1}).generation_kwargs == {"num_beams": 1}
+
+
+def test_self_localization_keeps_the_dataset_system_message(tmp_path, char_tokenizer):
+    from datasets import Dataset
+
+    system = {"role": "system", "content": "Be terse."}
+    data = Dataset.from_dict({"prompt": [[system, {"role": "user", "content": q}] for q in ["2+5?", "3+4?"]] * 2,
+                              "answer": ["7"] * 4})
+    args = _args(tmp_path, SRPOConfig, max_steps=1)
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven, args=args,
+                          train_dataset=data, processing_class=char_tokenizer)
+    seen = []
+    tokenize = trainer._tokenize_prompts
+    trainer._tokenize_prompts = lambda prompts: seen.extend(prompts) or tokenize(prompts)
+    trainer.train()
+    localization = [p for p in seen if "Step 1:" in p[-1]["content"]]
+    assert localization and all(p[0] == system and len(p) == 2 for p in localization)
+
+
+def test_reward_model_honours_chat_template_kwargs(tmp_path, char_tokenizer):
+    from .conftest import make_char_tokenizer
+    from .test_trainer import _tiny_reward_model
+
+    reward_tok = make_char_tokenizer()
+    reward_tok.chat_template = "{% if flavor %}[{{ flavor }}]{% endif %}" + reward_tok.chat_template
+    reward_model = _tiny_reward_model(reward_tok)
+    args = _args(tmp_path, SRPOConfig, max_steps=1, chat_template_kwargs={"flavor": "x"})
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=[reward_model], args=args,
+                          train_dataset=_dataset(conversational=True), processing_class=char_tokenizer,
+                          reward_processing_classes=[reward_tok])
+    prompt = [{"role": "user", "content": "2+5?"}]
+    (score,) = trainer._score([{"answer": "7"}], [prompt], [char_tokenizer("so 7")["input_ids"]])[0]
+    text = reward_tok.apply_chat_template(prompt + [{"role": "assistant", "content": "so 7"}], tokenize=False,
+                                          flavor="x")
+    assert text.startswith("[x]")
+    batch = reward_tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert abs(score - reward_model(**batch).logits[0, 0].item()) < 1e-5

@@ -91,20 +91,45 @@ def _check_vllm_settings(args) -> None:
 
 
 class _PolicyText:
-    """The policy as text in / text out (for self-localization), in the dataset's prompt style."""
+    """The policy as text in / text out (for self-localization), in the dataset's prompt style: a conversational
+    dataset's system messages lead each localization prompt of the seed they belong to (see `_SystemMessages`)."""
 
     def __init__(self, trainer: "ResetTrainer", sampler: TransformersThoughtSampler, conversational: bool):
         self.trainer, self.sampler, self.conversational = trainer, sampler, conversational
+        self.leading: list[list[dict]] | None = None  # per request of the current locate() call
 
     def complete(self, prompts, max_new_tokens, temperature):
         if not prompts:
             self.sampler.complete([], max_new_tokens, temperature)
             return []
-        messages = [[{"role": "user", "content": p}] for p in prompts] if self.conversational else prompts
+        leading = self.leading if self.leading is not None and len(self.leading) == len(prompts) else None
+        if self.conversational:
+            messages = [(leading[i] if leading else []) + [{"role": "user", "content": p}]
+                        for i, p in enumerate(prompts)]
+        else:
+            messages = prompts
         ids, _, _ = self.trainer._tokenize_prompts(messages)
         replies = self.sampler.complete([list(x) for x in ids], max_new_tokens, temperature)
         texts = self.trainer.processing_class.batch_decode(replies, skip_special_tokens=True)
         return [(text, len(reply)) for text, reply in zip(texts, replies)]
+
+
+class _SystemMessages:
+    """Wraps a localizer so that the policy, asked one localization prompt per request, sees before each the
+    system messages of the dataset prompt the request's seed came from."""
+
+    def __init__(self, localizer):
+        self.localizer, self.name = localizer, localizer.name
+
+    def locate(self, requests, policy=None, rng=None):
+        if isinstance(policy, _PolicyText):
+            policy.leading = [[m for m in (r.row or {}).get("prompt", []) if isinstance(m, dict)
+                               and m.get("role") == "system"] for r in requests]
+        try:
+            return self.localizer.locate(requests, policy, rng)
+        finally:
+            if isinstance(policy, _PolicyText):
+                policy.leading = None
 
 
 class ResetTrainer(GRPOTrainer):
@@ -338,7 +363,8 @@ class ResetTrainer(GRPOTrainer):
     def _score_with_model(self, model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
         """A reward model's score (its first logit) for each prompt + completion, in the reward tokenizer's format."""
         if _is_conversational(prompts[0]):
-            texts = [apply_chat_template({"messages": p + c}, tokenizer)["text"] for p, c in zip(prompts, completions)]
+            texts = [apply_chat_template({"messages": p + c}, tokenizer, **self.chat_template_kwargs)["text"]
+                     for p, c in zip(prompts, completions)]
         else:
             texts = [p + c for p, c in zip(prompts, completions)]
         scores = []
@@ -375,7 +401,7 @@ class ResetTrainer(GRPOTrainer):
                 questions=[_question_text(prompts[i]) for i in firsts],
                 sampler=sampler,
                 score=score,
-                localizer=self.localizer,
+                localizer=_SystemMessages(self.localizer),
                 describe=self._describe,
                 policy=_PolicyText(self, sampler, _is_conversational(prompts[0])),
                 rng=self._reset_rng,
