@@ -72,3 +72,23 @@ def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer):
     assert first == [args.num_base_generations + args.num_reset_prefixes] * len(results[0])
     assert log[PREFIX + "policy_pass_rate"] == pytest.approx(
         sum(g.first_draws_passed for g in results[0]) / sum(first))
+
+
+def test_rollouts_ending_at_their_answer_log_as_terminated_and_fillers_stay_out(tmp_path, char_tokenizer):
+    """Every rollout writes its boxed answer and stops there: nothing is clipped; every prompt falls back (no
+    seed), and its zero-weight filler rows do not drag the minimum length to 0."""
+    from .conftest import ScriptedLlama
+    from .test_trainer import contains_seven
+
+    script = char_tokenizer("so \\boxed{7}</thought>", add_special_tokens=False)["input_ids"]
+    args = _args(tmp_path, SRPOConfig, max_steps=1, seed_budget=0, max_thought_tokens=40, max_completion_length=40)
+    trainer = SRPOTrainer(model=ScriptedLlama.build(char_tokenizer, [script]), reward_funcs=contains_seven,
+                          args=args, train_dataset=_dataset(), processing_class=char_tokenizer)
+    trainer.model.train()
+    trainer._generate_and_score_completions([{"prompt": "2+5?", "answer": "7"}] * 8)
+    metrics = trainer._metrics["train"]
+    assert metrics[PREFIX + "fallback_rate"][-1] == 1.0
+    assert metrics["completions/clipped_ratio"][-1] == 0.0
+    assert metrics["completions/mean_terminated_length"][-1] == len(script)
+    assert metrics["completions/min_length"][-1] == len(script)
+    assert metrics["frac_reward_zero_std"][-1] == 1.0  # the one group (the base group) is all correct

@@ -90,6 +90,12 @@ def _check_vllm_settings(args) -> None:
         )
 
 
+def _stats_of_rows(rows, device) -> torch.Tensor:
+    """(length, terminated, trained) per row: a rollout that ends at its final answer or at EOS has terminated."""
+    return torch.tensor([[n, stop in (STOP_EOS, STOP_ANSWER), weight > 0] for n, stop, weight in rows],
+                        dtype=torch.float32, device=device)
+
+
 class _PolicyText:
     """The policy as text in / text out (for self-localization), in the dataset's prompt style: a conversational
     dataset's system messages lead each localization prompt of the seed they belong to (see `_SystemMessages`)."""
@@ -213,6 +219,7 @@ class ResetTrainer(GRPOTrainer):
         self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
+        self._row_stats = None  # per row of the batch being generated: length, terminated, trained
         self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
 
@@ -383,6 +390,8 @@ class ResetTrainer(GRPOTrainer):
             with self._sampler() as sampler:
                 rollouts = sampler.sample(prompt_ids)
             self._batch_state = None
+            self._row_stats = _stats_of_rows([(len(r.token_ids), r.stop_reason, 1.0) for r in rollouts],
+                                         self.accelerator.device)
             return {"prompt_ids": prompt_ids, "completion_ids": [r.token_ids for r in rollouts],
                     "logprobs": _logprobs_or_none([r.logprobs for r in rollouts]),
                     "env_mask": [[1] * len(r.token_ids) for r in rollouts]}
@@ -409,6 +418,8 @@ class ResetTrainer(GRPOTrainer):
             )
         self._batch_state = self._summarize(groups)
         rows = [row for g in groups for row in g.rows]
+        self._row_stats = _stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],
+                                     self.accelerator.device)
         self._log_row_extras(rows)
         return {
             "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
@@ -435,9 +446,6 @@ class ResetTrainer(GRPOTrainer):
             "rewards_per_func": torch.tensor([row.rewards for _, row in rows], dtype=torch.float32, device=device),
             "advantages": advantages.to(device),
             "metric_sums": torch.tensor(sums, dtype=torch.float64, device=device),
-            # per row: whole trajectory length, terminated (EOS or final answer), trained (not a filler)
-            "row_stats": torch.tensor([[len(row.completion_ids), row.stop_reason in (STOP_EOS, STOP_ANSWER),
-                                        row.weight > 0] for _, row in rows], dtype=torch.float32, device=device),
         }
 
     # ------------------------------------------------------------------ rewards and advantages
@@ -459,12 +467,14 @@ class ResetTrainer(GRPOTrainer):
             for name, value in reset_metrics.finalize(sums).items():
                 self._metrics["train"][name].append(value)
             # TRL's metrics, as it logged them just now, describe rows by prompt and by active tokens: restate them
-            # for the groups and the trained rows' whole trajectories
-            metrics = self._metrics["train"]
-            metrics["frac_reward_zero_std"][-1] = reset_metrics.zero_std_group_fraction(sums)
-            stats = gather(state["row_stats"])
+            # for the groups (here) and the trained rows' whole trajectories (below)
+            self._metrics["train"]["frac_reward_zero_std"][-1] = reset_metrics.zero_std_group_fraction(sums)
+        row_stats, self._row_stats = self._row_stats, None
+        if row_stats is not None:
+            stats = gather(row_stats)
             trained = stats[stats[:, 2] > 0]
             lengths, terminated = trained[:, 0].tolist(), (trained[:, 1] > 0).tolist()
+            metrics = self._metrics["train" if self.model.training else "eval"]
             for name, value in reset_metrics.completion_stats(lengths, terminated).items():
                 metrics[name][-1] = value
         return output
