@@ -8,7 +8,9 @@ Three hooks, everything else is TRL's:
 * rewards are computed while generating (the seed search needs them), so ``_calculate_rewards``
   hands TRL the same numbers instead of calling the reward functions again, and the advantages
   TRL computed per prompt are replaced by per-group ones;
-* the loss is the paper's unclipped ``-A * log pi`` (or TRL's clipped loss on the same masks).
+* the loss (`loss.reset_pg_loss`) is the paper's per-row mean of ``-A * pi / pi_old`` on the active tokens,
+  then the mean over the rows that carry loss (or PPO's clipped ratio, same masks and aggregation), fed with
+  TRL's log-probabilities, ``old_per_token_logps``, reference and vLLM importance-sampling inputs.
 """
 
 from __future__ import annotations
