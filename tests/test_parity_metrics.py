@@ -41,8 +41,25 @@ def test_zero_std_fraction_counts_groups_and_policy_pass_rate_counts_the_first_d
     assert values[PREFIX + "base_pass_rate"] == pytest.approx(3 / 4)
 
 
-def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer):
-    args = _args(tmp_path, SRPOConfig, max_steps=1, seed_budget=0, success_threshold=0.5)
+def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer, monkeypatch):
+    from trl_resets.sampling import TransformersThoughtSampler
+
+    generated = []
+    sample, complete = TransformersThoughtSampler.sample, TransformersThoughtSampler.complete
+
+    def counting_sample(self, *a, **kw):
+        out = sample(self, *a, **kw)
+        generated.extend(len(r.token_ids) for r in out)
+        return out
+
+    def counting_complete(self, *a, **kw):
+        out = complete(self, *a, **kw)
+        generated.extend(len(r) for r in out)
+        return out
+
+    monkeypatch.setattr(TransformersThoughtSampler, "sample", counting_sample)
+    monkeypatch.setattr(TransformersThoughtSampler, "complete", counting_complete)
+    args = _args(tmp_path, SRPOConfig, max_steps=1, seed_budget=1, success_threshold=0.5)
 
     def half_right(completions, **kwargs):
         return [float(len(c) % 2) for c in completions]
@@ -72,6 +89,8 @@ def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer):
     assert first == [args.num_base_generations + args.num_reset_prefixes] * len(results[0])
     assert log[PREFIX + "policy_pass_rate"] == pytest.approx(
         sum(g.first_draws_passed for g in results[0]) / sum(first))
+    tokens = ("tokens_base", "tokens_suffix", "tokens_seed", "tokens_localization", "tokens_unused")
+    assert sum(log[PREFIX + k] for k in tokens) == sum(generated)  # every token the policy generated, once
 
 
 def test_rollouts_ending_at_their_answer_log_as_terminated_and_fillers_stay_out(tmp_path, char_tokenizer):

@@ -23,7 +23,7 @@ RATIOS = (
     "sp_degenerate_rate",
     "grad_signal_ratio",
 )
-TOTALS = ("tokens_base", "tokens_suffix", "tokens_localization", "tokens_unused")
+TOTALS = ("tokens_base", "tokens_suffix", "tokens_seed", "tokens_localization", "tokens_unused")
 PREFIX = "resets/"
 
 
@@ -54,6 +54,7 @@ def step_sums(
             num["reset_index_mean"] += record.reset_index
             num["reset_depth_mean"] += record.reset_index / record.num_thoughts
             tot["tokens_localization"] += record.localization_tokens
+            tot["tokens_seed"] += record.seed_tokens
         for key in ("parse_failure_rate", "reset_index_mean", "reset_depth_mean"):
             den[key] += len(result.resets)
         tot["tokens_unused"] += result.unused_tokens

@@ -104,6 +104,7 @@ class ResetRecord:
     localizer_failed: bool
     localization_tokens: int = 0
     reply: str | None = None
+    seed_tokens: int = 0  # the seed's length; its first h*-1 thoughts are the reset prefix
 
 
 @dataclass
@@ -270,7 +271,7 @@ class ResetAlgorithm:
             index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rng)
             results[i].resets.append(
                 ResetRecord(seed.rollout.num_thoughts, index, failed, answer.tokens if answer else 0,
-                            answer.reply if answer else None)
+                            answer.reply if answer else None, len(seed.rollout.token_ids))
             )
             prefix = reset_prefix(seed.rollout, index)
             seed_lps = seed.rollout.logprobs
