@@ -12,7 +12,6 @@ from trl_resets.config import HONOURED_OPTIONS, NO_LOSS_EFFECT, REFUSED_OPTIONS,
 REFUSED_EXAMPLES = {
     "loss_type": "dapo",
     "importance_sampling_level": "sequence",
-    "entropy_coef": 0.01,
     "use_adaptive_entropy": True,
     "epsilon": 0.3,
     "epsilon_high": 0.28,
@@ -58,6 +57,7 @@ def test_clip_settings_are_accepted_with_the_clipped_surrogate(tmp_path):
     dict(top_entropy_quantile=0.2),
     dict(off_policy_mask_threshold=0.5),
     dict(beta=0.1, use_bias_correction_kl=True),
+    dict(entropy_coef=0.01),
 ])
 def test_honoured_options_construct(tmp_path, overrides):
     args = _config(tmp_path, **overrides)

@@ -183,6 +183,8 @@ def test_loss_refuses_inputs_without_the_prefix_mask(tmp_path, char_tokenizer):
     dict(top_entropy_quantile=0.5),
     dict(off_policy_mask_threshold=0.01),
     dict(epsilon=0.1, epsilon_high=0.3, delta=1.2),
+    dict(entropy_coef=0.3),
+    dict(entropy_coef=0.3, top_entropy_quantile=0.5),
 ])
 def test_honoured_options_act_as_in_grpo(tmp_path, char_tokenizer, overrides):
     trainer = _trainer(tmp_path, char_tokenizer, clip_surrogate=True, **overrides)
@@ -197,7 +199,7 @@ def test_honoured_options_act_as_in_grpo(tmp_path, char_tokenizer, overrides):
     trainer.loss_type = "grpo"
     grpo = _grads(trainer, GRPOTrainer._compute_loss(trainer, trainer.model, inputs))
     assert torch.allclose(got, grpo, rtol=1e-5, atol=1e-6)
-    trainer.top_entropy_quantile, trainer.off_policy_mask_threshold = 1.0, None
+    trainer.top_entropy_quantile, trainer.off_policy_mask_threshold, trainer.entropy_coef = 1.0, None, 0.0
     trainer.epsilon_low = trainer.epsilon_high = 0.2
     trainer.args.delta = None
     assert not torch.allclose(got, _grads(trainer, trainer._compute_loss(trainer.model, inputs)), rtol=1e-3)

@@ -16,6 +16,7 @@ from .thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
 HONOURED_OPTIONS = frozenset({
     # acted on by the reset loss as GRPO's loss does
     "beta", "use_bias_correction_kl", "router_aux_loss_coef", "top_entropy_quantile", "off_policy_mask_threshold",
+    "entropy_coef",
     "num_iterations", "steps_per_generation", "generation_batch_size", "temperature",
     "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
     "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
@@ -25,11 +26,11 @@ HONOURED_OPTIONS = frozenset({
 })
 REFUSED_OPTIONS = frozenset({
     # some or all values are refused at construction, with the fix (see ResetConfig.__post_init__)
-    "loss_type", "importance_sampling_level", "entropy_coef", "use_adaptive_entropy", "epsilon", "epsilon_high",
+    "loss_type", "importance_sampling_level", "use_adaptive_entropy", "epsilon", "epsilon_high",
     "delta", "mask_truncated_completions", "scale_rewards", "multi_objective_aggregation", "num_generations",
 })
 NO_LOSS_EFFECT = frozenset({
-    # read only by loss types or controllers that are refused
+    # read only by loss types or the adaptive entropy controller, which are refused
     "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
     "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
     # generation, model loading, logging
@@ -263,10 +264,10 @@ class ResetConfig(GRPOConfig):
                 f"importance_sampling_level={self.importance_sampling_level!r} is not supported: the reset loss "
                 "weights each token by its own ratio. Set importance_sampling_level='token'."
             )
-        if self.use_adaptive_entropy or self.entropy_coef != 0.0:
+        if self.use_adaptive_entropy:
             raise ValueError(
-                f"entropy_coef={self.entropy_coef} / use_adaptive_entropy={self.use_adaptive_entropy}: the entropy "
-                "bonus is not supported by the reset loss. Set entropy_coef=0.0 and use_adaptive_entropy=False."
+                "use_adaptive_entropy=True is not supported by the reset loss. Set use_adaptive_entropy=False; a "
+                "fixed entropy bonus (entropy_coef) works as in GRPO."
             )
         if not self.clip_surrogate:
             for name in ("epsilon", "epsilon_high", "delta"):

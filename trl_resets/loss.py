@@ -50,6 +50,12 @@ def rows_per_micro_batch(
     return max(float(global_rows), 1.0) / num_processes * accumulation_steps / steps_per_generation
 
 
+def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean per-token entropy over the active tokens (GRPO's entropy bonus, whatever the aggregation)."""
+    mask = mask.to(entropies.dtype)
+    return (entropies * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def reset_pg_loss(
     logps: torch.Tensor,
     advantages: torch.Tensor,

@@ -35,7 +35,7 @@ from . import metrics as reset_metrics
 from .advantages import group_advantages
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
-from .loss import reset_pg_loss, rows_per_micro_batch, rows_with_loss
+from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_loss
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
@@ -507,8 +507,10 @@ class ResetTrainer(GRPOTrainer):
         weights = torch.ones_like(logps)
         if self.use_vllm and self.vllm_importance_sampling_correction:
             weights = weights * inputs["importance_sampling_ratio"]
+        acted_on = mask  # the tokens the policy term acts on
         if self.top_entropy_quantile < 1.0:
-            weights = weights * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            acted_on = mask * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            weights = weights * acted_on
         if self.off_policy_mask_threshold is not None:
             old = logps.detach() if old_logps is None else old_logps
             weights = weights * self.get_off_policy_mask(
@@ -547,8 +549,12 @@ class ResetTrainer(GRPOTrainer):
             self._metrics[mode]["kl"].append(masked_mean(terms.kl))
         self._metrics[mode]["entropy"].append(masked_mean(entropies))
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(terms.policy_loss).mean().item())
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.entropy_coef != 0.0:  # GRPO's static entropy bonus (the adaptive one is refused by the config)
+            loss = loss - self.entropy_coef * entropy_bonus(entropies, acted_on) / accumulation
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         if self.aux_loss_enabled:  # TRL's MoE load-balancing loss, scaled for accumulation as GRPO does
-            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
