@@ -15,6 +15,7 @@ import torch
 
 from trl_resets.advantages import group_advantages
 from trl_resets.localizers import SelfLocalizer, parse_step_index
+from trl_resets.metrics import PREFIX, finalize, step_sums
 from trl_resets.resets import ResetAlgorithm, Split
 from trl_resets.thoughts import (
     STOP_ANSWER, STOP_EOS, STOP_MAX_THOUGHTS, STOP_MAX_TOKENS, STOP_NONE, Rollout, ThoughtFormat, segment_thoughts,
@@ -165,3 +166,5 @@ def test_an_empty_failed_rollout_is_never_a_seed_and_is_counted():
     only_empty, _ = run([()], by_answer, budget=2)
     assert only_empty.fallbacks == 1 and only_empty.resets == [] and only_empty.empty_seeds == 7
     assert not any(math.isnan(r.reward) for r in only_empty.rows if r.weight)
+    logged = finalize(step_sums([only_empty], [[0.0] * len(only_empty.rows)], 1.0))
+    assert logged[PREFIX + "empty_seeds"] == 7 and logged[PREFIX + "fallback_rate"] == 1.0

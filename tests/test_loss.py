@@ -5,7 +5,7 @@ import math
 import torch
 
 from trl_resets.advantages import group_advantages
-from trl_resets.loss import reset_pg_loss
+from trl_resets.loss import reset_pg_loss, rows_per_micro_batch
 
 
 def test_advantages_are_normalized_inside_each_group_only():
@@ -47,15 +47,13 @@ def test_prefix_tokens_get_exactly_zero_gradient_on_a_tiny_model(tiny_model):
 
     logits = tiny_model(ids).logits[:, prompt.shape[1] - 1 : -1, :].detach().requires_grad_(True)
     logps = _logps_from_logits(logits, completion)
-    loss = reset_pg_loss(logps, advantages, mask)
+    loss = reset_pg_loss(logps, advantages, mask).loss
     loss.backward()
     assert torch.count_nonzero(logits.grad[0, :3]) == 0  # prefix: exactly zero
     assert torch.count_nonzero(logits.grad[1, 5]) == 0  # padding
     assert torch.count_nonzero(logits.grad[0, 3:]) > 0 and torch.count_nonzero(logits.grad[1, :5]) > 0
 
-    lp = logps.detach()
-    by_hand = 0.5 * (-1.5 * (lp[0, 3] + lp[0, 4] + lp[0, 5]) / 3 + 0.5 * (lp[1, :5].sum()) / 5)
-    assert math.isclose(loss.item(), by_hand.item(), rel_tol=1e-6)
+    assert math.isclose(loss.item(), 0.5 * (-1.5 + 0.5), rel_tol=1e-6)  # on-policy: pi / pi_old = 1 on every token
 
     # The gradient on a suffix token's own logit is -(1/B)(A/T)(1 - p), as in Appendix G.
     probs = torch.softmax(logits.detach(), dim=-1)
@@ -73,13 +71,13 @@ def test_model_parameters_see_no_prefix_signal(tiny_model):
     def grads(advantage):
         tiny_model.zero_grad()
         logits = tiny_model(ids).logits[:, 3:-1, :]
-        reset_pg_loss(_logps_from_logits(logits, ids[:, 4:]), torch.tensor([advantage]), mask).backward()
+        reset_pg_loss(_logps_from_logits(logits, ids[:, 4:]), torch.tensor([advantage]), mask).loss.backward()
         return torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None])
 
     g = grads(1.0)
     assert torch.allclose(grads(2.0), 2 * g, atol=1e-7)
     zero_mask_loss = reset_pg_loss(torch.randn(1, 6, requires_grad=True), torch.tensor([1.0]), torch.zeros(1, 6))
-    assert zero_mask_loss.item() == 0.0
+    assert zero_mask_loss.loss.item() == 0.0
 
 
 def test_kl_term_and_shapes():
@@ -88,4 +86,40 @@ def test_kl_term_and_shapes():
     mask = torch.ones(1, 2)
     with_kl = reset_pg_loss(logps, torch.tensor([0.0]), mask, ref_logps=ref, beta=1.0)
     d = ref - logps
-    assert math.isclose(with_kl.item(), ((torch.exp(d) - d - 1).mean()).item(), rel_tol=1e-6)
+    assert math.isclose(with_kl.loss.item(), ((torch.exp(d) - d - 1).mean()).item(), rel_tol=1e-6)
+    assert with_kl.policy_loss.item() == 0.0 and torch.allclose(with_kl.kl, torch.exp(d) - d - 1)
+
+
+def test_later_step_gradient_is_weighted_by_the_ratio_to_the_sampling_policy():
+    """On a token's own logit: -(1/B)(A/T) * (pi/pi_old) * (1 - p); with pi_old = pi it is the on-policy value."""
+    torch.manual_seed(2)
+    logits = torch.randn(1, 3, 7, requires_grad=True)
+    ids = torch.tensor([[1, 4, 6]])
+    logps = _logps_from_logits(logits, ids)
+    old = logps.detach() + torch.tensor([[0.3, -0.2, 0.1]])
+    reset_pg_loss(logps, torch.tensor([2.0]), torch.ones(1, 3), old_logps=old).loss.backward()
+    probs = torch.softmax(logits.detach(), -1)
+    for t in range(3):
+        p, ratio = probs[0, t, ids[0, t]], torch.exp(logps[0, t].detach() - old[0, t])
+        assert math.isclose(logits.grad[0, t, ids[0, t]].item(), (-(2.0 / 3) * ratio * (1 - p)).item(), rel_tol=1e-5)
+
+
+def test_clipped_surrogate_keeps_the_per_row_mean_and_stops_clipped_tokens():
+    """Rows of 1 and 3 tokens: each row is averaged over its own tokens, then rows are averaged (not all tokens)."""
+    logps = torch.zeros(2, 3, requires_grad=True)
+    old = torch.tensor([[0.0, 0.0, 0.0], [0.0, -0.5, 0.0]])  # row 1 token 1: ratio e^0.5 > 1 + 0.2, A > 0: clipped
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    reset_pg_loss(logps, torch.tensor([1.0, 3.0]), mask, old_logps=old, clip=(0.2, 0.2)).loss.backward()
+    # d/dlogp of -A * ratio is -A * ratio, divided by the row's T and by B=2
+    assert torch.allclose(logps.grad, torch.tensor([[-0.5, 0.0, 0.0], [-0.5, 0.0, -0.5]]))
+
+
+def test_filler_rows_do_not_count_in_the_mean_over_rows():
+    logps = torch.zeros(3, 2, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # the last row is a filler
+    terms = reset_pg_loss(logps, torch.tensor([1.0, -1.0, 0.0]), mask)
+    terms.loss.backward()
+    assert torch.allclose(logps.grad, torch.tensor([[-0.25, -0.25], [0.5, 0.0], [0.0, 0.0]]))  # B = 2 rows, not 3
+    # 12 rows that carry loss in a generation batch of 3 micro-batches per process, 2 processes, 2 micro-batches
+    # per optimizer step: each micro-batch's row sum is divided by the 4 rows a process trains per optimizer step
+    assert rows_per_micro_batch(12, num_processes=2, accumulation_steps=2, steps_per_generation=3) == 4.0

@@ -109,8 +109,14 @@ def test_bad_configurations_fail_at_construction(tmp_path, char_tokenizer):
         _args(tmp_path, SRPOConfig, num_generations=6)
     with pytest.raises(ValueError, match="num_generations"):
         _args(tmp_path, SRPOConfig, per_device_train_batch_size=4)
-    with pytest.raises(ValueError, match="num_iterations"):
-        _args(tmp_path, SRPOConfig, num_iterations=2)
+    for split in (dict(num_base_generations=1, num_reset_prefixes=1, num_reset_generations=7),
+                  dict(num_base_generations=4, num_reset_prefixes=4, num_reset_generations=1)):
+        with pytest.raises(ValueError, match="group of one row") as error:
+            _args(tmp_path, SRPOConfig, **split)
+        assert any(f"{name}=1" in str(error.value) for name in split)
+    assert _args(tmp_path, SRPOConfig, num_base_generations=0, num_reset_prefixes=2).num_generations == 8
+    assert _args(tmp_path, SRPOConfig, num_base_generations=8, num_reset_prefixes=0,
+                 num_reset_generations=1).num_generations == 8  # no reset groups: G2 is unused
     model = make_tiny_llama(char_tokenizer)
     from trl import GRPOConfig
 

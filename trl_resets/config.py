@@ -2,12 +2,63 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+from transformers import TrainingArguments
 from trl import GRPOConfig
 
 from .localizers import DEFAULT_LOCALIZATION_TEMPLATE
 from .thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
+
+# How each GRPOConfig option stands with the reset loss. Fields inherited from transformers' TrainingArguments
+# (optimizer, schedule, logging, ...) act as in any Trainer and are not loss options; every field GRPOConfig
+# adds is in exactly one of the three sets below (a test holds TRL's fields to it).
+HONOURED_OPTIONS = frozenset({
+    # acted on by the reset loss as GRPO's loss does
+    "beta", "use_bias_correction_kl", "router_aux_loss_coef", "top_entropy_quantile", "off_policy_mask_threshold",
+    "entropy_coef",
+    "num_iterations", "steps_per_generation", "generation_batch_size", "temperature",
+    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+    "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
+    # acted on by TRL around the loss (reference model, reward weighting, log-probability computation)
+    "reward_weights", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "disable_dropout",
+    "cast_lm_head_to_fp32",
+})
+REFUSED_OPTIONS = frozenset({
+    # some or all values are refused at construction, with the fix (see ResetConfig.__post_init__)
+    "loss_type", "importance_sampling_level", "use_adaptive_entropy", "epsilon", "epsilon_high",
+    "delta", "mask_truncated_completions", "scale_rewards", "multi_objective_aggregation", "num_generations",
+})
+NO_LOSS_EFFECT = frozenset({
+    # read only by loss types or the adaptive entropy controller, which are refused
+    "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+    "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
+    # generation, model loading, logging
+    "model_init_kwargs", "trust_remote_code", "num_generations_eval", "max_completion_length",
+    "ds3_gather_for_generation", "shuffle_dataset", "pad_to_multiple_of", "top_p", "top_k", "min_p",
+    "generation_kwargs", "chat_template_kwargs", "repetition_penalty", "cache_implementation", "use_vllm",
+    "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",
+    "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port",
+    "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_tensor_parallel_size",
+    "max_tool_calling_iterations", "log_completions", "log_multimodal", "num_completions_to_print",
+    "log_unique_prompts", "log_completions_hub_repo", "use_transformers_continuous_batching",
+    "transformers_continuous_batching_config", "use_transformers_paged",
+})
+
+
+def loss_option_class(name: str) -> str | None:
+    """'honoured', 'refused' (some values), 'no effect' or 'trainer' (TrainingArguments) for a GRPOConfig field;
+    None for a field the package has not classified."""
+    for label, names in (("honoured", HONOURED_OPTIONS), ("refused", REFUSED_OPTIONS), ("no effect", NO_LOSS_EFFECT)):
+        if name in names:
+            return label
+    if name in {f.name for f in fields(TrainingArguments)}:
+        return "trainer"
+    return None
+
+
+def _grpo_default(name: str):
+    return next(f.default for f in fields(GRPOConfig) if f.name == name)
 
 
 @dataclass
@@ -19,12 +70,13 @@ class ResetConfig(GRPOConfig):
     > Group split (Algorithm 2)
 
     num_base_generations (`int`, defaults to `4`):
-        G1: iid rollouts from the prompt in the base group. May be 0 (the 1x8 split).
+        G1: iid rollouts from the prompt in the base group. May be 0 (the 1x8 split), not 1 (a group of one
+        teaches nothing).
     num_reset_prefixes (`int`, defaults to `1`):
         k: seeds (failed rollouts) per prompt, each giving one reset state. 0 turns resets off: plain GRPO on
         the G1 base rollouts with the same thought sampler, the like-for-like baseline.
     num_reset_generations (`int`, defaults to `4`):
-        G2: suffixes sampled from each reset state.
+        G2: suffixes sampled from each reset state; at least 2 when k > 0.
     num_generations (`int` or `None`, defaults to `None`):
         Rows per prompt. Derived as G1 + k * G2 when unset; when set it must equal that sum.
     seed_budget (`int`, defaults to `8`):
@@ -76,9 +128,17 @@ class ResetConfig(GRPOConfig):
     > Loss
 
     clip_surrogate (`bool`, defaults to `False`):
-        `False`: the paper's loss, per row the mean over active tokens of `-A * log pi`, then the mean over rows.
-        `True`: TRL's clipped-ratio GRPO loss on the same masks.
+        `False`: the paper's loss, per row the mean over active tokens of `-A * pi / pi_old` (pi_old, detached, is
+        the policy that sampled the row; on an on-policy step its gradient is that of `-A * log pi`), then the mean
+        over the rows that carry loss. `True`: PPO's clipped ratio (`epsilon`, `epsilon_high`, `delta`) in the same
+        aggregation and on the same masks.
+    loss_type (`str`, defaults to `"grpo"`):
+        Only `"grpo"` (TRL's per-row mean, then the mean over rows) is accepted: it is the paper's aggregation.
     """
+
+    loss_type: str = field(
+        default="grpo", metadata={"help": "Only 'grpo' (per-row mean, then mean over rows, as in the paper)."}
+    )
 
     num_generations: int | None = field(
         default=None,
@@ -125,7 +185,7 @@ class ResetConfig(GRPOConfig):
         default=0.0, metadata={"help": "Temperature of the localization reply (0: greedy)."}
     )
     clip_surrogate: bool = field(
-        default=False, metadata={"help": "Use TRL's clipped-ratio loss instead of -A * log pi."}
+        default=False, metadata={"help": "Clip the importance ratio as PPO does (same masks, same aggregation)."}
     )
 
     def __post_init__(self):
@@ -133,6 +193,15 @@ class ResetConfig(GRPOConfig):
             raise ValueError(
                 "num_base_generations and num_reset_prefixes must be >= 0 and num_reset_generations >= 1, got "
                 f"{self.num_base_generations}, {self.num_reset_prefixes}, {self.num_reset_generations}."
+            )
+        one_row = [f"num_base_generations={self.num_base_generations}"] if self.num_base_generations == 1 else []
+        if self.num_reset_prefixes > 0 and self.num_reset_generations == 1:
+            one_row.append(f"num_reset_generations={self.num_reset_generations}")
+        if one_row:
+            raise ValueError(
+                f"{' and '.join(one_row)} makes a group of one row, whose advantage is always 0: its rollouts cost "
+                "compute and teach nothing. Use 2 or more rows per group (num_base_generations may be 0: no base "
+                "group)."
             )
         split_sum = self.num_base_generations + self.num_reset_prefixes * self.num_reset_generations
         if self.num_generations is None:
@@ -157,11 +226,56 @@ class ResetConfig(GRPOConfig):
                 "per_device_train_batch_size x steps_per_generation (or gradient_accumulation_steps) a multiple of "
                 f"{self.num_generations}."
             )
-        if not self.clip_surrogate and self.num_iterations != 1:
+        self._check_loss_options()
+        if not self.use_vllm:
+            self._check_generation_kwargs()
+
+    def _check_generation_kwargs(self):
+        """Settings of transformers' generation that the thought sampler (one sampled token per row and step, a
+        thought at a time, its own token budgets) cannot honour fail here, not in the middle of a step."""
+        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        refused = {
+            "num_beams": "beam search keeps several hypotheses per row; rollouts are sampled one token at a time",
+            "num_beam_groups": "beam search keeps several hypotheses per row; rollouts are sampled one token at a time",
+            "num_return_sequences": "each row is one rollout; num_generations sets the rollouts per prompt",
+            "penalty_alpha": "contrastive search is not sampling; rollouts are sampled one token at a time",
+            "max_new_tokens": "the sampler sets each thought's budget (max_completion_length, max_thought_tokens)",
+            "max_length": "the sampler sets each thought's budget (max_completion_length, max_thought_tokens)",
+        }
+        for key, why in refused.items():
+            value = kwargs.get(key)
+            if value is None or (key in ("num_beams", "num_beam_groups", "num_return_sequences") and value == 1):
+                continue
             raise ValueError(
-                f"num_iterations={self.num_iterations} reuses rollouts off-policy, which the unclipped loss "
-                "(-A * log pi) does not correct for; set num_iterations=1 or clip_surrogate=True."
+                f"generation_kwargs={{{key!r}: {value!r}}} cannot be honoured by the thought sampler: {why}. "
+                f"Remove {key!r} from generation_kwargs."
             )
+
+    def _check_loss_options(self):
+        """GRPOConfig options the reset loss cannot honour fail here, each naming the fix."""
+        if self.loss_type != "grpo":
+            raise ValueError(
+                f"loss_type={self.loss_type!r} is not supported: the reset loss averages each row over its active "
+                "tokens, then over rows (TRL's 'grpo', the paper's aggregation). Set loss_type='grpo'; use "
+                "clip_surrogate=True for the clipped ratio."
+            )
+        if self.importance_sampling_level != "token":
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r} is not supported: the reset loss "
+                "weights each token by its own ratio. Set importance_sampling_level='token'."
+            )
+        if self.use_adaptive_entropy:
+            raise ValueError(
+                "use_adaptive_entropy=True is not supported by the reset loss. Set use_adaptive_entropy=False; a "
+                "fixed entropy bonus (entropy_coef) works as in GRPO."
+            )
+        if not self.clip_surrogate:
+            for name in ("epsilon", "epsilon_high", "delta"):
+                if getattr(self, name) != _grpo_default(name):
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} sets a clip, but clip_surrogate=False trains the unclipped "
+                        f"surrogate, which has none. Set clip_surrogate=True to clip, or leave {name} unset."
+                    )
         if self.mask_truncated_completions:
             raise ValueError(
                 "mask_truncated_completions is not supported: thought rollouts that stop at a final answer carry no "
@@ -173,7 +287,11 @@ class ResetConfig(GRPOConfig):
                 "or 'none'."
             )
         if self.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError("reset trainers need multi_objective_aggregation='sum_then_normalize'.")
+            raise ValueError(
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not supported: reset trainers "
+                "sum the weighted rewards, then normalize in each group. Set "
+                "multi_objective_aggregation='sum_then_normalize'."
+            )
 
 
 @dataclass

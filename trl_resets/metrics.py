@@ -16,13 +16,14 @@ RATIOS = (
     "parse_failure_rate",
     "reset_index_mean",
     "reset_depth_mean",
+    "policy_pass_rate",
     "base_pass_rate",
     "sp_pass_rate",
     "base_degenerate_rate",
     "sp_degenerate_rate",
     "grad_signal_ratio",
 )
-TOTALS = ("tokens_base", "tokens_suffix", "tokens_localization", "tokens_unused")
+TOTALS = ("tokens_base", "tokens_suffix", "tokens_seed", "tokens_localization", "tokens_unused", "empty_seeds")
 PREFIX = "resets/"
 
 
@@ -53,9 +54,13 @@ def step_sums(
             num["reset_index_mean"] += record.reset_index
             num["reset_depth_mean"] += record.reset_index / record.num_thoughts
             tot["tokens_localization"] += record.localization_tokens
+            tot["tokens_seed"] += record.seed_tokens
         for key in ("parse_failure_rate", "reset_index_mean", "reset_depth_mean"):
             den[key] += len(result.resets)
         tot["tokens_unused"] += result.unused_tokens
+        tot["empty_seeds"] += result.empty_seeds
+        num["policy_pass_rate"] += result.first_draws_passed
+        den["policy_pass_rate"] += result.first_draws
 
         by_group: dict[int, list[int]] = {}
         for j, row in enumerate(result.rows):
@@ -92,3 +97,30 @@ def finalize(sums: Sequence[float]) -> dict[str, float]:
     for i, key in enumerate(TOTALS):
         out[PREFIX + key] = float(sums[2 * n + i])
     return out
+
+
+def zero_std_group_fraction(sums: Sequence[float]) -> float:
+    """Share of groups (base groups and shared-prefix groups alike) whose rewards are all equal, from `step_sums`:
+    the groups that carry zero advantage, counted as TRL's ``frac_reward_zero_std`` counts prompts in GRPO."""
+    n = len(RATIOS)
+    keys = [RATIOS.index("base_degenerate_rate"), RATIOS.index("sp_degenerate_rate")]
+    groups = sum(sums[n + i] for i in keys)
+    return sum(sums[i] for i in keys) / groups if groups else math.nan
+
+
+def completion_stats(lengths: Sequence[float], terminated: Sequence[bool]) -> dict[str, float]:
+    """TRL's ``completions/*`` metrics over the given rows: whole trajectory lengths (a reset row's prefix and
+    suffix), the share not terminated (``clipped_ratio``; a rollout that ends at its final answer or EOS has
+    terminated), and the terminated rows' lengths (0 when none terminated, as in TRL)."""
+    if not lengths:
+        return {}
+    ended = [n for n, done in zip(lengths, terminated) if done] or [0.0]
+    return {
+        "completions/mean_length": sum(lengths) / len(lengths),
+        "completions/min_length": float(min(lengths)),
+        "completions/max_length": float(max(lengths)),
+        "completions/clipped_ratio": 1.0 - sum(map(bool, terminated)) / len(lengths),
+        "completions/mean_terminated_length": sum(ended) / len(ended),
+        "completions/min_terminated_length": float(min(ended)),
+        "completions/max_terminated_length": float(max(ended)),
+    }

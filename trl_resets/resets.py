@@ -107,6 +107,7 @@ class ResetRecord:
     localizer_failed: bool
     localization_tokens: int = 0
     reply: str | None = None
+    seed_tokens: int = 0  # the seed's length; its first h*-1 thoughts are the reset prefix
 
 
 @dataclass
@@ -119,6 +120,8 @@ class PromptGroups:
     phase1_draws: int = 0
     unused_tokens: int = 0
     empty_seeds: int = 0  # incorrect phase-1 rollouts passed over as seeds because they have no thoughts
+    first_draws: int = 0  # phase 1's first G1 + k iid draws, drawn whatever their rewards (seeds included)
+    first_draws_passed: int = 0
 
 
 def choose_seeds(incorrect: Sequence[bool], split: Split) -> tuple[list[int], list[int]]:
@@ -256,7 +259,10 @@ class ResetAlgorithm:
             used = set(seed_idx) | set(base_idx)
             unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
             empty = sum(_is_incorrect(s, self.success_threshold) and not s.rollout.num_thoughts for s in drawn)
-            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty))
+            first = drawn[: split.base + split.prefixes]
+            passed = sum(s.reward >= self.success_threshold for s in first)  # NaN never passes
+            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty,
+                                        first_draws=len(first), first_draws_passed=passed))
             seeds.extend((i, g + 1, drawn[j]) for g, j in enumerate(seed_idx))
 
         if split.is_grpo:
@@ -275,7 +281,7 @@ class ResetAlgorithm:
             index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rng)
             results[i].resets.append(
                 ResetRecord(seed.rollout.num_thoughts, index, failed, answer.tokens if answer else 0,
-                            answer.reply if answer else None)
+                            answer.reply if answer else None, len(seed.rollout.token_ids))
             )
             prefix = reset_prefix(seed.rollout, index)
             seed_lps = seed.rollout.logprobs

@@ -8,7 +8,9 @@ Three hooks, everything else is TRL's:
 * rewards are computed while generating (the seed search needs them), so ``_calculate_rewards``
   hands TRL the same numbers instead of calling the reward functions again, and the advantages
   TRL computed per prompt are replaced by per-group ones;
-* the loss is the paper's unclipped ``-A * log pi`` (or TRL's clipped loss on the same masks).
+* the loss (`loss.reset_pg_loss`) is the paper's per-row mean of ``-A * pi / pi_old`` on the active tokens,
+  then the mean over the rows that carry loss (or PPO's clipped ratio, same masks and aggregation), fed with
+  TRL's log-probabilities, ``old_per_token_logps``, reference and vLLM importance-sampling inputs.
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ from torch import nn
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.grpo_trainer import logger as _trl_logger
 
 from . import metrics as reset_metrics
 from .advantages import group_advantages
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
-from .loss import reset_pg_loss
+from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_loss
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .sampling.vllm_backend import check_vllm_generation_kwargs
-from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
+from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
     "title": "Credit Assignment with Resets in Language Model Reasoning",
@@ -91,21 +94,52 @@ def _check_vllm_settings(args) -> None:
     check_vllm_generation_kwargs(args.generation_kwargs, args.vllm_mode)
 
 
+def _stats_of_rows(rows, device) -> torch.Tensor:
+    """(length, terminated, trained) per row: a rollout that ends at its final answer or at EOS has terminated."""
+    return torch.tensor([[n, stop in (STOP_EOS, STOP_ANSWER), weight > 0] for n, stop, weight in rows],
+                        dtype=torch.float32, device=device)
+
+
 class _PolicyText:
-    """The policy as text in / text out (for self-localization), in the dataset's prompt style."""
+    """The policy as text in / text out (for self-localization), in the dataset's prompt style: a conversational
+    dataset's system messages lead each localization prompt of the seed they belong to (see `_SystemMessages`)."""
 
     def __init__(self, trainer: "ResetTrainer", sampler: TransformersThoughtSampler, conversational: bool):
         self.trainer, self.sampler, self.conversational = trainer, sampler, conversational
+        self.leading: list[list[dict]] | None = None  # per request of the current locate() call
 
     def complete(self, prompts, max_new_tokens, temperature):
         if not prompts:
             self.sampler.complete([], max_new_tokens, temperature)
             return []
-        messages = [[{"role": "user", "content": p}] for p in prompts] if self.conversational else prompts
+        leading = self.leading if self.leading is not None and len(self.leading) == len(prompts) else None
+        if self.conversational:
+            messages = [(leading[i] if leading else []) + [{"role": "user", "content": p}]
+                        for i, p in enumerate(prompts)]
+        else:
+            messages = prompts
         ids, _, _ = self.trainer._tokenize_prompts(messages)
         replies = self.sampler.complete([list(x) for x in ids], max_new_tokens, temperature)
         texts = self.trainer.processing_class.batch_decode(replies, skip_special_tokens=True)
         return [(text, len(reply)) for text, reply in zip(texts, replies)]
+
+
+class _SystemMessages:
+    """Wraps a localizer so that the policy, asked one localization prompt per request, sees before each the
+    system messages of the dataset prompt the request's seed came from."""
+
+    def __init__(self, localizer):
+        self.localizer, self.name = localizer, localizer.name
+
+    def locate(self, requests, policy=None, rng=None):
+        if isinstance(policy, _PolicyText):
+            policy.leading = [[m for m in (r.row or {}).get("prompt", []) if isinstance(m, dict)
+                               and m.get("role") == "system"] for r in requests]
+        try:
+            return self.localizer.locate(requests, policy, rng)
+        finally:
+            if isinstance(policy, _PolicyText):
+                policy.leading = None
 
 
 class ResetTrainer(GRPOTrainer):
@@ -119,7 +153,7 @@ class ResetTrainer(GRPOTrainer):
     def __init__(
         self,
         model,
-        reward_funcs,
+        reward_funcs=None,
         args: ResetConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
@@ -189,6 +223,8 @@ class ResetTrainer(GRPOTrainer):
         self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
+        self._row_stats = None  # per row of the batch being generated: length, terminated, trained
+        self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
 
     # ------------------------------------------------------------------ generation
@@ -292,6 +328,8 @@ class ResetTrainer(GRPOTrainer):
         columns = {k: [row[k] for row in rows_inputs] for k in keys}
         columns["trainer_state"] = self.state
         columns["log_metric"] = self._log_metric
+        columns["log_extra"] = lambda column, values: self._pending_row_extras.append(
+            (column, [tuple(ids) for ids in completion_ids], list(values)))
         per_func = []
         for func, name, func_tokenizer in zip(self.reward_funcs, self.reward_func_names, self.reward_processing_classes):
             if isinstance(func, nn.Module):
@@ -308,13 +346,36 @@ class ResetTrainer(GRPOTrainer):
                     "it must return one reward per completion."
                 )
             per_func.append([math.nan if r is None else float(r) for r in out])
-        return [list(values) for values in zip(*per_func)]
+        rows = [list(values) for values in zip(*per_func)]
+        unscored = [i for i, values in enumerate(rows) if values and all(math.isnan(v) for v in values)]
+        if unscored:
+            i = unscored[0]
+            row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
+            _trl_logger.warning(
+                f"Every reward function returned None for {len(unscored)} of {len(rows)} completions (their rows get "
+                f"no reward and no advantage), for example for "
+                f"{dict(row, prompt=prompts[i], completion=completions[i])}. "
+                "Make at least one reward function return a reward for every completion."
+            )
+        return rows
+
+    def _log_row_extras(self, rows) -> None:
+        """Hands TRL's completions table the columns reward functions logged with ``log_extra``, one value per
+        training row (the value logged when its trajectory was scored; None for filler rows)."""
+        pending, self._pending_row_extras = self._pending_row_extras, []
+        by_column: dict[str, dict[tuple, object]] = {}
+        for column, keys, values in pending:
+            by_column.setdefault(column, {}).update(zip(keys, values))
+        for column, values in by_column.items():
+            self._log_completion_extra(
+                column, [values.get(tuple(row.completion_ids)) if row.weight > 0 else None for row in rows])
 
     @torch.no_grad()
     def _score_with_model(self, model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
         """A reward model's score (its first logit) for each prompt + completion, in the reward tokenizer's format."""
         if _is_conversational(prompts[0]):
-            texts = [apply_chat_template({"messages": p + c}, tokenizer)["text"] for p, c in zip(prompts, completions)]
+            texts = [apply_chat_template({"messages": p + c}, tokenizer, **self.chat_template_kwargs)["text"]
+                     for p, c in zip(prompts, completions)]
         else:
             texts = [p + c for p, c in zip(prompts, completions)]
         scores = []
@@ -333,8 +394,11 @@ class ResetTrainer(GRPOTrainer):
             with self._sampler() as sampler:
                 rollouts = sampler.sample(prompt_ids)
             self._batch_state = None
+            self._row_stats = _stats_of_rows([(len(r.token_ids), r.stop_reason, 1.0) for r in rollouts],
+                                         self.accelerator.device)
             return {"prompt_ids": prompt_ids, "completion_ids": [r.token_ids for r in rollouts],
-                    "logprobs": _logprobs_or_none([r.logprobs for r in rollouts])}
+                    "logprobs": _logprobs_or_none([r.logprobs for r in rollouts]),
+                    "env_mask": [[1] * len(r.token_ids) for r in rollouts]}
 
         n = self.num_generations
         firsts = list(range(0, len(prompts), n))
@@ -350,7 +414,7 @@ class ResetTrainer(GRPOTrainer):
                 questions=[_question_text(prompts[i]) for i in firsts],
                 sampler=sampler,
                 score=score,
-                localizer=self.localizer,
+                localizer=_SystemMessages(self.localizer),
                 describe=self._describe,
                 policy=_PolicyText(self, sampler, _is_conversational(prompts[0])),
                 rng=self._reset_rng,
@@ -358,6 +422,9 @@ class ResetTrainer(GRPOTrainer):
             )
         self._batch_state = self._summarize(groups)
         rows = [row for g in groups for row in g.rows]
+        self._row_stats = _stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],
+                                     self.accelerator.device)
+        self._log_row_extras(rows)
         return {
             "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
             "completion_ids": [row.completion_ids for row in rows],
@@ -391,11 +458,29 @@ class ResetTrainer(GRPOTrainer):
         self._batch_state = None
         output = super()._generate_and_score_completions(inputs)
         state, self._batch_state, self._batch_inputs = self._batch_state, None, None
+        if "tool_mask" in output:  # rows that carry loss in the generation batch, all processes: the loss's mean
+            live = rows_with_loss(output["completion_mask"] * output["tool_mask"]).sum()
+            output["num_loss_rows"] = self.accelerator.gather(live).sum()
         if state is not None:
             output["advantages"] = state["advantages"]
-            sums = self.accelerator.reduce(state["metric_sums"], reduction="sum")
-            for name, value in reset_metrics.finalize(sums.tolist()).items():
+            trained = gather(state["advantages"]).tolist()  # the completions table shows the advantages trained
+            for _ in trained:
+                self._logs["advantages"].pop()
+            self._logs["advantages"].extend(trained)
+            sums = self.accelerator.reduce(state["metric_sums"], reduction="sum").tolist()
+            for name, value in reset_metrics.finalize(sums).items():
                 self._metrics["train"][name].append(value)
+            # TRL's metrics, as it logged them just now, describe rows by prompt and by active tokens: restate them
+            # for the groups (here) and the trained rows' whole trajectories (below)
+            self._metrics["train"]["frac_reward_zero_std"][-1] = reset_metrics.zero_std_group_fraction(sums)
+        row_stats, self._row_stats = self._row_stats, None
+        if row_stats is not None:
+            stats = gather(row_stats)
+            trained = stats[stats[:, 2] > 0]
+            lengths, terminated = trained[:, 0].tolist(), (trained[:, 1] > 0).tolist()
+            metrics = self._metrics["train" if self.model.training else "eval"]
+            for name, value in reset_metrics.completion_stats(lengths, terminated).items():
+                metrics[name][-1] = value
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -405,31 +490,75 @@ class ResetTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
-        if self.args.clip_surrogate:
-            return super()._compute_loss(model, inputs)
+        if "tool_mask" not in inputs:
+            raise RuntimeError(
+                "the loss inputs carry no tool_mask: TRL no longer hands over the env_mask that masks each reset "
+                "row's prefix, so the prefix would be trained. This trl version is not supported by trl-resets; "
+                "install the pinned one (see constraints.txt)."
+            )
         completion_mask = inputs["completion_mask"]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = completion_mask * inputs["tool_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
         )
-        loss = reset_pg_loss(
+        advantages = inputs["advantages"]
+        old_logps = inputs.get("old_per_token_logps")
+        weights = torch.ones_like(logps)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            weights = weights * inputs["importance_sampling_ratio"]
+        acted_on = mask  # the tokens the policy term acts on
+        if self.top_entropy_quantile < 1.0:
+            acted_on = mask * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            weights = weights * acted_on
+        if self.off_policy_mask_threshold is not None:
+            old = logps.detach() if old_logps is None else old_logps
+            weights = weights * self.get_off_policy_mask(
+                advantages.unsqueeze(1), logps, inputs.get("sampling_per_token_logps", old), mask,
+                self.off_policy_mask_threshold,
+            )
+        mode = "train" if self.model.training else "eval"
+        num_rows = None  # eval: the mean over this batch's rows
+        if mode == "train":
+            num_rows = rows_per_micro_batch(
+                inputs["num_loss_rows"].item(), self.accelerator.num_processes,
+                self.current_gradient_accumulation_steps, self.args.steps_per_generation,
+            )
+        terms = reset_pg_loss(
             logps,
-            inputs["advantages"],
+            advantages,
             mask,
+            old_logps=old_logps,
+            clip=(self.epsilon_low, self.epsilon_high) if self.args.clip_surrogate else None,
+            delta=self.args.delta,
             ref_logps=inputs.get("ref_per_token_logps"),
             beta=self.beta,
-            token_weights=inputs.get("importance_sampling_ratio"),
+            kl_bias_correction=self.args.use_bias_correction_kl,
+            token_weights=weights,
+            num_rows=num_rows,
         )
-        mode = "train" if self.model.training else "eval"
-        totals = self.accelerator.reduce(
-            torch.stack([(entropies * mask).sum(), mask.sum().to(entropies.dtype)]).detach(), reduction="sum"
-        )
-        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(loss.detach()).mean().item())
-        if mode == "train":
-            loss = loss / self.current_gradient_accumulation_steps
+        loss = terms.loss
+
+        def masked_mean(values):
+            totals = self.accelerator.reduce(
+                torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)]).detach(), reduction="sum"
+            )
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if terms.kl is not None:
+            self._metrics[mode]["kl"].append(masked_mean(terms.kl))
+        self._metrics[mode]["entropy"].append(masked_mean(entropies))
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(terms.policy_loss).mean().item())
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.entropy_coef != 0.0:  # GRPO's static entropy bonus (the adaptive one is refused by the config)
+            loss = loss - self.entropy_coef * entropy_bonus(entropies, acted_on) / accumulation
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        if self.aux_loss_enabled:  # TRL's MoE load-balancing loss, scaled for accumulation as GRPO does
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
 
     # ------------------------------------------------------------------ model card
