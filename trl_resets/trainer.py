@@ -252,8 +252,10 @@ class ResetTrainer(GRPOTrainer):
             warnings.warn(
                 "vLLM prefix caching is off or could not be confirmed, so thoughts are not sampled in per-thought "
                 "rounds: each rollout is one request for its whole budget, cut at its stop point afterwards (same "
-                "distribution, some tokens discarded). Start the server with --enable_prefix_caching to sample "
-                "thought by thought.",
+                "distribution, some tokens discarded). To sample thought by thought, turn prefix caching on: "
+                "`trl vllm-serve --enable_prefix_caching`, or plain `vllm serve --enable-prefix-caching`. vLLM turns "
+                "it on by default for plain decoder models and off for hybrid and attention-free ones; it caches "
+                "whole 16-token blocks, so each round re-encodes up to one block (docs/vllm.md).",
                 stacklevel=3,
             )
         return bool(found[0])
