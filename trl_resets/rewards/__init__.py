@@ -1,5 +1,6 @@
-"""Reward functions with TRL's signature ``(completions, **columns) -> list[float]``."""
+"""Reward functions with TRL's signature ``(completions, **columns) -> list[float | None]``."""
 
+from .choice import multiple_choice_reward, read_choice, read_yes_no, yes_no_reward
 from .math import (
     answers_match,
     arithmetic_reward,
@@ -7,6 +8,7 @@ from .math import (
     completion_text,
     extract_boxed,
     normalize_answer,
+    parse_gold,
     parse_number,
 )
 
@@ -16,6 +18,11 @@ __all__ = [
     "boxed_answer_reward",
     "completion_text",
     "extract_boxed",
+    "multiple_choice_reward",
     "normalize_answer",
+    "parse_gold",
     "parse_number",
+    "read_choice",
+    "read_yes_no",
+    "yes_no_reward",
 ]
