@@ -1,4 +1,5 @@
-"""The local sandbox against hostile programs: each scores nothing, ends, and leaves the machine as it was."""
+"""The local sandbox against hostile programs (each fails, ends, and leaves the machine as it was), and the
+SandboxFusion adapter against a local stand-in service."""
 
 import logging
 import os
@@ -8,7 +9,8 @@ import threading
 
 import pytest
 
-from trl_resets.sandbox import FINISHED, TIMEOUT, LocalSandbox
+from trl_resets.rewards import CodeReward
+from trl_resets.sandbox import FINISHED, SANDBOX_ERROR, TIMEOUT, LocalSandbox, SandboxFusionExecutor
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the local sandbox needs Linux")
 
@@ -162,3 +164,52 @@ def test_bad_settings_are_refused(runs_dir):
     missing = LocalSandbox(python="/nonexistent/python", tmp_root=str(runs_dir))
     with pytest.raises(RuntimeError, match="cannot run /nonexistent/python"):
         missing.run("pass")
+
+
+# ---------------------------------------------------------------------------- the SandboxFusion adapter
+
+
+@pytest.fixture()
+def service(sandbox):
+    from tests.sandbox_fusion_standin import StandIn
+
+    with StandIn(sandbox) as standin:
+        yield standin
+
+
+def test_sandbox_fusion_adapter_runs_programs_through_the_service(service):
+    remote = SandboxFusionExecutor(service.url, memory_mb=256)
+    result = remote.run("print(int(input()) * 2)", "21\n", timeout_s=5.0)
+    assert (result.status, result.exit_code, result.stdout) == (FINISHED, 0, "42\n")
+    assert service.requests[-1] == {"code": "print(int(input()) * 2)", "language": "python", "stdin": "21\n",
+                                    "run_timeout": 5.0, "compile_timeout": 5.0, "memory_limit_MB": 256}
+    assert remote.run("while True:\n    pass", timeout_s=1.0).status == TIMEOUT
+    failed = remote.run("raise SystemExit(3)")
+    assert failed.status == FINISHED and failed.exit_code == 3
+    assert "SandboxFusion" in remote.describe() and service.url in remote.describe()
+
+
+def test_sandbox_fusion_adapter_scores_code_end_to_end(service):
+    reward = CodeReward(SandboxFusionExecutor(service.url), max_workers=2)
+    tests = {"inputs": ["1 2\n", "5 5\n"], "outputs": ["3\n", "10\n"]}
+    completions = ["a, b = map(int, input().split())\nprint(a + b)", "print(3)", "while True:\n    pass"]
+    assert CodeReward(SandboxFusionExecutor(service.url), test_timeout_s=1.0)(completions[2:], [tests]) == [0.0]
+    assert reward(completions[:2], [tests] * 2) == [1.0, 0.5]
+
+
+def test_sandbox_fusion_adapter_retries_then_reports_failures(service, caplog):
+    remote = SandboxFusionExecutor(service.url, retries=1)
+    service.failures = [503]
+    assert remote.run("print(1)").stdout == "1\n"  # one 503, then the retry answers
+    service.failures = [500, 500]
+    result = remote.run("print(1)")
+    assert result.status == SANDBOX_ERROR and "HTTP 500" in result.stderr and "SandboxFusion run failed" in caplog.text
+    service.failures = [422]
+    assert remote.run("print(1)").status == SANDBOX_ERROR and len(service.requests) == 5  # no retry on 4xx
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    unreachable = SandboxFusionExecutor(f"http://127.0.0.1:{closed.getsockname()[1]}", retries=0)
+    closed.close()
+    assert unreachable.run("print(1)").status == SANDBOX_ERROR
+    with pytest.raises(ValueError, match="http:// or https://"):
+        SandboxFusionExecutor("sandbox:8080")

@@ -2,5 +2,6 @@
 
 from .base import FINISHED, SANDBOX_ERROR, TIMEOUT, Execution, Executor
 from .local import LocalSandbox
+from .remote import SandboxFusionExecutor
 
-__all__ = ["FINISHED", "SANDBOX_ERROR", "TIMEOUT", "Execution", "Executor", "LocalSandbox"]
+__all__ = ["FINISHED", "SANDBOX_ERROR", "TIMEOUT", "Execution", "Executor", "LocalSandbox", "SandboxFusionExecutor"]

@@ -100,17 +100,30 @@ def main() -> None:
     del job
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     sys.argv = ["solution.py"]
+    status = 0
     try:
         exec(compile(source, "solution.py", "exec"), namespace)  # noqa: S102 - confined above
-    except SystemExit:
-        pass
-    except BaseException:  # noqa: BLE001 - the program's own error: report it as a failed run
+    except SystemExit as leaving:
+        status = _exit_status(leaving.code)
+    except BaseException:  # noqa: BLE001 - the program's own error: a failed run, as python reports it
         traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a program may have closed or replaced its streams
+            pass
+    os._exit(status)
+
+
+def _exit_status(code) -> int:
+    """The status python itself exits with for ``sys.exit(code)``."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
