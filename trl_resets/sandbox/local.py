@@ -58,7 +58,7 @@ PRELOAD = ("array", "bisect", "collections", "copy", "datetime", "decimal", "fra
 # Also imported when the probe finds the interpreter's library unreadable by the
 # sandbox user (they cost a tenth of a second per run, so only then).
 PRELOAD_UNREADABLE = ("abc", "base64", "cmath", "contextlib", "csv", "dataclasses", "enum", "glob", "hashlib",
-                      "numbers", "pathlib", "pickle", "pprint", "queue", "shutil", "string", "struct", "tempfile",
+                      "numbers", "pathlib", "pickle", "pprint", "queue", "shutil", "struct", "tempfile",
                       "textwrap", "threading", "time", "traceback")
 
 
