@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trl_resets.rewards import CodeReward  # noqa: E402
-from trl_resets.sandbox import FINISHED, TIMEOUT, Execution, LocalSandbox  # noqa: E402
+from trl_resets.rewards import CodeReward
+from trl_resets.sandbox import FINISHED, TIMEOUT, Execution, LocalSandbox
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -48,8 +48,9 @@ def test_reward_end_to_end(tmp_path):
     reward = CodeReward(LocalSandbox(memory_bytes=512 * 2**20, tmp_root=str(tmp_path)), max_workers=2)
     data = load_livecodebench("train", data_files=FIXTURE)
     right = [SOLUTIONS[q] for q in data["question_id"]]
-    wrong = ["```python\nprint(-1)\n```", "```python\nclass Solution:\n    def countGreater(self, nums, k):\n"
-             "        return -1\n```"]
+    wrong = ["```python\nprint(-1)\n```",
+             ("```python\nclass Solution:\n    def countGreater(self, nums, k):\n"
+              "        return -1\n```")]
     assert reward(right + wrong, list(data["tests"]) * 2) == [1.0, 1.0, 0.0, 0.0]
 
 

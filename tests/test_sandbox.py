@@ -30,7 +30,8 @@ def sandbox(runs_dir):
 def _gone(pid: int, uid: int) -> bool:
     """No such process of ``uid`` runs: none with that pid, a zombie, or the pid reused by another user."""
     try:
-        fields = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":\t", 1) for line in status.read().splitlines())
     except FileNotFoundError:
         return True
     return fields["State"].startswith("Z") or int(fields["Uid"].split()[0]) != uid

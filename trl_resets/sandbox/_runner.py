@@ -8,6 +8,7 @@ an audit hook) and only then runs the program as ``__main__``. It imports only
 the standard library, so it starts fast and runs under any interpreter.
 """
 
+import contextlib
 import ctypes
 import json
 import os
@@ -109,10 +110,8 @@ def main() -> None:
         traceback.print_exc()
         status = 1
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):  # a program may have closed or replaced its streams
             stream.flush()
-        except Exception:  # noqa: BLE001 - a program may have closed or replaced its streams
-            pass
     os._exit(status)
 
 

@@ -245,10 +245,31 @@ class LocalSandbox:
             return uid
 
     @staticmethod
-    def _kill_user(uid: int) -> None:
-        """Kill every process of ``uid`` (``kill -9 -1`` run as that user signals only its own)."""
-        subprocess.run(["kill", "-9", "-1"], user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    def _kill_user(uid: int, wait_s: float = 5.0) -> None:
+        """Kill every process of ``uid`` (``kill -9 -1`` run as that user signals only its own), and wait
+        until the kernel has removed them, so the next run on this user id starts from none."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            subprocess.run(["kill", "-9", "-1"], user=uid, group=uid, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            if not _processes_of(uid):
+                return
+            if time.monotonic() > deadline:
+                logger.warning("code sandbox: processes of user %d outlived their run by %.0f s", uid, wait_s)
+                return
+            time.sleep(0.01)
+
+
+def _processes_of(uid: int) -> bool:
+    """Say whether any process (a zombie included) belongs to ``uid``."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    return True
+            except FileNotFoundError:
+                continue
+    return False
 
 
 def _feed(process: subprocess.Popen, data: bytes) -> None:
