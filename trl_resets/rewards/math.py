@@ -1,23 +1,34 @@
-r"""Final-answer rewards for math-style tasks that box their answer.
+r"""Final-answer rewards for tasks that box their answer.
 
-A completion earns 1.0 when its last ``\boxed{...}`` matches the reference
-answer and 0.0 otherwise. Matching tries, in order: exact text after light
-normalization, exact numeric value, and (when the ``math-verify`` package is
-installed) symbolic equivalence of LaTeX expressions. The reward functions
-follow TRL's contract ``(completions, **dataset_columns) -> list[float]``.
+:func:`boxed_answer_reward` checks the last ``\boxed{...}`` of a completion
+against the row's reference answer with ``math-verify`` (its ``parse`` and
+``verify``, as ``trl.rewards.accuracy_reward`` does), so ``\sqrt{8}`` matches
+``2\sqrt{2}`` and ``0.5`` matches ``\frac{1}{2}``. A reference that
+math-verify cannot parse gives ``None``: TRL turns it into NaN and leaves the
+row out of the advantage, instead of teaching the model that every answer to
+it is wrong.
+
+:func:`arithmetic_reward` is the exact integer check of
+:mod:`trl_resets.tasks.arithmetic`. The reward functions follow TRL's contract
+``(completions, **dataset_columns) -> list[float | None]``.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
+
+logger = logging.getLogger(__name__)
 
 BOXED_COMMAND = "\\boxed"
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _LATEX_SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad")
 _TEXT_WRAPPER = re.compile(r"^\\(?:text|mathrm|textbf|mathbf)\{(.*)\}$")
-_FRACTION = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
+_PARSE_TIMEOUT_S = 5
+_VERIFY_TIMEOUT_S = 5
 
 
 def extract_boxed(text: str) -> str | None:
@@ -61,74 +72,6 @@ def _balanced_content(text: str, brace: int) -> str | None:
     return None
 
 
-def normalize_answer(answer: str) -> str:
-    r"""Return ``answer`` without spacing, ``$``, thousands commas or a final period.
-
-    ``\text{...}`` wrappers are removed and a unicode minus becomes ``-``, so
-    ``\text{ 1,200. }`` becomes ``1200``.
-    """
-    text = _LATEX_SPACING.sub("", answer.strip())
-    text = text.replace("$", "").replace("\u2212", "-")
-    wrapped = _TEXT_WRAPPER.match(text.strip())
-    if wrapped:
-        text = wrapped.group(1)
-    text = _THOUSANDS_COMMA.sub("", "".join(text.split()))
-    return text.rstrip(".")
-
-
-def parse_number(text: str) -> Fraction | None:
-    r"""Return the exact value of an integer, decimal, ``a/b`` or ``\frac{a}{b}``.
-
-    Returns ``None`` for anything else, including garbage and division by zero.
-    """
-    normalized = normalize_answer(text)
-    fraction = _FRACTION.match(normalized)
-    if fraction:
-        sign, numerator, denominator = fraction.groups()
-        normalized = f"{sign}{numerator}/{denominator}"
-    try:
-        return Fraction(normalized)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def answers_match(predicted: str, reference: str) -> bool:
-    r"""Say whether a boxed answer ``predicted`` equals ``reference``.
-
-    A prediction written as an equation (``x = 5``) is also compared by its
-    right-hand side. Never raises: unparseable input simply does not match.
-    """
-    candidates = [predicted]
-    if "=" in predicted:
-        candidates.append(predicted.rsplit("=", 1)[1])
-    return any(_single_answer_matches(candidate, reference) for candidate in candidates)
-
-
-def _single_answer_matches(predicted: str, reference: str) -> bool:
-    """Compare by normalized text, then by value, then with math-verify."""
-    if not normalize_answer(predicted):
-        return False
-    if normalize_answer(predicted) == normalize_answer(reference):
-        return True
-    predicted_value, reference_value = parse_number(predicted), parse_number(reference)
-    if predicted_value is not None and reference_value is not None:
-        return predicted_value == reference_value
-    return _math_verify_match(predicted, reference)
-
-
-def _math_verify_match(predicted: str, reference: str) -> bool:
-    """Symbolic comparison with math-verify; ``False`` if it is missing or fails."""
-    try:
-        from math_verify import parse, verify
-    except ImportError:
-        return False
-    try:
-        gold, guess = parse(f"${reference}$"), parse(f"${predicted}$")
-        return bool(gold and guess and verify(gold, guess))
-    except Exception:  # noqa: BLE001 - arbitrary model output; any failure means "no match"
-        return False
-
-
 def completion_text(completion: str | Sequence[Mapping]) -> str:
     """Return the text of a plain or conversational TRL completion.
 
@@ -166,33 +109,158 @@ def _message_text(message: Mapping) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
 
 
-def boxed_answer_reward(completions: Sequence, answer: Sequence, **kwargs) -> list[float]:
-    r"""Return 1.0 per completion whose last ``\boxed{}`` matches ``answer``, else 0.0.
+def check_lengths(name: str, completions: Sequence, column: str, values: Sequence) -> None:
+    """Refuse a reward call whose dataset column does not give one value per completion."""
+    if len(completions) != len(values):
+        raise ValueError(
+            f"{name} got {len(completions)} completions but {len(values)} values in `{column}`; pass the "
+            f"dataset's `{column}` column so there is one value per completion."
+        )
+
+
+# ---------------------------------------------------------------------------- math-verify
+
+
+def _math_verify():
+    """Return math-verify's ``parse`` and ``verify``, or say how to install it."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as error:
+        raise ImportError(
+            "boxed_answer_reward checks answers with math-verify, which is not installed; "
+            "run `pip install 'trl-resets[math]'` (or `pip install math-verify`)."
+        ) from error
+    return parse, verify
+
+
+def _timeouts() -> tuple[int | None, int | None]:
+    """math-verify's timeouts use ``signal.alarm``, which only the main thread may set."""
+    if threading.current_thread() is threading.main_thread():
+        return _PARSE_TIMEOUT_S, _VERIFY_TIMEOUT_S
+    return None, None
+
+
+def parse_gold(reference) -> list:
+    r"""Parse a reference answer with math-verify; an empty list when it cannot be parsed.
+
+    A reference that carries its own math delimiters (a worked solution with a
+    ``\boxed{}``, or ``$...$``) is parsed as it is; a bare answer such as
+    ``2\sqrt{2}`` is read as LaTeX (math-verify would otherwise read only its
+    leading ``2``).
+    """
+    if reference is None:
+        return []
+    parse, _ = _math_verify()
+    text = str(reference).strip()
+    if not text:
+        return []
+    if BOXED_COMMAND not in text and "$" not in text:
+        text = f"${text}$"
+    parse_timeout, _ = _timeouts()
+    return parse(text, parsing_timeout=parse_timeout)
+
+
+def _verify_boxed(boxed: str, gold: list) -> bool:
+    """Say whether one boxed answer equals the parsed reference; unparseable output does not."""
+    parse, verify = _math_verify()
+    parse_timeout, verify_timeout = _timeouts()
+    guess = parse(f"{BOXED_COMMAND}{{{boxed}}}", parsing_timeout=parse_timeout)
+    return bool(guess) and verify(gold, guess, timeout_seconds=verify_timeout)
+
+
+def boxed_answer_reward(completions: Sequence, answer: Sequence, **kwargs) -> list[float | None]:
+    r"""Return 1.0 per completion whose last ``\boxed{}`` equals ``answer`` by math-verify, else 0.0.
+
+    Each distinct reference is parsed once per call (the rollouts of one
+    prompt share it). A reference math-verify cannot parse (or a missing one)
+    gives ``None`` for its completions, and a warning names it.
 
     Args:
         completions: plain strings or conversational message lists, one per rollout.
-        answer: the reference answers (the dataset's ``answer`` column), one
-            per completion. Non-string answers (e.g. ints) are converted with ``str``.
+        answer: the reference answers (the dataset's ``answer`` column), one per
+            completion: a bare answer (``\frac{1}{2}``, ``32``) or a worked
+            solution with a ``\boxed{}``.
         **kwargs: other dataset columns, ignored.
     """
-    if len(completions) != len(answer):
-        raise ValueError(
-            f"boxed_answer_reward got {len(completions)} completions but {len(answer)} "
-            "answers; pass the dataset's `answer` column so there is one answer per completion."
-        )
-    return [_score(completion, reference) for completion, reference in zip(completions, answer)]
+    check_lengths("boxed_answer_reward", completions, "answer", answer)
+    golds: dict[str, list] = {}
+    rewards: list[float | None] = []
+    for completion, reference in zip(completions, answer):
+        key = "" if reference is None else str(reference)
+        if key not in golds:
+            golds[key] = parse_gold(reference)
+            if not golds[key]:
+                logger.warning("boxed_answer_reward: math-verify cannot parse the reference answer %r; its "
+                               "completions get None (left out of training) until the dataset is fixed.", reference)
+        if not golds[key]:
+            rewards.append(None)
+            continue
+        boxed = extract_boxed(completion_text(completion))
+        rewards.append(float(boxed is not None and boxed.strip() != "" and _verify_boxed(boxed, golds[key])))
+    return rewards
 
 
-def _score(completion, reference) -> float:
-    """Score one completion against one reference answer."""
-    if reference is None:
-        raise ValueError(
-            "boxed_answer_reward got answer=None; every dataset row needs a reference "
-            "answer in its `answer` column."
-        )
-    boxed = extract_boxed(completion_text(completion))
-    return float(boxed is not None and answers_match(boxed, str(reference)))
+# ---------------------------------------------------------------------------- exact integer answers
 
 
-arithmetic_reward = boxed_answer_reward
-"""Reward for :mod:`trl_resets.tasks.arithmetic`, whose answers are integers."""
+def normalize_answer(answer: str) -> str:
+    r"""Return ``answer`` without spacing, ``$``, thousands commas or a final period.
+
+    ``\text{...}`` wrappers are removed and a unicode minus becomes ``-``, so
+    ``\text{ 1,200. }`` becomes ``1200``.
+    """
+    text = _LATEX_SPACING.sub("", answer.strip())
+    text = text.replace("$", "").replace("\u2212", "-")
+    wrapped = _TEXT_WRAPPER.match(text.strip())
+    if wrapped:
+        text = wrapped.group(1)
+    text = _THOUSANDS_COMMA.sub("", "".join(text.split()))
+    return text.rstrip(".")
+
+
+def parse_number(text: str) -> Fraction | None:
+    """Return the exact value of an integer, decimal or ``a/b`` literal; ``None`` for anything else."""
+    try:
+        return Fraction(normalize_answer(text))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(predicted: str, reference: str) -> bool:
+    r"""Say whether a boxed answer ``predicted`` is the number ``reference``, exactly.
+
+    Hand-written rather than math-verify because the arithmetic task's step
+    checker runs it on every thought of every rollout: a plain literal
+    comparison is exact for its integer answers and costs microseconds, where
+    a sympy parse costs milliseconds. An equation (``x = 5``) is compared by
+    its right-hand side. Never raises: unparseable input simply does not match.
+    """
+    candidates = [predicted]
+    if "=" in predicted:
+        candidates.append(predicted.rsplit("=", 1)[1])
+    return any(_literal_matches(candidate, reference) for candidate in candidates)
+
+
+def _literal_matches(predicted: str, reference: str) -> bool:
+    """Compare by normalized text, then by exact value."""
+    if not normalize_answer(predicted):
+        return False
+    if normalize_answer(predicted) == normalize_answer(reference):
+        return True
+    predicted_value, reference_value = parse_number(predicted), parse_number(reference)
+    return predicted_value is not None and predicted_value == reference_value
+
+
+def arithmetic_reward(completions: Sequence, answer: Sequence, **kwargs) -> list[float]:
+    r"""Return 1.0 per completion whose last ``\boxed{}`` is the integer ``answer``, else 0.0.
+
+    The reward of :mod:`trl_resets.tasks.arithmetic` (see :func:`answers_match`).
+    """
+    check_lengths("arithmetic_reward", completions, "answer", answer)
+    rewards = []
+    for completion, reference in zip(completions, answer):
+        if reference is None:
+            raise ValueError("arithmetic_reward got answer=None; every arithmetic row has an integer `answer`.")
+        boxed = extract_boxed(completion_text(completion))
+        rewards.append(float(boxed is not None and answers_match(boxed, str(reference))))
+    return rewards

@@ -1,0 +1,91 @@
+r"""The paper's math evaluation benchmarks as ``prompt`` / ``answer`` / ``id`` rows for ``boxed_answer_reward``.
+
+Each benchmark is a :class:`MathBenchmark`: its hub id, split, the column that
+holds the problem, and where its reference answer lives (a column, or the
+``\boxed{}`` of a worked solution). Rows whose solution has no readable box are
+dropped and counted in a warning. ``data_files`` reads local JSON-lines files in
+the source's schema instead of the hub (no dataset cache is written).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..rewards import extract_boxed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MathBenchmark:
+    """Where one benchmark's rows come from and how to read them.
+
+    Attributes:
+        hub_id, config, split: the dataset on the hub.
+        question: the column with the problem.
+        answer: the column with the reference answer.
+        boxed_answer: the answer is the last ``\boxed{}`` of that column (a worked solution).
+        keep: rows to keep (e.g. one source, one level); ``None`` keeps all.
+        id_column: the column naming each row (``None``: its position).
+    """
+
+    hub_id: str
+    split: str
+    question: str
+    answer: str
+    config: str | None = None
+    boxed_answer: bool = False
+    keep: Callable[[Mapping], bool] | None = None
+    id_column: str | None = None
+
+
+BENCHMARKS = {
+    "numinamath_olympiads": MathBenchmark("AI-MO/NuminaMath-CoT", "test", "problem", "solution", boxed_answer=True,
+                                          keep=lambda row: row["source"] == "olympiads"),
+    "hmmt_nov_2025": MathBenchmark("MathArena/hmmt_nov_2025", "train", "problem", "answer", id_column="problem_idx"),
+    "math_level5": MathBenchmark("DigitalLearningGmbH/MATH-lighteval", "test", "problem", "solution",
+                                 boxed_answer=True, keep=lambda row: row["level"] == "Level 5"),
+    "acereason_math": MathBenchmark("nvidia/AceReason-Math", "train", "problem", "answer"),
+}
+
+
+def load_math_benchmark(name: str, data_files=None):
+    """One benchmark of :data:`BENCHMARKS` as a ``datasets.Dataset`` with ``prompt``, ``answer`` and ``id``."""
+    import datasets
+
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown math benchmark {name!r}; choose one of {sorted(BENCHMARKS)}.")
+    spec = BENCHMARKS[name]
+    if data_files is None:
+        raw = list(datasets.load_dataset(spec.hub_id, spec.config, split=spec.split))
+    else:
+        raw = _read_json_lines([data_files] if isinstance(data_files, (str, Path)) else data_files)
+    rows, dropped = [], 0
+    for position, row in enumerate(raw):
+        if spec.keep is not None and not spec.keep(row):
+            continue
+        answer = row[spec.answer]
+        if spec.boxed_answer:
+            answer = extract_boxed(answer or "")
+        if answer is None or not str(answer).strip():
+            dropped += 1
+            continue
+        identity = row[spec.id_column] if spec.id_column else position
+        rows.append({"prompt": row[spec.question].strip(), "answer": str(answer), "id": str(identity)})
+    if dropped:
+        logger.warning("%s: dropped %d of %d rows with no readable reference answer.", name, dropped,
+                       dropped + len(rows))
+    return datasets.Dataset.from_list(rows)
+
+
+def _read_json_lines(paths) -> list[dict]:
+    """Rows of local JSON-lines files."""
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            rows += [json.loads(line) for line in handle if line.strip()]
+    return rows
