@@ -168,3 +168,62 @@ def test_an_empty_failed_rollout_is_never_a_seed_and_is_counted():
     assert not any(math.isnan(r.reward) for r in only_empty.rows if r.weight)
     logged = finalize(step_sums([only_empty], [[0.0] * len(only_empty.rows)], 1.0))
     assert logged[PREFIX + "empty_seeds"] == 7 and logged[PREFIX + "fallback_rate"] == 1.0
+
+
+# --------------------------------------------------------------------------- rewards from a user's function
+def _trainer(tmp_path, char_tokenizer, reward_funcs, **overrides):
+    from datasets import Dataset
+
+    from trl_resets import SRPOConfig, SRPOTrainer
+
+    from .conftest import make_tiny_llama
+
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, max_completion_length=12,
+                    max_thought_tokens=4, max_thoughts=4, learning_rate=1e-3, logging_steps=1, report_to="none",
+                    use_cpu=True, bf16=False, save_strategy="no", seed_budget=1, temperature=1.0, seed=0,
+                    localization_max_tokens=4)
+    settings.update(overrides)
+    data = Dataset.from_dict({"prompt": ["2+5?", "3+4?"], "answer": ["7", "7"]})
+    return SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=reward_funcs, args=SRPOConfig(**settings),
+                       train_dataset=data, processing_class=char_tokenizer, localizer="random")
+
+
+def test_unscorable_rewards_are_left_out_counted_and_never_corrupt_the_other_rows(tmp_path, char_tokenizer):
+    calls = []
+
+    def half_unscorable(completions, **kwargs):  # None, NaN, and rewards outside [0, 1], in turn
+        calls.append(len(completions))
+        pattern = [None, math.nan, 3.0, -2.0, 0.5]
+        return [pattern[(len(calls) + i) % len(pattern)] for i in range(len(completions))]
+
+    trainer = _trainer(tmp_path, char_tokenizer, half_unscorable)
+    advantages = []
+    summarize = trainer._summarize
+    trainer._summarize = lambda groups: advantages.append(summarize(groups)) or advantages[-1]
+    trainer.train()
+    (log,) = [e for e in trainer.state.log_history if "loss" in e]
+    assert 0.3 < log["resets/unscored_rate"] < 0.5  # two in five rewards are None or NaN
+    state = advantages[0]
+    assert torch.isfinite(state["advantages"]).all() and math.isfinite(log["loss"])
+    unscored = torch.isnan(state["rewards_per_func"][:, 0])
+    assert unscored.any() and (state["advantages"][unscored.cpu()] == 0).all()
+    assert (state["advantages"][~unscored.cpu()] != 0).any()  # outside [0, 1] is a reward like any other
+
+
+@pytest.mark.parametrize("returned, error, match", [
+    (math.inf, ValueError, "returned inf for completion 0: rewards must be finite"),
+    ("0.5 points", TypeError, "returned '0.5 points' for completion 0"),
+    ("short", ValueError, "returned 1 rewards for"),
+    ("raise", RuntimeError, "'bad_reward' raised ZeroDivisionError"),
+])
+def test_a_broken_reward_function_fails_naming_itself_and_the_value(tmp_path, char_tokenizer, returned, error, match):
+    def bad_reward(completions, **kwargs):
+        if returned == "raise":
+            return [1 / 0]
+        if returned == "short":
+            return [0.0]
+        return [returned] + [0.0] * (len(completions) - 1)
+
+    trainer = _trainer(tmp_path, char_tokenizer, bad_reward)
+    with pytest.raises(error, match=match):
+        trainer.train()

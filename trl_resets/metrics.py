@@ -13,6 +13,7 @@ from .resets import BASE_GROUP, PromptGroups, TrainingRow
 
 RATIOS = (
     "fallback_rate",
+    "unscored_rate",
     "parse_failure_rate",
     "reset_index_mean",
     "reset_depth_mean",
@@ -39,12 +40,17 @@ def _signal(rows: Sequence[TrainingRow], advantages: Sequence[float]) -> float |
 
 
 def step_sums(
-    groups: Sequence[PromptGroups], advantages: Sequence[Sequence[float]], success_threshold: float
+    groups: Sequence[PromptGroups], advantages: Sequence[Sequence[float]], success_threshold: float,
+    unscored: tuple[int, int] = (0, 0),
 ) -> list[float]:
-    """This process's numerators, denominators and totals, in a fixed order (see `finalize`)."""
+    """This process's numerators, denominators and totals, in a fixed order (see `finalize`).
+
+    ``unscored``: (completions that no reward function scored, completions scored) over the step's calls.
+    """
     num = dict.fromkeys(RATIOS, 0.0)
     den = dict.fromkeys(RATIOS, 0.0)
     tot = dict.fromkeys(TOTALS, 0.0)
+    num["unscored_rate"], den["unscored_rate"] = unscored
     for result, advs in zip(groups, advantages):
         slots = len(result.resets) + result.fallbacks
         num["fallback_rate"] += result.fallbacks

@@ -94,6 +94,39 @@ def _check_vllm_settings(args) -> None:
     check_vllm_generation_kwargs(args.generation_kwargs, args.vllm_mode)
 
 
+def reward_values(name: str, out, count: int) -> list[float]:
+    """One reward function's output as floats: None and NaN mean unscored (NaN); anything that is not a finite
+    number, or a wrong number of rewards, is an error naming the function, the completion and the value."""
+    try:
+        out = list(out)
+    except TypeError:
+        raise TypeError(f"reward function {name!r} returned {type(out).__name__}, not a list of rewards.") from None
+    if len(out) != count:
+        raise ValueError(
+            f"reward function {name!r} returned {len(out)} rewards for {count} completions; "
+            "it must return one reward per completion."
+        )
+    values = []
+    for i, reward in enumerate(out):
+        if reward is None:
+            values.append(math.nan)
+            continue
+        try:
+            value = float(reward)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"reward function {name!r} returned {reward!r} for completion {i}: a reward is a number, or None "
+                "for a completion it cannot score."
+            ) from None
+        if math.isinf(value):
+            raise ValueError(
+                f"reward function {name!r} returned {value} for completion {i}: rewards must be finite (an infinite "
+                "reward would make its whole group's advantages NaN); return None for a completion it cannot score."
+            )
+        values.append(value)
+    return values
+
+
 def _stats_of_rows(rows, device) -> torch.Tensor:
     """(length, terminated, trained) per row: a rollout that ends at its final answer or at EOS has terminated."""
     return torch.tensor([[n, stop in (STOP_EOS, STOP_ANSWER), weight > 0] for n, stop, weight in rows],
@@ -225,6 +258,7 @@ class ResetTrainer(GRPOTrainer):
         self._batch_state = None
         self._row_stats = None  # per row of the batch being generated: length, terminated, trained
         self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
+        self._unscored = [0, 0]  # completions with no reward from any function, completions scored (this step)
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
 
     # ------------------------------------------------------------------ generation
@@ -337,19 +371,21 @@ class ResetTrainer(GRPOTrainer):
             if isinstance(func, nn.Module):
                 per_func.append(self._score_with_model(func, func_tokenizer, prompts, completions))
                 continue
-            out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            if inspect.isawaitable(out):
-                out = asyncio.run_coroutine_threadsafe(out, self.async_loop).result() if getattr(
-                    self, "async_loop", None) else asyncio.run(out)
-            out = list(out)
-            if len(out) != len(completions):
-                raise ValueError(
-                    f"reward function {name!r} returned {len(out)} rewards for {len(completions)} completions; "
-                    "it must return one reward per completion."
-                )
-            per_func.append([math.nan if r is None else float(r) for r in out])
+            try:
+                out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+                if inspect.isawaitable(out):
+                    out = asyncio.run_coroutine_threadsafe(out, self.async_loop).result() if getattr(
+                        self, "async_loop", None) else asyncio.run(out)
+            except Exception as error:
+                raise RuntimeError(
+                    f"reward function {name!r} raised {type(error).__name__}: {error}. A completion it cannot score "
+                    "should get None (left out of its group, counted in resets/unscored_rate), not an exception."
+                ) from error
+            per_func.append(reward_values(name, out, len(completions)))
         rows = [list(values) for values in zip(*per_func)]
         unscored = [i for i, values in enumerate(rows) if values and all(math.isnan(v) for v in values)]
+        self._unscored[0] += len(unscored)
+        self._unscored[1] += len(rows)
         if unscored:
             i = unscored[0]
             row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
@@ -405,6 +441,7 @@ class ResetTrainer(GRPOTrainer):
         n = self.num_generations
         firsts = list(range(0, len(prompts), n))
         inputs = self._batch_inputs
+        self._unscored = [0, 0]
 
         def score(owners, completion_ids):
             rows = [firsts[u] for u in owners]
@@ -445,7 +482,8 @@ class ResetTrainer(GRPOTrainer):
         scale = self.args.scale_rewards != "none"
         advantages = group_advantages(rewards, group_ids, scale=scale) * weights
         per_prompt = advantages.split([len(g.rows) for g in groups])
-        sums = reset_metrics.step_sums(groups, [a.tolist() for a in per_prompt], self.args.success_threshold)
+        sums = reset_metrics.step_sums(groups, [a.tolist() for a in per_prompt], self.args.success_threshold,
+                                       unscored=tuple(self._unscored))
         self.reset_history.append({"step": self.state.global_step + 1, "resets": [
             (r.reset_index, r.num_thoughts, r.localizer_failed) for g in groups for r in g.resets]})
         return {
