@@ -227,3 +227,31 @@ def test_a_broken_reward_function_fails_naming_itself_and_the_value(tmp_path, ch
     trainer = _trainer(tmp_path, char_tokenizer, bad_reward)
     with pytest.raises(error, match=match):
         trainer.train()
+
+
+# --------------------------------------------------------------------------- configuration and data
+def test_a_delimiter_the_tokenizer_cannot_reproduce_fails_at_construction(tmp_path, char_tokenizer):
+    with pytest.raises(ValueError, match="thought_delimiter='→'.*does not reproduce"):
+        _trainer(tmp_path, char_tokenizer, lambda completions, **kw: [0.0] * len(completions),
+                 thought_delimiter="→")  # not in the character tokenizer's vocabulary: it decodes as <unk>
+
+
+def test_an_empty_dataset_or_a_missing_reward_column_fails_at_construction(tmp_path, char_tokenizer):
+    from datasets import Dataset
+
+    def needs_solution(completions, solution, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ValueError, match=r"'needs_solution' needs the column\(s\) \['solution'\]"):
+        _trainer(tmp_path, char_tokenizer, needs_solution)
+    trainer = _trainer(tmp_path, char_tokenizer, lambda completions, answer=None, **kw: [0.0] * len(completions))
+    assert trainer.train_dataset.num_rows == 2  # a parameter with a default is not required
+    from trl_resets import SRPOConfig, SRPOTrainer
+
+    from .conftest import make_tiny_llama
+
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=needs_solution,
+                    args=SRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                    per_device_train_batch_size=8),
+                    train_dataset=Dataset.from_dict({"prompt": []}), processing_class=char_tokenizer)

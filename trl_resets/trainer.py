@@ -94,6 +94,58 @@ def _check_vllm_settings(args) -> None:
     check_vllm_generation_kwargs(args.generation_kwargs, args.vllm_mode)
 
 
+# keywords the trainer itself passes to every reward function (besides the dataset's columns)
+_REWARD_KEYWORDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra"}
+
+
+def check_delimiter(tokenizer, fmt: ThoughtFormat) -> None:
+    """Fails unless the tokenizer gives back the thought boundary when it follows text: the sampler finds the end of
+    a thought by decoding, so a boundary that does not survive encode-decode could never end a thought."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    probe = "Step one: 2 + 3 = 5." + fmt.boundary
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if fmt.boundary not in tokenizer.decode(ids, skip_special_tokens=False):
+        field = "thought_delimiter" if fmt.split == "delimiter" else "thought_split"
+        value = fmt.delimiter if fmt.split == "delimiter" else fmt.split
+        raise ValueError(
+            f"{field}={value!r}: the tokenizer does not reproduce {fmt.boundary!r} after text (encoded and decoded, "
+            f"{probe!r} comes back as {tokenizer.decode(ids, skip_special_tokens=False)!r}), so no thought could "
+            "ever end there. Use a delimiter the tokenizer keeps (the default </thought>), or "
+            "thought_split='paragraph'."
+        )
+
+
+def check_dataset(dataset, reward_funcs, reward_names) -> None:
+    """Fails before any compute on an empty dataset, or one without a column that a reward function requires (a
+    parameter with no default and no ``**kwargs`` to absorb its absence)."""
+    if dataset is None:
+        return
+    try:
+        size = len(dataset)
+    except TypeError:  # an IterableDataset
+        size = None
+    if size == 0:
+        raise ValueError("train_dataset is empty: give it at least one row with a 'prompt' column.")
+    columns = getattr(dataset, "column_names", None)
+    if not columns:
+        return
+    for func, name in zip(reward_funcs, reward_names):
+        if isinstance(func, nn.Module):
+            continue
+        try:
+            params = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        required = [p.name for p in params if p.default is p.empty and p.name not in _REWARD_KEYWORDS
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [column for column in required if column not in columns]
+        if missing:
+            raise ValueError(
+                f"reward function {name!r} needs the column(s) {missing}, which train_dataset lacks (its columns: "
+                f"{list(columns)}). Add them to the dataset, or give the parameter a default."
+            )
+
+
 def reward_values(name: str, out, count: int) -> list[float]:
     """One reward function's output as floats: None and NaN mean unscored (NaN); anything that is not a finite
     number, or a wrong number of rewards, is an error naming the function, the completion and the value."""
@@ -229,6 +281,8 @@ class ResetTrainer(GRPOTrainer):
         )
         if args.rollout_template is not None:
             wrap_question("probe", args.rollout_template, args.thought_delimiter)  # fail now on a broken template
+        check_delimiter(self.processing_class, self.thought_format)
+        check_dataset(train_dataset, self.reward_funcs, self.reward_func_names)
         self.localizer = as_localizer(
             localizer,
             default=args.localizer,
