@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import math
+import os
 import random
 import textwrap
 import warnings
@@ -656,6 +658,40 @@ class ResetTrainer(GRPOTrainer):
         return loss
 
     # ------------------------------------------------------------------ model card
+    # ------------------------------------------------------------------ checkpoints
+    def _reset_rng_file(self, folder: str) -> str:
+        return os.path.join(folder, f"reset_rng_state_{self.args.process_index}.json")
+
+    def _buffer_file(self, folder: str) -> str:
+        return os.path.join(folder, f"generation_buffer_{self.args.process_index}.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """TRL's RNG states, plus this process's reset generator (reset choices, random resets of unusable
+        localizations), so a resumed run draws the resets the uninterrupted run would have drawn."""
+        super()._save_rng_state(output_dir)
+        version, state, gauss = self._reset_rng.getstate()
+        with open(self._reset_rng_file(output_dir), "w") as handle:
+            json.dump({"version": version, "state": list(state), "gauss": gauss}, handle)
+        # A checkpoint between the optimizer steps of one generation (steps_per_generation >
+        # gradient_accumulation_steps): keep the generation's rows, or the resumed run would sample new ones.
+        torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs}, self._buffer_file(output_dir))
+
+    def _load_rng_state(self, checkpoint) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._reset_rng_file(checkpoint)
+        if not os.path.exists(path):
+            warnings.warn(f"{path} is missing: the resumed run's reset choices will differ from the original run's.",
+                          stacklevel=2)
+            return
+        with open(path) as handle:
+            saved = json.load(handle)
+        self._reset_rng.setstate((saved["version"], tuple(saved["state"]), saved["gauss"]))
+        if os.path.exists(self._buffer_file(checkpoint)):  # written by this package's own _save_rng_state
+            buffer = torch.load(self._buffer_file(checkpoint), map_location=self.accelerator.device, weights_only=False)
+            self._step, self._buffered_inputs = buffer["step"], buffer["buffered_inputs"]
+
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card (trainer name, tags, paper citation) plus the method, split, localizer and headline metrics."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
