@@ -9,8 +9,10 @@ import math
 import random
 from dataclasses import asdict
 
+import pytest
+
 from trl_resets.localizers import Localization
-from trl_resets.resets import ResetAlgorithm, ResetRecord, Split, TrainingRow
+from trl_resets.resets import ResetAlgorithm, ResetRecord, Split, TrainingRow, reset_prefix
 from trl_resets.thoughts import Rollout, ThoughtFormat
 
 SPANS = [(0, 2), (2, 4), (4, 6)]
@@ -53,18 +55,26 @@ def reward(n):
     return sum(r for r in rewards(n) if not math.isnan(r))
 
 
-def score(owners, completions):
-    return [rewards(c[-2] - 1000) for c in completions]
+class Score:
+    """Rewards by draw number (second to last token); records who asked and what was scored."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, owners, completions):
+        self.calls.append((list(owners), [list(c) for c in completions]))
+        return [rewards(c[-2] - 1000) for c in completions]
 
 
 class Localizer:
     name = "scripted"
 
     def __init__(self):
-        self.requests = []
+        self.requests, self.seen = [], []
 
     def locate(self, requests, policy=None, rng=None):
         self.requests.extend(requests)
+        self.seen.append((policy, rng))
         return [Localization(2, tokens=3, reply="two"), Localization(2, tokens=3, reply="two"), None][: len(requests)]
 
 
@@ -89,10 +99,10 @@ def _filler(n, group):
 
 
 def test_every_row_and_record_of_a_batch():
-    sampler, localizer = Sampler(), Localizer()
+    sampler, localizer, score, policy, rng = Sampler(), Localizer(), Score(), object(), random.Random(0)
     algo = ResetAlgorithm(Split(2, 2, 2), ThoughtFormat(max_completion_tokens=100), seed_budget=4)
     results = algo.run([[7], [8]], ["q0", "q1"], sampler, score, localizer,
-                       describe=lambda r: [f"t{h}" for h in range(r.num_thoughts)], rng=random.Random(0))
+                       describe=lambda r: [f"t{h}" for h in range(r.num_thoughts)], policy=policy, rng=rng)
     missing = random.Random(0).randint(1, 3)  # the index drawn for the unanswered request
 
     first, second = results
@@ -107,7 +117,15 @@ def test_every_row_and_record_of_a_batch():
 
     assert [(r.question, r.thoughts) for r in localizer.requests] == [("q0", ["t0", "t1", "t2"])] * 2 + [
         ("q1", ["t0", "t1", "t2"])]
+    assert localizer.seen == [(policy, rng)]
     prefix = ids(4)[: SPANS[missing - 1][0]]
+    # the score function hears which prompt each completion belongs to, and scores reset rows as prefix + suffix
+    assert score.calls == [
+        ([0] * 4 + [1] * 4, [ids(n) for n in range(8)]),
+        ([1] * 4, [ids(n) for n in range(8, 12)]),
+        ([0] * 4 + [1] * 2, [ids(1)[:2] + ids(12), ids(1)[:2] + ids(13), ids(3)[:2] + ids(14), ids(3)[:2] + ids(15),
+                            prefix + ids(16), prefix + ids(17)]),
+    ]
     assert sampler.calls == [
         ([[7]] * 4 + [[8]] * 4, None, None),
         ([[8]] * 4, None, None),
@@ -123,3 +141,27 @@ def test_a_rollout_whose_rewards_are_all_nan_is_never_a_seed():
     (only,) = results
     assert only.fallbacks == 1 and only.resets == []
     assert all(math.isnan(r.reward) for r in only.rows)
+
+
+def test_error_messages_name_the_values_seen():
+    rollout = Rollout(ids(0), list(SPANS), "s0")
+    with pytest.raises(ValueError, match=r"reset index 4 is outside 1\.\.3 \(the seed's thoughts\)"):
+        reset_prefix(rollout, 4)
+    algo = ResetAlgorithm(Split(2, 1, 2), ThoughtFormat(max_completion_tokens=100))
+    with pytest.raises(ValueError, match="score function returned 1 results for 3 completions"):
+        algo.run([[7]], ["q"], Sampler(), lambda owners, completions: [[0.0]], Localizer(),
+                 describe=lambda r: ["t"] * 3)
+
+    class Silent:
+        name = "silent"
+
+        def locate(self, requests, policy=None, rng=None):
+            return []
+
+    with pytest.raises(ValueError, match="localizer 'silent' answered 0 of 1 requests"):
+        algo.run([[7]], ["q"], Sampler(), Score(), Silent(), describe=lambda r: ["t"] * 3)
+
+
+def test_smallest_valid_splits():
+    assert Split(0, 1, 2).num_generations == 2  # one shared-prefix group of two
+    assert Split(2, 0, 4).num_generations == 2  # plain GRPO on two rollouts
