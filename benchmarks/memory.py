@@ -31,10 +31,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.testbed import RL_SEED, config_fields, load_policy, machine_description, quiet, task_dataset  # noqa: E402
+from benchmarks.testbed import RL_SEED, config_fields, load_policy, machine_description, quiet, task_dataset
 
 RESULTS = Path(__file__).parent / "results"
-PAPER_CAPS = dict(max_completion_length=4096, max_thoughts=20, max_thought_tokens=256)
+PAPER_CAPS = {"max_completion_length": 4096, "max_thoughts": 20, "max_thought_tokens": 256}
 LEAK_TOLERANCE = 0.05
 MIB = 2**20
 
@@ -141,9 +141,9 @@ def render(record: dict, settings: dict, machine: str) -> str:
     lines = [
         "# Host memory of SRPO steps (testbed policy, paper caps)", "",
         f"`{settings['command']}` on {machine}.", "",
-        f"{settings['steps']} steps of {settings['prompts']} prompts x 8 rows (1x4 split, self-localization), "
-        f"caps {PAPER_CAPS}; mean completion length {record['completion_length_mean']:.1f} tokens; "
-        f"{record['train_seconds']:.0f} s in all.", "",
+        (f"{settings['steps']} steps of {settings['prompts']} prompts x 8 rows (1x4 split, self-localization), "
+         f"caps {PAPER_CAPS}; mean completion length {record['completion_length_mean']:.1f} tokens; "
+         f"{record['train_seconds']:.0f} s in all."), "",
         "| | MiB |", "|---|---|",
         f"| RSS before the trainer | {record['start_rss_mib']:.0f} |",
         f"| peak RSS of a step, max over steps | {max(record['peak_rss_mib']):.0f} |",

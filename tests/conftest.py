@@ -113,3 +113,27 @@ class ScriptedLlama:
         model.scripts = scripts
         model.generation_config.do_sample = False
         return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_a_temporary_folder(tmp_path_factory):
+    """No test writes the user's caches: the package's, Hugging Face's, matplotlib's and torch's point at a
+    temporary folder for the session (subprocesses inherit them). ``datasets`` read its cache path when it
+    was imported, so its module constants follow too."""
+    root = tmp_path_factory.mktemp("cache")
+    env = {
+        "XDG_CACHE_HOME": root, "TRL_RESETS_CACHE": root / "trl_resets", "HF_HOME": root / "huggingface",
+        "HF_DATASETS_CACHE": root / "huggingface" / "datasets", "MPLCONFIGDIR": root / "matplotlib",
+        "TORCH_EXTENSIONS_DIR": root / "torch_extensions", "TRITON_CACHE_DIR": root / "triton",
+    }
+    import datasets.config
+
+    datasets_cache = root / "huggingface" / "datasets"
+    constants = {"HF_DATASETS_CACHE": datasets_cache, "DOWNLOADED_DATASETS_PATH": datasets_cache / "downloads",
+                 "EXTRACTED_DATASETS_PATH": datasets_cache / "downloads" / "extracted"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, path in env.items():
+            patch.setenv(name, str(path))
+        for name, path in constants.items():
+            patch.setattr(datasets.config, name, path)
+        yield root

@@ -15,7 +15,7 @@ from datasets import Dataset
 from trl_resets import SRPOConfig, SRPOTrainer
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from tests.conftest import make_char_tokenizer, make_tiny_llama  # noqa: E402
+from tests.conftest import make_char_tokenizer, make_tiny_llama
 
 
 def reward(completions, answer, **kwargs):

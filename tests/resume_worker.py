@@ -17,8 +17,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from tests.conftest import make_char_tokenizer, make_tiny_llama  # noqa: E402
-from trl_resets import SRPOConfig, SRPOTrainer  # noqa: E402
+from tests.conftest import make_char_tokenizer, make_tiny_llama
+from trl_resets import SRPOConfig, SRPOTrainer
 
 
 def reward(completions, answer, **kwargs):

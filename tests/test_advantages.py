@@ -10,12 +10,13 @@ from trl_resets.advantages import group_advantages
 
 def test_advantage_is_the_centered_reward_over_sample_std_plus_eps():
     rewards = torch.tensor([0.0, 1.0, 3.0, 5.0])
-    got = group_advantages(rewards, torch.tensor([0, 0, 1, 1]), eps=1e-4)
+    groups = torch.tensor([0, 0, 1, 1])
     std = math.sqrt(0.5)  # sample std of {0, 1}; {3, 5} has twice it
-    want = [-0.5 / (std + 1e-4), 0.5 / (std + 1e-4), -1.0 / (2 * std + 1e-4), 1.0 / (2 * std + 1e-4)]
-    assert got.tolist() == pytest.approx(want, abs=1e-6)
-    assert group_advantages(rewards, torch.tensor([0, 0, 1, 1]), eps=0.5).tolist() == pytest.approx(
-        [-0.5 / (std + 0.5), 0.5 / (std + 0.5), -1.0 / (2 * std + 0.5), 1.0 / (2 * std + 0.5)], abs=1e-6)
+    for eps in (1e-4, 0.5):
+        want = [-0.5 / (std + eps), 0.5 / (std + eps), -1.0 / (2 * std + eps), 1.0 / (2 * std + eps)]
+        assert group_advantages(rewards, groups, eps=eps).tolist() == pytest.approx(want, abs=1e-6)
+    default = [-0.5 / (std + 1e-4), 0.5 / (std + 1e-4), -1.0 / (2 * std + 1e-4), 1.0 / (2 * std + 1e-4)]
+    assert group_advantages(rewards, groups).tolist() == pytest.approx(default, abs=1e-6)
 
 
 def test_a_group_too_small_is_skipped_and_later_groups_still_normalized():

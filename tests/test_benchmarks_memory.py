@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.memory import RssSampler, leak_ratio, non_finite  # noqa: E402
+from benchmarks.memory import RssSampler, leak_ratio, non_finite
 
 
 def test_leak_ratio_compares_step_50_with_step_5_or_the_last_step():

@@ -2,11 +2,19 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+
+def _free_port() -> int:
+    """A port the OS has just handed out, so two suites on one machine do not meet on a fixed one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize("vllm_mode", [None, "server", "zero3"])
@@ -18,13 +26,15 @@ def test_two_process_srpo_run(tmp_path, vllm_mode):
     # elastic launcher, and `use_cpu=True` in the config keeps them on the CPU (gloo).
     if vllm_mode == "zero3":
         pytest.importorskip("deepspeed")
+    port = str(_free_port())
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(worker), str(tmp_path)] + ([vllm_mode] if vllm_mode else [])
+           "--dynamo_backend", "no", "--main_process_port", port, str(worker), str(tmp_path)]
+    cmd += [vllm_mode] if vllm_mode else []
     if vllm_mode == "zero3":
         # accelerate's launcher runs DeepSpeed through its own launcher (GPU-only); torchrun starts the 2 CPU ranks
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29561",
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", port,
                str(worker), str(tmp_path), "zero3"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["num_processes"] for r in reports] == [2, 2]

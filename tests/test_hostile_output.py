@@ -18,7 +18,14 @@ from trl_resets.localizers import SelfLocalizer, parse_step_index
 from trl_resets.metrics import PREFIX, finalize, step_sums
 from trl_resets.resets import ResetAlgorithm, Split
 from trl_resets.thoughts import (
-    STOP_ANSWER, STOP_EOS, STOP_MAX_THOUGHTS, STOP_MAX_TOKENS, STOP_NONE, Rollout, ThoughtFormat, segment_thoughts,
+    STOP_ANSWER,
+    STOP_EOS,
+    STOP_MAX_THOUGHTS,
+    STOP_MAX_TOKENS,
+    STOP_NONE,
+    Rollout,
+    ThoughtFormat,
+    segment_thoughts,
 )
 
 from .test_properties import EOS, PIECES, decode
@@ -114,7 +121,10 @@ class ReplyPolicy:
         return [(self.reply, 5) for _ in prompts]
 
 
-def run(rollouts, score, reply="\\boxed{1}", split=Split(4, 1, 4), budget=2):
+SPLIT = Split(4, 1, 4)
+
+
+def run(rollouts, score, reply="\\boxed{1}", split=SPLIT, budget=2):
     algo = ResetAlgorithm(split, FMT, seed_budget=budget)
     policy = ReplyPolicy(reply)
     (result,) = algo.run([[1]], ["q"], ScriptedSampler(rollouts), score, SelfLocalizer(), texts, policy=policy,
@@ -178,10 +188,10 @@ def _trainer(tmp_path, char_tokenizer, reward_funcs, **overrides):
 
     from .conftest import make_tiny_llama
 
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, max_completion_length=12,
-                    max_thought_tokens=4, max_thoughts=4, learning_rate=1e-3, logging_steps=1, report_to="none",
-                    use_cpu=True, bf16=False, save_strategy="no", seed_budget=1, temperature=1.0, seed=0,
-                    localization_max_tokens=4)
+    settings = {"output_dir": str(tmp_path), "per_device_train_batch_size": 8, "max_steps": 1, "max_completion_length": 12,
+                    "max_thought_tokens": 4, "max_thoughts": 4, "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none",
+                    "use_cpu": True, "bf16": False, "save_strategy": "no", "seed_budget": 1, "temperature": 1.0, "seed": 0,
+                    "localization_max_tokens": 4}
     settings.update(overrides)
     data = Dataset.from_dict({"prompt": ["2+5?", "3+4?"], "answer": ["7", "7"]})
     return SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=reward_funcs, args=SRPOConfig(**settings),

@@ -53,11 +53,11 @@ def test_clip_settings_are_accepted_with_the_clipped_surrogate(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(num_iterations=2),  # later iterations are importance-weighted by pi / pi_old
-    dict(top_entropy_quantile=0.2),
-    dict(off_policy_mask_threshold=0.5),
-    dict(beta=0.1, use_bias_correction_kl=True),
-    dict(entropy_coef=0.01),
+    {"num_iterations": 2},  # later iterations are importance-weighted by pi / pi_old
+    {"top_entropy_quantile": 0.2},
+    {"off_policy_mask_threshold": 0.5},
+    {"beta": 0.1, "use_bias_correction_kl": True},
+    {"entropy_coef": 0.01},
 ])
 def test_honoured_options_construct(tmp_path, overrides):
     args = _config(tmp_path, **overrides)

@@ -20,8 +20,8 @@ def _reward(completions, **kwargs):
 
 
 def _trainer(tmp_path, tok, data=None, **overrides):
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_completion_length=16,
-                    report_to="none", use_cpu=True, bf16=False, save_strategy="no")
+    settings = {"output_dir": str(tmp_path), "per_device_train_batch_size": 8, "max_completion_length": 16,
+                    "report_to": "none", "use_cpu": True, "bf16": False, "save_strategy": "no"}
     settings.update(overrides)
     trainer = SRPOTrainer(model=make_tiny_llama(tok), reward_funcs=_reward, args=SRPOConfig(**settings),
                           train_dataset=data or Dataset.from_dict({"prompt": ["a"] * 8}), processing_class=tok)
@@ -180,11 +180,11 @@ def test_loss_refuses_inputs_without_the_prefix_mask(tmp_path, char_tokenizer):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(top_entropy_quantile=0.5),
-    dict(off_policy_mask_threshold=0.01),
-    dict(epsilon=0.1, epsilon_high=0.3, delta=1.2),
-    dict(entropy_coef=0.3),
-    dict(entropy_coef=0.3, top_entropy_quantile=0.5),
+    {"top_entropy_quantile": 0.5},
+    {"off_policy_mask_threshold": 0.01},
+    {"epsilon": 0.1, "epsilon_high": 0.3, "delta": 1.2},
+    {"entropy_coef": 0.3},
+    {"entropy_coef": 0.3, "top_entropy_quantile": 0.5},
 ])
 def test_honoured_options_act_as_in_grpo(tmp_path, char_tokenizer, overrides):
     trainer = _trainer(tmp_path, char_tokenizer, clip_surrogate=True, **overrides)

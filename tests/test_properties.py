@@ -18,7 +18,14 @@ from trl_resets.advantages import group_advantages
 from trl_resets.localizers import Localization, parse_step_index, resolve_reset_index
 from trl_resets.resets import BASE_GROUP, ResetAlgorithm, Split
 from trl_resets.thoughts import (
-    STOP_ANSWER, STOP_EOS, STOP_MAX_THOUGHTS, STOP_MAX_TOKENS, STOP_NONE, Rollout, ThoughtFormat, contains_final_answer,
+    STOP_ANSWER,
+    STOP_EOS,
+    STOP_MAX_THOUGHTS,
+    STOP_MAX_TOKENS,
+    STOP_NONE,
+    Rollout,
+    ThoughtFormat,
+    contains_final_answer,
     segment_thoughts,
 )
 

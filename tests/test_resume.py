@@ -16,7 +16,7 @@ WORKER = Path(__file__).with_name("resume_worker.py")
 
 def _run(out, mode, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
-    return subprocess.run([sys.executable, str(WORKER), str(out), mode, *map(str, extra)], env=env,
+    return subprocess.run([sys.executable, str(WORKER), str(out), mode, *map(str, extra)], env=env, check=False,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -26,8 +26,7 @@ def _logs(out, mode):
 
 
 def _compared(entry):
-    return {k: v for k, v in entry.items() if k in ("loss", "reward", "reward_std", "grad_norm")
-            or k.startswith("resets/") or k.startswith("rewards/")}
+    return {k: v for k, v in entry.items() if k in ("loss", "reward", "reward_std", "grad_norm") or k.startswith(("resets/", "rewards/"))}
 
 
 @pytest.mark.parametrize("steps_per_generation", [None, 4])  # 4: the checkpoint falls inside one generation

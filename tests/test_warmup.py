@@ -16,6 +16,7 @@ from trl_resets.warmup import (
     is_warmed_up,
     warm_up,
     warmup_dataset,
+    warmup_key,
     warmup_path,
 )
 
@@ -119,7 +120,7 @@ def test_bad_settings_fail_clearly():
 def test_warm_up_trains_merges_caches_and_skips(tmp_path, char_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import trl_resets.warmup as warmup
+    from trl_resets import warmup
 
     base = tmp_path / "base"
     model = make_tiny_llama(char_tokenizer)
@@ -149,3 +150,18 @@ def test_warm_up_trains_merges_caches_and_skips(tmp_path, char_tokenizer, monkey
     with pytest.raises(AssertionError, match="must not train"):
         warm_up(str(base), settings, cache_dir=cache, force=True)
     assert is_warmed_up(path)  # a failed retraining leaves the cached model in place
+
+
+def test_cache_key_follows_the_weights_contents_not_their_sizes(tmp_path, char_tokenizer):
+    base = tmp_path / "base"
+    make_tiny_llama(char_tokenizer, seed=0).save_pretrained(base)
+    char_tokenizer.save_pretrained(base)
+    settings = WarmupSettings()
+    first = warmup_key(str(base), settings)
+    assert warmup_key(str(base), settings) == first
+    (base / "README.md").write_text("a model card does not change the model")
+    assert warmup_key(str(base), settings) == first
+    sizes = sorted((p.name, p.stat().st_size) for p in base.iterdir() if p.suffix == ".safetensors")
+    make_tiny_llama(char_tokenizer, seed=1).save_pretrained(base)  # other weights, same shapes, same path
+    assert sorted((p.name, p.stat().st_size) for p in base.iterdir() if p.suffix == ".safetensors") == sizes
+    assert warmup_key(str(base), settings) != first

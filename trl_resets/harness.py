@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+from transformers import TrainerCallback
+from trl import ModelConfig, TrlParser, get_peft_config
 
-from transformers import TrainerCallback  # noqa: E402
-from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
-
-from .config import ResetConfig, RRPOConfig, SRPOConfig  # noqa: E402
-from .rewards import boxed_answer_reward, extract_boxed  # noqa: E402
-from .tasks import make_arithmetic_dataset  # noqa: E402
-from .trainer import ResetTrainer, RRPOTrainer, SRPOTrainer  # noqa: E402
+from .config import ResetConfig, RRPOConfig, SRPOConfig
+from .rewards import boxed_answer_reward, extract_boxed
+from .tasks import make_arithmetic_dataset
+from .trainer import ResetTrainer, RRPOTrainer, SRPOTrainer
 
 
 class GRPOBaselineTrainer(ResetTrainer):

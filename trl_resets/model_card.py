@@ -32,7 +32,8 @@ HEADLINE_KEYS = (
 )
 
 
-def _finite(value) -> bool:
+def finite_number(value) -> bool:
+    """A real number that is not NaN or infinite (log values may be None, NaN or a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -44,7 +45,7 @@ def headline_metrics(log_history: Sequence[Mapping], keys: Sequence[str] = HEADL
     entries = [e for e in log_history if "loss" in e]
     out = {}
     for key in keys:
-        values = [e[key] for e in entries if _finite(e.get(key))]
+        values = [e[key] for e in entries if finite_number(e.get(key))]
         if values:
             out[key] = {"last": values[-1], "mean": sum(values) / len(values), "steps": len(values)}
     return out

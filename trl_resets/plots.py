@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .metrics import PREFIX
+from .model_card import finite_number
 
 CURVES = (
     ("reward", "reward (mean over rows)"),
@@ -29,17 +29,13 @@ def _pyplot():
     return plt
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def plot_rewards(log_entries: Sequence[Mapping], path: str | Path, title: str = "reward and pass rates") -> Path:
     """Reward and base / shared-prefix pass rates against the step; a curve with no finite value is left out."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = 0
     for key, label in CURVES:
-        points = [(e.get("step"), e.get(key)) for e in log_entries if _finite(e.get(key))]
+        points = [(e.get("step"), e.get(key)) for e in log_entries if finite_number(e.get(key))]
         if not points:
             continue
         steps = [s if s is not None else i + 1 for i, (s, _) in enumerate(points)]

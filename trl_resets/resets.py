@@ -59,11 +59,6 @@ class Split:
         """k=0: no resets, plain GRPO on G1 rollouts (the like-for-like baseline)."""
         return self.prefixes == 0
 
-    def __str__(self) -> str:
-        if self.is_grpo:
-            return f"GRPO ({self.base})"
-        return f"{self.prefixes}x{self.per_prefix}" + (f" (+{self.base} base)" if self.base != self.per_prefix else "")
-
 
 @dataclass
 class Scored:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 import datasets
 
 from .localizers import DEFAULT_LOCALIZATION_TEMPLATE, LocalizationRequest, localization_prompt
+from .models import build_folder_atomically, model_cache_folder
 from .tasks.arithmetic import ArithmeticProblem, apply_operation, check_steps, make_arithmetic_dataset
 from .thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE, wrap_question
 
@@ -210,20 +210,30 @@ def _longer_problem(row: dict, rng: random.Random, settings: WarmupSettings) -> 
 
 
 def warmup_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    from .models import model_cache_folder
-
     return model_cache_folder(cache_dir).parent / "warmup"
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _model_identity(model_path: str) -> dict:
-    """What names the base model: its path, and for a local folder its config and weight sizes."""
+    """What names the base model: its path, and for a local folder a digest of every file it holds.
+
+    The weights, config and tokenizer files are hashed by their contents, so a folder whose weights were
+    replaced (a fine-tune saved over the same path, same sizes) gets a new key. Hidden files and Markdown
+    (a model card) are left out: they do not change what the warm-up trains.
+    """
     identity = {"model": str(model_path)}
     folder = Path(model_path)
     if folder.is_dir():
-        config = folder / "config.json"
-        identity["config_sha"] = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
-        identity["weights"] = sorted(
-            (p.name, p.stat().st_size) for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")
+        identity["files"] = sorted(
+            (p.name, _file_digest(p)) for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix != ".md"
         )
     return identity
 
@@ -263,21 +273,14 @@ def warm_up(
     target = warmup_path(model_path, settings, cache_dir)
     if is_warmed_up(target) and not force:
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
+
+    def build(staging: Path) -> None:
         report = _train(model_path, settings, staging, use_cpu, show_progress)
         (staging / MARKER_FILE).write_text(json.dumps(
             {"base": _model_identity(model_path), "settings": settings.fingerprint(), "training": report}, indent=2
         ) + "\n")
-        if target.exists():
-            stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
-            target.rename(stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    build_folder_atomically(target, build, is_complete=is_warmed_up, replace=True)
     return str(target)
 
 

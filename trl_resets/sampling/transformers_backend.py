@@ -138,13 +138,12 @@ _ROW_SAFE_PROCESSORS = tuple(
         "SuppressTokensLogitsProcessor",
     ) if hasattr(_lp, name)
 )
-_warned: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+    # No set of our own: Python's default filter already shows a given UserWarning once per call site, and a
+    # caller that records warnings (``pytest.warns``, ``catch_warnings``) sees it each time, whatever ran before.
+    warnings.warn(message, stacklevel=3)
 
 
 def cache_kwarg(model) -> str:

@@ -1,0 +1,86 @@
+"""Localizers' exact answers and messages: boundaries of the step index, the oracle's clamp, names, errors."""
+
+import random
+
+import pytest
+
+from trl_resets.localizers import (
+    CallableLocalizer,
+    Localization,
+    LocalizationRequest,
+    OracleLocalizer,
+    RandomLocalizer,
+    SelfLocalizer,
+    as_localizer,
+    localization_prompt,
+    parse_step_index,
+)
+
+
+def test_step_index_bounds_are_one_and_the_number_of_steps():
+    assert parse_step_index(r"\boxed{1}", 3) == 1
+    assert parse_step_index(r"\boxed{3}", 3) == 3
+    assert parse_step_index(r"\boxed{0}", 3) is None and parse_step_index(r"\boxed{4}", 3) is None
+
+
+def test_callable_localizer_sees_question_and_thoughts_and_is_named_after_the_function():
+    seen = []
+
+    def grader(question, thoughts):
+        seen.append((question, thoughts))
+        return "2"
+
+    loc = CallableLocalizer(grader)
+    assert loc.name == "grader" and CallableLocalizer(grader, name="prm").name == "prm"
+    answers = loc.locate([LocalizationRequest("q?", ("a", "b", "c"))])
+    assert seen == [("q?", ["a", "b", "c"])] and answers == [Localization(2)]
+    assert [a.index for a in loc.locate([LocalizationRequest("q", ["a"])] * 1)] == [2]
+    assert CallableLocalizer(lambda q, t: 2.0).locate([LocalizationRequest("q", ["a"])]) == [Localization(2)]
+
+    class Nameless:
+        def __call__(self, question, thoughts):
+            return 1
+
+    assert CallableLocalizer(Nameless()).name == "callable"
+    with pytest.raises(TypeError, match="localizer must be callable or have a .locate method, got int"):
+        CallableLocalizer(3)
+
+
+def test_oracle_clamps_an_index_past_the_last_thought_and_boxes_its_answer():
+    past_the_end = OracleLocalizer(lambda row, thoughts: len(thoughts) + 1)
+    assert past_the_end.locate([LocalizationRequest("q", ["only"], {"answer": 1})]) == [
+        Localization(1, 0, r"\boxed{1}")]
+    assert past_the_end.locate([LocalizationRequest("q", ["a", "b"], {"answer": 1})]) == [
+        Localization(2, 0, r"\boxed{2}")]
+    none = OracleLocalizer(lambda row, thoughts: None)
+    assert none.locate([LocalizationRequest("q", ["a"], {"answer": 1})]) == [Localization(None, 0, None)]
+    with pytest.raises(ValueError, match="OracleLocalizer needs the prompt's dataset row .* LocalizationRequest.row"):
+        none.locate([LocalizationRequest("q", ["a"])])
+    with pytest.raises(TypeError, match="checker must be callable, got str"):
+        OracleLocalizer("check")
+
+
+def test_random_localizer_draws_within_the_seed_and_needs_no_rng():
+    requests = [LocalizationRequest("q", ["a"])] * 20
+    assert {a.index for a in RandomLocalizer().locate(requests)} == {1}
+    assert {a.index for a in RandomLocalizer().locate(requests, rng=random.Random(0))} == {1}
+
+
+def test_as_localizer_resolves_names_objects_and_the_default():
+    assert isinstance(as_localizer(None), SelfLocalizer)
+    assert isinstance(as_localizer("self", max_new_tokens=5), SelfLocalizer)
+    assert as_localizer("self", max_new_tokens=5).max_new_tokens == 5
+    assert SelfLocalizer().max_new_tokens == 32 and SelfLocalizer().temperature == 0.0
+    assert isinstance(as_localizer(None, default="random"), RandomLocalizer)
+    oracle = OracleLocalizer()
+    assert as_localizer(oracle) is oracle
+    with pytest.raises(ValueError, match="unknown localizer 'prm'; use 'self', 'random', 'oracle' .* Localizer object"):
+        as_localizer("prm")
+
+
+def test_a_template_with_an_unknown_placeholder_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown placeholder 'answer'; it may use \{question\}, \{steps\} and "
+                                         r"\{num_steps\} \(write literal braces as \{\{ and \}\}\)\."):
+        localization_prompt(LocalizationRequest("q", ["s"]), "{answer}")
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        SelfLocalizer(template="{answer}")

@@ -1,0 +1,39 @@
+"""Thought text helpers and the format's validation, value by value."""
+
+import pytest
+
+from trl_resets.thoughts import ThoughtFormat, contains_final_answer, strip_delimiter, wrap_question
+
+
+def test_strip_delimiter_removes_only_a_closing_delimiter_in_delimiter_mode():
+    fmt = ThoughtFormat(delimiter="</t>")
+    assert strip_delimiter("  2+3=5 </t> \n", fmt) == "2+3=5"
+    assert strip_delimiter("</t> in the middle, kept", fmt) == "</t> in the middle, kept"
+    paragraph = ThoughtFormat(delimiter="</t>", split="paragraph")
+    assert strip_delimiter(" 2+3=5 </t>\n\n", paragraph) == "2+3=5 </t>"  # paragraph mode has no delimiter
+
+
+def test_wrap_question_fills_question_and_delimiter():
+    assert wrap_question("1+1?", "Q: {question} end each step with {delimiter}", "</t>") == (
+        "Q: 1+1? end each step with </t>")
+    with pytest.raises(ValueError, match=r"unknown placeholder 'answer'; it may use only \{question\} and "
+                                         r"\{delimiter\} \(write literal braces as \{\{ and \}\}\)\."):
+        wrap_question("q", "{answer}")
+
+
+def test_format_validation_messages_and_bounds():
+    ThoughtFormat(max_thoughts=1, max_thought_tokens=1, max_completion_tokens=1)  # 1 is allowed
+    assert ThoughtFormat(delimiter="", split="paragraph").split == "paragraph"  # no delimiter needed there
+    with pytest.raises(ValueError, match="thought split must be 'delimiter' or 'paragraph', got 'line'"):
+        ThoughtFormat(split="line")
+    with pytest.raises(ValueError, match=r"thought_delimiter is empty; give a delimiter or use "
+                                         r"thought_split='paragraph'\."):
+        ThoughtFormat(delimiter="")
+    for name in ("max_thoughts", "max_thought_tokens", "max_completion_tokens"):
+        with pytest.raises(ValueError, match=f"{name} must be at least 1, got 0"):
+            ThoughtFormat(**{name: 0})
+
+
+def test_final_answer_needs_a_closed_box():
+    assert contains_final_answer(r"so \boxed{7}") and contains_final_answer(r"\boxed{\frac{1}{2}}")
+    assert not contains_final_answer(r"so \boxed{7") and not contains_final_answer(r"\boxed{\frac{1}{2}")
