@@ -84,3 +84,23 @@ def test_a_template_with_an_unknown_placeholder_names_the_allowed_ones():
         localization_prompt(LocalizationRequest("q", ["s"]), "{answer}")
     with pytest.raises(ValueError, match="unknown placeholder"):
         SelfLocalizer(template="{answer}")
+
+
+class RecordingPolicy:
+    def __init__(self, replies):
+        self.replies, self.calls = replies, []
+
+    def complete(self, prompts, max_new_tokens, temperature):
+        self.calls.append((prompts, max_new_tokens, temperature))
+        return self.replies
+
+
+def test_self_localizer_asks_the_policy_with_its_template_and_settings_and_keeps_the_reply():
+    loc = SelfLocalizer(template="Q={question} N={num_steps}\n{steps}", max_new_tokens=7, temperature=0.5)
+    policy = RecordingPolicy([(r"so \boxed{2}", 4), ("no idea", 2)])
+    requests = [LocalizationRequest("1+1?", ["a", "b"]), LocalizationRequest("2+2?", ["c"])]
+    answers = loc.locate(requests, policy)
+    assert policy.calls == [(["Q=1+1? N=2\nStep 1: a\nStep 2: b", "Q=2+2? N=1\nStep 1: c"], 7, 0.5)]
+    assert answers == [Localization(2, 4, r"so \boxed{2}"), Localization(None, 2, "no idea")]
+    with pytest.raises(ValueError, match="SelfLocalizer needs the policy to query; the trainer passes it in."):
+        loc.locate(requests, None)
