@@ -106,7 +106,7 @@ def load_livecodebench(part: str = "train", difficulty: str | None = "medium", r
         raise ValueError(f"train_fraction={train_fraction}: it must lie strictly between 0 and 1.")
     split_tests({"inputs": [], "outputs": [], "fn_name": None}, part, train_fraction, seed)  # refuse a bad part now
     if data_files is not None:
-        raw = _read_json_lines([data_files] if isinstance(data_files, (str, Path)) else data_files)
+        raw = read_json_lines(data_files)
     else:
         raw = datasets.load_dataset(HUB_ID, data_files=list(RELEASE_FILES[:release]), split="train")
     rows = [to_task_row(row, part, train_fraction, seed) for row in raw
@@ -114,10 +114,11 @@ def load_livecodebench(part: str = "train", difficulty: str | None = "medium", r
     return datasets.Dataset.from_list(rows)
 
 
-def _read_json_lines(paths) -> list[dict]:
-    """Rows of local JSON-lines files (read directly: no dataset cache is written)."""
+def read_json_lines(paths) -> list[dict]:
+    """Rows of local JSON-lines files (``paths``: one path or several), read directly: no dataset cache is
+    written."""
     rows = []
-    for path in paths:
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
         with open(path, encoding="utf-8") as handle:
             rows += [json.loads(line) for line in handle if line.strip()]
     return rows

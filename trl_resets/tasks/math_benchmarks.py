@@ -9,13 +9,12 @@ the source's schema instead of the hub (no dataset cache is written).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..rewards import extract_boxed
+from .livecodebench import read_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def load_math_benchmark(name: str, data_files=None):
     if data_files is None:
         raw = list(datasets.load_dataset(spec.hub_id, spec.config, split=spec.split))
     else:
-        raw = _read_json_lines([data_files] if isinstance(data_files, (str, Path)) else data_files)
+        raw = read_json_lines(data_files)
     rows, dropped = [], 0
     for position, row in enumerate(raw):
         if spec.keep is not None and not spec.keep(row):
@@ -81,11 +80,3 @@ def load_math_benchmark(name: str, data_files=None):
                        dropped + len(rows))
     return datasets.Dataset.from_list(rows)
 
-
-def _read_json_lines(paths) -> list[dict]:
-    """Rows of local JSON-lines files."""
-    rows = []
-    for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            rows += [json.loads(line) for line in handle if line.strip()]
-    return rows
