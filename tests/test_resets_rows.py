@@ -110,10 +110,11 @@ def test_every_row_and_record_of_a_batch():
         _base(0), _base(2), _reset(1, 2, 12, 1), _reset(1, 2, 13, 1), _reset(3, 2, 14, 2), _reset(3, 2, 15, 2)]]
     assert [_plain(r) for r in second.rows] == [_plain(r) for r in [
         _base(5), _base(6), _reset(4, missing, 16, 1), _reset(4, missing, 17, 1), _filler(4, 2), _filler(5, 2)]]
-    assert first.resets == [ResetRecord(3, 2, False, 3, "two")] * 2
-    assert second.resets == [ResetRecord(3, missing, True, 0, None)]
+    assert first.resets == [ResetRecord(3, 2, False, 3, "two", seed_tokens=6)] * 2
+    assert second.resets == [ResetRecord(3, missing, True, 0, None, seed_tokens=6)]
     assert (first.fallbacks, first.phase1_draws, first.unused_tokens) == (0, 4, 0)
     assert (second.fallbacks, second.phase1_draws, second.unused_tokens) == (1, 8, 5 * 6)  # draws 7-11 unused
+    assert (first.first_draws, second.first_draws, first.empty_seeds, second.empty_seeds) == (4, 4, 0, 0)
 
     assert [(r.question, r.thoughts) for r in localizer.requests] == [("q0", ["t0", "t1", "t2"])] * 2 + [
         ("q1", ["t0", "t1", "t2"])]
