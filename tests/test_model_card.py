@@ -5,9 +5,8 @@ import math
 import pytest
 from datasets import Dataset
 
-from trl_resets import RRPOConfig, RRPOTrainer, SRPOConfig, SRPOTrainer
+from trl_resets import GRPOBaselineTrainer, RRPOConfig, RRPOTrainer, SRPOConfig, SRPOTrainer
 from trl_resets.config import ResetConfig
-from trl_resets.harness import GRPOBaselineTrainer
 from trl_resets.model_card import SECTION_TITLE, headline_metrics, insert_section, reset_card_section
 
 from .conftest import make_tiny_llama

@@ -6,12 +6,13 @@ from .localizers import CallableLocalizer, Localizer, OracleLocalizer, RandomLoc
 from .loss import reset_pg_loss
 from .resets import ResetAlgorithm, Split
 from .thoughts import Rollout, ThoughtFormat
-from .trainer import ResetTrainer, RRPOTrainer, SRPOTrainer
+from .trainer import GRPOBaselineTrainer, ResetTrainer, RRPOTrainer, SRPOTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CallableLocalizer",
+    "GRPOBaselineTrainer",
     "Localizer",
     "OracleLocalizer",
     "RandomLocalizer",

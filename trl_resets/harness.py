@@ -32,15 +32,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .rewards import boxed_answer_reward, extract_boxed
 from .tasks import make_arithmetic_dataset
-from .trainer import ResetTrainer, RRPOTrainer, SRPOTrainer
-
-
-class GRPOBaselineTrainer(ResetTrainer):
-    """The like-for-like GRPO baseline: `ResetTrainer` with k=0 (same thought sampler, no resets)."""
-
-    _tag_names = ["trl", "trl-resets", "grpo"]
-    _name = "GRPO"
-
+from .trainer import GRPOBaselineTrainer, RRPOTrainer, SRPOTrainer
 
 METHODS = {
     "srpo": (SRPOConfig, SRPOTrainer),

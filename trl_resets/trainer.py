@@ -717,3 +717,11 @@ class RRPOTrainer(ResetTrainer):
     config_class = RRPOConfig
     _tag_names = ["trl", "trl-resets", "rrpo"]
     _name = "RRPO"
+
+
+class GRPOBaselineTrainer(ResetTrainer):
+    """The like-for-like GRPO baseline: `ResetTrainer` with ``num_reset_prefixes=0`` (the same thought sampler,
+    rewards and loss, no resets), for comparisons with SRPO and RRPO on equal terms."""
+
+    _tag_names = ["trl", "trl-resets", "grpo"]
+    _name = "GRPO"
