@@ -174,3 +174,24 @@ def test_split_validation():
     with pytest.raises(ValueError, match="advantage"):
         Split(1, 2, 1)
     assert Split(4, 1, 4).num_generations == 8 and Split(0, 2, 4).num_generations == 8
+
+
+def test_per_prompt_generators_make_each_prompts_resets_independent_of_the_others():
+    """With one generator per prompt, a prompt's random resets (and the random fallback of an unusable answer)
+    depend on its own generator only: the same whether it runs alone or after other prompts."""
+
+    def resets(keys, localizer):
+        algo = ResetAlgorithm(Split(0, 2, 2), ThoughtFormat(max_completion_tokens=100), seed_budget=0)
+        results = algo.run([[7, k] for k in keys], [f"q{k}" for k in keys], ScriptedSampler(), scripted_score(set()),
+                           localizer, describe=lambda r: ["t"] * r.num_thoughts,
+                           rng=[random.Random(f"prompt {k}") for k in keys])
+        return [[r.reset_index for r in g.resets] for g in results]
+
+    for localizer in (RandomLocalizer(), FixedLocalizer(99)):  # 99: out of range, so a random reset instead
+        together = resets(range(6), localizer)
+        assert [resets([k], localizer)[0] for k in range(6)] == together
+        assert len({tuple(r) for r in together}) > 1
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        ResetAlgorithm(Split(0, 2, 2), ThoughtFormat(max_completion_tokens=100)).run(
+            [[7]] * 3, ["q"] * 3, ScriptedSampler(), scripted_score(set()), RandomLocalizer(),
+            describe=lambda r: ["t"] * r.num_thoughts, rng=[random.Random(0)] * 2)

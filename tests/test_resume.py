@@ -36,7 +36,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_as_the_same_run(tmp_path, steps
     assert _run(full, "full", *extra).returncode == 0
     killed = _run(broken, "kill", *extra)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert (broken / "checkpoint-2" / "reset_rng_state_0.json").exists()
+    assert (broken / "checkpoint-2" / "generation_buffer_0.pt").exists()
     assert not (broken / "checkpoint-4").exists()
     resumed = _run(broken, "resume", *extra)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -34,11 +34,17 @@ class LocalizationRequest:
 
     ``row`` holds the prompt's dataset columns when the trainer has them (the answer, a reference
     solution): an oracle localizer grades the seed against it; the policy never sees it.
+
+    ``rng`` is the generator of the prompt the seed came from, keyed by the run's seed, the generation and
+    the prompt's index in the global batch (not by process), so a run draws the same resets on one process
+    as on eight. Localizers that draw at random draw from it (the ``rng`` handed to ``locate`` is used only
+    when a request has none).
     """
 
     question: str
     thoughts: list[str]
     row: Mapping | None = None
+    rng: random.Random | None = None
 
     @property
     def num_steps(self) -> int:
@@ -120,7 +126,7 @@ class RandomLocalizer:
 
     def locate(self, requests, policy=None, rng=None) -> list[Localization]:
         rng = rng or random.Random()
-        return [Localization(rng.randint(1, max(r.num_steps, 1))) for r in requests]
+        return [Localization((r.rng or rng).randint(1, max(r.num_steps, 1))) for r in requests]
 
 
 class SelfLocalizer:

@@ -235,15 +235,21 @@ class ResetAlgorithm:
         localizer: Localizer,
         describe: Callable[[Rollout], list[str]],
         policy: TextPolicy | None = None,
-        rng: random.Random | None = None,
+        rng: random.Random | Sequence[random.Random] | None = None,
         rows: Sequence[Mapping] | None = None,
     ) -> list[PromptGroups]:
         """Algorithm 2 for every prompt; ``describe`` turns a seed into its thoughts' text for the localizer.
 
         ``rows`` (optional, one per prompt) are the prompts' dataset columns, handed to the localizer with
         each request (an oracle localizer grades the seed against them).
+
+        ``rng`` is one generator for all prompts, or one per prompt (the trainer keys each by the prompt's
+        global index, so that the reset choices do not depend on how prompts are spread over processes):
+        a prompt's localizer draws and random resets come from its own generator, in its seeds' order.
         """
-        rng = rng or random.Random(0)
+        rngs = [rng or random.Random(0)] * len(contexts) if rng is None or isinstance(rng, random.Random) else rng
+        if len(rngs) != len(contexts):
+            raise ValueError(f"{len(rngs)} generators for {len(contexts)} prompts: pass one per prompt, or one.")
         split = self.split
         draws = self.phase1(contexts, sampler, score)
 
@@ -263,17 +269,17 @@ class ResetAlgorithm:
         if split.is_grpo:
             return results
         requests = [
-            LocalizationRequest(questions[i], describe(s.rollout), None if rows is None else rows[i])
+            LocalizationRequest(questions[i], describe(s.rollout), None if rows is None else rows[i], rngs[i])
             for i, _, s in seeds
         ]
-        answers = localizer.locate(requests, policy, rng)
+        answers = localizer.locate(requests, policy, requests[0].rng if requests else random.Random(0))
         if len(answers) != len(requests):
             raise ValueError(f"localizer {localizer.name!r} answered {len(answers)} of {len(requests)} requests.")
 
         reset_contexts, reset_owners, reset_prefixes, reset_starts, reset_budgets = [], [], [], [], []
         reset_prefix_lps = []
         for (i, _, seed), answer in zip(seeds, answers):
-            index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rng)
+            index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rngs[i])
             results[i].resets.append(
                 ResetRecord(seed.rollout.num_thoughts, index, failed, answer.tokens if answer else 0,
                             answer.reply if answer else None, len(seed.rollout.token_ids))

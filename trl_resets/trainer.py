@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import math
 import os
 import random
@@ -308,7 +307,6 @@ class ResetTrainer(GRPOTrainer):
                 "different numbers of rollouts per round, and a sharded reward model needs them in step. Use ZeRO-2, "
                 "or wrap the reward model in a function that runs an unsharded copy."
             )
-        self._reset_rng = random.Random(args.seed * 7919 + self.accelerator.process_index)
         self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
@@ -512,7 +510,7 @@ class ResetTrainer(GRPOTrainer):
                 localizer=_SystemMessages(self.localizer),
                 describe=self._describe,
                 policy=_PolicyText(self, sampler, _is_conversational(prompts[0])),
-                rng=self._reset_rng,
+                rng=self._prompt_generators(len(firsts)),
                 rows=[inputs[i] for i in firsts],
             )
         self._batch_state = self._summarize(groups)
@@ -526,6 +524,15 @@ class ResetTrainer(GRPOTrainer):
             "logprobs": _logprobs_or_none([row.logprobs for row in rows]),
             "env_mask": [[0] * row.prefix_len + [1] * row.active_tokens for row in rows],
         }
+
+    def _prompt_generators(self, num_prompts: int) -> list[random.Random]:
+        """One generator per prompt of this process's generation batch, for its reset choices and localizer
+        draws, keyed by (seed, generation, the prompt's index in the global batch): TRL hands each process a
+        contiguous block of the global batch, so a run draws the same resets whatever its number of processes,
+        and a resumed run the same as the uninterrupted one, with no generator state to save."""
+        generation = self._step // (self.args.steps_per_generation * self.num_iterations)
+        first = self.accelerator.process_index * num_prompts
+        return [random.Random(f"trl-resets:{self.args.seed}:{generation}:{first + i}") for i in range(num_prompts)]
 
     def _summarize(self, groups: list[PromptGroups]) -> dict:
         """Rewards, per-group advantages and metric sums of this process's rows."""
@@ -659,19 +666,13 @@ class ResetTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ model card
     # ------------------------------------------------------------------ checkpoints
-    def _reset_rng_file(self, folder: str) -> str:
-        return os.path.join(folder, f"reset_rng_state_{self.args.process_index}.json")
-
     def _buffer_file(self, folder: str) -> str:
         return os.path.join(folder, f"generation_buffer_{self.args.process_index}.pt")
 
     def _save_rng_state(self, output_dir: str) -> None:
-        """TRL's RNG states, plus this process's reset generator (reset choices, random resets of unusable
-        localizations), so a resumed run draws the resets the uninterrupted run would have drawn."""
+        """TRL's RNG states, plus this process's generation buffer. (The reset choices need no saved state:
+        their generators are keyed by the generation, see `_prompt_generators`.)"""
         super()._save_rng_state(output_dir)
-        version, state, gauss = self._reset_rng.getstate()
-        with open(self._reset_rng_file(output_dir), "w") as handle:
-            json.dump({"version": version, "state": list(state), "gauss": gauss}, handle)
         # A checkpoint between the optimizer steps of one generation (steps_per_generation >
         # gradient_accumulation_steps): keep the generation's rows, or the resumed run would sample new ones.
         torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs}, self._buffer_file(output_dir))
@@ -680,17 +681,13 @@ class ResetTrainer(GRPOTrainer):
         super()._load_rng_state(checkpoint)
         if checkpoint is None:
             return
-        path = self._reset_rng_file(checkpoint)
+        path = self._buffer_file(checkpoint)
         if not os.path.exists(path):
-            warnings.warn(f"{path} is missing: the resumed run's reset choices will differ from the original run's.",
-                          stacklevel=2)
+            warnings.warn(f"{path} is missing: the resumed run samples the rest of the current generation anew "
+                          "instead of training on the rows the interrupted run had sampled.", stacklevel=2)
             return
-        with open(path) as handle:
-            saved = json.load(handle)
-        self._reset_rng.setstate((saved["version"], tuple(saved["state"]), saved["gauss"]))
-        if os.path.exists(self._buffer_file(checkpoint)):  # written by this package's own _save_rng_state
-            buffer = torch.load(self._buffer_file(checkpoint), map_location=self.accelerator.device, weights_only=False)
-            self._step, self._buffered_inputs = buffer["step"], buffer["buffered_inputs"]
+        buffer = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+        self._step, self._buffered_inputs = buffer["step"], buffer["buffered_inputs"]
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card (trainer name, tags, paper citation) plus the method, split, localizer and headline metrics."""

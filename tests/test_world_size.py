@@ -1,0 +1,44 @@
+"""A 1-process and a 2-process run over the same global batch build the same reset groups and advantages: the
+reset choices are keyed by the prompt's global index, not by the process that holds it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .test_distributed import _free_port
+
+WORKER = Path(__file__).with_name("world_size_worker.py")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _reports(out: Path, processes: int) -> list[dict]:
+    out.mkdir()
+    if processes == 1:
+        cmd = [sys.executable, str(WORKER), str(out)]
+    else:
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(WORKER), str(out)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    assert [r["num_processes"] for r in reports] == [processes] * processes
+    return reports
+
+
+def _joined(reports: list[dict]) -> dict:
+    """The processes' reports in rank order: TRL hands each process a contiguous block of the global batch."""
+    return {key: [item for r in reports for item in r[key]]
+            for key in ("prompts", "resets", "completion_ids", "advantages")}
+
+
+def test_one_process_and_two_build_the_same_reset_groups(tmp_path):
+    one = _joined(_reports(tmp_path / "one", 1))
+    two = _joined(_reports(tmp_path / "two", 2))
+    assert len(set(one["prompts"])) == 4 and one["prompts"] == two["prompts"]
+    assert len(one["resets"]) >= 4 and len({tuple(r) for r in one["resets"]}) > 2  # the draws vary
+    assert one["resets"] == two["resets"]
+    assert one["completion_ids"] == two["completion_ids"]
+    assert one["advantages"] == two["advantages"] and any(one["advantages"])
