@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py as 2 CPU processes (accelerate launch, or torchrun for DeepSpeed).
 
-Modes: none (plain data parallel), "server" (vLLM server mode against the fake engine), "zero3"
-(DeepSpeed ZeRO-3: parameters sharded, so generation is a collective on every process).
+Modes: none (plain data parallel), "server" (vLLM server mode against the fake engine), "zero2" (DeepSpeed
+ZeRO-2: optimizer states and gradients sharded), "zero3" (DeepSpeed ZeRO-3: parameters sharded, so generation
+is a collective on every process), "zero3-peft" (ZeRO-3 with a LoRA adapter).
 """
 
 import hashlib
@@ -23,9 +24,10 @@ def reward(completions, answer, **kwargs):
 
 
 def main(out_dir, mode=None):
-    zero3 = mode == "zero3"
+    stage = {"zero2": 2, "zero3": 3, "zero3-peft": 3}.get(mode)
+    zero3 = stage == 3
     vllm_mode = mode if mode in ("server", "colocate") else None
-    if zero3:
+    if stage:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     engines = []
     if vllm_mode:
@@ -41,10 +43,15 @@ def main(out_dir, mode=None):
         use_cpu=True, bf16=False, save_strategy="no", seed_budget=2, localization_max_tokens=6,
         use_vllm=bool(vllm_mode), vllm_mode=vllm_mode or "colocate",
         deepspeed={"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
-                   "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}} if zero3 else None,
+                   "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}} if stage else None,
     )
+    peft_config = None
+    if mode == "zero3-peft":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = SRPOTrainer(model=make_tiny_llama(tok), reward_funcs=reward, args=args, train_dataset=data,
-                          processing_class=tok)
+                          processing_class=tok, peft_config=peft_config)
     seen = []
     original = trainer._reset_rollout
     trainer._reset_rollout = lambda prompts: seen.extend(prompts) or original(prompts)
@@ -52,10 +59,11 @@ def main(out_dir, mode=None):
     if zero3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
-            params = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+        trained = [p for p in trainer.model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trained):
+            params = torch.cat([p.detach().flatten().clone() for p in trained])
     else:
-        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
     rank = trainer.accelerator.process_index
     report = {
         "rank": rank,

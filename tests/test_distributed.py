@@ -17,23 +17,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("vllm_mode", [None, "server", "zero3"])
+@pytest.mark.parametrize("vllm_mode", [None, "server", "zero2", "zero3", "zero3-peft"])
 def test_two_process_srpo_run(tmp_path, vllm_mode):
     launcher = Path(sys.executable).with_name("accelerate")
     worker = Path(__file__).with_name("distributed_worker.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     # `--cpu` makes accelerate's launcher start one process only; `--multi_gpu` starts 2 through torch's
     # elastic launcher, and `use_cpu=True` in the config keeps them on the CPU (gloo).
-    if vllm_mode == "zero3":
+    deepspeed = vllm_mode in ("zero2", "zero3", "zero3-peft")
+    if deepspeed:
         pytest.importorskip("deepspeed")
     port = str(_free_port())
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", port, str(worker), str(tmp_path)]
     cmd += [vllm_mode] if vllm_mode else []
-    if vllm_mode == "zero3":
+    if deepspeed:
         # accelerate's launcher runs DeepSpeed through its own launcher (GPU-only); torchrun starts the 2 CPU ranks
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", port,
-               str(worker), str(tmp_path), "zero3"]
+               str(worker), str(tmp_path), vllm_mode]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -50,6 +51,9 @@ def test_two_process_srpo_run(tmp_path, vllm_mode):
         assert reports[0]["engine_requests"] > 0
         for r in reports:
             assert all(e["sampling/sampling_logp_difference/mean"] < 1e-3 for e in r["logs"])
-    if vllm_mode == "zero3":
-        assert [r["zero_stage"] for r in reports] == [3, 3]
+    if deepspeed:
+        stage = 2 if vllm_mode == "zero2" else 3
+        assert [r["zero_stage"] for r in reports] == [stage, stage]
+    if vllm_mode == "zero3-peft":
+        assert 0 < reports[0]["num_params"] < 2000  # the hash covers the LoRA adapter's parameters, the trained ones
         assert reports[0]["num_params"] > 1000  # the hash covers the gathered parameters, not empty shards
