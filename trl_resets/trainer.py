@@ -28,11 +28,13 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import broadcast_object_list, gather, gather_object
 from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.grpo_trainer import logger as _trl_logger
 
+from . import checkpoints
 from . import metrics as reset_metrics
 from .advantages import group_advantages
 from .config import ResetConfig, RRPOConfig, SRPOConfig
@@ -665,16 +667,48 @@ class ResetTrainer(GRPOTrainer):
     def _buffer_file(self, folder: str) -> str:
         return os.path.join(folder, f"generation_buffer_{self.args.process_index}.pt")
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """TRL's training loop; ``resume_from_checkpoint=True`` resumes from the latest *complete* checkpoint (one
+        whose save finished, see `checkpoints`), where transformers would take the latest folder."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoints.last_complete_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str | os.PathLike):
+            checkpoints.warn_if_incomplete(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """TRL's checkpoint, made complete-or-absent: the marker is written once every process has written its
+        files, and older checkpoints are deleted (``save_total_limit``) only after that."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            checkpoints.clear_complete(folder)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
+                               use_mtime=True)
+
     def _save_rng_state(self, output_dir: str) -> None:
         """TRL's RNG states, plus this process's reset generator (reset choices, random resets of unusable
         localizations), so a resumed run draws the resets the uninterrupted run would have drawn."""
         super()._save_rng_state(output_dir)
         version, state, gauss = self._reset_rng.getstate()
-        with open(self._reset_rng_file(output_dir), "w") as handle:
-            json.dump({"version": version, "state": list(state), "gauss": gauss}, handle)
+
+        def write_rng(path):
+            with open(path, "w") as handle:
+                json.dump({"version": version, "state": list(state), "gauss": gauss}, handle)
+
+        checkpoints.write_atomically(self._reset_rng_file(output_dir), write_rng)
         # A checkpoint between the optimizer steps of one generation (steps_per_generation >
         # gradient_accumulation_steps): keep the generation's rows, or the resumed run would sample new ones.
-        torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs}, self._buffer_file(output_dir))
+        buffer = {"step": self._step, "buffered_inputs": self._buffered_inputs}
+        checkpoints.write_atomically(self._buffer_file(output_dir), lambda path: torch.save(buffer, path))
 
     def _load_rng_state(self, checkpoint) -> None:
         super()._load_rng_state(checkpoint)
