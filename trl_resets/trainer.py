@@ -119,6 +119,19 @@ def check_delimiter(tokenizer, fmt: ThoughtFormat) -> None:
         )
 
 
+def check_pad_token(tokenizer) -> None:
+    """Fails when the tokenizer has no pad token. GRPOTrainer falls back to the EOS token (as this package does
+    through it), so this is a tokenizer with neither: the sampler could not pad a batch, nor end a rollout at EOS."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no pad_token and no eos_token, so batches cannot be "
+            "padded. Set one before building the trainer: tokenizer.add_special_tokens({'pad_token': '<pad>'}) "
+            "followed by model.resize_token_embeddings(len(tokenizer)), or tokenizer.pad_token = a token that never "
+            "occurs in text."
+        )
+
+
 def check_dataset(dataset, reward_funcs, reward_names) -> None:
     """Fails before any compute on an empty dataset, or one without a column that a reward function requires (a
     parameter with no default and no ``**kwargs`` to absorb its absence)."""
@@ -285,6 +298,7 @@ class ResetTrainer(GRPOTrainer):
         )
         if args.rollout_template is not None:
             wrap_question("probe", args.rollout_template, args.thought_delimiter)  # fail now on a broken template
+        check_pad_token(self.processing_class)
         check_delimiter(self.processing_class, self.thought_format)
         check_dataset(train_dataset, self.reward_funcs, self.reward_func_names)
         self.localizer = as_localizer(
