@@ -24,6 +24,7 @@ import random
 import textwrap
 import warnings
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from accelerate.utils import broadcast_object_list, gather, gather_object
@@ -206,7 +207,7 @@ class _PolicyText:
     """The policy as text in / text out (for self-localization), in the dataset's prompt style: a conversational
     dataset's system messages lead each localization prompt of the seed they belong to (see `_SystemMessages`)."""
 
-    def __init__(self, trainer: "ResetTrainer", sampler: TransformersThoughtSampler, conversational: bool):
+    def __init__(self, trainer: ResetTrainer, sampler: TransformersThoughtSampler, conversational: bool):
         self.trainer, self.sampler, self.conversational = trainer, sampler, conversational
         self.leading: list[list[dict]] | None = None  # per request of the current locate() call
 
@@ -248,7 +249,7 @@ class ResetTrainer(GRPOTrainer):
     """GRPO with reset groups (Algorithm 2). Use `SRPOTrainer` or `RRPOTrainer`."""
 
     config_class = ResetConfig
-    _tag_names = ["trl", "trl-resets"]
+    _tag_names: ClassVar[list[str]] = ["trl", "trl-resets"]
     _name = "Reset"
     _paper = _PAPER
 
@@ -755,7 +756,7 @@ class SRPOTrainer(ResetTrainer):
     """Self-Reset Policy Optimization: the policy localizes its own first wrong thought (default localizer)."""
 
     config_class = SRPOConfig
-    _tag_names = ["trl", "trl-resets", "srpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "trl-resets", "srpo"]
     _name = "SRPO"
 
 
@@ -763,7 +764,7 @@ class RRPOTrainer(ResetTrainer):
     """Random-Reset Policy Optimization: the reset index is uniform over the seed's thoughts."""
 
     config_class = RRPOConfig
-    _tag_names = ["trl", "trl-resets", "rrpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "trl-resets", "rrpo"]
     _name = "RRPO"
 
 
@@ -771,5 +772,5 @@ class GRPOBaselineTrainer(ResetTrainer):
     """The like-for-like GRPO baseline: `ResetTrainer` with ``num_reset_prefixes=0`` (the same thought sampler,
     rewards and loss, no resets), for comparisons with SRPO and RRPO on equal terms."""
 
-    _tag_names = ["trl", "trl-resets", "grpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "trl-resets", "grpo"]
     _name = "GRPO"
