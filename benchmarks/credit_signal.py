@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.testbed import (  # noqa: E402
+from benchmarks.testbed import (
     EVAL_SEED,
     config_fields,
     load_policy,
@@ -43,7 +43,7 @@ from benchmarks.testbed import (  # noqa: E402
     task_dataset,
     thoughts_of,
 )
-from trl_resets.tasks import check_steps  # noqa: E402
+from trl_resets.tasks import check_steps
 
 RESULTS = Path(__file__).parent / "results"
 TESTBED = Path(__file__).parent / "testbed"
@@ -121,8 +121,8 @@ def _fmt(value, digits=3):
 
 
 def table(results: dict) -> str:
-    lines = ["| policy | accuracy | failed rollouts | clean prefix: tokens / signal | first wrong thought: tokens / "
-             "signal | after it: tokens / signal | 1 - pi per token: prefix / first wrong / after / successes |",
+    lines = [("| policy | accuracy | failed rollouts | clean prefix: tokens / signal | first wrong thought: tokens / "
+              "signal | after it: tokens / signal | 1 - pi per token: prefix / first wrong / after / successes |"),
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         p = r["parts"]

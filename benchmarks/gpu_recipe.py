@@ -51,12 +51,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Qwen2.5-1.5B-Instruct's published architecture (its config.json); ``tiny`` keeps the vocabulary and
 # the head layout at a width a preflight decodes in seconds.
 SHAPES = {
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                 rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2.5-1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "tiny": {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+             "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
 }
 ROPE_THETA = 1_000_000.0
 
@@ -104,7 +104,7 @@ class MemoryPoller:
     def _read(self) -> int | None:
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                                 capture_output=True, text=True, timeout=10)
+                                 capture_output=True, text=True, timeout=10, check=False)
             return int(out.stdout.strip().splitlines()[0])
         except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
             return None
@@ -174,9 +174,9 @@ def probe(model_dir: Path, rows: int, tokens: int, train_rows: list[int], train_
     for lengths in ("equal", "varied") if rows else ():
         sizes = [200] * rows if lengths == "equal" else [100 + (200 * i) // max(rows - 1, 1) for i in range(rows)]
         prompts = [torch.randint(0, len(tokenizer), (n,), generator=gen).tolist() for n in sizes]
-        calls = (("plain", lambda: sampler._generate(prompts, config={"max_new_tokens": tokens,
-                                                                      "min_new_tokens": tokens})),
-                 ("thought", lambda: sampler.sample(prompts)))
+        calls = (("plain", lambda prompts=prompts: sampler._generate(prompts, config={"max_new_tokens": tokens,
+                                                                                      "min_new_tokens": tokens})),
+                 ("thought", lambda prompts=prompts: sampler.sample(prompts)))
         if lengths == "equal":
             calls[0][1]()  # warm-up (kernels, allocator)
         for name, call in calls:

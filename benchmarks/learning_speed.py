@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.testbed import (  # noqa: E402
+from benchmarks.testbed import (
     EVAL_SEED,
     RL_SEED,
     config_fields,
@@ -48,15 +48,15 @@ RESULTS = Path(__file__).parent / "results"
 
 # name -> (trainer, config overrides). Every split spends 8 rows per prompt.
 METHODS = {
-    "GRPO": ("srpo", dict(num_base_generations=8, num_reset_prefixes=0)),
-    "RRPO": ("rrpo", dict(num_base_generations=4, num_reset_prefixes=1, num_reset_generations=4)),
-    "SRPO": ("srpo", dict(num_base_generations=4, num_reset_prefixes=1, num_reset_generations=4)),
-    "SRPO-oracle": ("srpo", dict(num_base_generations=4, num_reset_prefixes=1, num_reset_generations=4,
-                                 localizer="oracle")),
-    "SRPO-2x4": ("srpo", dict(num_base_generations=0, num_reset_prefixes=2, num_reset_generations=4)),
-    "SRPO-1x8": ("srpo", dict(num_base_generations=0, num_reset_prefixes=1, num_reset_generations=8)),
-    "SRPO-clip": ("srpo", dict(num_base_generations=4, num_reset_prefixes=1, num_reset_generations=4,
-                               clip_surrogate=True)),
+    "GRPO": ("srpo", {"num_base_generations": 8, "num_reset_prefixes": 0}),
+    "RRPO": ("rrpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4}),
+    "SRPO": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4}),
+    "SRPO-oracle": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
+                             "localizer": "oracle"}),
+    "SRPO-2x4": ("srpo", {"num_base_generations": 0, "num_reset_prefixes": 2, "num_reset_generations": 4}),
+    "SRPO-1x8": ("srpo", {"num_base_generations": 0, "num_reset_prefixes": 1, "num_reset_generations": 8}),
+    "SRPO-clip": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
+                           "clip_surrogate": True}),
 }
 BASELINE, HEADLINE_METHOD = "GRPO", "SRPO"
 # The options a run's result depends on: a run in a --reuse file counts for this invocation only if they match.
@@ -224,8 +224,8 @@ def baseline_improved(summary: dict) -> bool:
 
 def table(summary: dict, seeds: int) -> str:
     lines = [
-        f"| method | start acc | final acc (mean, min-max over {seeds} seeds) | final (median) | steps to GRPO's "
-        "final | fraction of GRPO's steps (mean curves) | same, median curves | tokens generated | s/step |",
+        (f"| method | start acc | final acc (mean, min-max over {seeds} seeds) | final (median) | steps to GRPO's "
+         "final | fraction of GRPO's steps (mean curves) | same, median curves | tokens generated | s/step |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, e in summary.items():

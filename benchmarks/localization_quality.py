@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.testbed import (  # noqa: E402
+from benchmarks.testbed import (
     EVAL_SEED,
     LOCALIZATION_TEMPLATE,
     POLICY_DIR,
@@ -45,15 +45,15 @@ from benchmarks.testbed import (  # noqa: E402
     task_dataset,
     thoughts_of,
 )
-from trl_resets.localizers import (  # noqa: E402
+from trl_resets.localizers import (
     LocalizationRequest,
     OracleLocalizer,
     RandomLocalizer,
     SelfLocalizer,
     resolve_reset_index,
 )
-from trl_resets.resets import reset_prefix  # noqa: E402
-from trl_resets.rewards import boxed_answer_reward  # noqa: E402
+from trl_resets.resets import reset_prefix
+from trl_resets.rewards import boxed_answer_reward
 
 RESULTS = Path(__file__).parent / "results"
 LOCALIZERS = ("self", "random", "oracle")
@@ -167,8 +167,8 @@ def _fmt(value):
 
 
 def table(summary: dict) -> str:
-    lines = ["| reset chosen by | exactly the first error | clean prefixes | correction (clean) | "
-             "correction (erroneous) | pass@G2 (clean / erroneous) | parse failures |", "|---|---|---|---|---|---|---|"]
+    lines = [("| reset chosen by | exactly the first error | clean prefixes | correction (clean) | "
+              "correction (erroneous) | pass@G2 (clean / erroneous) | parse failures |"), "|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         c = s["correction"]
         lines.append(

@@ -12,7 +12,9 @@ the RSS at the end of step 50 (the last step on shorter runs) with step 5: the t
 logged metric must be finite (NaN is allowed only for metrics that are undefined on a step, such as the
 shared-prefix pass rate of a step where every prompt fell back; those are counted).
 
-Writes benchmarks/results/memory{,_quick,_soak}.{json,md,png}. The last line printed is the headline.
+Writes benchmarks/results/memory{,_quick,_soak}.{json,md,png}, also every ``--write-every`` steps while it runs
+(marked partial, with the steps done, the memory curve so far and the non-finite count so far), so a run that is
+stopped still leaves its curve. The last line printed is the headline.
 """
 
 from __future__ import annotations
@@ -89,7 +91,15 @@ def non_finite(logs: list[dict]) -> dict[str, int]:
     return counts
 
 
-def run(steps: int, prompts: int, seed: int = 0) -> dict:
+def summarize(record: dict, logs: list[dict]) -> None:
+    """The logged metrics' share of ``record``: non-finite counts and the mean completion length."""
+    logs = [e for e in logs if "resets/tokens_base" in e]
+    record["non_finite"] = non_finite(logs)
+    record["completion_length_mean"] = sum(e.get("completions/mean_length", 0.0) for e in logs) / max(len(logs), 1)
+
+
+def run(steps: int, prompts: int, seed: int = 0, progress=None, every: int = 10) -> dict:
+    """Train and measure; ``progress(record)`` is called every ``every`` steps with the record so far."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
@@ -119,6 +129,10 @@ def run(steps: int, prompts: int, seed: int = 0) -> dict:
                 if state.global_step % 10 == 0 or state.global_step == steps:
                     print(f"step {state.global_step}: peak {record['peak_rss_mib'][-1]:.0f} MiB, "
                           f"end {record['end_rss_mib'][-1]:.0f} MiB, {record['seconds'][-1]:.1f} s", flush=True)
+                if progress is not None and state.global_step % every == 0 and state.global_step < steps:
+                    record["train_seconds"] = time.perf_counter() - tic
+                    summarize(record, state.log_history)
+                    progress(record)
 
         record["start_rss_mib"] = rss.now() / MIB
         trainer = SRPOTrainer(
@@ -126,24 +140,25 @@ def run(steps: int, prompts: int, seed: int = 0) -> dict:
             train_dataset=task_dataset(max(64, prompts * steps), seed=RL_SEED), callbacks=[Measure()],
         )
         trainer.remove_callback(PrinterCallback)
-        tic = time.perf_counter()
+        tic = time.perf_counter()  # read by Measure
         trainer.train()
         record["train_seconds"] = time.perf_counter() - tic
     shutil.rmtree(out_dir, ignore_errors=True)
-    logs = [e for e in trainer.state.log_history if "resets/tokens_base" in e]
-    record["non_finite"] = non_finite(logs)
-    record["completion_length_mean"] = sum(e.get("completions/mean_length", 0.0) for e in logs) / max(len(logs), 1)
+    summarize(record, trainer.state.log_history)
     return record
 
 
 def render(record: dict, settings: dict, machine: str) -> str:
     early, late, ratio = leak_ratio([int(v * MIB) for v in record["end_rss_mib"]])
+    done = len(record["steps"])
+    partial = [f"**Partial: {done} of {settings['steps']} steps done** (written while the run goes on).", ""] \
+        if done < settings["steps"] else []
     lines = [
         "# Host memory of SRPO steps (testbed policy, paper caps)", "",
-        f"`{settings['command']}` on {machine}.", "",
+        f"`{settings['command']}` on {machine}.", "", *partial,
         (f"{settings['steps']} steps of {settings['prompts']} prompts x 8 rows (1x4 split, self-localization), "
          f"caps {PAPER_CAPS}; mean completion length {record['completion_length_mean']:.1f} tokens; "
-         f"{record['train_seconds']:.0f} s in all."), "",
+         f"{record['train_seconds']:.0f} s{' so far' if partial else ' in all'}."), "",
         "| | MiB |", "|---|---|",
         f"| RSS before the trainer | {record['start_rss_mib']:.0f} |",
         f"| peak RSS of a step, max over steps | {max(record['peak_rss_mib']):.0f} |",
@@ -169,8 +184,20 @@ def plot(record: dict, path: Path) -> None:
     ax.set_ylabel("MiB")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def write_results(stem: Path, record: dict, settings: dict, machine: str) -> None:
+    """``stem``.json, .md and .png, each replaced whole (a run stopped while writing keeps the previous set);
+    ``complete`` is false and ``steps_done`` short of the settings' steps while the run goes on."""
+    from trl_resets.checkpoints import write_atomically
+
+    done = {"complete": len(record["steps"]) >= settings["steps"], "steps_done": len(record["steps"])}
+    blob = json.dumps({"settings": settings, "machine": machine, **done, **record}, indent=1)
+    write_atomically(stem.with_suffix(".json"), lambda path: Path(path).write_text(blob))
+    write_atomically(stem.with_suffix(".md"), lambda path: Path(path).write_text(render(record, settings, machine)))
+    write_atomically(stem.with_suffix(".png"), lambda path: plot(record, Path(path)))
 
 
 def main(argv=None) -> None:
@@ -181,6 +208,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="override the number of steps")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (8 rows each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--write-every", type=int, default=10, help="write the results so far every N steps")
     opts = parser.parse_args(argv)
     import torch
 
@@ -188,15 +216,16 @@ def main(argv=None) -> None:
     quiet()
     steps = opts.steps or (8 if opts.quick else 1000 if opts.soak else 50)
     tag = "_quick" if opts.quick else "_soak" if opts.soak else ""
-    record = run(steps, opts.prompts)
     command = "python benchmarks/memory.py" + " ".join(["", *(argv if argv is not None else sys.argv[1:])]).rstrip()
     settings = {"steps": steps, "prompts": opts.prompts, "command": command}
-    machine = machine_description(opts.threads)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"memory{tag}.json").write_text(json.dumps({"settings": settings, "machine": machine, **record},
-                                                          indent=1))
-    (RESULTS / f"memory{tag}.md").write_text(render(record, settings, machine))
-    plot(record, RESULTS / f"memory{tag}.png")
+
+    def write(record):
+        write_results(RESULTS / f"memory{tag}", record, settings, machine_description(opts.threads))
+
+    record = run(steps, opts.prompts, progress=write, every=opts.write_every)
+    write(record)
+    machine = machine_description(opts.threads)
     early, late, ratio = leak_ratio(record["end_rss_mib"])
     print(render(record, settings, machine))
     print(f"peak step RSS {max(record['peak_rss_mib']):.0f} MiB; RSS step {late}/step {early} = {ratio:.3f} "

@@ -325,7 +325,7 @@ def build_trainer(method: str, model: str, dataset, settings: dict, lora_r: int,
     from trl_resets.rewards import boxed_answer_reward
 
     if method == "GRPO":
-        config_cls, trainer_cls, split = SRPOConfig, SRPOTrainer, dict(num_base_generations=8, num_reset_prefixes=0)
+        config_cls, trainer_cls, split = SRPOConfig, SRPOTrainer, {"num_base_generations": 8, "num_reset_prefixes": 0}
     elif method == "RRPO":
         config_cls, trainer_cls, split = RRPOConfig, RRPOTrainer, {}
     elif method == "SRPO":
@@ -522,13 +522,14 @@ def main():
     hf_logging.set_verbosity_error()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    settings = dict(
-        per_device_train_batch_size=8 * args.prompts, max_steps=args.steps, learning_rate=5e-5,
-        max_completion_length=args.tokens, max_thought_tokens=args.thought_tokens, max_thoughts=args.thoughts,
-        temperature=0.7, top_p=0.95, seed_budget=4, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True, gradient_checkpointing=False,
-        share_prefill=args.share_prefill, compact_decoding=args.compact, merge_adapter_for_sampling=args.merge,
-    )
+    settings = {
+        "per_device_train_batch_size": 8 * args.prompts, "max_steps": args.steps, "learning_rate": 5e-5,
+        "max_completion_length": args.tokens, "max_thought_tokens": args.thought_tokens,
+        "max_thoughts": args.thoughts, "temperature": 0.7, "top_p": 0.95, "seed_budget": 4, "logging_steps": 1,
+        "save_strategy": "no", "report_to": "none", "use_cpu": not torch.cuda.is_available(), "bf16": False,
+        "disable_tqdm": True, "gradient_checkpointing": False, "share_prefill": args.share_prefill,
+        "compact_decoding": args.compact, "merge_adapter_for_sampling": args.merge,
+    }
     main_job = args.model is None and not args.quick
     if main_job:  # the model, prompts and problems `make train` trains on
         args.model, dataset, job_settings = main_job_setting(args.prompts)

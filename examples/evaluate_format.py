@@ -16,8 +16,8 @@ import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from trl_resets import harness  # noqa: E402
-from trl_resets.warmup import measure_format, warm_up  # noqa: E402
+from trl_resets import harness
+from trl_resets.warmup import measure_format, warm_up
 
 ROWS = (
     ("answer accuracy", "answer_accuracy"),

@@ -5,7 +5,12 @@ import random
 import pytest
 
 from trl_resets.localizers import (
-    Localization, LocalizationRequest, SelfLocalizer, as_localizer, localization_prompt, parse_step_index,
+    Localization,
+    LocalizationRequest,
+    SelfLocalizer,
+    as_localizer,
+    localization_prompt,
+    parse_step_index,
     resolve_reset_index,
 )
 

@@ -104,3 +104,33 @@ def test_self_localizer_asks_the_policy_with_its_template_and_settings_and_keeps
     assert answers == [Localization(2, 4, r"so \boxed{2}"), Localization(None, 2, "no idea")]
     with pytest.raises(ValueError, match="SelfLocalizer needs the policy to query; the trainer passes it in."):
         loc.locate(requests, None)
+
+
+def test_a_localizer_off_the_interface_is_refused_naming_it_and_the_fix():
+    class NoName:
+        def locate(self, requests, policy=None, rng=None):
+            return [None for _ in requests]
+
+    class OneArgument:
+        name = "one"
+
+        def locate(self, requests):
+            return [None for _ in requests]
+
+    class NotAMethod:
+        name, locate = "flat", 3
+
+    with pytest.raises(TypeError, match=r"localizer NoName: its name is None, not a str\. Define `name = '...'`"):
+        as_localizer(NoName())
+    with pytest.raises(TypeError, match=r"localizer OneArgument: .*OneArgument\.locate\(requests\) cannot be called "
+                                        r"as locate\(requests, policy, rng\)"):
+        as_localizer(OneArgument())
+    with pytest.raises(TypeError, match="localizer NotAMethod: its locate is a int, not a method"):
+        as_localizer(NotAMethod())
+    with pytest.raises(TypeError, match=r"localizer=.*<lambda>\(thoughts\): a function localizer is called as "
+                                        r"fn\(question, thoughts\)"):
+        as_localizer(lambda thoughts: 1)
+    named = NoName()
+    named.name = "named"
+    assert as_localizer(named) is named
+    assert as_localizer(lambda question, thoughts, extra=0: 1).name == "<lambda>"

@@ -1,4 +1,4 @@
-"""The offline default model: cache location, atomic build, and the real conversion."""
+"""The offline default model: cache location, atomic build (also under SIGKILL), and the real conversion."""
 
 import importlib.metadata
 
@@ -107,3 +107,61 @@ def test_default_model_loads_and_answers_a_chat_prompt(monkeypatch):
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+_KILLED_BUILD = """
+import importlib.util, os, signal, sys
+from pathlib import Path
+
+def half_then_die(staging, *args):
+    (Path(staging) / "config.json").write_text("{")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+target, which = Path(sys.argv[1]), sys.argv[2]
+if which == "warmup":  # the format warm-up's cache: killed in the middle of saving the trained model
+    from trl_resets import warmup
+    warmup._train = lambda model_path, settings, out_dir, *args: half_then_die(out_dir)
+    warmup.warm_up(sys.argv[3], cache_dir=target, force=True, show_progress=False)
+else:  # models.py alone (stdlib only), without importing the package and its trainer
+    spec = importlib.util.spec_from_file_location("models", Path(os.environ["PYTHONPATH"], "trl_resets", "models.py"))
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    models.build_folder_atomically(target, half_then_die, lambda f: (f / "config.json").is_file(), replace=True)
+"""
+
+
+def _killed(*args):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", _KILLED_BUILD, *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+def test_a_build_killed_with_sigkill_leaves_no_target_and_keeps_a_finished_one(tmp_path):
+    target = tmp_path / "folder"
+    _killed(target, "folder")
+    assert not target.exists()  # only the stray staging folder of the killed process
+    assert [p.name.startswith(".folder.tmp-") for p in tmp_path.iterdir()] == [True]
+    models.build_folder_atomically(target, lambda s: (s / "config.json").write_text("{}"),
+                                   lambda f: (f / "config.json").is_file())
+    _killed(target, "folder")  # replace=True, killed while building the replacement
+    assert (target / "config.json").read_text() == "{}"
+
+
+def test_a_warm_up_killed_with_sigkill_is_not_taken_from_the_cache(tmp_path):
+    from trl_resets import warmup
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    _killed(tmp_path / "cache", "warmup", base)
+    target = warmup.warmup_path(str(base), cache_dir=tmp_path / "cache")
+    assert not target.exists() and not warmup.is_warmed_up(target)
+    assert list(target.parent.iterdir())  # the killed build's staging folder is all it left

@@ -7,8 +7,14 @@ from transformers import Cache, GenerationConfig
 from trl_resets.sampling import TransformersThoughtSampler
 from trl_resets.sampling.transformers_backend import cache_kwarg
 from trl_resets.thoughts import (
-    STOP_ANSWER, STOP_EOS, STOP_MAX_THOUGHTS, STOP_MAX_TOKENS, ThoughtFormat, contains_final_answer,
-    segment_thoughts, wrap_question,
+    STOP_ANSWER,
+    STOP_EOS,
+    STOP_MAX_THOUGHTS,
+    STOP_MAX_TOKENS,
+    ThoughtFormat,
+    contains_final_answer,
+    segment_thoughts,
+    wrap_question,
 )
 
 from .conftest import ScriptedLlama, make_tiny_llama
@@ -133,7 +139,7 @@ def _sampler(tok, scripts, fmt, compact=True):
 @pytest.mark.parametrize("compact", [True, False])
 def test_sampler_decodes_each_rollout_in_one_pass_with_caps(char_tokenizer, compact):
     tok = char_tokenizer
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     scripts = [enc("a</thought>b</thought>\\boxed{1}</thought>zzz"), enc("abcdefghij" * 5)]
     fmt = ThoughtFormat(max_thought_tokens=20, max_completion_tokens=60)
     sampler = _sampler(tok, scripts, fmt, compact)
@@ -155,7 +161,7 @@ def test_sampler_decodes_each_rollout_in_one_pass_with_caps(char_tokenizer, comp
 
 def test_sampler_respects_budgets_and_start_thoughts(char_tokenizer):
     tok = char_tokenizer
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     scripts = [enc("a</thought>b</thought>c</thought>d</thought>")]
     sampler = _sampler(tok, scripts, ThoughtFormat(max_thoughts=3, max_completion_tokens=100))
     capped, budgeted = sampler.sample([enc("P"), enc("P")], start_thoughts=[2, 0], token_budgets=[100, 3])
@@ -165,7 +171,7 @@ def test_sampler_respects_budgets_and_start_thoughts(char_tokenizer):
 
 def test_sampler_complete_stops_at_eos(char_tokenizer):
     tok = char_tokenizer
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     sampler = _sampler(tok, [enc("\\boxed{2}")], ThoughtFormat())
     (reply,) = sampler.complete([enc("which step?")], max_new_tokens=20, temperature=0.0)
     assert tok.decode(reply, skip_special_tokens=True) == "\\boxed{2}"
@@ -178,7 +184,7 @@ def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer
     unshared path, and only the distinct contexts are encoded."""
 
     tok = char_tokenizer
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     model = make_tiny_llama(tok, seed=3).eval()
     fmt = ThoughtFormat(max_thought_tokens=6, max_completion_tokens=14)
     config = GenerationConfig(do_sample=False)
@@ -188,7 +194,7 @@ def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer
         sampler = TransformersThoughtSampler(model, tok, fmt, config, [tok.eos_token_id], share_prefill=share,
                                              compact=compact)
         seen = []
-        hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+        hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out, seen=seen: seen.append(a[0].shape))
         rollouts = sampler.sample(contexts)
         hook.remove()
         runs[share] = ([r.token_ids for r in rollouts], sampler.prefill_tokens, seen)
@@ -224,7 +230,7 @@ def test_compact_decoding_draws_what_generate_draws_while_every_row_runs(char_to
     """Same processors (temperature, top-k, top-p), same draws: with the same seed and no row stopping early,
     the compact loop samples exactly the tokens generate samples."""
     tok = char_tokenizer
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     model = make_tiny_llama(tok, seed=5).eval()
     config = GenerationConfig(do_sample=True, temperature=0.7, top_k=30, top_p=0.9)
     fmt = ThoughtFormat(max_thoughts=50, max_thought_tokens=50, max_completion_tokens=12)
@@ -240,7 +246,7 @@ def test_compact_decoding_drops_stopped_rows_and_keeps_each_rows_tokens(char_tok
     """Rows stop at different steps (answer, thought cap, budget, EOS): greedy rollouts are identical to
     generate's, in the callers' order, and the model computes only the rows still running."""
     tok = char_tokenizer
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     scripts = [enc("a</thought>\\boxed{1}</thought>"), enc("abcdefghij" * 5), enc("x</thought>y</thought>z"),
                enc("a</thought>b</thought>c</thought>d</thought>e</thought>")]
     fmt = ThoughtFormat(max_thoughts=4, max_thought_tokens=12, max_completion_tokens=40)
@@ -258,7 +264,7 @@ def test_compact_decoding_drops_stopped_rows_and_keeps_each_rows_tokens(char_tok
 
 def test_compact_decoding_falls_back_to_generate_for_row_state_processors(char_tokenizer):
     tok = char_tokenizer
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     model = make_tiny_llama(tok, seed=5).eval()
     config = GenerationConfig(do_sample=False, repetition_penalty=1.3)
     fmt = ThoughtFormat(max_completion_tokens=10)

@@ -25,12 +25,12 @@ def _dataset(conversational=False):
 
 
 def _args(tmp_path, cls, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, max_completion_length=24,
-        max_thought_tokens=6, max_thoughts=6, learning_rate=1e-3, logging_steps=1, report_to="none",
-        use_cpu=True, bf16=False, save_strategy="no", seed_budget=2, temperature=1.0, seed=0,
-        localization_max_tokens=8,
-    )
+    settings = {
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 8, "max_steps": 2, "max_completion_length": 24,
+        "max_thought_tokens": 6, "max_thoughts": 6, "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none",
+        "use_cpu": True, "bf16": False, "save_strategy": "no", "seed_budget": 2, "temperature": 1.0, "seed": 0,
+        "localization_max_tokens": 8,
+    }
     settings.update(overrides)
     return cls(**settings)
 
@@ -99,7 +99,7 @@ def test_callable_localizer_and_clipped_loss(tmp_path, char_tokenizer):
         return 1
 
     args = _args(tmp_path, SRPOConfig, max_steps=1, clip_surrogate=True)
-    trainer, logs, _ = _train(SRPOTrainer, args, char_tokenizer, localizer=first_step_is_wrong)
+    _, logs, _ = _train(SRPOTrainer, args, char_tokenizer, localizer=first_step_is_wrong)
     assert calls and all(isinstance(t, list) and t for _, t in calls)
     assert logs[0][PREFIX + "reset_index_mean"] == 1.0 and logs[0][PREFIX + "parse_failure_rate"] == 0.0
 
@@ -109,8 +109,8 @@ def test_bad_configurations_fail_at_construction(tmp_path, char_tokenizer):
         _args(tmp_path, SRPOConfig, num_generations=6)
     with pytest.raises(ValueError, match="num_generations"):
         _args(tmp_path, SRPOConfig, per_device_train_batch_size=4)
-    for split in (dict(num_base_generations=1, num_reset_prefixes=1, num_reset_generations=7),
-                  dict(num_base_generations=4, num_reset_prefixes=4, num_reset_generations=1)):
+    for split in ({"num_base_generations": 1, "num_reset_prefixes": 1, "num_reset_generations": 7},
+                  {"num_base_generations": 4, "num_reset_prefixes": 4, "num_reset_generations": 1}):
         with pytest.raises(ValueError, match="group of one row") as error:
             _args(tmp_path, SRPOConfig, **split)
         assert any(f"{name}=1" in str(error.value) for name in split)
@@ -157,7 +157,7 @@ def test_reward_model_scores_full_trajectories(tmp_path, char_tokenizer):
 def test_k0_split_trains_plain_grpo_with_the_thought_sampler(tmp_path, char_tokenizer):
     args = _args(tmp_path, SRPOConfig, num_base_generations=8, num_reset_prefixes=0)
     assert args.num_generations == 8
-    trainer, logs, changed = _train(SRPOTrainer, args, char_tokenizer)
+    _, logs, changed = _train(SRPOTrainer, args, char_tokenizer)
     assert changed and len(logs) == 2
     for entry in logs:
         assert entry[PREFIX + "tokens_suffix"] == 0 and entry[PREFIX + "tokens_localization"] == 0
@@ -174,7 +174,7 @@ def test_oracle_localizer_gets_the_dataset_row(tmp_path, char_tokenizer):
     from trl_resets import OracleLocalizer
 
     args = _args(tmp_path, SRPOConfig, max_steps=1)
-    trainer, logs, _ = _train(SRPOTrainer, args, char_tokenizer, localizer=OracleLocalizer(checker))
+    _, logs, _ = _train(SRPOTrainer, args, char_tokenizer, localizer=OracleLocalizer(checker))
     assert seen and set(seen) == {"7"}
     assert logs[0][PREFIX + "reset_index_mean"] == 1.0 and logs[0][PREFIX + "parse_failure_rate"] == 0.0
 

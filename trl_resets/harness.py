@@ -52,36 +52,36 @@ COMPACT_LOCALIZATION_TEMPLATE = (
 )
 
 # The CPU main job. A recipe for other hardware sets every one of these keys it wants changed.
-CPU_DEFAULTS = dict(
-    rollout_template=COMPACT_ROLLOUT_TEMPLATE,
-    localization_template=COMPACT_LOCALIZATION_TEMPLATE,
-    per_device_train_batch_size=16,
-    max_steps=6,
-    learning_rate=5e-5,
-    lr_scheduler_type="constant",
-    weight_decay=0.01,
-    max_grad_norm=1.0,
-    gradient_checkpointing=False,  # recomputing activations costs a third more compute; memory is not short here
-    max_completion_length=128,
-    max_thought_tokens=48,
-    max_thoughts=6,
-    temperature=0.7,
-    top_p=0.95,
-    seed_budget=4,
-    logging_steps=1,
-    save_strategy="no",
-    report_to="none",
-    use_cpu=True,
-    bf16=False,
-    use_peft=True,
-    lora_r=64,
-    lora_alpha=64,
-    lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-)
+CPU_DEFAULTS = {
+    "rollout_template": COMPACT_ROLLOUT_TEMPLATE,
+    "localization_template": COMPACT_LOCALIZATION_TEMPLATE,
+    "per_device_train_batch_size": 16,
+    "max_steps": 6,
+    "learning_rate": 5e-5,
+    "lr_scheduler_type": "constant",
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "gradient_checkpointing": False,  # recomputing activations costs a third more compute; memory is not short here
+    "max_completion_length": 128,
+    "max_thought_tokens": 48,
+    "max_thoughts": 6,
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "seed_budget": 4,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "use_cpu": True,
+    "bf16": False,
+    "use_peft": True,
+    "lora_r": 64,
+    "lora_alpha": 64,
+    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 METHOD_DEFAULTS = {
-    "srpo": dict(output_dir="outputs/srpo-smollm2-arithmetic"),
-    "rrpo": dict(output_dir="outputs/rrpo-smollm2-arithmetic"),
-    "grpo": dict(output_dir="outputs/grpo-smollm2-arithmetic", num_base_generations=8, num_reset_prefixes=0),
+    "srpo": {"output_dir": "outputs/srpo-smollm2-arithmetic"},
+    "rrpo": {"output_dir": "outputs/rrpo-smollm2-arithmetic"},
+    "grpo": {"output_dir": "outputs/grpo-smollm2-arithmetic", "num_base_generations": 8, "num_reset_prefixes": 0},
 }
 
 

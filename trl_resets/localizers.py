@@ -7,6 +7,7 @@ reset and is counted as a parse failure, so a garbled reply never stops training
 
 from __future__ import annotations
 
+import inspect
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -242,5 +243,46 @@ def as_localizer(obj, default: str = "self", **self_kwargs) -> Localizer:
             "Localizer object or a callable."
         )
     if hasattr(obj, "locate"):
+        check_localizer(obj)
         return obj
+    if callable(obj) and not _can_call(obj, "", []):
+        raise TypeError(
+            f"localizer={_called(obj)}: a function localizer is called as fn(question, thoughts) and returns the "
+            "1-based first wrong thought; give it those two parameters, or pass an object with "
+            "locate(requests, policy, rng) (see trl_resets.localizers.Localizer)."
+        )
     return CallableLocalizer(obj)
+
+
+def _can_call(fn, *args) -> bool:
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): taken as it is
+        return True
+    return True
+
+
+def _called(obj) -> str:
+    name = getattr(obj, "__qualname__", None) or type(obj).__name__
+    try:
+        return f"{name}{inspect.signature(obj)}"
+    except (TypeError, ValueError):
+        return name
+
+
+def check_localizer(obj) -> None:
+    """Fails unless ``obj`` follows the `Localizer` interface: a ``name`` (a str, used in errors and the model
+    card) and a method ``locate(requests, policy, rng)`` returning one `Localization` (or None) per request."""
+    kind = type(obj).__name__
+    locate = obj.locate
+    fix = ("Define `name = '...'` and `def locate(self, requests, policy=None, rng=None)` returning one Localization "
+           "per request (see trl_resets.localizers.Localizer), or pass a function fn(question, thoughts).")
+    if not callable(locate):
+        raise TypeError(f"localizer {kind}: its locate is a {type(locate).__name__}, not a method. {fix}")
+    if not _can_call(locate, [], None, None):
+        raise TypeError(f"localizer {kind}: {_called(locate)} cannot be called as locate(requests, policy, rng). "
+                        f"{fix}")
+    if not isinstance(getattr(obj, "name", None), str):
+        raise TypeError(f"localizer {kind}: its name is {getattr(obj, 'name', None)!r}, not a str. {fix}")

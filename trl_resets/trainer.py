@@ -23,15 +23,18 @@ import random
 import textwrap
 import warnings
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from accelerate.utils import broadcast_object_list, gather, gather_object
 from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.grpo_trainer import logger as _trl_logger
 
+from . import checkpoints
 from . import metrics as reset_metrics
 from .advantages import group_advantages
 from .config import ResetConfig, RRPOConfig, SRPOConfig
@@ -116,6 +119,19 @@ def check_delimiter(tokenizer, fmt: ThoughtFormat) -> None:
         )
 
 
+def check_pad_token(tokenizer) -> None:
+    """Fails when the tokenizer has no pad token. GRPOTrainer falls back to the EOS token (as this package does
+    through it), so this is a tokenizer with neither: the sampler could not pad a batch, nor end a rollout at EOS."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no pad_token and no eos_token, so batches cannot be "
+            "padded. Set one before building the trainer: tokenizer.add_special_tokens({'pad_token': '<pad>'}) "
+            "followed by model.resize_token_embeddings(len(tokenizer)), or tokenizer.pad_token = a token that never "
+            "occurs in text."
+        )
+
+
 def check_dataset(dataset, reward_funcs, reward_names) -> None:
     """Fails before any compute on an empty dataset, or one without a column that a reward function requires (a
     parameter with no default and no ``**kwargs`` to absorb its absence)."""
@@ -190,7 +206,7 @@ class _PolicyText:
     """The policy as text in / text out (for self-localization), in the dataset's prompt style: a conversational
     dataset's system messages lead each localization prompt of the seed they belong to (see `_SystemMessages`)."""
 
-    def __init__(self, trainer: "ResetTrainer", sampler: TransformersThoughtSampler, conversational: bool):
+    def __init__(self, trainer: ResetTrainer, sampler: TransformersThoughtSampler, conversational: bool):
         self.trainer, self.sampler, self.conversational = trainer, sampler, conversational
         self.leading: list[list[dict]] | None = None  # per request of the current locate() call
 
@@ -232,7 +248,7 @@ class ResetTrainer(GRPOTrainer):
     """GRPO with reset groups (Algorithm 2). Use `SRPOTrainer` or `RRPOTrainer`."""
 
     config_class = ResetConfig
-    _tag_names = ["trl", "trl-resets"]
+    _tag_names: ClassVar[list[str]] = ["trl", "trl-resets"]
     _name = "Reset"
     _paper = _PAPER
 
@@ -282,6 +298,7 @@ class ResetTrainer(GRPOTrainer):
         )
         if args.rollout_template is not None:
             wrap_question("probe", args.rollout_template, args.thought_delimiter)  # fail now on a broken template
+        check_pad_token(self.processing_class)
         check_delimiter(self.processing_class, self.thought_format)
         check_dataset(train_dataset, self.reward_funcs, self.reward_func_names)
         self.localizer = as_localizer(
@@ -669,13 +686,41 @@ class ResetTrainer(GRPOTrainer):
     def _buffer_file(self, folder: str) -> str:
         return os.path.join(folder, f"generation_buffer_{self.args.process_index}.pt")
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """TRL's training loop; ``resume_from_checkpoint=True`` resumes from the latest *complete* checkpoint (one
+        whose save finished, see `checkpoints`), where transformers would take the latest folder."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoints.last_complete_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str | os.PathLike):
+            checkpoints.warn_if_incomplete(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """TRL's checkpoint, made complete-or-absent: the marker is written once every process has written its
+        files, and older checkpoints are deleted (``save_total_limit``) only after that."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            checkpoints.clear_complete(folder)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
+                               use_mtime=True)
+
     def _save_rng_state(self, output_dir: str) -> None:
         """TRL's RNG states, plus this process's generation buffer. (The reset choices need no saved state:
         their generators are keyed by the generation, see `_prompt_generators`.)"""
         super()._save_rng_state(output_dir)
         # A checkpoint between the optimizer steps of one generation (steps_per_generation >
         # gradient_accumulation_steps): keep the generation's rows, or the resumed run would sample new ones.
-        torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs}, self._buffer_file(output_dir))
+        buffer = {"step": self._step, "buffered_inputs": self._buffered_inputs}
+        checkpoints.write_atomically(self._buffer_file(output_dir), lambda path: torch.save(buffer, path))
 
     def _load_rng_state(self, checkpoint) -> None:
         super()._load_rng_state(checkpoint)
@@ -704,7 +749,7 @@ class SRPOTrainer(ResetTrainer):
     """Self-Reset Policy Optimization: the policy localizes its own first wrong thought (default localizer)."""
 
     config_class = SRPOConfig
-    _tag_names = ["trl", "trl-resets", "srpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "trl-resets", "srpo"]
     _name = "SRPO"
 
 
@@ -712,7 +757,7 @@ class RRPOTrainer(ResetTrainer):
     """Random-Reset Policy Optimization: the reset index is uniform over the seed's thoughts."""
 
     config_class = RRPOConfig
-    _tag_names = ["trl", "trl-resets", "rrpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "trl-resets", "rrpo"]
     _name = "RRPO"
 
 
@@ -720,5 +765,5 @@ class GRPOBaselineTrainer(ResetTrainer):
     """The like-for-like GRPO baseline: `ResetTrainer` with ``num_reset_prefixes=0`` (the same thought sampler,
     rewards and loss, no resets), for comparisons with SRPO and RRPO on equal terms."""
 
-    _tag_names = ["trl", "trl-resets", "grpo"]
+    _tag_names: ClassVar[list[str]] = ["trl", "trl-resets", "grpo"]
     _name = "GRPO"

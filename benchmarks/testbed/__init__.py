@@ -222,18 +222,18 @@ def config_fields(task: dict | None = None, **overrides) -> dict:
     thought per step with two to spare, and a check line (11 tokens) per step for the localization reply.
     """
     longest = max((task or TASK)["num_steps"])
-    fields = dict(
-        rollout_template=ROLLOUT_TEMPLATE,
-        localization_template=LOCALIZATION_TEMPLATE,
-        max_completion_length=16 * longest,
-        max_thoughts=longest + 2,
-        max_thought_tokens=20,
-        localization_max_tokens=12 * longest + 8,  # the check lines, then the boxed step number
-        localization_temperature=1.0,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-    )
+    fields = {
+        "rollout_template": ROLLOUT_TEMPLATE,
+        "localization_template": LOCALIZATION_TEMPLATE,
+        "max_completion_length": 16 * longest,
+        "max_thoughts": longest + 2,
+        "max_thought_tokens": 20,
+        "localization_max_tokens": 12 * longest + 8,  # the check lines, then the boxed step number
+        "localization_temperature": 1.0,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+    }
     fields.update(overrides)
     return fields
 

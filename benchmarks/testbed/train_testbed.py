@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.testbed import (  # noqa: E402
+from benchmarks.testbed import (
     FILLERS,
     MAX_NUMBER,
     POLICY_DIR,
@@ -44,7 +44,7 @@ from benchmarks.testbed import (  # noqa: E402
     make_tokenizer,
     rollout_prompt,
 )
-from trl_resets.tasks.arithmetic import sample_problem  # noqa: E402
+from trl_resets.tasks.arithmetic import sample_problem
 
 
 def examples(rng: random.Random, error_rate, loc_accuracy: float, task: dict = TASK, fillers=()):
