@@ -27,7 +27,7 @@ class GenerationSettings:
         temperature: 0 decodes greedily (the paper's evaluation); above 0 samples.
         top_p: nucleus sampling when ``temperature > 0``.
         num_samples: completions per item (more than one needs ``temperature > 0``).
-        template, delimiter: the rollout prompt and the thought delimiter.
+        template, delimiter: the rollout prompt and the thought delimiter (``template=None``: prompts as they are).
         max_thoughts, max_thought_tokens, max_completion_tokens: the thought caps.
         batch_size: items decoded together.
         seed: seeds the sampling (``temperature > 0``).
@@ -36,7 +36,7 @@ class GenerationSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     num_samples: int = 1
-    template: str = DEFAULT_ROLLOUT_TEMPLATE
+    template: str | None = DEFAULT_ROLLOUT_TEMPLATE
     delimiter: str = DEFAULT_DELIMITER
     max_thoughts: int = 20
     max_thought_tokens: int = 256
@@ -54,7 +54,8 @@ class GenerationSettings:
                              "greedy completions; set a temperature above 0 (e.g. 0.7) or num_samples=1.")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: decode at least one item at a time.")
-        wrap_question("", self.template, self.delimiter)  # an unknown placeholder fails here, not mid-run
+        if self.template is not None:
+            wrap_question("", self.template, self.delimiter)  # an unknown placeholder fails here, not mid-run
         self.thought_format()
 
     def thought_format(self) -> ThoughtFormat:
@@ -63,14 +64,17 @@ class GenerationSettings:
                              max_completion_tokens=self.max_completion_tokens)
 
 
-def prompt_ids(tokenizer, question: str, settings: GenerationSettings) -> list[int]:
-    """The token ids of one question's rollout prompt (through the chat template when the tokenizer has one)."""
-    text = wrap_question(question, settings.template, settings.delimiter)
+def prompt_ids(tokenizer, question, settings: GenerationSettings) -> list[int]:
+    """The token ids of one rollout prompt: the question (a text, or a conversation whose last message it is)
+    wrapped in the template, through the chat template when the tokenizer has one."""
+    messages = list(question) if isinstance(question, (list, tuple)) else [{"role": "user", "content": question}]
+    if settings.template is not None:
+        last = messages[-1]
+        messages[-1] = {**last, "content": wrap_question(last["content"], settings.template, settings.delimiter)}
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(ids["input_ids"])
-    return list(tokenizer(text)["input_ids"])
+    return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
 
 
 def eos_ids(generation_config, tokenizer) -> list[int]:
