@@ -9,6 +9,7 @@ import yaml
 
 from trl_resets import harness
 from trl_resets.plots import plot_reset_index, plot_rewards
+from trl_resets.rewards import CodeReward, boxed_answer_reward
 from trl_resets.tasks import make_arithmetic_dataset
 
 from .conftest import make_tiny_llama
@@ -46,7 +47,7 @@ def test_srpo_main_job_one_step_writes_adapter_metrics_plots_and_card(tmp_path, 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step = [line for line in lines if "loss" in line]
     assert len(step) == 1 and "reward" in step[0] and "resets/reset_index_mean" in step[0]
-    # held-out problems, greedy, before training and at the last step (validation_steps=3 > max_steps)
+    # held-out problems, greedy, before training and at the last step (validation_steps=6 > max_steps)
     validation = [(line["step"], line["validation/pass_rate"]) for line in lines if "validation/pass_rate" in line]
     assert [s for s, _ in validation] == [0, 1] and all(0 <= rate <= 1 for _, rate in validation)
     assert "validation/pass_rate" in step[0] and _png(out / "validation.png")
@@ -88,9 +89,18 @@ def test_recipes_parse_with_their_script(recipe):
     assert args.num_reset_prefixes == (0 if method == "grpo" else 1)
     if method != "grpo":
         assert args.localizer == {"srpo": "self", "rrpo": "random"}[method]
-    if "gpu" in recipe:
+    if "livecodebench" in recipe:  # Section 5.3: LiveCodeBench v6 medium, 1 epoch, the code reward in the sandbox
+        assert task.dataset_name == "livecodebench/code_generation_lite" and harness.is_code_task(task)
+        assert (task.code_release, task.code_difficulty, task.code_train_fraction) == (6, "medium", 0.5)
+        assert task.num_problems == 383 and args.num_train_epochs == 1 and args.code_max_workers == 16
+        reward = harness.task_reward(task, args)
+        assert isinstance(reward, CodeReward) and reward.max_workers == 16
+    elif "gpu" in recipe:
         assert task.dataset_name == "AI-MO/NuminaMath-CoT" and task.dataset_source == "olympiads"
-        assert task.num_problems == 400 and not run.warmup and args.num_train_epochs == 2
+        assert task.num_problems == 400 and args.num_train_epochs == 2
+        assert harness.task_reward(task, args) is boxed_answer_reward
+    if "gpu" in recipe:
+        assert not run.warmup and run.validation_problems == 32
         assert args.use_vllm and args.vllm_mode == "colocate" and args.max_completion_length == 4096
         assert args.max_thoughts == 20 and args.max_thought_tokens == 256 and not args.clip_surrogate
         # 32 prompts per generation, optimizer steps of 8 prompts
@@ -100,6 +110,29 @@ def test_recipes_parse_with_their_script(recipe):
         assert args.per_device_train_batch_size <= 4
     else:
         assert task.dataset_name is None and run.warmup and args.use_cpu
+
+
+def test_code_job_trains_on_training_tests_and_validates_on_held_out_tests(tmp_path, tiny_model_dir):
+    """The coding recipe's data path on the LiveCodeBench fixture: the code reward (bounded by code_max_workers)
+    scores training rows against their training tests; validation runs the same problems' held-out tests."""
+    fixture = str(Path(__file__).parent / "fixtures" / "livecodebench.jsonl")
+    task = harness.TaskArguments(dataset_name="livecodebench/code_generation_lite", data_files=fixture, num_problems=2)
+    train = harness.load_problems(task)
+    held_out = harness.load_validation(task, harness.RunArguments(validation_problems=8), train)
+    assert len(train) == 2 == len(held_out) and train["question_id"] == held_out["question_id"]
+    for mine, other in zip(train, held_out):
+        assert mine["prompt"] == other["prompt"] and mine["prompt"][0]["role"] == "user"
+        assert not set(zip(mine["tests"]["inputs"], mine["tests"]["outputs"])) & set(
+            zip(other["tests"]["inputs"], other["tests"]["outputs"]))
+    out = tmp_path / "code"
+    trainer = harness.main("srpo", _smoke_args(
+        tiny_model_dir, out, "--dataset_name", "livecodebench/code_generation_lite", "--data_files", fixture,
+        "--code_max_workers", "2", "--validation_problems", "2"))
+    reward = trainer.reward_funcs[0]
+    assert isinstance(reward, CodeReward) and reward.max_workers == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "validation/pass_rate" in line] == [0, 1]
+    assert any("rewards/code_reward/mean" in line for line in lines)
 
 
 def test_bad_settings_fail_clearly(tmp_path):

@@ -16,7 +16,9 @@ the arithmetic task on the CPU, and writes an output folder::
 Every setting comes from the command line or a YAML recipe (``--config``) through ``TrlParser``:
 the method's config (`SRPOConfig` / `RRPOConfig` / `ResetConfig`), TRL's ``ModelConfig``,
 `TaskArguments` and `RunArguments`. A recipe that names a hub dataset (``dataset_name``) trains on
-its problems with the boxed-answer reward instead of the arithmetic task.
+its problems with the boxed-answer reward instead of the arithmetic task; LiveCodeBench
+(``livecodebench/code_generation_lite``) trains with the sandboxed code reward on each problem's
+training tests and validates on its held-out tests (Section 5.3 of the paper).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .evaluation.callback import ValidationCallback
-from .rewards import boxed_answer_reward
-from .tasks import make_arithmetic_dataset
+from .rewards import bound_code_rewards, boxed_answer_reward, code_reward
+from .tasks import livecodebench, make_arithmetic_dataset
 from .tasks.math_benchmarks import load_boxed_problems
 from .trainer import GRPOBaselineTrainer, RRPOTrainer, SRPOTrainer
 
@@ -109,6 +111,16 @@ class TaskArguments:
     num_steps: str = field(default="2,3", metadata={"help": "Arithmetic steps per problem, e.g. '3' or '2,3'."})
     operations: str = field(default="+-", metadata={"help": "Arithmetic operations, e.g. '+-' or '+-*/'."})
     task_seed: int = field(default=0, metadata={"help": "Seed of the generated problems / of the hub shuffle."})
+    data_files: str | None = field(
+        default=None, metadata={"help": "Local JSON-lines file in the hub dataset's schema, read instead of the hub."}
+    )
+    code_difficulty: str | None = field(
+        default="medium", metadata={"help": "LiveCodeBench: keep problems of this difficulty (easy, medium, hard)."}
+    )
+    code_release: int = field(default=6, metadata={"help": "LiveCodeBench release (release_vN)."})
+    code_train_fraction: float = field(
+        default=0.5, metadata={"help": "LiveCodeBench: share of each problem's tests the training reward sees."}
+    )
 
 
 @dataclass
@@ -131,7 +143,7 @@ class RunArguments:
         default=8, metadata={"help": "Held-out problems evaluated greedily during training (0: none)."}
     )
     validation_steps: int = field(
-        default=3, metadata={"help": "Evaluate the held-out problems every this many steps (and at 0 and the end)."}
+        default=6, metadata={"help": "Evaluate the held-out problems every this many steps (and at 0 and the end)."}
     )
 
 
@@ -180,20 +192,44 @@ def load_problems(task: TaskArguments, skip: int = 0, count: int | None = None):
         rows = make_arithmetic_dataset(skip + count, num_steps=step_counts(task.num_steps), seed=task.task_seed,
                                        operations=tuple(task.operations))
         rows = rows.select(range(skip, skip + count))  # row i does not depend on the count: a disjoint tail
+    elif is_code_task(task):
+        rows = load_code_problems(task, "train", count)
     else:
         rows = load_boxed_problems(task.dataset_name, task.dataset_split, task.dataset_config, task.dataset_source,
-                                   task.question_column, task.answer_column, count, task.task_seed, skip)
+                                   task.question_column, task.answer_column, count, task.task_seed, skip,
+                                   data_files=task.data_files)
     return rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+
+
+def is_code_task(task: TaskArguments) -> bool:
+    return task.dataset_name == livecodebench.HUB_ID
+
+
+def load_code_problems(task: TaskArguments, part: str, count: int):
+    """LiveCodeBench problems in a seeded order, the first ``count``, with the ``part`` of their tests."""
+    rows = livecodebench.load_livecodebench(part, task.code_difficulty, task.code_release, task.code_train_fraction,
+                                            task.task_seed, data_files=task.data_files)
+    rows = rows.shuffle(seed=task.task_seed)
+    return rows.select(range(min(count, len(rows))))
+
+
+def task_reward(task: TaskArguments, args: ResetConfig):
+    """The reward of the task: the sandboxed code reward for LiveCodeBench (bounded by ``code_max_workers``), the
+    boxed-answer reward otherwise."""
+    return bound_code_rewards(code_reward, args.code_max_workers) if is_code_task(task) else boxed_answer_reward
 
 
 def load_validation(task: TaskArguments, run: RunArguments, train_dataset):
     """The held-out problems (none when ``validation_problems`` is 0): the rows after the training ones, less any
-    that repeats a training question."""
+    that repeats a training question; for LiveCodeBench, training problems with their held-out tests."""
     if run.validation_problems < 0 or run.validation_steps < 1:
         raise ValueError(f"validation_problems={run.validation_problems}, validation_steps={run.validation_steps}: "
                          "need validation_problems >= 0 (0 turns validation off) and validation_steps >= 1.")
     if run.validation_problems == 0:
         return None
+    if is_code_task(task):  # the training problems with their held-out tests, as in Section 5.3
+        held_out = load_code_problems(task, "eval", min(run.validation_problems, task.num_problems))
+        return held_out.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     held_out = load_problems(task, skip=task.num_problems, count=run.validation_problems)
     seen = {row["prompt"][-1]["content"] for row in train_dataset}
     held_out = held_out.filter(lambda row: row["prompt"][-1]["content"] not in seen)
@@ -331,6 +367,7 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
     model_path = prepare_model(args, model_args, task, run)
     dataset = load_problems(task)
     held_out = load_validation(task, run, dataset)
+    reward = task_reward(task, args)
     if args.model_init_kwargs is None:
         args.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
         if model_args.attn_implementation is not None:
@@ -340,14 +377,14 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
     (out / "metrics.jsonl").unlink(missing_ok=True)
     trainer = trainer_cls(
         model=model_path,
-        reward_funcs=boxed_answer_reward,
+        reward_funcs=reward,
         args=args,
         train_dataset=dataset,
         peft_config=get_peft_config(model_args),
         callbacks=[JsonlMetrics(out / "metrics.jsonl")],
     )
     if held_out is not None:
-        trainer.add_callback(ValidationCallback(trainer, held_out, boxed_answer_reward, run.validation_steps))
+        trainer.add_callback(ValidationCallback(trainer, held_out, reward, run.validation_steps))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
