@@ -210,6 +210,10 @@ def test_vllm_path_matches_transformers_with_an_adapter_merged(tmp_path, tiny_mo
     assert by_vllm == by_transformers != plain
     assert loaded[0] != tiny_model_dir and not Path(loaded[0]).exists()  # a merged copy, removed after loading
     assert gen.make_completer(tiny_model_dir, None, settings, llm_factory=factory).complete(questions) == plain
+    for name in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):  # an adapter saved by peft alone
+        (adapter / name).unlink(missing_ok=True)
+    assert gen.make_completer(tiny_model_dir, str(adapter), settings, backend="transformers").complete(
+        questions) == by_transformers  # the model's tokenizer
 
 
 def test_evaluate_caches_stay_out_of_the_user_cache(_caches_in_a_temporary_folder):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 from ..thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE, ThoughtFormat, wrap_question
@@ -160,7 +161,8 @@ def load_transformers_model(model: str, adapter: str | None = None, dtype: str =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    tokenizer = AutoTokenizer.from_pretrained(adapter or model)
+    has_own_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_own_tokenizer else model)  # a trainer saves it there
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
