@@ -4,6 +4,7 @@
 evaluations; see docs/evaluation.md.
 """
 
+from .callback import ValidationCallback
 from .generation import GenerationSettings, make_completer, transformers_completer
 from .report import collect_runs, markdown_table, write_report
 from .runner import RunSettings, evaluate_model, rescore
@@ -16,6 +17,7 @@ __all__ = [
     "Benchmark",
     "GenerationSettings",
     "RunSettings",
+    "ValidationCallback",
     "collect_runs",
     "evaluate_model",
     "make_completer",
