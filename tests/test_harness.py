@@ -9,6 +9,7 @@ import yaml
 
 from trl_resets import harness
 from trl_resets.plots import plot_reset_index, plot_rewards
+from trl_resets.rewards import CodeReward, boxed_answer_reward
 from trl_resets.tasks import make_arithmetic_dataset
 
 from .conftest import make_tiny_llama
@@ -46,6 +47,10 @@ def test_srpo_main_job_one_step_writes_adapter_metrics_plots_and_card(tmp_path, 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step = [line for line in lines if "loss" in line]
     assert len(step) == 1 and "reward" in step[0] and "resets/reset_index_mean" in step[0]
+    # held-out problems, greedy, before training and at the last step (validation_steps=6 > max_steps)
+    validation = [(line["step"], line["validation/pass_rate"]) for line in lines if "validation/pass_rate" in line]
+    assert [s for s, _ in validation] == [0, 1] and all(0 <= rate <= 1 for _, rate in validation)
+    assert "validation/pass_rate" in step[0] and _png(out / "validation.png")
     resets = [json.loads(line) for line in (out / "resets.jsonl").read_text().splitlines()]
     # 1 prompt per step (8 rows), k=1: one seed unless the prompt fell back to GRPO
     assert len(resets) == 1 - round(step[0]["resets/fallback_rate"])
@@ -56,6 +61,7 @@ def test_srpo_main_job_one_step_writes_adapter_metrics_plots_and_card(tmp_path, 
     assert _png(out / "reward.png") and _png(out / "reset_index.png")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["headline"]["reward"]["last"] == pytest.approx(step[0]["reward"])
+    assert [v["step"] for v in summary["validation"]] == [0, 1]
     card = (out / "README.md").read_text()
     assert "| method | SRPO |" in card and "| localizer | self |" in card and "generated arithmetic task" in card
 
@@ -83,9 +89,18 @@ def test_recipes_parse_with_their_script(recipe):
     assert args.num_reset_prefixes == (0 if method == "grpo" else 1)
     if method != "grpo":
         assert args.localizer == {"srpo": "self", "rrpo": "random"}[method]
-    if "gpu" in recipe:
+    if "livecodebench" in recipe:  # Section 5.3: LiveCodeBench v6 medium, 1 epoch, the code reward in the sandbox
+        assert task.dataset_name == "livecodebench/code_generation_lite" and harness.is_code_task(task)
+        assert (task.code_release, task.code_difficulty, task.code_train_fraction) == (6, "medium", 0.5)
+        assert task.num_problems == 383 and args.num_train_epochs == 1 and args.code_max_workers == 16
+        reward = harness.task_reward(task, args)
+        assert isinstance(reward, CodeReward) and reward.max_workers == 16
+    elif "gpu" in recipe:
         assert task.dataset_name == "AI-MO/NuminaMath-CoT" and task.dataset_source == "olympiads"
-        assert task.num_problems == 400 and not run.warmup and args.num_train_epochs == 2
+        assert task.num_problems == 400 and args.num_train_epochs == 2
+        assert harness.task_reward(task, args) is boxed_answer_reward
+    if "gpu" in recipe:
+        assert not run.warmup and run.validation_problems == 32
         assert args.use_vllm and args.vllm_mode == "colocate" and args.max_completion_length == 4096
         assert args.max_thoughts == 20 and args.max_thought_tokens == 256 and not args.clip_surrogate
         # 32 prompts per generation, optimizer steps of 8 prompts
@@ -95,6 +110,29 @@ def test_recipes_parse_with_their_script(recipe):
         assert args.per_device_train_batch_size <= 4
     else:
         assert task.dataset_name is None and run.warmup and args.use_cpu
+
+
+def test_code_job_trains_on_training_tests_and_validates_on_held_out_tests(tmp_path, tiny_model_dir):
+    """The coding recipe's data path on the LiveCodeBench fixture: the code reward (bounded by code_max_workers)
+    scores training rows against their training tests; validation runs the same problems' held-out tests."""
+    fixture = str(Path(__file__).parent / "fixtures" / "livecodebench.jsonl")
+    task = harness.TaskArguments(dataset_name="livecodebench/code_generation_lite", data_files=fixture, num_problems=2)
+    train = harness.load_problems(task)
+    held_out = harness.load_validation(task, harness.RunArguments(validation_problems=8), train)
+    assert len(train) == 2 == len(held_out) and train["question_id"] == held_out["question_id"]
+    for mine, other in zip(train, held_out):
+        assert mine["prompt"] == other["prompt"] and mine["prompt"][0]["role"] == "user"
+        assert not set(zip(mine["tests"]["inputs"], mine["tests"]["outputs"])) & set(
+            zip(other["tests"]["inputs"], other["tests"]["outputs"]))
+    out = tmp_path / "code"
+    trainer = harness.main("srpo", _smoke_args(
+        tiny_model_dir, out, "--dataset_name", "livecodebench/code_generation_lite", "--data_files", fixture,
+        "--code_max_workers", "2", "--validation_problems", "2"))
+    reward = trainer.reward_funcs[0]
+    assert isinstance(reward, CodeReward) and reward.max_workers == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "validation/pass_rate" in line] == [0, 1]
+    assert any("rewards/code_reward/mean" in line for line in lines)
 
 
 def test_bad_settings_fail_clearly(tmp_path):
@@ -107,16 +145,24 @@ def test_bad_settings_fail_clearly(tmp_path):
         harness.load_problems(harness.TaskArguments(num_steps="two"))
     with pytest.raises(ValueError, match="num_problems"):
         harness.load_problems(harness.TaskArguments(num_problems=0))
+    train = harness.load_problems(harness.TaskArguments(num_problems=4))
+    with pytest.raises(ValueError, match="validation_steps=0"):
+        harness.load_validation(harness.TaskArguments(num_problems=4), harness.RunArguments(validation_steps=0), train)
     args, model_args, task, run = harness.parse("srpo", ["--dataset_name", "some/hub-set", "--model_name_or_path",
                                                          str(tmp_path), "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="warmup: false"):
         harness.prepare_model(args, model_args, task, run)
 
 
-def test_arithmetic_problems_are_conversational():
-    data = harness.load_problems(harness.TaskArguments(num_problems=5, num_steps="2,3"))
+def test_arithmetic_problems_are_conversational_and_the_held_out_ones_are_new():
+    task = harness.TaskArguments(num_problems=5, num_steps="2,3")
+    data = harness.load_problems(task)
     assert len(data) == 5 and set(data["num_steps"]) <= {2, 3}
     assert all(row["prompt"][0]["role"] == "user" and row["answer"] for row in data)
+    held_out = harness.load_validation(task, harness.RunArguments(validation_problems=40), data)
+    questions = {row["prompt"][0]["content"] for row in data}
+    assert 0 < len(held_out) <= 40 and not questions & {row["prompt"][0]["content"] for row in held_out}
+    assert harness.load_validation(task, harness.RunArguments(validation_problems=0), data) is None
 
 
 def test_plots_handle_nan_and_no_resets(tmp_path):
@@ -160,7 +206,8 @@ def test_gpu_recipe_runs_end_to_end_with_only_the_hardware_swapped(tmp_path, tin
     with per-thought stops, 32 prompts per generation in 4 optimizer steps of 8 prompts, gradient
     checkpointing, LoRA 64, the 1x4 split, self-localization) except what this machine cannot have: the hub
     model and dataset (a tiny local model, a local NuminaMath-shaped folder), the GPU (bf16 off), real vLLM
-    (the CPU stand-in that follows its API) and the rollout lengths a 1.5B model needs."""
+    (the CPU stand-in that follows its API), the rollout lengths a 1.5B model needs, and the held-out validation
+    (the folder's 40 problems all train; the callback is tested in test_validation.py)."""
     from . import fake_vllm
 
     engines = fake_vllm.install(monkeypatch)
@@ -174,7 +221,7 @@ def test_gpu_recipe_runs_end_to_end_with_only_the_hardware_swapped(tmp_path, tin
         "--config", str(RECIPES / "srpo_qwen2.5-1.5b_numina_gpu.yaml"), "--model_name_or_path", tiny_model_dir,
         "--dataset_name", str(folder), "--output_dir", str(out), "--bf16", "false", "--use_cpu", "true",
         "--dtype", "float32", "--max_steps", "4", "--max_completion_length", "24", "--max_thought_tokens", "6",
-        "--max_thoughts", "4", "--localization_max_tokens", "8", "--save_strategy", "no",
+        "--max_thoughts", "4", "--localization_max_tokens", "8", "--save_strategy", "no", "--validation_problems", "0",
     ])
     args = trainer.args
     assert trainer.state.global_step == 4 and args.use_vllm and args.vllm_mode == "colocate"
@@ -211,7 +258,7 @@ def test_gpu_recipe_stand_ins_have_the_recipe_model_shape_and_the_numina_data_sh
     task = harness.TaskArguments(dataset_name=str(tmp_path / "numina"), dataset_source=keys["dataset_source"],
                                  question_column=keys["question_column"], answer_column=keys["answer_column"],
                                  num_problems=keys["num_problems"])
-    data = harness.load_hub_problems(task)
+    data = harness.load_problems(task)
     expected = make_arithmetic_dataset(13, num_steps=[3, 4, 5, 6], seed=0)
     assert len(data) == 10  # the 3 rows of another source are dropped
     assert sorted(data["answer"]) == sorted(expected["answer"][:10])

@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 
 from trl_resets.rewards import boxed_answer_reward
-from trl_resets.tasks.math_benchmarks import BENCHMARKS, load_math_benchmark
+from trl_resets.tasks.math_benchmarks import (
+    BENCHMARKS,
+    load_boxed_problems,
+    load_math_benchmark,
+    load_numinamath_training,
+)
 
 pytest.importorskip("math_verify")
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -36,3 +41,20 @@ def test_rows_without_a_readable_answer_are_dropped_and_counted(caplog):
 def test_unknown_benchmark_is_refused():
     with pytest.raises(ValueError, match="unknown math benchmark 'aime'"):
         load_math_benchmark("aime")
+
+
+def test_numinamath_training_set_on_its_fixture():
+    """The paper's training set (NuminaMath-CoT olympiads rows with a boxed answer), seeded, with a disjoint tail."""
+    fixture = str(FIXTURES / "numinamath_olympiads.jsonl")
+    data = load_numinamath_training(data_files=fixture)
+    assert data.column_names == ["prompt", "answer"] and len(data) == 1  # one olympiads row has no box
+    assert data[0] == {"prompt": "Find the sum of the first 10 positive integers.", "answer": "55"}
+    assert boxed_answer_reward(["so \\boxed{55}", "\\boxed{56}"], answer=[data[0]["answer"]] * 2) == [1.0, 0.0]
+    every_source = load_numinamath_training(source=None, data_files=fixture)
+    assert sorted(every_source["answer"]) == ["4", "55"]
+    first = load_numinamath_training(num_problems=1, source=None, seed=3, data_files=fixture)
+    rest = load_numinamath_training(num_problems=5, source=None, seed=3, skip=1, data_files=fixture)
+    assert sorted([*first["answer"], *rest["answer"]]) == ["4", "55"]
+    assert len(load_numinamath_training(skip=1, data_files=fixture)) == 0
+    with pytest.raises(ValueError, match="no column 'question'"):
+        load_boxed_problems("AI-MO/NuminaMath-CoT", question="question", data_files=fixture)

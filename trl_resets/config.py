@@ -125,6 +125,13 @@ class ResetConfig(GRPOConfig):
     localization_temperature (`float`, defaults to `0.0`):
         Sampling temperature of the localization reply; 0 decodes greedily.
 
+    > Rewards
+
+    code_max_workers (`int` or `None`, defaults to `None`):
+        Programs of a batch that a [`~trl_resets.rewards.CodeReward`] runs at once. Set, every `CodeReward` among
+        `reward_funcs` runs with this bound (the trainer uses a copy; the object passed in is unchanged); `None`
+        keeps each reward's own `max_workers` (4 for `code_reward`).
+
     > Loss
 
     clip_surrogate (`bool`, defaults to `False`):
@@ -184,6 +191,9 @@ class ResetConfig(GRPOConfig):
     localization_temperature: float = field(
         default=0.0, metadata={"help": "Temperature of the localization reply (0: greedy)."}
     )
+    code_max_workers: int | None = field(
+        default=None, metadata={"help": "Programs a code reward runs at once (unset: the reward's own max_workers)."}
+    )
     clip_surrogate: bool = field(
         default=False, metadata={"help": "Clip the importance ratio as PPO does (same masks, same aggregation)."}
     )
@@ -215,6 +225,9 @@ class ResetConfig(GRPOConfig):
             )
         if self.max_completion_length is None:
             raise ValueError("max_completion_length must be set: it is the token budget of a rollout.")
+        if self.code_max_workers is not None and self.code_max_workers < 1:
+            raise ValueError(f"code_max_workers={self.code_max_workers}: at least one program must run at a time "
+                             "(or leave it unset to keep the reward's own bound).")
         super().__post_init__()
         local_rows = self.per_device_train_batch_size * self.steps_per_generation
         if local_rows % self.num_generations != 0:

@@ -10,12 +10,15 @@ the arithmetic task on the CPU, and writes an output folder::
     summary.json       settings, headline metrics, wall time
     reward.png         reward and base / shared-prefix pass rates per step
     reset_index.png    histogram of the reset index h*
+    validation.png     greedy pass rate on held-out problems (`trl_resets.evaluation.ValidationCallback`)
     README.md          the model card (TRL's card plus the reset section, see `trl_resets.model_card`)
 
 Every setting comes from the command line or a YAML recipe (``--config``) through ``TrlParser``:
 the method's config (`SRPOConfig` / `RRPOConfig` / `ResetConfig`), TRL's ``ModelConfig``,
 `TaskArguments` and `RunArguments`. A recipe that names a hub dataset (``dataset_name``) trains on
-its problems with the boxed-answer reward instead of the arithmetic task.
+its problems with the boxed-answer reward instead of the arithmetic task; LiveCodeBench
+(``livecodebench/code_generation_lite``) trains with the sandboxed code reward on each problem's
+training tests and validates on its held-out tests (Section 5.3 of the paper).
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from transformers import TrainerCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from .config import ResetConfig, RRPOConfig, SRPOConfig
-from .rewards import boxed_answer_reward, extract_boxed
-from .tasks import make_arithmetic_dataset
+from .evaluation.callback import ValidationCallback
+from .rewards import bound_code_rewards, boxed_answer_reward, code_reward
+from .tasks import livecodebench, make_arithmetic_dataset
+from .tasks.math_benchmarks import load_boxed_problems
 from .trainer import GRPOBaselineTrainer, RRPOTrainer, SRPOTrainer
 
 METHODS = {
@@ -106,6 +111,16 @@ class TaskArguments:
     num_steps: str = field(default="2,3", metadata={"help": "Arithmetic steps per problem, e.g. '3' or '2,3'."})
     operations: str = field(default="+-", metadata={"help": "Arithmetic operations, e.g. '+-' or '+-*/'."})
     task_seed: int = field(default=0, metadata={"help": "Seed of the generated problems / of the hub shuffle."})
+    data_files: str | None = field(
+        default=None, metadata={"help": "Local JSON-lines file in the hub dataset's schema, read instead of the hub."}
+    )
+    code_difficulty: str | None = field(
+        default="medium", metadata={"help": "LiveCodeBench: keep problems of this difficulty (easy, medium, hard)."}
+    )
+    code_release: int = field(default=6, metadata={"help": "LiveCodeBench release (release_vN)."})
+    code_train_fraction: float = field(
+        default=0.5, metadata={"help": "LiveCodeBench: share of each problem's tests the training reward sees."}
+    )
 
 
 @dataclass
@@ -121,7 +136,15 @@ class RunArguments:
     warmup_localization_examples: int = field(
         default=32, metadata={"help": "Warm-up injected-error chains (localization format)."}
     )
-    plots: bool = field(default=True, metadata={"help": "Write reward.png and reset_index.png (needs matplotlib)."})
+    plots: bool = field(
+        default=True, metadata={"help": "Write reward.png, reset_index.png and validation.png (needs matplotlib)."}
+    )
+    validation_problems: int = field(
+        default=8, metadata={"help": "Held-out problems evaluated greedily during training (0: none)."}
+    )
+    validation_steps: int = field(
+        default=6, metadata={"help": "Evaluate the held-out problems every this many steps (and at 0 and the end)."}
+    )
 
 
 def build_parser(method: str) -> TrlParser:
@@ -159,40 +182,61 @@ def step_counts(text: str) -> list[int]:
     return counts
 
 
-def load_problems(task: TaskArguments):
-    """The training dataset: conversational ``prompt`` plus ``answer`` (and the task's own columns)."""
+def load_problems(task: TaskArguments, skip: int = 0, count: int | None = None):
+    """Conversational ``prompt`` plus ``answer`` (and the task's own columns): the training problems, or with
+    ``skip=task.num_problems`` the held-out ones that follow them (``count`` rows)."""
+    count = task.num_problems if count is None else count
     if task.num_problems < 1:
         raise ValueError(f"num_problems must be at least 1, got {task.num_problems}.")
     if task.dataset_name is None:
-        rows = make_arithmetic_dataset(task.num_problems, num_steps=step_counts(task.num_steps), seed=task.task_seed,
+        rows = make_arithmetic_dataset(skip + count, num_steps=step_counts(task.num_steps), seed=task.task_seed,
                                        operations=tuple(task.operations))
-        return rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    return load_hub_problems(task)
+        rows = rows.select(range(skip, skip + count))  # row i does not depend on the count: a disjoint tail
+    elif is_code_task(task):
+        rows = load_code_problems(task, "train", count)
+    else:
+        rows = load_boxed_problems(task.dataset_name, task.dataset_split, task.dataset_config, task.dataset_source,
+                                   task.question_column, task.answer_column, count, task.task_seed, skip,
+                                   data_files=task.data_files)
+    return rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
 
 
-def load_hub_problems(task: TaskArguments):
-    """Problems from a hub dataset whose answer column holds a boxed final answer (NuminaMath style)."""
-    import datasets
+def is_code_task(task: TaskArguments) -> bool:
+    return task.dataset_name == livecodebench.HUB_ID
 
-    data = datasets.load_dataset(task.dataset_name, task.dataset_config, split=task.dataset_split)
-    for column in (task.question_column, task.answer_column):
-        if column not in data.column_names:
-            raise ValueError(f"{task.dataset_name} has no column {column!r}; its columns are {data.column_names}. "
-                             "Set question_column / answer_column.")
-    if task.dataset_source is not None:
-        if "source" not in data.column_names:
-            raise ValueError(f"dataset_source={task.dataset_source!r} needs a 'source' column, which "
-                             f"{task.dataset_name} lacks.")
-        data = data.filter(lambda row: row["source"] == task.dataset_source)
-    data = data.map(lambda row: {"answer": extract_boxed(row[task.answer_column] or "")})
-    data = data.filter(lambda row: row["answer"] is not None)
-    if len(data) == 0:
-        raise ValueError(f"no row of {task.dataset_name} (source={task.dataset_source!r}) has a boxed answer.")
-    data = data.shuffle(seed=task.task_seed).select(range(min(task.num_problems, len(data))))
-    keep = {"answer"}
-    data = data.map(lambda row: {"prompt": [{"role": "user", "content": row[task.question_column]}]},
-                    remove_columns=[c for c in data.column_names if c not in keep])
-    return data
+
+def load_code_problems(task: TaskArguments, part: str, count: int):
+    """LiveCodeBench problems in a seeded order, the first ``count``, with the ``part`` of their tests."""
+    rows = livecodebench.load_livecodebench(part, task.code_difficulty, task.code_release, task.code_train_fraction,
+                                            task.task_seed, data_files=task.data_files)
+    rows = rows.shuffle(seed=task.task_seed)
+    return rows.select(range(min(count, len(rows))))
+
+
+def task_reward(task: TaskArguments, args: ResetConfig):
+    """The reward of the task: the sandboxed code reward for LiveCodeBench (bounded by ``code_max_workers``), the
+    boxed-answer reward otherwise."""
+    return bound_code_rewards(code_reward, args.code_max_workers) if is_code_task(task) else boxed_answer_reward
+
+
+def load_validation(task: TaskArguments, run: RunArguments, train_dataset):
+    """The held-out problems (none when ``validation_problems`` is 0): the rows after the training ones, less any
+    that repeats a training question; for LiveCodeBench, training problems with their held-out tests."""
+    if run.validation_problems < 0 or run.validation_steps < 1:
+        raise ValueError(f"validation_problems={run.validation_problems}, validation_steps={run.validation_steps}: "
+                         "need validation_problems >= 0 (0 turns validation off) and validation_steps >= 1.")
+    if run.validation_problems == 0:
+        return None
+    if is_code_task(task):  # the training problems with their held-out tests, as in Section 5.3
+        held_out = load_code_problems(task, "eval", min(run.validation_problems, task.num_problems))
+        return held_out.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    held_out = load_problems(task, skip=task.num_problems, count=run.validation_problems)
+    seen = {row["prompt"][-1]["content"] for row in train_dataset}
+    held_out = held_out.filter(lambda row: row["prompt"][-1]["content"] not in seen)
+    if len(held_out) == 0:
+        raise ValueError(f"no held-out problem is left after the {task.num_problems} training ones; lower "
+                         "num_problems or set validation_problems: 0.")
+    return held_out
 
 
 # --------------------------------------------------------------------------- model
@@ -302,11 +346,18 @@ def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, mo
         "task": asdict(task),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    validation = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
+    if validation:
+        summary["validation"] = validation[0].history
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if run.plots:
-        from .plots import plot_reset_index, plot_rewards
+        from .plots import plot_reset_index, plot_rewards, plot_validation
 
         plot_rewards(logs, out / "reward.png", title=f"{trainer._name}: reward and pass rates")
         plot_reset_index(resets, out / "reset_index.png", title=f"{trainer._name}: reset index h*")
+        if validation:
+            plot_validation(trainer.state.log_history, out / "validation.png",
+                            title=f"{trainer._name}: held-out pass rate (greedy)")
     return summary
 
 
@@ -315,6 +366,8 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
     _, trainer_cls = METHODS[method]
     model_path = prepare_model(args, model_args, task, run)
     dataset = load_problems(task)
+    held_out = load_validation(task, run, dataset)
+    reward = task_reward(task, args)
     if args.model_init_kwargs is None:
         args.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
         if model_args.attn_implementation is not None:
@@ -324,12 +377,14 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
     (out / "metrics.jsonl").unlink(missing_ok=True)
     trainer = trainer_cls(
         model=model_path,
-        reward_funcs=boxed_answer_reward,
+        reward_funcs=reward,
         args=args,
         train_dataset=dataset,
         peft_config=get_peft_config(model_args),
         callbacks=[JsonlMetrics(out / "metrics.jsonl")],
     )
+    if held_out is not None:
+        trainer.add_callback(ValidationCallback(trainer, held_out, reward, run.validation_steps))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""PNG plots of a run: reward and pass rates per step, and the histogram of reset indices."""
+"""PNG plots of a run: reward and pass rates per step, the histogram of reset indices, and validation curves."""
 
 from __future__ import annotations
 
@@ -48,6 +48,37 @@ def plot_rewards(log_entries: Sequence[Mapping], path: str | Path, title: str = 
     ax.set_title(title)
     if drawn:
         ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+VALIDATION_CURVES = (
+    ("validation/pass_rate", "held-out pass rate (greedy)"),
+    ("validation/reward", "held-out mean reward (greedy)"),
+)
+
+
+def plot_validation(log_entries: Sequence[Mapping], path: str | Path, title: str = "validation") -> Path:
+    """The held-out pass rate and mean reward against the step (the entries that ``ValidationCallback`` logged)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    drawn = 0
+    for key, label in VALIDATION_CURVES:
+        points = [(e.get("step", 0), e[key]) for e in log_entries if finite_number(e.get(key))]
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=label)
+            drawn += 1
+    if drawn:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no validation logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -41,6 +41,7 @@ from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
 from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_loss
 from .resets import PromptGroups, ResetAlgorithm, Split
+from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .sampling.vllm_backend import check_vllm_generation_kwargs
 from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
@@ -276,6 +277,7 @@ class ResetTrainer(GRPOTrainer):
                 raise ValueError(f"{name} is not supported by {type(self).__name__}: it owns generation itself.")
         if args.use_vllm:
             _check_vllm_settings(args)
+        reward_funcs = bound_code_rewards(reward_funcs, args.code_max_workers)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*rollout_func.*experimental.*")
             super().__init__(

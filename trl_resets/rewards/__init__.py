@@ -1,7 +1,7 @@
 """Reward functions with TRL's signature ``(completions, **columns) -> list[float | None]``."""
 
 from .choice import multiple_choice_reward, read_choice, read_yes_no, yes_no_reward
-from .code import CodeReward, code_reward, extract_program, outputs_match
+from .code import CodeReward, bound_code_rewards, code_reward, extract_program, outputs_match
 from .math import (
     answers_match,
     arithmetic_reward,
@@ -17,6 +17,7 @@ __all__ = [
     "CodeReward",
     "answers_match",
     "arithmetic_reward",
+    "bound_code_rewards",
     "boxed_answer_reward",
     "code_reward",
     "completion_text",

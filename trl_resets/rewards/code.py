@@ -228,6 +228,20 @@ class CodeReward:
         """The executor's isolation line."""
         return self.executor.describe()
 
+    def with_max_workers(self, max_workers: int) -> CodeReward:
+        """A copy of this reward (same executor and limits) that runs at most ``max_workers`` programs at once."""
+        return CodeReward(self.executor, max_workers, self.test_timeout_s, self.program_timeout_s)
+
+
+def bound_code_rewards(reward_funcs, max_workers: int | None):
+    """``reward_funcs`` (one or a list) with every :class:`CodeReward` among them replaced by a copy bounded to
+    ``max_workers`` programs at once (``None``: unchanged); the objects passed in are not modified."""
+    if max_workers is None:
+        return reward_funcs
+    if isinstance(reward_funcs, (list, tuple)):
+        return [bound_code_rewards(f, max_workers) for f in reward_funcs]
+    return reward_funcs.with_max_workers(max_workers) if isinstance(reward_funcs, CodeReward) else reward_funcs
+
 
 def _compiles(program: str) -> bool:
     """Say whether the program is valid Python (compiling runs nothing of it)."""

@@ -80,3 +80,51 @@ def load_math_benchmark(name: str, data_files=None):
                        dropped + len(rows))
     return datasets.Dataset.from_list(rows)
 
+
+
+NUMINAMATH = "AI-MO/NuminaMath-CoT"
+
+
+def load_boxed_problems(hub_id: str, split: str = "train", config: str | None = None, source: str | None = None,
+                        question: str = "problem", answer: str = "solution", num_problems: int = 400, seed: int = 0,
+                        skip: int = 0, data_files=None):
+    r"""Training problems whose ``answer`` column ends in a ``\boxed{}`` answer (NuminaMath-CoT's form).
+
+    Rows of ``source`` (when given) with a readable box, shuffled with ``seed``; returns rows
+    ``skip .. skip + num_problems`` of that order (``skip=num_problems`` gives a held-out set disjoint from
+    the first call's) as ``prompt`` (the question) and ``answer`` (the boxed answer).
+    ``data_files`` reads local JSON-lines files in the same schema instead of ``hub_id``.
+    """
+    import datasets
+
+    if num_problems < 1 or skip < 0:
+        raise ValueError(f"num_problems={num_problems}, skip={skip}: need num_problems >= 1 and skip >= 0.")
+    if data_files is None:
+        data = datasets.load_dataset(hub_id, config, split=split)
+    else:
+        data = datasets.Dataset.from_list(read_json_lines(data_files))
+    for column in (question, answer):
+        if column not in data.column_names:
+            raise ValueError(f"{hub_id} has no column {column!r}; its columns are {data.column_names}. "
+                             "Set question_column / answer_column.")
+    if source is not None:
+        if "source" not in data.column_names:
+            raise ValueError(f"dataset_source={source!r} needs a 'source' column, which {hub_id} lacks.")
+        data = data.filter(lambda row: row["source"] == source)
+    data = data.map(lambda row: {"_boxed": extract_boxed(row[answer] or "")})
+    data = data.filter(lambda row: row["_boxed"] is not None)
+    if len(data) == 0:
+        raise ValueError(f"no row of {hub_id} (source={source!r}) has a boxed answer.")
+    if skip >= len(data):
+        return datasets.Dataset.from_dict({"prompt": [], "answer": []})
+    data = data.shuffle(seed=seed).select(range(skip, min(skip + num_problems, len(data))))
+    return data.map(lambda row: {"prompt": row[question], "answer": row["_boxed"]},
+                    remove_columns=data.column_names)
+
+
+def load_numinamath_training(num_problems: int = 400, source: str | None = "olympiads", seed: int = 0,
+                             skip: int = 0, data_files=None):
+    """The paper's training set: ``num_problems`` NuminaMath-CoT train rows of ``source`` (400 olympiads problems),
+    with the solution's boxed answer (see :func:`load_boxed_problems`)."""
+    return load_boxed_problems(NUMINAMATH, "train", source=source, num_problems=num_problems, seed=seed, skip=skip,
+                               data_files=data_files)

@@ -1,0 +1,108 @@
+"""A training callback: greedy pass rate on a held-out set every N steps, logged through the trainer's log.
+
+The values reach every ``report_to`` logger as ``validation/pass_rate`` (rows whose reward reaches 1),
+``validation/reward`` (the mean reward) and ``validation/seconds`` (the evaluation's wall time): the
+validation curves of the paper's Figure 3.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from .generation import GenerationSettings, transformers_completer
+from .scoring import summarize
+
+PREFIX = "validation/"
+
+
+def _trainer_settings(args, max_completion_tokens: int | None) -> GenerationSettings:
+    """Greedy decoding with the trainer's thought format and rollout prompt (the package's defaults otherwise)."""
+    defaults = GenerationSettings()
+    return GenerationSettings(
+        template=getattr(args, "rollout_template", defaults.template),
+        delimiter=getattr(args, "thought_delimiter", defaults.delimiter),
+        max_thoughts=getattr(args, "max_thoughts", defaults.max_thoughts),
+        max_thought_tokens=getattr(args, "max_thought_tokens", defaults.max_thought_tokens),
+        max_completion_tokens=max_completion_tokens or getattr(args, "max_completion_length", None)
+        or defaults.max_completion_tokens,
+        batch_size=getattr(args, "per_device_eval_batch_size", defaults.batch_size),
+    )
+
+
+class ValidationCallback(TrainerCallback):
+    """Evaluate ``dataset`` greedily with ``reward`` every ``every_steps`` steps (and before the first one).
+
+    Args:
+        trainer: the trainer it is attached to (add it with ``trainer.add_callback``); its model and tokenizer
+            generate, its log records the values.
+        dataset: held-out rows with a ``prompt`` (text or conversation) and the columns ``reward`` reads.
+        reward: a TRL-style reward function.
+        every_steps: evaluate after every this many optimizer steps; the last step is always evaluated.
+        at_start: also evaluate before training (the curve's step 0).
+        max_completion_tokens: the completion budget (default: the trainer's ``max_completion_length``).
+
+    Generation runs on the trainer's own model with transformers (also when the trainer samples with vLLM),
+    with LoRA adapters merged for the duration; every process evaluates the whole set. Not available under
+    DeepSpeed ZeRO-3 or FSDP, whose sharded weights the decoding loop cannot read.
+    """
+
+    def __init__(self, trainer, dataset, reward, every_steps: int, at_start: bool = True,
+                 max_completion_tokens: int | None = None):
+        if every_steps < 1:
+            raise ValueError(f"every_steps={every_steps}: evaluate at least every step (1) or more rarely.")
+        if len(dataset) == 0 or "prompt" not in dataset.column_names:
+            raise ValueError(f"the validation set needs rows with a 'prompt' column; got {len(dataset)} rows with "
+                             f"columns {dataset.column_names}.")
+        deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        if getattr(trainer, "is_fsdp_enabled", False) or (deepspeed is not None and deepspeed.zero_stage == 3):
+            raise ValueError("ValidationCallback cannot generate from ZeRO-3 or FSDP sharded weights; evaluate the "
+                             "saved checkpoints with `trl-resets-evaluate` instead.")
+        self.trainer = trainer
+        self.dataset = dataset
+        self.reward = reward
+        self.every_steps = every_steps
+        self.at_start = at_start
+        self.settings = _trainer_settings(trainer.args, max_completion_tokens)
+        self.history: list[dict] = []
+
+    def evaluate(self) -> dict:
+        """The held-out metrics for the model as it is now."""
+        from ..sampling import sampling_weights
+
+        start = time.perf_counter()
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        tokenizer = self.trainer.processing_class
+        with torch.no_grad(), sampling_weights(model, merge=True):
+            completer = transformers_completer(model, tokenizer, self.settings)
+            texts = [samples[0] for samples in completer.complete(list(self.dataset["prompt"]))]
+        columns = {name: self.dataset[name] for name in self.dataset.column_names if name != "prompt"}
+        scores = self.reward(completions=texts, prompts=list(self.dataset["prompt"]), **columns)
+        result = summarize([{"id": str(i), "score": s} for i, s in enumerate(scores)])
+        return {PREFIX + "pass_rate": result["accuracy"], PREFIX + "reward": result["mean_score"],
+                PREFIX + "seconds": round(time.perf_counter() - start, 2)}
+
+    def _record(self, step: int, metrics: dict) -> None:
+        self.history.append({"step": step, **metrics})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.at_start and state.global_step == 0:
+            metrics = self.evaluate()
+            self._record(0, metrics)
+            self.trainer.log(dict(metrics))  # nothing of a training step is pending yet
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_steps and state.global_step != state.max_steps:
+            return
+        metrics = self.evaluate()
+        self._record(state.global_step, metrics)
+        pending = getattr(self.trainer, "_metrics", None)
+        if isinstance(pending, dict) and "train" in pending:
+            # TRL's trainers average their pending metrics into the step's log line: join it there
+            for key, value in metrics.items():
+                pending["train"][key].append(value)
+            control.should_log = True
+        else:
+            self.trainer.log(dict(metrics))
