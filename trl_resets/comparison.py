@@ -320,3 +320,80 @@ def repair_credit(group: Sequence[Trajectory], advantages: Sequence[float], edit
             raise ValueError(f"row {i}: {len(edited)} edit flags for {len(group[i].keys)} thoughts.")
         out[i] = spread(group[i], advantages[i], [1.0 if e else shared_thought_weight for e in edited])
     return out
+
+
+# ---------------------------------------------------------------------------------------------- a batch
+
+ESTIMATORS = ("uniform", "diff", "state", "repair")
+
+
+@dataclass
+class BatchCredit:
+    """Per-token advantages of every row of a batch, and what the metrics count (see `metrics.credit_step_sums`)."""
+
+    token_advantages: list[list[float]]
+    credited_rows: list[int]
+    shared: int = 0
+    thoughts: int = 0
+    repairs_used: int = 0
+    repairs: int = 0
+    repair_tokens: int = 0
+
+
+def batch_credit(
+    method: str,
+    rows: Sequence[Trajectory],
+    advantages: Sequence[float],
+    groups: Sequence[Sequence[int]],
+    shared_thought_weight: float = 0.0,
+    scale: bool = True,
+    texts: Sequence[Sequence[str]] | None = None,
+    questions: Sequence[str] | None = None,
+    key=None,
+    repairer: Repairer | None = None,
+    policy: TextPolicy | None = None,
+    success_threshold: float = 1.0,
+) -> BatchCredit:
+    """The estimator ``method`` on each of ``groups`` (lists of row indices); rows outside them keep uniform credit.
+
+    ``repair`` needs each row's thought ``texts``, its ``questions``, the ``key`` that turns a corrected thought's
+    text into the key its rows were built with, a ``repairer`` and the ``policy``; all failed rows of the batch go
+    to the policy in one call.
+    """
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown credit estimator {method!r}; use one of {list(ESTIMATORS)}.")
+    if len(rows) != len(advantages):
+        raise ValueError(f"{len(rows)} rows and {len(advantages)} advantages: give one advantage per row.")
+    out = BatchCredit([uniform(r, a) for r, a in zip(rows, advantages)], sorted(i for g in groups for i in g))
+    if method == "uniform":
+        return out
+    members = [[rows[i] for i in g] for g in groups]
+    edits: list[dict[int, list[bool] | None]] = [{} for _ in groups]
+    if method == "repair":
+        if texts is None or questions is None or key is None or repairer is None or policy is None:
+            raise ValueError("credit='repair' needs the rows' thought texts, questions, a key, a repairer and a policy.")
+        jobs = [(n, a, b) for n, group in enumerate(members) for a, b in repair_pairs(group, success_threshold)]
+        requests = [RepairRequest(questions[groups[n][a]], list(texts[groups[n][a]]), list(texts[groups[n][b]]))
+                    for n, a, b in jobs]
+        for (n, a, _), result in zip(jobs, repairer.repair(requests, policy)):
+            edited = None if result.thoughts is None else edited_thoughts(members[n][a].keys,
+                                                                          [key(t) for t in result.thoughts])
+            edits[n][a] = edited
+            out.repairs += 1
+            out.repairs_used += edited is not None
+            out.repair_tokens += result.tokens
+    for n, (group, trajs) in enumerate(zip(groups, members)):
+        advs = [advantages[i] for i in group]
+        if method == "diff":
+            credit = diff(trajs, advs, shared_thought_weight)
+        elif method == "state":
+            credit = state(trajs, scale=scale)
+        else:
+            credit = repair_credit(trajs, advs, edits[n], shared_thought_weight)
+        for i, values in zip(group, credit):
+            out.token_advantages[i] = values
+        for traj, flags in zip(trajs, shared_thoughts(trajs)):
+            trained = [s for (start, _), s in zip(traj.spans, flags) if start >= traj.active_from]
+            out.shared += sum(trained)
+            out.thoughts += len(trained) if traj.valid else 0
+    return out
