@@ -112,9 +112,10 @@ def test_the_arithmetic_state_key_is_the_value_a_thought_computes():
 
 class ScriptedPolicy:
     def __init__(self, replies):
-        self.replies, self.prompts = list(replies), []
+        self.replies, self.prompts, self.calls = list(replies), [], 0
 
     def complete(self, prompts, max_new_tokens, temperature):
+        self.calls += 1
         self.prompts += prompts
         return [(self.replies.pop(0), 9) for _ in prompts]
 
@@ -138,6 +139,12 @@ def test_a_scripted_repair_reply_puts_the_failed_rows_credit_on_its_edited_thoug
     assert got[0] == pytest.approx([0, 0, -1.5, -1.5, -1.5, -1.5])
     assert got[2] == diff(group, advantages)[2]  # unparsed: diff
     assert got[1] == diff(group, advantages)[1]  # the correct row: diff
+
+
+def test_repair_calls_the_policy_even_with_nothing_to_repair():
+    policy = ScriptedPolicy([])
+    assert Repairer().repair([], policy) == []
+    assert policy.calls == 1  # a process with no failed row still takes part in a collective policy call
 
 
 def test_repair_parsing_and_edits():

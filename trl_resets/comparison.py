@@ -298,8 +298,8 @@ class Repairer:
         self.template, self.max_new_tokens, self.temperature = template, max_new_tokens, temperature
 
     def repair(self, requests: Sequence[RepairRequest], policy: TextPolicy) -> list[Repair]:
-        if not requests:
-            return []
+        """One reply per request. The policy is called even with no request: under data parallelism its call may be
+        collective (every process must take part in each one)."""
         replies = policy.complete([repair_prompt(r, self.template) for r in requests], self.max_new_tokens,
                                   self.temperature)
         if len(replies) != len(requests):
