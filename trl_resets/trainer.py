@@ -42,6 +42,7 @@ from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .sampling.vllm_backend import check_vllm_generation_kwargs
+from .tasks.arithmetic import thought_value
 from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
@@ -97,13 +98,7 @@ def _check_vllm_settings(args) -> None:
     check_vllm_generation_kwargs(args.generation_kwargs, args.vllm_mode)
 
 
-def _arithmetic_key(thought: str):
-    from .tasks.arithmetic import thought_value
-
-    return thought_value(thought)
-
-
-_STATE_KEYS = {"text": str.strip, "arithmetic": _arithmetic_key}
+_STATE_KEYS = {"text": str.strip, "arithmetic": thought_value}  # config's state_key -> thought text to key
 
 # keywords the trainer itself passes to every reward function (besides the dataset's columns)
 _REWARD_KEYWORDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra"}
