@@ -6,6 +6,8 @@
                                                    # the critical-step testbed (hard * and / steps)
     python benchmarks/learning_speed.py --methods GRPO SRPO --seeds 12 --reuse A.json B.json --tag more
                                                    # earlier runs read back (same settings), the rest run
+    python benchmarks/learning_speed.py --methods GRPO RRPO SRPO GRPO-diff GRPO-state SRPO-diff --seeds 6 --tag credit
+                                                   # comparison-based credit (docs/credit.md) beside resets
 
 Every method trains the shipped testbed policy (benchmarks/testbed/) with the package's trainers,
 sampler and localizers: 8 rows per prompt, the same prompts in the same order each step, the same number
@@ -57,6 +59,13 @@ METHODS = {
     "SRPO-1x8": ("srpo", {"num_base_generations": 0, "num_reset_prefixes": 1, "num_reset_generations": 8}),
     "SRPO-clip": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
                            "clip_surrogate": True}),
+    # comparison-based credit (docs/credit.md), thoughts keyed by the value they compute
+    "GRPO-diff": ("srpo", {"num_base_generations": 8, "num_reset_prefixes": 0, "credit": "diff",
+                           "state_key": "arithmetic"}),
+    "GRPO-state": ("srpo", {"num_base_generations": 8, "num_reset_prefixes": 0, "credit": "state",
+                            "state_key": "arithmetic"}),
+    "SRPO-diff": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
+                           "credit": "diff", "state_key": "arithmetic"}),
 }
 BASELINE, HEADLINE_METHOD = "GRPO", "SRPO"
 # The options a run's result depends on: a run in a --reuse file counts for this invocation only if they match.
@@ -190,6 +199,7 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
     record["train_seconds"] = time.perf_counter() - start - eval_seconds[0]
     record["localization_parse_failure"] = _mean([e.get("resets/parse_failure_rate") for e in logs])
     record["fallback_rate"] = _mean([e.get("resets/fallback_rate") for e in logs])
+    record["shared_state_rate"] = _mean([e.get("credit/shared_state_rate") for e in logs])
     return record
 
 

@@ -135,3 +135,29 @@ def test_credit_signal_on_the_shipped_policy_accounts_for_every_failed_token():
             assert 0.0 <= parts[name]["mean_signal_per_token"] <= 1.0
     # the slipped step is where the policy was least sure: its tokens carry more signal than the clean prefix's
     assert parts["first_wrong"]["mean_signal_per_token"] > parts["prefix"]["mean_signal_per_token"]
+
+
+def test_the_exact_corrector_keeps_right_thoughts_and_replaces_wrong_ones():
+    from benchmarks.credit_signal import exact_correction
+    from trl_resets.tasks import make_arithmetic_dataset
+
+    row = make_arithmetic_dataset(1, num_steps=3, seed=0)[0]
+    right = row["solution_steps"]
+    value = int(right[0].split(" = ")[1])
+    wrong = [right[0], right[1].replace(str(value), str(value + 1), 1), "so 1 + 1 = 2"]
+    assert exact_correction(row, wrong) == [right[0], right[1], right[2]]
+    assert exact_correction(row, right[:2]) == right  # a chain that stopped early gets its missing step
+
+
+def test_credit_precision_shares_of_each_method_add_up():
+    from benchmarks.credit_signal import PARTS, measure_methods
+    from benchmarks.testbed import POLICY_DIR
+
+    results = measure_methods(str(POLICY_DIR), problems=4, seed=0, methods=("GRPO", "diff", "state"))
+    assert set(results) == {"GRPO", "diff", "state"}
+    for result in results.values():
+        assert result["failed_rows"] > 0
+        assert sum(result["negative_share"][p] for p in PARTS) == pytest.approx(1.0)
+    assert results["GRPO"]["positive_per_failed_row"] == 0.0  # uniform credit on a failed row is all negative
+    # diff moves each failed row's credit along it without inflating it: the same rows, the same total advantage
+    assert results["diff"]["failed_rows"] == results["GRPO"]["failed_rows"]

@@ -85,17 +85,19 @@ def _plain(row):
 
 
 def _base(n):
-    return TrainingRow(ids(n), 0, 0, rewards(n), reward(n), 1.0, 3, f"s{n}", logprobs(n))
+    return TrainingRow(ids(n), 0, 0, rewards(n), reward(n), 1.0, 3, f"s{n}", logprobs(n), list(SPANS))
 
 
 def _reset(seed, index, n, group):
     prefix = ids(seed)[: SPANS[index - 1][0]]
     lps = None if logprobs(n) is None else logprobs(seed)[: len(prefix)] + logprobs(n)
-    return TrainingRow(prefix + ids(n), len(prefix), group, rewards(n), reward(n), 1.0, index - 1 + 3, f"s{n}", lps)
+    spans = SPANS[: index - 1] + [(a + len(prefix), b + len(prefix)) for a, b in SPANS]  # the seed's, then the suffix's
+    return TrainingRow(prefix + ids(n), len(prefix), group, rewards(n), reward(n), 1.0, index - 1 + 3, f"s{n}", lps,
+                       spans)
 
 
 def _filler(n, group):
-    return TrainingRow(ids(n), 6, group, [math.nan, math.nan], math.nan, 0.0, 3, "", logprobs(n))
+    return TrainingRow(ids(n), 6, group, [math.nan, math.nan], math.nan, 0.0, 3, "", logprobs(n), list(SPANS))
 
 
 def test_every_row_and_record_of_a_batch():

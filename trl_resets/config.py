@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 from trl import GRPOConfig
 
+from .comparison import DEFAULT_REPAIR_TEMPLATE, Repairer
 from .localizers import DEFAULT_LOCALIZATION_TEMPLATE
 from .thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
 
@@ -55,6 +56,10 @@ def loss_option_class(name: str) -> str | None:
     if name in {f.name for f in fields(TrainingArguments)}:
         return "trainer"
     return None
+
+
+CREDIT_CHOICES = ("uniform", "diff", "state", "repair")
+STATE_KEYS = ("text", "arithmetic")
 
 
 def _grpo_default(name: str):
@@ -131,6 +136,33 @@ class ResetConfig(GRPOConfig):
         Programs of a batch that a [`~trl_resets.rewards.CodeReward`] runs at once. Set, every `CodeReward` among
         `reward_funcs` runs with this bound (the trainer uses a copy; the object passed in is unchanged); `None`
         keeps each reward's own `max_workers` (4 for `code_reward`).
+    > Comparison-based credit (see `trl_resets.comparison` and docs/credit.md)
+
+    credit (`str`, defaults to `"uniform"`):
+        How a row's advantage is spread over its tokens. `"uniform"`: every token of the row carries it (GRPO's and
+        the paper's credit). `"diff"`: onto the thoughts that no rollout of the group with another reward shares.
+        `"state"`: per thought, from a trie of the group's rollouts by thought key. `"repair"`: the policy writes a
+        minimal correction of each failed rollout beside a correct one of its group, and the failed rollout's credit
+        goes to the thoughts it edits (`"diff"` where the reply does not parse). Our own instantiation of IBPO's
+        description; its exact estimator is not public.
+    state_key (`str`, defaults to `"text"`):
+        The key thoughts are compared by. `"text"`: a thought's exact text. `"arithmetic"`: the value the thought
+        computes (`trl_resets.tasks.arithmetic.thought_value`). A `state_key=` callable (thought text -> hashable
+        key) passed to the trainer takes precedence.
+    shared_thought_weight (`float`, defaults to `0.0`):
+        With `"diff"` and `"repair"`: the weight, in [0, 1], of the thoughts a reference shares (or a correction
+        leaves unedited) against 1 for the others; a row's total credit stays GRPO's. 1 is uniform credit.
+    credit_groups (`str`, defaults to `"base"`):
+        The groups the estimator applies to: `"base"` (the base group; shared-prefix groups already localize by
+        construction and keep uniform credit) or `"all"` (every group). In GRPO mode (`num_reset_prefixes=0`) the
+        base group is every row.
+    repair_template (`str`, defaults to the package's compare-and-correct instruction):
+        Placeholders `{question}`, `{reference}` (the correct rollout as `Step 1: ...` lines), `{steps}` (the failed
+        one) and `{num_steps}`. The reply must list the corrected steps as `Step N: ...` lines.
+    repair_max_tokens (`int`, defaults to `256`):
+        Most tokens of one repair reply.
+    repair_temperature (`float`, defaults to `0.0`):
+        Sampling temperature of the repair reply; 0 decodes greedily.
 
     > Loss
 
@@ -194,6 +226,27 @@ class ResetConfig(GRPOConfig):
     code_max_workers: int | None = field(
         default=None, metadata={"help": "Programs a code reward runs at once (unset: the reward's own max_workers)."}
     )
+    credit: str = field(
+        default="uniform",
+        metadata={"help": "Per-token credit: 'uniform', 'diff', 'state' or 'repair'.",
+                  "choices": list(CREDIT_CHOICES)},
+    )
+    state_key: str = field(
+        default="text", metadata={"help": "Thought key: 'text' or 'arithmetic'.", "choices": list(STATE_KEYS)}
+    )
+    shared_thought_weight: float = field(
+        default=0.0, metadata={"help": "Weight in [0, 1] of shared (diff) or unedited (repair) thoughts."}
+    )
+    credit_groups: str = field(
+        default="base", metadata={"help": "Groups the credit estimator applies to: 'base' or 'all'.",
+                                  "choices": ["base", "all"]}
+    )
+    repair_template: str = field(
+        default=DEFAULT_REPAIR_TEMPLATE,
+        metadata={"help": "Repair prompt; placeholders {question}, {reference}, {steps}, {num_steps}."},
+    )
+    repair_max_tokens: int = field(default=256, metadata={"help": "Most tokens of a repair reply."})
+    repair_temperature: float = field(default=0.0, metadata={"help": "Temperature of the repair reply (0: greedy)."})
     clip_surrogate: bool = field(
         default=False, metadata={"help": "Clip the importance ratio as PPO does (same masks, same aggregation)."}
     )
@@ -240,6 +293,7 @@ class ResetConfig(GRPOConfig):
                 f"{self.num_generations}."
             )
         self._check_loss_options()
+        self._check_credit_options()
         if not self.use_vllm:
             self._check_generation_kwargs()
 
@@ -263,6 +317,28 @@ class ResetConfig(GRPOConfig):
                 f"generation_kwargs={{{key!r}: {value!r}}} cannot be honoured by the thought sampler: {why}. "
                 f"Remove {key!r} from generation_kwargs."
             )
+
+    def _check_credit_options(self):
+        """Comparison-based credit settings that cannot work fail here, each naming the fix."""
+        choices = {"credit": CREDIT_CHOICES, "state_key": STATE_KEYS, "credit_groups": ("base", "all")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
+        if not 0.0 <= self.shared_thought_weight <= 1.0:
+            raise ValueError(
+                f"shared_thought_weight={self.shared_thought_weight} is outside [0, 1]: it weighs shared thoughts "
+                "against 1 for the others (0: all credit on the differing thoughts, 1: uniform credit)."
+            )
+        if self.credit != "uniform" and self.credit_groups == "base" and self.num_base_generations == 0:
+            raise ValueError(
+                f"credit={self.credit!r} with credit_groups='base' and num_base_generations=0: there is no base "
+                "group to apply it to. Set credit_groups='all', or give the split a base group."
+            )
+        if self.repair_max_tokens < 1:
+            raise ValueError(f"repair_max_tokens={self.repair_max_tokens}: a repair reply needs at least 1 token.")
+        if self.repair_temperature < 0:
+            raise ValueError(f"repair_temperature={self.repair_temperature} is negative; use 0 (greedy) or more.")
+        Repairer(self.repair_template, self.repair_max_tokens)  # a broken template or budget fails now
 
     def _check_loss_options(self):
         """GRPOConfig options the reset loss cannot honour fail here, each naming the fix."""

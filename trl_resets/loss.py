@@ -73,7 +73,7 @@ def reset_pg_loss(
 
     Args:
         logps: (B, T) log-probabilities of the sampled tokens under the current policy.
-        advantages: (B,) one advantage per row.
+        advantages: (B,) one advantage per row, or (B, T) one per token (comparison-based credit).
         mask: (B, T) 1 on tokens that carry loss (suffix for reset rows), 0 elsewhere.
         old_logps: (B, T) log-probabilities under the policy that sampled the rows; None means on-policy
             (``logps`` detached).
@@ -91,7 +91,11 @@ def reset_pg_loss(
     mask = mask.to(logps.dtype)
     old = logps.detach() if old_logps is None else old_logps.to(logps.dtype)
     ratio = torch.exp(logps - old)
-    adv = advantages.to(logps.dtype).unsqueeze(-1)
+    adv = advantages.to(logps.dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)
+    elif adv.shape != logps.shape:
+        raise ValueError(f"per-token advantages {tuple(adv.shape)} and logps {tuple(logps.shape)} differ in shape.")
     if clip is None:
         policy = -adv * ratio
     else:

@@ -130,3 +130,40 @@ def completion_stats(lengths: Sequence[float], terminated: Sequence[bool]) -> di
         "completions/min_terminated_length": float(min(ended)),
         "completions/max_terminated_length": float(max(ended)),
     }
+
+
+CREDIT_RATIOS = ("shared_state_rate", "repair_parse_rate", "token_advantage_spread")
+CREDIT_TOTALS = ("tokens_repair",)
+CREDIT_PREFIX = "credit/"
+
+
+def credit_step_sums(
+    shared: int, thoughts: int, repairs_used: int, repairs: int, repair_tokens: int,
+    row_token_advantages: Sequence[Sequence[float]],
+) -> list[float]:
+    """This process's numerators, denominators and totals of the comparison-based credit metrics.
+
+    ``shared`` of ``thoughts``: the trained thoughts of the credited groups that some other rollout of the group
+    shares; ``repairs_used`` of ``repairs``: repair replies that parsed and edited something; ``repair_tokens``: the
+    replies' tokens; ``row_token_advantages``: each credited row's advantages on its trained tokens, whose spread
+    (population standard deviation, 0 for uniform credit) is averaged over rows.
+    """
+    spreads = [_pstdev(values) for values in row_token_advantages if values]
+    num = [float(shared), float(repairs_used), sum(spreads)]
+    den = [float(thoughts), float(repairs), float(len(spreads))]
+    return num + den + [float(repair_tokens)]
+
+
+def _pstdev(values: Sequence[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def finalize_credit(sums: Sequence[float]) -> dict[str, float]:
+    """Metric values from (possibly summed across processes) `credit_step_sums`; NaN where nothing was counted."""
+    n = len(CREDIT_RATIOS)
+    out = {CREDIT_PREFIX + key: sums[i] / sums[n + i] if sums[n + i] else math.nan
+           for i, key in enumerate(CREDIT_RATIOS)}
+    for i, key in enumerate(CREDIT_TOTALS):
+        out[CREDIT_PREFIX + key] = float(sums[2 * n + i])
+    return out

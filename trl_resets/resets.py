@@ -87,6 +87,7 @@ class TrainingRow:
     num_thoughts: int = 0
     stop_reason: str = ""
     logprobs: list[float] | None = None  # sampling logprob of each completion token, when the backend reports them
+    thought_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each thought, prefix's too
 
     @property
     def active_tokens(self) -> int:
@@ -152,6 +153,7 @@ def _row(scored: Scored, prefix_len: int, group: int, prefix_thoughts: int = 0) 
         num_thoughts=prefix_thoughts + scored.rollout.num_thoughts,
         stop_reason=scored.rollout.stop_reason,
         logprobs=None if scored.rollout.logprobs is None else list(scored.rollout.logprobs),
+        thought_spans=list(scored.rollout.thought_spans),
     )
 
 
@@ -164,7 +166,7 @@ def _filler_rows(pool: list[Scored], count: int, group: int, num_rewards: int) -
         lps = None if source.rollout.logprobs is None else list(source.rollout.logprobs)
         rows.append(
             TrainingRow(ids, len(ids), group, [math.nan] * num_rewards, math.nan, 0.0, source.rollout.num_thoughts,
-                        logprobs=lps)
+                        logprobs=lps, thought_spans=list(source.rollout.thought_spans))
         )
     return rows
 
@@ -277,7 +279,7 @@ class ResetAlgorithm:
             raise ValueError(f"localizer {localizer.name!r} answered {len(answers)} of {len(requests)} requests.")
 
         reset_contexts, reset_owners, reset_prefixes, reset_starts, reset_budgets = [], [], [], [], []
-        reset_prefix_lps = []
+        reset_prefix_lps, reset_prefix_spans = [], []
         for (i, _, seed), answer in zip(seeds, answers):
             index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rngs[i])
             results[i].resets.append(
@@ -289,6 +291,7 @@ class ResetAlgorithm:
             prefix_lps = None if seed_lps is None else list(seed_lps[: len(prefix)])
             for _ in range(split.per_prefix):
                 reset_prefix_lps.append(prefix_lps)
+                reset_prefix_spans.append(list(seed.rollout.thought_spans[: index - 1]))
                 reset_contexts.append(contexts[i] + prefix)
                 reset_owners.append(i)
                 reset_prefixes.append(prefix)
@@ -309,6 +312,8 @@ class ResetAlgorithm:
                     row = _row(scored[cursor], 0, group, record.reset_index - 1)
                     row.completion_ids = reset_prefixes[cursor] + row.completion_ids
                     row.prefix_len = prefix_len
+                    row.thought_spans = reset_prefix_spans[cursor] + [
+                        (start + prefix_len, end + prefix_len) for start, end in row.thought_spans]
                     if row.logprobs is not None and reset_prefix_lps[cursor] is not None:
                         row.logprobs = reset_prefix_lps[cursor] + row.logprobs
                     else:

@@ -37,6 +37,7 @@ from trl.trainer.grpo_trainer import logger as _trl_logger
 from . import checkpoints
 from . import metrics as reset_metrics
 from .advantages import group_advantages
+from .comparison import Repairer, Trajectory, batch_credit
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
 from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_loss
@@ -44,6 +45,7 @@ from .resets import PromptGroups, ResetAlgorithm, Split
 from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .sampling.vllm_backend import check_vllm_generation_kwargs
+from .tasks.arithmetic import thought_value
 from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
@@ -98,6 +100,8 @@ def _check_vllm_settings(args) -> None:
         )
     check_vllm_generation_kwargs(args.generation_kwargs, args.vllm_mode)
 
+
+_STATE_KEYS = {"text": str.strip, "arithmetic": thought_value}  # config's state_key -> thought text to key
 
 # keywords the trainer itself passes to every reward function (besides the dataset's columns)
 _REWARD_KEYWORDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra"}
@@ -197,6 +201,15 @@ def reward_values(name: str, out, count: int) -> list[float]:
     return values
 
 
+def _padded(values: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Per-token values as a (B, T) tensor shaped like the completion ids (0 on padding)."""
+    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    for b, row in enumerate(values):
+        width = min(len(row), like.size(1))
+        out[b, :width] = torch.tensor(row[:width], dtype=torch.float32)
+    return out
+
+
 def _stats_of_rows(rows, device) -> torch.Tensor:
     """(length, terminated, trained) per row: a rollout that ends at its final answer or at EOS has terminated."""
     return torch.tensor([[n, stop in (STOP_EOS, STOP_ANSWER), weight > 0] for n, stop, weight in rows],
@@ -262,6 +275,7 @@ class ResetTrainer(GRPOTrainer):
         eval_dataset=None,
         processing_class=None,
         localizer=None,
+        state_key=None,
         **kwargs,
     ):
         if args is None:
@@ -310,6 +324,11 @@ class ResetTrainer(GRPOTrainer):
             max_new_tokens=args.localization_max_tokens,
             temperature=args.localization_temperature,
         )
+        if state_key is not None and not callable(state_key):
+            raise TypeError(f"state_key must be a callable (thought text -> hashable key), got {type(state_key).__name__}.")
+        self.state_key = state_key or _STATE_KEYS[args.state_key]
+        self.repairer = (Repairer(args.repair_template, args.repair_max_tokens, args.repair_temperature)
+                         if args.credit == "repair" else None)
         self.reset_algorithm = ResetAlgorithm(
             split=self.split,
             fmt=self.thought_format,
@@ -520,19 +539,21 @@ class ResetTrainer(GRPOTrainer):
             rows = [firsts[u] for u in owners]
             return self._score([inputs[r] for r in rows], [prompts[r] for r in rows], completion_ids)
 
+        questions = [_question_text(prompts[i]) for i in firsts]
         with self._sampler() as sampler:
+            policy = _PolicyText(self, sampler, _is_conversational(prompts[0]))
             groups = self.reset_algorithm.run(
                 contexts=[prompt_ids[i] for i in firsts],
-                questions=[_question_text(prompts[i]) for i in firsts],
+                questions=questions,
                 sampler=sampler,
                 score=score,
                 localizer=_SystemMessages(self.localizer),
                 describe=self._describe,
-                policy=_PolicyText(self, sampler, _is_conversational(prompts[0])),
+                policy=policy,
                 rng=self._prompt_generators(len(firsts)),
                 rows=[inputs[i] for i in firsts],
             )
-        self._batch_state = self._summarize(groups)
+            self._batch_state = self._summarize(groups, questions, policy)
         rows = [row for g in groups for row in g.rows]
         self._row_stats = _stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],
                                      self.accelerator.device)
@@ -553,8 +574,9 @@ class ResetTrainer(GRPOTrainer):
         first = self.accelerator.process_index * num_prompts
         return [random.Random(f"trl-resets:{self.args.seed}:{generation}:{first + i}") for i in range(num_prompts)]
 
-    def _summarize(self, groups: list[PromptGroups]) -> dict:
-        """Rewards, per-group advantages and metric sums of this process's rows."""
+    def _summarize(self, groups: list[PromptGroups], questions: list[str], policy) -> dict:
+        """Rewards, per-group advantages (per token with comparison-based credit) and metric sums of this process's
+        rows."""
         device = self.accelerator.device
         groups_per_prompt = self.split.prefixes + 1
         rows = [(p, row) for p, g in enumerate(groups) for row in g.rows]
@@ -568,11 +590,39 @@ class ResetTrainer(GRPOTrainer):
                                        unscored=tuple(self._unscored))
         self.reset_history.append({"step": self.state.global_step + 1, "resets": [
             (r.reset_index, r.num_thoughts, r.localizer_failed) for g in groups for r in g.resets]})
-        return {
+        state = {
             "rewards_per_func": torch.tensor([row.rewards for _, row in rows], dtype=torch.float32, device=device),
             "advantages": advantages.to(device),
             "metric_sums": torch.tensor(sums, dtype=torch.float64, device=device),
         }
+        if self.args.credit != "uniform":
+            credit = self._token_credit(rows, group_ids.tolist(), advantages.tolist(), questions, policy)
+            state["token_advantages"] = credit.token_advantages
+            credited = [credit.token_advantages[i][rows[i][1].prefix_len:] for i in credit.credited_rows
+                        if rows[i][1].weight > 0]
+            credit_sums = reset_metrics.credit_step_sums(credit.shared, credit.thoughts, credit.repairs_used,
+                                                         credit.repairs, credit.repair_tokens, credited)
+            state["credit_sums"] = torch.tensor(credit_sums, dtype=torch.float64, device=device)
+        return state
+
+    def _token_credit(self, rows: list, group_ids: list[int], advantages: list[float], questions: list[str], policy):
+        """The comparison-based estimator on the base groups (or every group, ``credit_groups='all'``)."""
+        decode = self.processing_class.decode
+        texts = [[strip_delimiter(decode(row.completion_ids[a:b], skip_special_tokens=True), self.thought_format)
+                  for a, b in row.thought_spans] for _, row in rows]
+        trajectories = [Trajectory([self.state_key(t) for t in thought_texts], row.thought_spans,
+                                   len(row.completion_ids), row.reward if row.weight > 0 else math.nan, row.prefix_len)
+                        for (_, row), thought_texts in zip(rows, texts)]
+        members: dict[int, list[int]] = {}
+        for i, ((_, row), group) in enumerate(zip(rows, group_ids)):
+            if self.args.credit_groups == "all" or row.group == 0:
+                members.setdefault(group, []).append(i)
+        return batch_credit(
+            self.args.credit, trajectories, advantages, list(members.values()),
+            shared_thought_weight=self.args.shared_thought_weight, scale=self.args.scale_rewards != "none",
+            texts=texts, questions=[questions[p] for p, _ in rows], key=self.state_key, repairer=self.repairer,
+            policy=policy, success_threshold=self.args.success_threshold,
+        )
 
     # ------------------------------------------------------------------ rewards and advantages
     def _generate_and_score_completions(self, inputs):
@@ -585,6 +635,11 @@ class ResetTrainer(GRPOTrainer):
             output["num_loss_rows"] = self.accelerator.gather(live).sum()
         if state is not None:
             output["advantages"] = state["advantages"]
+            if "token_advantages" in state:
+                output["token_advantages"] = _padded(state["token_advantages"], output["completion_ids"])
+                sums = self.accelerator.reduce(state["credit_sums"], reduction="sum").tolist()
+                for name, value in reset_metrics.finalize_credit(sums).items():
+                    self._metrics["train"][name].append(value)
             trained = gather(state["advantages"]).tolist()  # the completions table shows the advantages trained
             for _ in trained:
                 self._logs["advantages"].pop()
@@ -650,7 +705,7 @@ class ResetTrainer(GRPOTrainer):
             )
         terms = reset_pg_loss(
             logps,
-            advantages,
+            inputs.get("token_advantages", advantages),
             mask,
             old_logps=old_logps,
             clip=(self.epsilon_low, self.epsilon_high) if self.args.clip_surrogate else None,

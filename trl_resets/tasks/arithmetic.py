@@ -365,3 +365,19 @@ def _first_wrong(correct: list[bool], final_correct: bool) -> int | None:
     if False in correct:
         return correct.index(False) + 1
     return None if final_correct else len(correct) + 1
+
+
+def thought_value(thought: str) -> tuple:
+    r"""A thought's state key for comparison-based credit: the value it computes.
+
+    ``("value", c)`` for the result ``c`` of the thought's last equation (``so 12 * 3 = 36`` and ``then 12 * 3 =
+    36`` both give 36: the wording around the arithmetic does not matter); ``("boxed", text)`` for a thought with
+    no equation but a ``\boxed{}``; otherwise ``("text", thought)`` with surrounding whitespace removed.
+    """
+    equations = parse_equations(thought)
+    if equations:
+        return ("value", equations[-1].result)
+    boxed = extract_boxed(thought)
+    if boxed is not None:
+        return ("boxed", boxed.strip())
+    return ("text", thought.strip())
