@@ -76,17 +76,26 @@ def main(out_dir, mode=None):
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "num_params": int(params.numel()),
     }
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+    write_report(trainer, out_dir, report)
+
+
+def write_report(trainer, out_dir, report) -> None:
+    """This rank's report as OUT/rank<r>.json, once every rank has finished; then the process group goes."""
+    with open(f"{out_dir}/rank{trainer.accelerator.process_index}.json", "w") as f:
         json.dump(report, f)
     trainer.accelerator.wait_for_everyone()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
-    # The report is written; skip interpreter teardown, where a background C++ thread of the CPU
-    # collectives occasionally aborts the process ("terminate called without an active exception").
+def exit_at_once() -> None:
+    """The report is written; skip interpreter teardown, where a background C++ thread of the CPU collectives
+    occasionally aborts the process ("terminate called without an active exception")."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    exit_at_once()

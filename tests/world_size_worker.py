@@ -1,17 +1,16 @@
 """Run by tests/test_world_size.py: one RRPO generation over a global batch of 4 prompts, on 1 process (run
 directly) or 2 (accelerate launch, CPU). Writes this process's prompts, reset choices, rows and advantages."""
 
-import json
 import os
 import sys
 
-import torch
 from datasets import Dataset
 
 from trl_resets import RRPOConfig, RRPOTrainer
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from tests.conftest import ScriptedLlama, make_char_tokenizer
+from tests.distributed_worker import exit_at_once, write_report
 
 GLOBAL_ROWS = 32  # 4 prompts x 8 rows (split 0 x 2 x 4)
 
@@ -47,7 +46,6 @@ def main(out_dir):
     trainer.model.train()
     trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # TRL shuffles its rows after this
     (output,) = generated
-    rank = trainer.accelerator.process_index
     report = {
         "num_processes": trainer.accelerator.num_processes,
         "prompts": seen,
@@ -56,15 +54,9 @@ def main(out_dir):
                            zip(output["completion_ids"], output["completion_mask"])],
         "advantages": output["advantages"].tolist(),
     }
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump(report, f)
-    trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    write_report(trainer, out_dir, report)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see distributed_worker.py: skip the teardown where gloo's thread may abort
+    exit_at_once()

@@ -29,31 +29,37 @@ def _pyplot():
     return plt
 
 
-def plot_rewards(log_entries: Sequence[Mapping], path: str | Path, title: str = "reward and pass rates") -> Path:
-    """Reward and base / shared-prefix pass rates against the step; a curve with no finite value is left out."""
+def _plot_curves(log_entries: Sequence[Mapping], curves, path: str | Path, title: str, empty: str) -> Path:
+    """One line per (key, label) of ``curves`` against the step (an entry without one counts by position); a curve
+    with no finite value is left out, and an empty plot says ``empty``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = 0
-    for key, label in CURVES:
+    for key, label in curves:
         points = [(e.get("step"), e.get(key)) for e in log_entries if finite_number(e.get(key))]
         if not points:
             continue
         steps = [s if s is not None else i + 1 for i, (s, _) in enumerate(points)]
         ax.plot(steps, [v for _, v in points], marker="o", label=label)
         drawn += 1
-    if not drawn:
-        ax.text(0.5, 0.5, "no training step logged", ha="center", va="center", transform=ax.transAxes)
+    if drawn:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title)
-    if drawn:
-        ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_rewards(log_entries: Sequence[Mapping], path: str | Path, title: str = "reward and pass rates") -> Path:
+    """Reward and base / shared-prefix pass rates against the step; a curve with no finite value is left out."""
+    return _plot_curves(log_entries, CURVES, path, title, "no training step logged")
 
 
 VALIDATION_CURVES = (
@@ -64,27 +70,7 @@ VALIDATION_CURVES = (
 
 def plot_validation(log_entries: Sequence[Mapping], path: str | Path, title: str = "validation") -> Path:
     """The held-out pass rate and mean reward against the step (the entries that ``ValidationCallback`` logged)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    drawn = 0
-    for key, label in VALIDATION_CURVES:
-        points = [(e.get("step", 0), e[key]) for e in log_entries if finite_number(e.get(key))]
-        if points:
-            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=label)
-            drawn += 1
-    if drawn:
-        ax.legend(loc="best", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no validation logged", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("step")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _plot_curves(log_entries, VALIDATION_CURVES, path, title, "no validation logged")
 
 
 def plot_reset_index(resets: Sequence[Mapping], path: str | Path, title: str = "reset index h*") -> Path:
