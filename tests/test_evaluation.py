@@ -137,6 +137,7 @@ def test_a_run_end_to_end_resumes_after_an_interruption(tmp_path, tiny_model_dir
 
     asked.clear()
     assert main(argv) == 0 and asked == []  # a finished run generates nothing
+    assert main(["rescore", str(out)]) == 0 and asked == [] and _records(out) == full
     with pytest.raises(ValueError, match="other settings .*num_items"):
         main([*argv, "--num-items", "1"])
 

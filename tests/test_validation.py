@@ -1,6 +1,8 @@
 """ValidationCallback: greedy held-out pass rate on the trainer's model, logged where every report_to logger
 sees it (inside a TRL trainer's step line, or through a plain Trainer's log)."""
 
+from types import SimpleNamespace
+
 import pytest
 from datasets import Dataset
 from transformers import Trainer, TrainerControl, TrainingArguments
@@ -69,3 +71,10 @@ def test_settings_it_cannot_honour_are_refused(tmp_path, char_tokenizer):
         ValidationCallback(trainer, _held_out(["1"]), boxed_answer_reward, every_steps=0)
     with pytest.raises(ValueError, match="'prompt' column"):
         ValidationCallback(trainer, Dataset.from_dict({"question": ["q"]}), boxed_answer_reward, every_steps=1)
+    zero3 = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(zero_stage=3))), args=trainer.args)
+    fsdp = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace()), is_fsdp_enabled=True,
+                           args=trainer.args)
+    for sharded in (zero3, fsdp):
+        with pytest.raises(ValueError, match="ZeRO-3 or FSDP"):
+            ValidationCallback(sharded, _held_out(["1"]), boxed_answer_reward, every_steps=1)
