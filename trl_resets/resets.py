@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .localizers import Localization, LocalizationRequest, Localizer, TextPolicy, resolve_reset_index
-from .sampling.base import ThoughtSampler
+from .sampling.base import DecodeRequest, ThoughtSampler
 from .thoughts import Rollout, ThoughtFormat
 
 BASE_GROUP = 0
@@ -103,6 +103,17 @@ class ResetRecord:
     localization_tokens: int = 0
     reply: str | None = None
     seed_tokens: int = 0  # the seed's length; its first h*-1 thoughts are the reset prefix
+
+
+@dataclass
+class SeedOutcome:
+    """One seed's reset: its record, the reset prefix (exact token ids) with their sampling logprobs, and the G2
+    suffixes sampled from the reset state, scored on prefix + suffix."""
+
+    record: ResetRecord
+    prefix: list[int]
+    prefix_logprobs: list[float] | None
+    suffixes: list[Scored] = field(default_factory=list)
 
 
 @dataclass
@@ -246,73 +257,87 @@ class ResetAlgorithm:
         rng = rng or random.Random(0)
         split = self.split
         draws = self.phase1(contexts, sampler, score)
-
-        results, seeds = [], []  # seeds: (prompt index, group number, Scored)
-        for i, drawn in enumerate(draws):
-            seed_idx, base_idx = choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], split)
-            base_rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
-            used = set(seed_idx) | set(base_idx)
-            unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
-            empty = sum(_is_incorrect(s, self.success_threshold) and not s.rollout.num_thoughts for s in drawn)
-            first = drawn[: split.base + split.prefixes]
-            passed = sum(s.reward >= self.success_threshold for s in first)  # NaN never passes
-            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty,
-                                        first_draws=len(first), first_draws_passed=passed))
-            seeds.extend((i, g + 1, drawn[j]) for g, j in enumerate(seed_idx))
-
+        seeds = [(i, drawn[j]) for i, drawn in enumerate(draws) for j in self.seeds_of(drawn)]
+        outcomes: list[list[SeedOutcome]] = [[] for _ in contexts]
         if split.is_grpo:
-            return results
-        requests = [
-            LocalizationRequest(questions[i], describe(s.rollout), None if rows is None else rows[i])
-            for i, _, s in seeds
-        ]
+            return [self.prompt_groups(drawn, []) for drawn in draws]
+        requests = [self.localization_request(questions[i], s, describe, None if rows is None else rows[i])
+                    for i, s in seeds]
         answers = localizer.locate(requests, policy, rng)
         if len(answers) != len(requests):
             raise ValueError(f"localizer {localizer.name!r} answered {len(answers)} of {len(requests)} requests.")
+        for (i, seed), answer in zip(seeds, answers):
+            outcomes[i].append(self.reset_of(seed, answer, rng))
+        suffix_requests = [request for i, outcome in ((i, o) for i, per in enumerate(outcomes) for o in per)
+                           for request in self.suffix_requests(contexts[i], outcome)]
+        suffixes = sampler.sample([r.context for r in suffix_requests], [r.start_thoughts for r in suffix_requests],
+                                  [r.token_budget for r in suffix_requests])
+        owners = [i for i, per in enumerate(outcomes) for o in per for _ in range(split.per_prefix)]
+        prefixes = [o.prefix for per in outcomes for o in per for _ in range(split.per_prefix)]
+        scored = iter(self._score(score, owners, suffixes, prefixes))
+        for per in outcomes:
+            for outcome in per:
+                outcome.suffixes = [next(scored) for _ in range(split.per_prefix)]
+        return [self.prompt_groups(drawn, per) for drawn, per in zip(draws, outcomes)]
 
-        reset_contexts, reset_owners, reset_prefixes, reset_starts, reset_budgets = [], [], [], [], []
-        reset_prefix_lps = []
-        for (i, _, seed), answer in zip(seeds, answers):
-            index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rng)
-            results[i].resets.append(
-                ResetRecord(seed.rollout.num_thoughts, index, failed, answer.tokens if answer else 0,
-                            answer.reply if answer else None, len(seed.rollout.token_ids))
-            )
-            prefix = reset_prefix(seed.rollout, index)
-            seed_lps = seed.rollout.logprobs
-            prefix_lps = None if seed_lps is None else list(seed_lps[: len(prefix)])
-            for _ in range(split.per_prefix):
-                reset_prefix_lps.append(prefix_lps)
-                reset_contexts.append(contexts[i] + prefix)
-                reset_owners.append(i)
-                reset_prefixes.append(prefix)
-                reset_starts.append(index - 1)
-                reset_budgets.append(self.fmt.max_completion_tokens - len(prefix))
+    # ------------------------------------------------------------------ the steps, shared with the scheduler
+    def seeds_of(self, drawn: list[Scored]) -> list[int]:
+        """The seeds' positions among a prompt's phase-1 draws (the first k seed candidates in sampling order)."""
+        return choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], self.split)[0]
 
-        suffixes = sampler.sample(reset_contexts, reset_starts, reset_budgets)
-        scored = self._score(score, reset_owners, suffixes, reset_prefixes)
-        cursor = 0
-        seeds_of = {}
-        for i, group, _ in seeds:
-            seeds_of.setdefault(i, []).append(group)
-        for i, result in enumerate(results):
-            groups = seeds_of.get(i, [])
-            for group, record in zip(groups, result.resets):
-                prefix_len = len(reset_prefixes[cursor])
-                for _ in range(split.per_prefix):
-                    row = _row(scored[cursor], 0, group, record.reset_index - 1)
-                    row.completion_ids = reset_prefixes[cursor] + row.completion_ids
-                    row.prefix_len = prefix_len
-                    if row.logprobs is not None and reset_prefix_lps[cursor] is not None:
-                        row.logprobs = reset_prefix_lps[cursor] + row.logprobs
-                    else:
-                        row.logprobs = None
-                    result.rows.append(row)
-                    cursor += 1
-            missing = split.prefixes - len(groups)
-            if missing:
-                result.fallbacks = missing
-                num_rewards = len(draws[i][0].rewards) if draws[i] else 0
-                for group in range(len(groups) + 1, split.prefixes + 1):
-                    result.rows.extend(_filler_rows(draws[i], split.per_prefix, group, num_rewards))
-        return results
+    def is_seed_candidate(self, scored: Scored) -> bool:
+        return _is_seed_candidate(scored, self.success_threshold)
+
+    @staticmethod
+    def localization_request(question: str, seed: Scored, describe, row=None) -> LocalizationRequest:
+        return LocalizationRequest(question, describe(seed.rollout), row)
+
+    def reset_of(self, seed: Scored, answer: Localization | None, rng: random.Random) -> SeedOutcome:
+        """The seed's reset: the localizer's index (a random one, counted, when the answer is unusable), its record,
+        and the reset prefix with its sampling logprobs."""
+        index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rng)
+        record = ResetRecord(seed.rollout.num_thoughts, index, failed, answer.tokens if answer else 0,
+                             answer.reply if answer else None, len(seed.rollout.token_ids))
+        prefix = reset_prefix(seed.rollout, index)
+        seed_lps = seed.rollout.logprobs
+        return SeedOutcome(record, prefix, None if seed_lps is None else list(seed_lps[: len(prefix)]))
+
+    def suffix_requests(self, context: list[int], outcome: SeedOutcome) -> list[DecodeRequest]:
+        """The G2 suffixes of one reset state (the prompt plus the reset prefix)."""
+        budget = self.fmt.max_completion_tokens - len(outcome.prefix)
+        return [DecodeRequest(context + outcome.prefix, outcome.record.reset_index - 1, budget)
+                for _ in range(self.split.per_prefix)]
+
+    def prompt_groups(self, drawn: list[Scored], outcomes: list[SeedOutcome]) -> PromptGroups:
+        """One prompt's rows from its phase-1 draws and its seeds' resets: the base group, then each seed's
+        shared-prefix group, then zero-weight filler groups for the seed slots left empty."""
+        split = self.split
+        seed_idx, base_idx = choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], split)
+        rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
+        used = set(seed_idx) | set(base_idx)
+        unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
+        empty = sum(_is_incorrect(s, self.success_threshold) and not s.rollout.num_thoughts for s in drawn)
+        first = drawn[: split.base + split.prefixes]
+        passed = sum(s.reward >= self.success_threshold for s in first)  # NaN never passes
+        result = PromptGroups(rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty,
+                              first_draws=len(first), first_draws_passed=passed)
+        if split.is_grpo:
+            return result
+        for group, outcome in enumerate(outcomes, start=1):
+            result.resets.append(outcome.record)
+            for suffix in outcome.suffixes:
+                row = _row(suffix, 0, group, outcome.record.reset_index - 1)
+                row.completion_ids = outcome.prefix + row.completion_ids
+                row.prefix_len = len(outcome.prefix)
+                if row.logprobs is not None and outcome.prefix_logprobs is not None:
+                    row.logprobs = outcome.prefix_logprobs + row.logprobs
+                else:
+                    row.logprobs = None
+                rows.append(row)
+        missing = split.prefixes - len(outcomes)
+        if missing:
+            result.fallbacks = missing
+            num_rewards = len(drawn[0].rewards) if drawn else 0
+            for group in range(len(outcomes) + 1, split.prefixes + 1):
+                rows.extend(_filler_rows(drawn, split.per_prefix, group, num_rewards))
+        return result
