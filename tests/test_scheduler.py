@@ -127,7 +127,7 @@ def _both(split, budget, salt, localizer, prompts=3, stream_seed=0):
     algo = ResetAlgorithm(split, ThoughtFormat(max_completion_tokens=64), seed_budget=budget)
     contexts = [[7, 7 + p] for p in range(prompts)]
     questions = [f"q{p}" for p in range(prompts)]
-    kwargs = dict(describe=lambda r: ["t"] * r.num_thoughts, policy=TextPolicy())
+    kwargs = {"describe": lambda r: ["t"] * r.num_thoughts, "policy": TextPolicy()}
     phased = algo.run(contexts, questions, Sampler(Policy(salt)), score, LOCALIZERS[localizer](),
                       rng=random.Random(0), **kwargs)
     stream = DelayedStream(Policy(salt), stream_seed)
