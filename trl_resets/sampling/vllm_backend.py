@@ -34,6 +34,7 @@ from collections.abc import Callable
 from trl.generation import vllm_generation
 
 from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
+from .base import PhasedStream
 
 # generation_kwargs entries the package sets itself (or that contradict its config), with the fix.
 _OWN_SETTINGS = {
@@ -309,6 +310,11 @@ class VLLMThoughtSampler:
         return completions, logprobs
 
     # ------------------------------------------------------------------ ThoughtSampler
+    def stream(self) -> PhasedStream:
+        """A `DecodingStream` whose steps are whole ``sample`` / ``complete`` calls (work found during one joins the
+        next)."""
+        return PhasedStream(self)
+
     def sample(self, contexts, start_thoughts=None, token_budgets=None) -> list[Rollout]:
         n = len(contexts)
         start_thoughts = start_thoughts or [0] * n
