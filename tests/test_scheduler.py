@@ -200,3 +200,37 @@ def test_a_localizer_that_needs_the_policy_in_a_batch_is_refused():
     with pytest.raises(ValueError, match="'batched' can be neither streamed"):
         run_overlapped(algo, [[7]], ["q"], PhasedStream(Sampler(Policy(0))), score, Batched(),
                        describe=lambda r: ["t"] * r.num_thoughts)
+
+
+def test_a_process_with_nothing_left_keeps_joining_collective_steps():
+    """Another process is still busy for 3 steps after this one is done: this one keeps calling its sampler (empty
+    calls, which a collective backend turns into dummy decodes); a stream of its own never waits for the others."""
+
+    class Recording(Sampler):
+        def __init__(self, policy):
+            super().__init__(policy)
+            self.calls = []
+
+        def sample(self, contexts, start_thoughts=None, token_budgets=None):
+            self.calls.append(len(contexts))
+            return super().sample(contexts)
+
+    others_busy = [True, True, True]
+    asked = []
+
+    def sync_any(flag):
+        asked.append(flag)
+        return flag or bool(others_busy and others_busy.pop())
+
+    algo = ResetAlgorithm(Split(4, 1, 4), ThoughtFormat(max_completion_tokens=64), seed_budget=4, sync_any=sync_any)
+    sampler = Recording(Policy(2))
+    alone = run_overlapped(algo, [[7, 7]], ["q"], PhasedStream(sampler), score, LOCALIZERS["callable"](),
+                           describe=lambda r: ["t"] * r.num_thoughts)
+    assert sampler.calls[-3:] == [0, 0, 0] and asked.count(False) == 4
+
+    own = DelayedStream(Policy(2), 0)
+    own.collective = False
+    asked.clear()
+    overlapped = run_overlapped(algo, [[7, 7]], ["q"], own, score, LOCALIZERS["callable"](),
+                                describe=lambda r: ["t"] * r.num_thoughts)
+    assert asked == [] and _plain(overlapped) == _plain(alone)

@@ -93,13 +93,19 @@ class _Run:
         for p in range(len(self.prompts)):
             self._draw(p, self.first)
         self._flush()
-        while self.algo.sync_any(self.stream.busy):
+        while self._busy():
             self._collect(self.stream.step())
             self._flush()
         for p, prompt in enumerate(self.prompts):
             if prompt.pending or any(o is None or None in o.suffixes for o in prompt.outcomes):
                 raise RuntimeError(f"the decoding stream went idle with prompt {p}'s work unfinished.")
         return [self.algo.prompt_groups(list(prompt.draws), list(prompt.outcomes)) for prompt in self.prompts]
+
+    def _busy(self) -> bool:
+        """Whether to step again: while this stream is busy, or, for a collective stream, while any process's is."""
+        if getattr(self.stream, "collective", True):
+            return self.algo.sync_any(self.stream.busy)
+        return self.stream.busy
 
     def _flush(self) -> None:
         if self.outbox:

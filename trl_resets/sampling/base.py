@@ -53,9 +53,12 @@ class DecodingStream(Protocol):
     ``submit`` queues requests and returns one handle each; ``step`` advances decoding by one step (a forward pass,
     or one request round of an engine) and returns ``(handle, result)`` for every request that finished, a
     `Rollout` for a rollout and the reply's token ids for a reply. ``busy`` says whether anything is queued or
-    decoding. A process with nothing to do still calls ``step`` while any process is busy (the caller syncs the
-    loop), so backends whose calls are collective stay in step.
+    decoding. ``collective`` says whether every process must make the same number of ``step`` calls (ZeRO-3
+    decoding, a vLLM server shared by the processes): the caller then keeps stepping, with nothing to do, while
+    any process is busy.
     """
+
+    collective: bool
 
     @property
     def busy(self) -> bool:
@@ -73,6 +76,8 @@ class PhasedStream:
     ``sample`` call (rollouts) and one ``complete`` call per reply setting, so work found during a call joins the
     next call rather than the running one. Every step makes the ``sample`` call and at least one ``complete`` call,
     empty ones included, so that samplers whose calls are collective (ZeRO-3, vLLM server mode) stay in step."""
+
+    collective = True  # its sampler's calls may be
 
     def __init__(self, sampler: ThoughtSampler):
         self.sampler = sampler

@@ -433,7 +433,12 @@ class _CompactStream:
     ones ``generate`` builds for its settings). A request whose processors keep per-row state, or whose context is
     empty, is decoded by ``generate`` instead (with a warning). Models whose cache layers are not plain
     ``DynamicLayer`` ones (sliding windows, ...) take new rows only between batches.
+
+    Its forward passes are the process's own (collective decoding uses `PhasedStream`), so processes need not
+    step together.
     """
+
+    collective = False
 
     def __init__(self, sampler: TransformersThoughtSampler):
         self.sampler, self.model = sampler, sampler.model
