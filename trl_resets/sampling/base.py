@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..thoughts import Rollout
+from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
 
 
 class ThoughtSampler(Protocol):
@@ -28,6 +28,24 @@ class ThoughtSampler(Protocol):
     def complete(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[list[int]]:
         """Free continuations (no thought structure), e.g. the localization reply."""
         ...
+
+
+class ThoughtDecoding:
+    """The set-up every backend shares: the tokenizer, the thought format, the tokens that end a rollout (the
+    tokenizer's EOS unless given), and one `ThoughtTracker` per rollout, which decides its stop from its token ids."""
+
+    def __init__(self, tokenizer, fmt: ThoughtFormat, eos_ids: list[int] | None = None):
+        self.tokenizer, self.fmt = tokenizer, fmt
+        if eos_ids is None:
+            eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.eos_ids = frozenset(eos_ids)
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _tracker(self, start_thoughts: int, token_budget: int) -> ThoughtTracker:
+        """A rollout's tracker: ``start_thoughts`` already in its context, at least one token to draw."""
+        return ThoughtTracker(self.fmt, self._decode, self.eos_ids, start_thoughts, max(token_budget, 1))
 
 
 @dataclass

@@ -20,6 +20,12 @@ ones ``generate`` builds for the same config, and the tokens are drawn the same 
 ``multinomial`` per step, or argmax), so until a row stops the draws equal ``generate``'s. Configs whose
 processors keep per-row state (repetition penalty, minimum lengths, ...) and prompt-learning adapters use
 ``generate``, with a warning.
+
+The decoding loop is a `DecodingStream` (`TransformersThoughtSampler.stream`): requests may join while others
+decode. Their contexts are prefilled together and their KV cache is merged into the running batch's, so the
+reset algorithm's localization replies and suffixes (`scheduler.run_overlapped`) decode in the same forward
+passes as the rollouts still running. ``sample`` and ``complete`` submit their rows at once and step the stream
+until it is done.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteria, Stopp
 from transformers.cache_utils import DynamicLayer
 from transformers.generation import logits_process as _lp
 
-from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
-from .base import DecodeRequest, PhasedStream
+from ..thoughts import Rollout, ThoughtFormat
+from .base import DecodeRequest, PhasedStream, ThoughtDecoding
 
 
 def _mergeable_lora_layers(model):
@@ -196,7 +202,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-class TransformersThoughtSampler:
+class TransformersThoughtSampler(ThoughtDecoding):
     """`ThoughtSampler` over a transformers causal LM.
 
     Args:
@@ -227,25 +233,16 @@ class TransformersThoughtSampler:
         share_prefill: bool = True,
         compact: bool = True,
     ):
+        super().__init__(tokenizer, fmt, eos_ids)
         self.model = model
-        self.tokenizer = tokenizer
-        self.fmt = fmt
         self.generation_config = generation_config or GenerationConfig(do_sample=True)
-        if eos_ids is None:
-            eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.eos_ids = frozenset(eos_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.batch_size = batch_size
         self.collective = collective
         self.share_prefill = share_prefill and not collective
         self.compact = compact and not collective
         self.generated_tokens = 0
-        self.prefill_tokens = 0  # context tokens encoded (after sharing), for benchmarks
-        self.row_steps = 0  # rows fed to the model over all decoding steps (after compaction), for benchmarks
         self.generate_calls = 0  # calls that went to `generate` although compact decoding was asked for
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _chunks(self, n: int):
         step = self.batch_size or max(n, 1)
@@ -263,7 +260,6 @@ class TransformersThoughtSampler:
         ``token``; no row goes past ``settings["max_new_tokens"]``."""
         criterion = _StopRows(stop, len(contexts))
         out = self._generate(contexts, self._config(settings), stopping_criteria=StoppingCriteriaList([criterion]))
-        self.row_steps += out.shape[0] * out.shape[1]
         return [tokens[:length] for tokens, length in zip(out.tolist(), criterion.lengths)]
 
     def _settings(self, request: DecodeRequest) -> dict:
@@ -349,8 +345,6 @@ class TransformersThoughtSampler:
             cache = self._shared_prefill(contexts, ids, mask) if self.share_prefill else None
             if cache is not None:
                 overrides[cache_kwarg(self.model)] = cache
-            else:
-                self.prefill_tokens += sum(len(c) for c in contexts)
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **overrides)
         return out[:, ids.shape[1]:]
 
@@ -370,7 +364,6 @@ class TransformersThoughtSampler:
         self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions, use_cache=True,
                    **{cache_kwarg(self.model): cache})
         cache.batch_select_indices(torch.tensor(rows, device=ids.device))
-        self.prefill_tokens += sum(len(contexts[i]) for i in leaders) + len(contexts)
         return cache
 
     def _dummy_call(self) -> None:
@@ -403,8 +396,7 @@ class _RowState:
         if request.is_reply:
             self.tracker, self.tokens, self.max_new = None, [], max(request.reply_tokens, 0)
         else:
-            self.tracker = ThoughtTracker(sampler.fmt, sampler._decode, sampler.eos_ids, request.start_thoughts,
-                                          max(request.token_budget, 1))
+            self.tracker = sampler._tracker(request.start_thoughts, request.token_budget)
             self.tokens, self.max_new = self.tracker.tokens, self.tracker.token_budget
 
     def push(self, token: int) -> bool:
@@ -475,7 +467,6 @@ class _CompactStream:
         finished = self._admit()
         if not self.rows:
             return finished
-        self.sampler.row_steps += len(self.rows)
         tokens = self._draw()
         keep = []
         for b, token in enumerate(tokens.tolist()):
@@ -561,7 +552,6 @@ class _CompactStream:
                          use_cache=True, **{self.cache_name: cache}, **self.extra)
         logits = out.logits[:, -1].to(dtype=torch.float32)
         del out
-        sampler.prefill_tokens += sum(len(contexts[i]) for i in leaders)
         if shared:
             select = torch.tensor(rows, device=device)
             cache.batch_select_indices(select)

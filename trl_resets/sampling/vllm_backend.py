@@ -34,7 +34,7 @@ from collections.abc import Callable
 from trl.generation import vllm_generation
 
 from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
-from .base import DecodeRequest
+from .base import DecodeRequest, ThoughtDecoding
 
 # generation_kwargs entries the package sets itself (or that contradict its config), with the fix.
 _OWN_SETTINGS = {
@@ -152,7 +152,7 @@ def length_error(rows: list[tuple[str, int, int]], limit: int | None, mode: str)
     return None
 
 
-class VLLMThoughtSampler:
+class VLLMThoughtSampler(ThoughtDecoding):
     """`ThoughtSampler` over TRL's ``VLLMGeneration`` (``use_vllm=True``, colocate or server).
 
     Args:
@@ -184,12 +184,8 @@ class VLLMThoughtSampler:
         if engine.mode not in ("colocate", "server"):
             raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {engine.mode!r}.")
         check_vllm_generation_kwargs(engine.generation_kwargs, engine.mode)
+        super().__init__(tokenizer, fmt, eos_ids)
         self.engine = engine
-        self.tokenizer = tokenizer
-        self.fmt = fmt
-        if eos_ids is None:
-            eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.eos_ids = frozenset(eos_ids)
         self.per_thought = per_thought
         self.sync_any = sync_any
         self.gather = gather or (lambda items: [items])
@@ -201,9 +197,6 @@ class VLLMThoughtSampler:
         self.rounds = 0
         self._max_model_len: int | None = None
         self._limit_known = False
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # ------------------------------------------------------------------ engine calls
     def _settings(self, max_tokens: int, temperature: float | None) -> dict:
@@ -321,10 +314,7 @@ class VLLMThoughtSampler:
         n = len(contexts)
         start_thoughts = start_thoughts or [0] * n
         token_budgets = token_budgets or [self.fmt.max_completion_tokens] * n
-        trackers = [
-            ThoughtTracker(self.fmt, self._decode, self.eos_ids, start_thoughts[i], max(token_budgets[i], 1))
-            for i in range(n)
-        ]
+        trackers = [self._tracker(start_thoughts[i], token_budgets[i]) for i in range(n)]
         # every request of a rollout fits when its context plus its whole budget does: fail before the first one
         self._check_lengths([len(c) for c in contexts], [t.token_budget for t in trackers], "rollout")
         logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -332,13 +322,7 @@ class VLLMThoughtSampler:
             self._sample_by_thought(contexts, trackers, logprobs)
         else:
             self._sample_one_pass(contexts, trackers, logprobs)
-        rollouts = []
-        for tracker, lps in zip(trackers, logprobs):
-            tracker.finish()
-            self.generated_tokens += len(tracker.tokens)
-            rollouts.append(Rollout(list(tracker.tokens), list(tracker.spans), tracker.stop_reason,
-                                    lps[: len(tracker.tokens)]))
-        return rollouts
+        return [self._rollout(tracker, lps) for tracker, lps in zip(trackers, logprobs)]
 
     def _feed(self, tracker: ThoughtTracker, lps: list[float], ids: list[int], new_lps: list[float]) -> None:
         for position, token in enumerate(ids):
@@ -389,9 +373,6 @@ class VLLMThoughtSampler:
             replies.append(row[:cut])
         self.generated_tokens += sum(len(r) for r in replies)
         return replies
-
-    def _tracker(self, start_thoughts: int, token_budget: int) -> ThoughtTracker:
-        return ThoughtTracker(self.fmt, self._decode, self.eos_ids, start_thoughts, max(token_budget, 1))
 
     def _rollout(self, tracker: ThoughtTracker, logprobs: list[float]) -> Rollout:
         tracker.finish()
