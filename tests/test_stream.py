@@ -138,3 +138,16 @@ def test_overlapped_srpo_decodes_replies_and_suffixes_in_the_rollouts_batch(char
     assert not any(g.resets[0].localizer_failed for g in groups)
     assert any(rollouts and replies for rollouts, replies in mixed)  # replies decoded beside rollouts
     assert steps <= phased_steps
+
+
+def test_a_row_cap_refills_the_batch_as_rows_finish(char_tokenizer):
+    tok = char_tokenizer
+    contexts = [tok(s, add_special_tokens=False)["input_ids"] for s in ("Q: 12+7?", "Q: 3*4, then 5?", "Q: 1?", "a")]
+    free = _sampler(tok, seed=1).sample(contexts)
+    capped = _sampler(tok, seed=1, batch_size=2)
+    shapes = []
+    hook = capped.model.model.embed_tokens.register_forward_hook(lambda m, a, out: shapes.append(a[0].shape))
+    rollouts = capped.sample(contexts)
+    hook.remove()
+    assert [r.token_ids for r in rollouts] == [r.token_ids for r in free]
+    assert max(shape[0] for shape in shapes) == 2 and sum(shape[1] > 1 for shape in shapes) >= 2

@@ -127,7 +127,8 @@ class RandomLocalizer:
 class SelfLocalizer:
     """SRPO: the current policy reads its failed chain and names the first wrong step as ``\\boxed{N}``.
 
-    All requests of a step go to the policy in one batched call.
+    Called through ``locate``, all requests go to the policy in one batched call; a scheduler that decodes the
+    replies among the rollouts (`scheduler.run_overlapped`) uses ``prompts`` and ``read`` instead.
     """
 
     name = "self"

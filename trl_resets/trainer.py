@@ -3,8 +3,9 @@
 Three hooks, everything else is TRL's:
 
 * generation goes through GRPOTrainer's ``rollout_func`` extension point: thought-level sampling
-  and Algorithm 2 (`resets.ResetAlgorithm`) build each prompt's rows; a reset row's completion is
-  prefix + suffix and its prefix is masked through ``env_mask`` (TRL's tool/env mask);
+  and Algorithm 2 (`resets.ResetAlgorithm`, scheduled without barriers by `scheduler.run_overlapped`) build
+  each prompt's rows; a reset row's completion is prefix + suffix and its prefix is masked through
+  ``env_mask`` (TRL's tool/env mask);
 * rewards are computed while generating (the seed search needs them), so ``_calculate_rewards``
   hands TRL the same numbers instead of calling the reward functions again, and the advantages
   TRL computed per prompt are replaced by per-group ones;
