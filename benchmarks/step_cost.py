@@ -105,6 +105,17 @@ class TimedLocalizer:
         return getattr(self.inner, name)
 
 
+def _counted(probe: Probe, results: list) -> list:
+    """Counts rollouts (and their tokens) and localization-reply tokens among ``results``; returns them."""
+    for result in results:
+        if hasattr(result, "token_ids"):
+            probe.add_tokens("rollout", len(result.token_ids))
+            probe.add_tokens("rollouts", 1)
+        else:
+            probe.add_tokens("localization", len(result))
+    return results
+
+
 class CountingStream:
     """A decoding stream that counts what comes back: rollout tokens and rollouts, localization-reply tokens, and
     the time spent in its steps. Everything else is the inner stream's."""
@@ -116,12 +127,7 @@ class CountingStream:
         start = self._probe.clock()
         done = self._inner.step()
         self._probe.add_time("sample", self._probe.clock() - start)
-        for _, result in done:
-            if hasattr(result, "token_ids"):
-                self._probe.add_tokens("rollout", len(result.token_ids))
-                self._probe.add_tokens("rollouts", 1)
-            else:
-                self._probe.add_tokens("localization", len(result))
+        _counted(self._probe, [result for _, result in done])
         return done
 
     def __getattr__(self, name):
@@ -412,6 +418,10 @@ def instrument(trainer, probe: Probe, phased: bool = False):
             hook = model.register_forward_hook(ForwardCounter(probe), with_kwargs=True)
             stream = sampler.stream
             sampler.stream = lambda: CountingStream(stream(), probe)
+            if phased:  # the phased run calls the sampler itself
+                sample, complete = sampler.sample, sampler.complete
+                sampler.sample = lambda *a, **k: _counted(probe, sample(*a, **k))
+                sampler.complete = lambda *a, **k: _counted(probe, complete(*a, **k))
             try:
                 yield sampler
             finally:
