@@ -14,7 +14,9 @@ An incorrect rollout with no thoughts at all (an empty completion) has no step t
 seed (it may still sit in the base group) and is counted in ``PromptGroups.empty_seeds``.
 
 Sampling, scoring and localizing are injected, so the algorithm runs the same under a trainer,
-a benchmark, or a scripted policy in a test.
+a benchmark, or a scripted policy in a test. `ResetAlgorithm.run` samples phase by phase (all phase-1 rollouts,
+then all localizations, then all suffixes); `scheduler.run_overlapped` builds the same groups from the same steps
+(`seeds_of`, `reset_of`, `suffix_requests`, `prompt_groups`) without waiting between phases.
 """
 
 from __future__ import annotations
