@@ -1,8 +1,10 @@
-"""Cost of one training step: GRPO, RRPO and SRPO at 8 rollouts per prompt, same prompts, same model.
+"""Cost of one training step: GRPO, RRPO and SRPO at 8 rollouts per prompt, same prompts, same model, side by side.
 
     python benchmarks/step_cost.py            # the main job's setting: embedded SmolLM2-135M-Instruct after
                                               # its format warm-up (cached; built if missing, untimed), the
                                               # main job's prompts, task and sampling, LoRA r64
+    python benchmarks/step_cost.py --paper-caps   # the shipped testbed policy (tiny) at the paper's caps
+                                              # (20 thoughts x 256 tokens, 4096 response tokens)
     python benchmarks/step_cost.py --quick    # the embedded model as shipped, one prompt, short rollouts,
                                               # one round, light warm-up (a smoke test)
     python benchmarks/step_cost.py --model path/to/model   # any model, the package's default prompts
@@ -12,17 +14,21 @@ thought sampler); RRPO and SRPO use the 4 + 1x4 split (G1=4 base rollouts, one s
 Everything is measured from outside the trainers:
 
 * a callback marks the step boundaries (``on_step_begin`` .. ``on_step_end``, optimizer step included);
-* the trainer's ``rollout_func`` is timed (all sampling, scoring of rollouts and localization);
-* the localizer is wrapped, so localization time is the time spent inside ``locate``;
-* the sampler is wrapped, so every token drawn is counted: phase-1 draws (base rows, seeds and unused
-  seed-search draws), reset suffixes, and localization replies.
+* the trainer's ``rollout_func`` is timed: generation (all sampling, scoring and localization);
+* the sampler's decoding stream is wrapped, so every token drawn is counted (rollouts: phase-1 draws, seeds,
+  unused seed-search draws and suffixes; and localization replies);
+* a forward hook on the sampling model counts the sequential forward passes of sampling (prefills and
+  decoding steps), the rows each decoding step computed, and the context tokens prefilled;
+* the localizer is wrapped, so the time spent inside ``locate`` is known (0 where SRPO's replies decode in
+  the stream).
 
-generation = rollout_func - localization; update = step - rollout_func (TRL's bookkeeping, log-probs, loss,
-backward, optimizer). Methods run in rotating order for several rounds (the machine is shared; timings are
-noisy) and the medians are reported, with ratios to GRPO next to the targets and the paper's figures.
-The last line printed is the headline: SRPO / GRPO wall-clock per step.
+update = step - rollout_func (TRL's bookkeeping, log-probs, loss, backward, optimizer). Methods run in
+rotating order for several rounds (the machine is shared; timings are noisy) and the medians are reported,
+with SRPO / GRPO ratios next to the targets and the paper's figures. The last line printed is the headline:
+SRPO / GRPO generation time and sequential decoding steps (forward passes of sampling).
 
-Writes benchmarks/results/step_cost.{json,md,png} (``--quick``: step_cost_quick.*).
+Writes benchmarks/results/step_cost.{json,md,png} (``--quick``: step_cost_quick.*, ``--paper-caps``:
+step_cost_paper_caps.*).
 """
 
 from __future__ import annotations
@@ -43,16 +49,18 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("GRPO", "RRPO", "SRPO")
-PARTS = ("generation", "localization", "update")
-TARGETS = {"wall_clock": 1.15, "tokens": 1.08}
+PHASED = "SRPO-phased"  # SRPO sampled phase by phase (the scheduler's reference path), with --with-phased
+PARTS = ("generation", "update")
+# SRPO over GRPO: at most (at least, for throughput) these.
+TARGETS = {"wall_clock": 1.05, "generation": 1.10, "gen_throughput": 0.90, "forward_passes": 1.10, "tokens": 1.08}
 # The paper's cost figures (OLMo-3-7B-Instruct on LiveCodeBench-Medium, 2x A100, Tables 7-8): SRPO over GRPO.
-PAPER_SRPO = {"wall_clock": 1.51, "tokens": 1.08, "gen_throughput": 557 / 833}
+PAPER_SRPO = {"wall_clock": 1.51, "generation": 1.61, "tokens": 1.08, "gen_throughput": 557 / 833}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ---------------------------------------------------------------------------------------------- probes
 class Probe:
-    """Seconds and token counts of one training step, filled by the wrappers below."""
+    """Seconds and counts of one training step, filled by the wrappers below."""
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
@@ -82,86 +90,104 @@ class Probe:
 
 
 class TimedLocalizer:
-    """A localizer that times its inner localizer's ``locate`` into ``probe.seconds['localization']``."""
+    """A localizer that times its inner localizer's ``locate`` into ``probe.seconds['localization']``; everything
+    else (a self-localizer's prompts and reading, which the scheduler uses to decode replies in the stream) is the
+    inner localizer's."""
 
     def __init__(self, inner, probe: Probe):
         self.inner, self.probe = inner, probe
         self.name = getattr(inner, "name", type(inner).__name__)
         self.locate = probe.timed("localization", inner.locate)
 
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
-class CountingSampler:
-    """A thought sampler that counts the tokens it draws and the time it spends, by use.
 
-    ``sample`` without ``start_thoughts`` is phase 1 (iid rollouts from the prompt: base rows, seeds and
-    unused seed-search draws); with them it continues reset prefixes (suffixes). ``complete`` is free text
-    (the self-localization reply). Anything else goes to the inner sampler.
-    """
+def _counted(probe: Probe, results: list) -> list:
+    """Counts rollouts (and their tokens) and localization-reply tokens among ``results``; returns them."""
+    for result in results:
+        if hasattr(result, "token_ids"):
+            probe.add_tokens("rollout", len(result.token_ids))
+            probe.add_tokens("rollouts", 1)
+        else:
+            probe.add_tokens("localization", len(result))
+    return results
+
+
+class CountingStream:
+    """A decoding stream that counts what comes back: rollout tokens and rollouts, localization-reply tokens, and
+    the time spent in its steps. Everything else is the inner stream's."""
 
     def __init__(self, inner, probe: Probe):
         self._inner, self._probe = inner, probe
 
-    def sample(self, contexts, start_thoughts=None, token_budgets=None):
-        key = "phase1" if start_thoughts is None else "suffix"
-        start, encoded = self._probe.clock(), getattr(self._inner, "prefill_tokens", 0)
-        computed = getattr(self._inner, "row_steps", 0)
-        rollouts = self._inner.sample(contexts, start_thoughts, token_budgets)
-        self._probe.add_time(f"sample_{key}", self._probe.clock() - start)
-        self._probe.add_tokens("prefill", getattr(self._inner, "prefill_tokens", 0) - encoded)
-        self._probe.add_tokens("row_steps", getattr(self._inner, "row_steps", 0) - computed)
-        self._probe.add_tokens(key, sum(len(r.token_ids) for r in rollouts))
-        self._probe.add_tokens(f"{key}_rollouts", len(rollouts))
-        return rollouts
-
-    def complete(self, prompts, max_new_tokens, temperature):
+    def step(self):
         start = self._probe.clock()
-        replies = self._inner.complete(prompts, max_new_tokens, temperature)
-        self._probe.add_time("sample_localization", self._probe.clock() - start)
-        self._probe.add_tokens("localization", sum(len(r) for r in replies))
-        return replies
+        done = self._inner.step()
+        self._probe.add_time("sample", self._probe.clock() - start)
+        _counted(self._probe, [result for _, result in done])
+        return done
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
 
+class ForwardCounter:
+    """A forward hook (with keyword arguments) on the causal LM that samples: counts every forward pass, the
+    decoding steps among them (one new token per row) with their rows, and the context tokens prefilled."""
+
+    def __init__(self, probe: Probe):
+        self.probe = probe
+
+    def __call__(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.probe.add_tokens("forward_passes", 1)
+        if ids.shape[1] == 1:
+            self.probe.add_tokens("decode_steps", 1)
+            self.probe.add_tokens("row_steps", ids.shape[0])
+        else:
+            mask = kwargs.get("attention_mask")
+            self.probe.add_tokens("prefill", int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel())
+
+
 def step_parts(seconds: dict[str, float]) -> dict[str, float]:
-    """The step's wall-clock split: generation (rollout_func without localization), localization, update."""
+    """The step's wall-clock split: generation (the whole rollout_func: sampling, scoring, localization), the
+    time inside a localizer's ``locate`` (part of generation; 0 when the replies decode among the rollouts), and
+    the update (the rest of the step)."""
     step, rollout = seconds["step"], seconds.get("rollout", 0.0)
-    localization = seconds.get("localization", 0.0)
-    return {
-        "generation": rollout - localization,
-        "localization": localization,
-        "update": step - rollout,
-        "step": step,
-    }
+    return {"generation": rollout, "localization": seconds.get("localization", 0.0), "update": step - rollout,
+            "step": step}
 
 
-def step_record(probe: Probe, prompts: int) -> dict:
-    """One measured step as plain numbers: the split, token counts per prompt group, sampling throughput."""
+def step_record(probe: Probe, prompts: int, generations: int = 1) -> dict:
+    """One measured run as plain numbers: the split, tokens per prompt group, generation throughput (every token
+    generated, localization replies included, per second of generation), and per generation the sequential
+    forward passes of sampling (``generations``: how many rollout_func calls the run made)."""
     parts = step_parts(probe.seconds)
-    rollout_tokens = probe.tokens.get("phase1", 0) + probe.tokens.get("suffix", 0)
-    sample_seconds = probe.seconds.get("sample_phase1", 0.0) + probe.seconds.get("sample_suffix", 0.0)
+    rollout_tokens, localization = probe.tokens.get("rollout", 0), probe.tokens.get("localization", 0)
+    generation = parts["generation"]
     return {
         **parts,
         "tokens_per_group": rollout_tokens / prompts,
-        "phase1_tokens_per_group": probe.tokens.get("phase1", 0) / prompts,
-        "suffix_tokens_per_group": probe.tokens.get("suffix", 0) / prompts,
-        "localization_tokens_per_group": probe.tokens.get("localization", 0) / prompts,
-        "total_tokens_per_group": (rollout_tokens + probe.tokens.get("localization", 0)) / prompts,
-        "phase1_rollouts_per_group": probe.tokens.get("phase1_rollouts", 0) / prompts,
+        "localization_tokens_per_group": localization / prompts,
+        "total_tokens_per_group": (rollout_tokens + localization) / prompts,
+        "rollouts_per_group": probe.tokens.get("rollouts", 0) / prompts,
         "prefill_tokens_per_group": probe.tokens.get("prefill", 0) / prompts,  # context tokens encoded
-        # rows the model computed over all rollout decoding steps (finished rows included when not compacted)
-        "row_steps_per_group": probe.tokens.get("row_steps", 0) / prompts,
-        "gen_tokens_per_s": rollout_tokens / sample_seconds if sample_seconds > 0 else float("nan"),
+        "row_steps_per_group": probe.tokens.get("row_steps", 0) / prompts,  # rows computed over decoding steps
+        "forward_passes": probe.tokens.get("forward_passes", 0) / generations,
+        "decode_steps": probe.tokens.get("decode_steps", 0) / generations,
+        "gen_tokens_per_s": (rollout_tokens + localization) / generation if generation > 0 else float("nan"),
         "seconds": dict(probe.seconds),
     }
 
 
 # ---------------------------------------------------------------------------------------------- summary
 NUMBERS = (
-    "step", "generation", "localization", "update", "tokens_per_group", "phase1_tokens_per_group",
-    "suffix_tokens_per_group", "localization_tokens_per_group", "total_tokens_per_group",
-    "phase1_rollouts_per_group", "prefill_tokens_per_group", "row_steps_per_group", "gen_tokens_per_s",
+    "step", "generation", "localization", "update", "tokens_per_group", "localization_tokens_per_group",
+    "total_tokens_per_group", "rollouts_per_group", "prefill_tokens_per_group", "row_steps_per_group",
+    "forward_passes", "decode_steps", "gen_tokens_per_s",
 )
 
 
@@ -177,45 +203,43 @@ def ratio(value: float, base: float) -> float:
 
 
 def ratios_to(summary: dict[str, dict[str, float]], base: str = "GRPO") -> dict[str, dict[str, float]]:
-    """Each method over ``base``: wall-clock per step, generation time, rollout tokens, tokens with
-    localization, and generation throughput (tokens per second of sampling)."""
+    """Each method over ``base``: wall-clock per step, generation time, rollout tokens, tokens with localization,
+    generation throughput, sequential forward passes and rows x decoding steps."""
     ref = summary[base]
-    return {
-        m: {
-            "wall_clock": ratio(s["step"], ref["step"]),
-            "generation": ratio(s["generation"], ref["generation"]),
-            "tokens": ratio(s["tokens_per_group"], ref["tokens_per_group"]),
-            "tokens_with_localization": ratio(s["total_tokens_per_group"], ref["total_tokens_per_group"]),
-            "gen_throughput": ratio(s["gen_tokens_per_s"], ref["gen_tokens_per_s"]),
-        }
-        for m, s in summary.items()
-    }
+    keys = {"wall_clock": "step", "generation": "generation", "tokens": "tokens_per_group",
+            "tokens_with_localization": "total_tokens_per_group", "gen_throughput": "gen_tokens_per_s",
+            "forward_passes": "forward_passes", "decode_steps": "decode_steps", "row_steps": "row_steps_per_group"}
+    return {m: {name: ratio(s[key], ref[key]) for name, key in keys.items()} for m, s in summary.items()}
 
 
 def verdicts(srpo: dict[str, float]) -> dict[str, bool]:
-    """SRPO's ratios against the targets (tokens judged with the localization replies included)."""
+    """SRPO's ratios against the targets (throughput: at least; tokens judged with the localization replies)."""
     return {
         "wall_clock": srpo["wall_clock"] <= TARGETS["wall_clock"],
+        "generation": srpo["generation"] <= TARGETS["generation"],
+        "gen_throughput": srpo["gen_throughput"] >= TARGETS["gen_throughput"],
+        "forward_passes": srpo["forward_passes"] <= TARGETS["forward_passes"],
         "tokens": srpo["tokens_with_localization"] <= TARGETS["tokens"],
     }
 
 
 def render_table(summary, ratios) -> str:
     head = (
-        "| method | step s | generation s | localization s | update s | tokens/group | of which suffix "
-        "| localization tokens/group | gen tok/s | wall-clock vs GRPO | tokens vs GRPO (with loc.) "
-        "| gen tok/s vs GRPO | context tokens encoded/group | rows x decoding steps/group |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| method | step s | generation s | update s | tokens/group (with loc.) | gen tok/s "
+        "| sequential forward passes / generation (decoding steps) | rows x decoding steps/group "
+        "| context tokens encoded/group | wall-clock vs GRPO | generation vs GRPO | gen tok/s vs GRPO "
+        "| forward passes vs GRPO |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for m, s in summary.items():
         r = ratios[m]
         lines.append(
-            f"| {m} | {s['step']:.1f} | {s['generation']:.1f} | {s['localization']:.2f} | {s['update']:.1f} "
-            f"| {s['tokens_per_group']:.0f} | {s['suffix_tokens_per_group']:.0f} "
-            f"| {s['localization_tokens_per_group']:.0f} | {s['gen_tokens_per_s']:.1f} | {r['wall_clock']:.2f}x "
-            f"| {r['tokens']:.2f}x ({r['tokens_with_localization']:.2f}x) | {r['gen_throughput']:.2f}x "
-            f"| {s['prefill_tokens_per_group']:.0f} | {s.get('row_steps_per_group', float('nan')):.0f} |"
+            f"| {m} | {s['step']:.1f} | {s['generation']:.1f} | {s['update']:.1f} "
+            f"| {s['tokens_per_group']:.0f} ({s['total_tokens_per_group']:.0f}) | {s['gen_tokens_per_s']:.1f} "
+            f"| {s['forward_passes']:.0f} ({s['decode_steps']:.0f}) | {s['row_steps_per_group']:.0f} "
+            f"| {s['prefill_tokens_per_group']:.0f} | {r['wall_clock']:.2f}x | {r['generation']:.2f}x "
+            f"| {r['gen_throughput']:.2f}x | {r['forward_passes']:.2f}x |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -224,34 +248,39 @@ def render_targets(ratios) -> str:
     s = ratios["SRPO"]
     ok = verdicts(s)
     mark = {True: "met", False: "missed"}
-    return (
-        "| SRPO / GRPO | measured | target | paper (OLMo-3-7B, 2x A100) |\n|---|---|---|---|\n"
-        f"| wall-clock per step | {s['wall_clock']:.2f}x | <= {TARGETS['wall_clock']:.2f}x ({mark[ok['wall_clock']]}) "
-        f"| {PAPER_SRPO['wall_clock']:.2f}x |\n"
-        f"| generated tokens (with localization) | {s['tokens']:.2f}x ({s['tokens_with_localization']:.2f}x) "
-        f"| <= {TARGETS['tokens']:.2f}x ({mark[ok['tokens']]}) | {PAPER_SRPO['tokens']:.2f}x (without) |\n"
-        f"| generation throughput (tokens/s) | {s['gen_throughput']:.2f}x | - | {PAPER_SRPO['gen_throughput']:.2f}x |\n"
-    )
+    rows = [
+        ("wall-clock per step", "wall_clock", f"{s['wall_clock']:.2f}x", "<=", f"{PAPER_SRPO['wall_clock']:.2f}x"),
+        ("generation time", "generation", f"{s['generation']:.2f}x", "<=", f"{PAPER_SRPO['generation']:.2f}x"),
+        ("generation throughput (tokens/s)", "gen_throughput", f"{s['gen_throughput']:.2f}x", ">=",
+         f"{PAPER_SRPO['gen_throughput']:.2f}x"),
+        ("sequential forward passes of sampling (rows x decoding steps)", "forward_passes",
+         f"{s['forward_passes']:.2f}x ({s['row_steps']:.2f}x)", "<=", "-"),
+        ("generated tokens (with localization)", "tokens",
+         f"{s['tokens']:.2f}x ({s['tokens_with_localization']:.2f}x)", "<=", f"{PAPER_SRPO['tokens']:.2f}x (without)"),
+    ]
+    return "| SRPO / GRPO | measured | target | paper (OLMo-3-7B, 2x A100) |\n|---|---|---|---|\n" + "".join(
+        f"| {label} | {value} | {sign} {TARGETS[key]:.2f}x ({mark[ok[key]]}) | {paper} |\n"
+        for label, key, value, sign, paper in rows)
 
 
 def render_mean_line(runs) -> str:
     """The same ratios from means over the rounds (a second estimator; with few rounds the two can differ)."""
     r = ratios_to(summarize(runs, statistics.fmean))["SRPO"]
     return (f"With means over the rounds instead of medians, SRPO / GRPO: wall-clock {r['wall_clock']:.2f}x, "
-            f"tokens {r['tokens']:.2f}x ({r['tokens_with_localization']:.2f}x with localization), generation "
-            f"throughput {r['gen_throughput']:.2f}x.\n")
+            f"generation {r['generation']:.2f}x, tokens {r['tokens']:.2f}x ({r['tokens_with_localization']:.2f}x "
+            f"with localization), generation throughput {r['gen_throughput']:.2f}x.\n")
 
 
 def pooled_update_ratios(runs) -> dict[str, float]:
-    """Step wall-clock over GRPO's with the update pooled: each method's median generation + localization plus
-    one update time, the median over every method's rounds.
+    """Step wall-clock over GRPO's with the update pooled: each method's median generation (localization
+    included) plus one update time, the median over every method's rounds.
 
     The update (log-probs, backward, optimizer over 8 rows per prompt of about the same length) is the same
     computation for every method, so differences between the methods' update medians are the machine's load,
     not the method; pooling removes that noise from the ratio.
     """
     update = statistics.median(r["update"] for records in runs.values() for r in records)
-    steps = {m: statistics.median(r["generation"] + r["localization"] for r in records) + update
+    steps = {m: statistics.median(r["generation"] for r in records) + update
              for m, records in runs.items() if records}
     return {m: ratio(step, steps["GRPO"]) for m, step in steps.items()}
 
@@ -264,8 +293,10 @@ def render_pooled_line(runs) -> str:
 
 
 def headline(ratios) -> str:
-    return (f"SRPO/GRPO wall-clock per step: {ratios['SRPO']['wall_clock']:.2f}x "
-            f"(target <= {TARGETS['wall_clock']:.2f}x, paper {PAPER_SRPO['wall_clock']:.2f}x)")
+    """The last line printed: SRPO / GRPO generation time and sequential forward passes of sampling."""
+    r = ratios["SRPO"]
+    return (f"SRPO/GRPO generation time {r['generation']:.2f}x (target <= {TARGETS['generation']:.2f}x), "
+            f"sequential decoding steps {r['forward_passes']:.2f}x (target <= {TARGETS['forward_passes']:.2f}x)")
 
 
 def _stacked_bars(ax, methods: list[str], series: dict, labels: list[str]) -> list[float]:
@@ -286,30 +317,30 @@ def plot(summary, ratios, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     methods = list(summary)
-    colors = {"generation": "#4c72b0", "localization": "#dd8452", "update": "#55a868"}
+    colors = {"generation": "#4c72b0", "update": "#55a868"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 5.2), gridspec_kw={"width_ratios": [3, 2]})
     bottom = _stacked_bars(
         ax, methods, {part: ([max(summary[m][part], 0.0) for m in methods], colors[part]) for part in PARTS},
-        [f"{summary[m]['step']:.1f} s\n{ratios[m]['wall_clock']:.2f}x" for m in methods],
+        [f"{summary[m]['step']:.1f} s\n{ratios[m]['wall_clock']:.2f}x\ngen {ratios[m]['generation']:.2f}x"
+         for m in methods],
     )
     ax.axhline(summary["GRPO"]["step"] * TARGETS["wall_clock"], color="grey", ls="--", lw=1,
                label=f"target {TARGETS['wall_clock']}x GRPO")
     ax.set_ylabel("seconds per training step (median)")
-    ax.set_ylim(0, max(bottom) * 1.25)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=8, frameon=False)
+    ax.set_ylim(0, max(bottom) * 1.35)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8, frameon=False)
     ax.set_title("wall-clock split")
-    tokens = {
-        "phase 1": ([summary[m]["phase1_tokens_per_group"] for m in methods], "#4c72b0"),
-        "suffixes": ([summary[m]["suffix_tokens_per_group"] for m in methods], "#8172b3"),
-        "localization": ([summary[m]["localization_tokens_per_group"] for m in methods], "#dd8452"),
+    passes = {
+        "decoding steps": ([summary[m]["decode_steps"] for m in methods], "#4c72b0"),
+        "prefills": ([summary[m]["forward_passes"] - summary[m]["decode_steps"] for m in methods], "#dd8452"),
     }
-    bottom = _stacked_bars(ax2, methods, tokens, [f"{ratios[m]['tokens_with_localization']:.2f}x" for m in methods])
-    ax2.axhline(summary["GRPO"]["total_tokens_per_group"] * TARGETS["tokens"], color="grey", ls="--", lw=1,
-                label=f"target {TARGETS['tokens']}x")
-    ax2.set_ylabel("generated tokens per prompt group (median)")
+    bottom = _stacked_bars(ax2, methods, passes, [f"{ratios[m]['forward_passes']:.2f}x" for m in methods])
+    ax2.axhline(summary["GRPO"]["forward_passes"] * TARGETS["forward_passes"], color="grey", ls="--", lw=1,
+                label=f"target {TARGETS['forward_passes']}x")
+    ax2.set_ylabel("sequential forward passes per generation (median)")
     ax2.set_ylim(0, max(bottom) * 1.2)
-    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8, frameon=False)
-    ax2.set_title("tokens")
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8, frameon=False)
+    ax2.set_title("forward passes of sampling")
     fig.suptitle(title.replace("; ", "\n"), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -324,6 +355,8 @@ def build_trainer(method: str, model: str, dataset, settings: dict, lora_r: int,
     from trl_resets import RRPOConfig, RRPOTrainer, SRPOConfig, SRPOTrainer
     from trl_resets.rewards import boxed_answer_reward
 
+    if method == PHASED:
+        method = "SRPO"
     if method == "GRPO":
         config_cls, trainer_cls, split = SRPOConfig, SRPOTrainer, {"num_base_generations": 8, "num_reset_prefixes": 0}
     elif method == "RRPO":
@@ -343,8 +376,16 @@ def build_trainer(method: str, model: str, dataset, settings: dict, lora_r: int,
     return trainer
 
 
-def instrument(trainer, probe: Probe):
-    """Attaches the probes to a trainer instance (nothing in the trainer's code changes)."""
+class _BatchOnly:
+    """A localizer seen only through ``locate``: the trainer then samples phase by phase (`ResetAlgorithm.run`)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.locate = inner, inner.name, inner.locate
+
+
+def instrument(trainer, probe: Probe, phased: bool = False):
+    """Attaches the probes to a trainer instance (nothing in the trainer's code changes); ``phased``: hide the
+    localizer's streaming interface, so SRPO samples phase by phase."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
@@ -366,12 +407,25 @@ def instrument(trainer, probe: Probe):
     trainer.add_callback(clock)
     trainer.rollout_func = probe.timed("rollout", trainer.rollout_func)
     trainer.localizer = TimedLocalizer(trainer.localizer, probe)
+    if phased:
+        trainer.localizer = _BatchOnly(trainer.localizer)
     original_sampler = trainer._sampler
 
     @contextmanager
     def counted_sampler():
         with original_sampler() as sampler:
-            yield CountingSampler(sampler, probe)
+            model = sampler.model.get_base_model() if hasattr(sampler.model, "get_base_model") else sampler.model
+            hook = model.register_forward_hook(ForwardCounter(probe), with_kwargs=True)
+            stream = sampler.stream
+            sampler.stream = lambda: CountingStream(stream(), probe)
+            if phased:  # the phased run calls the sampler itself
+                sample, complete = sampler.sample, sampler.complete
+                sampler.sample = lambda *a, **k: _counted(probe, sample(*a, **k))
+                sampler.complete = lambda *a, **k: _counted(probe, complete(*a, **k))
+            try:
+                yield sampler
+            finally:
+                hook.remove()
 
     trainer._sampler = counted_sampler
     return clock
@@ -409,16 +463,13 @@ def measure(method, model, dataset, settings, lora_r, prompts, output_dir) -> di
 
     probe = Probe()
     trainer = build_trainer(method, model, dataset, settings, lora_r, output_dir)
-    clock = instrument(trainer, probe)
+    clock = instrument(trainer, probe, phased=method == PHASED)
     trainer.train()
     steps = trainer.state.global_step
-    record = step_record(probe, prompts * steps)
+    record = step_record(probe, prompts * steps, generations=probe.calls.get("rollout", 0) or 1)
     for key in ("step", "generation", "localization", "update"):
         record[key] /= steps
     record["trainer_logged"] = logged_metrics(clock.logs, prompts * steps)
-    if record["trainer_logged"]:  # phase-1 tokens the trainer's metrics leave out: the seeds themselves
-        logged_phase1 = record["trainer_logged"]["resets/tokens_base"] + record["trainer_logged"]["resets/tokens_unused"]
-        record["seed_tokens_per_group"] = record["phase1_tokens_per_group"] - logged_phase1
     record["steps"] = steps
     del trainer
     gc.collect()
@@ -444,10 +495,16 @@ def write_outputs(result: dict, name: str, write_json: bool = True) -> None:
     (RESULTS / f"{name}.md").write_text(
         f"# Step cost: GRPO, RRPO, SRPO\n\n{result['setup']}.\n\n{render_table(summary, ratios)}\n"
         f"{render_targets(ratios)}\n{render_mean_line(result['runs'])}\n{render_pooled_line(result['runs'])}\n"
-        "generation = rollout_func minus localization (sampling and scoring); update = the rest of the step "
-        "(log-probs, loss, backward, optimizer). Tokens per group: phase-1 draws (base rows, seeds, unused "
-        "seed-search draws) plus suffixes; localization replies are counted apart. Medians per column (the "
-        "medians of the parts need not add up to the median total).\n\n"
+        "generation = the whole rollout_func (sampling, scoring, localization: SRPO's localization replies decode "
+        "in the same batch as the rollouts); update = the rest of the step (log-probs, loss, backward, optimizer). "
+        "Tokens per group: every rollout token drawn (phase-1 draws, seeds and unused seed-search draws included, "
+        "and suffixes), with the localization replies in brackets; generation throughput counts both. Sequential "
+        "forward passes: the policy's forward passes while sampling one generation (prefills included, decoding "
+        "steps in brackets), the device-independent cost of sampling where a step costs about the same for few "
+        "rows as for many (a GPU); rows x decoding steps: the rows those steps computed, the cost where a step "
+        "costs in proportion to its rows (a CPU). Medians per column (the medians of the parts need not add up to "
+        "the median total). Timings come from a machine shared with other jobs; the pass and row counts do not "
+        "depend on it.\n\n"
         f"{localization_note(result['runs'])}"
         f"Machine at start: {result['machine_before']}.\nMachine at end: {result['machine_after']}.\n"
         f"Wall time of the whole run: {result['wall_s']:.0f} s.\nCommand: `{result['command']}`\n"
@@ -499,13 +556,22 @@ def main():
                         help="sample with the LoRA adapter unmerged (as before merged sampling; still in eval mode)")
     parser.add_argument("--no-share-prefill", dest="share_prefill", action="store_false",
                         help="encode every row's context separately (the sampler's behaviour before prefill sharing)")
+    parser.add_argument("--paper-caps", action="store_true",
+                        help="the shipped testbed policy (a 0.47M-parameter Llama) on its own task at the paper's "
+                             "caps: 20 thoughts x 256 tokens, 4096 response tokens, full fine-tune")
+    parser.add_argument("--with-phased", action="store_true",
+                        help=f"add {PHASED}: SRPO sampled phase by phase (all phase-1 rollouts, then all localization "
+                             "replies, then all suffixes), for comparison")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="results name (default step_cost, step_cost_quick)")
     parser.add_argument("--replot", action="store_true", help="redraw the Markdown and PNG from the saved JSON")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.steps, args.rounds, args.tokens, args.thought_tokens, args.thoughts = 1, 1, 1, 24, 8, 3
-    name = args.out or ("step_cost_quick" if args.quick else "step_cost")
+    if args.paper_caps:
+        args.tokens, args.thought_tokens, args.thoughts, args.lora_r = 4096, 256, 20, 0
+    name = args.out or ("step_cost_quick" if args.quick else "step_cost_paper_caps" if args.paper_caps else
+                        "step_cost")
     if args.replot:
         result = json.loads((RESULTS / f"{name}.json").read_text())
         result.setdefault("command", "python benchmarks/step_cost.py" + (" --quick" if args.quick else ""))
@@ -530,8 +596,15 @@ def main():
         "disable_tqdm": True, "gradient_checkpointing": False, "share_prefill": args.share_prefill,
         "compact_decoding": args.compact, "merge_adapter_for_sampling": args.merge,
     }
-    main_job = args.model is None and not args.quick
-    if main_job:  # the model, prompts and problems `make train` trains on
+    main_job = args.model is None and not args.quick and not args.paper_caps
+    if args.paper_caps:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks.testbed import POLICY_DIR, RL_SEED, config_fields, task_dataset
+
+        args.model, dataset = str(POLICY_DIR), task_dataset(args.prompts, seed=RL_SEED + args.seed)
+        settings.update(config_fields(max_completion_length=args.tokens, max_thoughts=args.thoughts,
+                                      max_thought_tokens=args.thought_tokens))
+    elif main_job:  # the model, prompts and problems `make train` trains on
         args.model, dataset, job_settings = main_job_setting(args.prompts)
         settings.update(job_settings)
     else:
@@ -545,31 +618,34 @@ def main():
     machine_before = machine_line()
     with tempfile.TemporaryDirectory() as tmp:
         # untimed warm-up: first-call costs (kernels, allocator, tokenizer caches) land on no method
-        if args.quick:
+        if args.quick or args.paper_caps:
             light_warm_up(args.model)
         else:
             warm = dict(settings, max_completion_length=4, max_thought_tokens=2, max_thoughts=2, max_steps=1,
                         localization_max_tokens=2)
             measure("SRPO", args.model, dataset, warm, args.lora_r, args.prompts, tmp)
         print(f"warm-up done after {time.perf_counter() - started:.0f} s", flush=True)
-        runs = {m: [] for m in METHODS}
+        methods = METHODS + ((PHASED,) if args.with_phased else ())
+        runs = {m: [] for m in methods}
         for rnd in range(args.rounds):
-            order = METHODS[rnd % 3:] + METHODS[: rnd % 3]
+            order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
             for method in order:
                 record = measure(method, args.model, dataset, dict(settings, seed=args.seed + rnd), args.lora_r,
                                  args.prompts, tmp)
                 record["round"] = rnd
                 runs[method].append(record)
                 print(f"round {rnd} {method}: step {record['step']:.1f} s (generation {record['generation']:.1f}, "
-                      f"localization {record['localization']:.2f}, update {record['update']:.1f}); "
-                      f"{record['tokens_per_group']:.0f} tokens/group + {record['localization_tokens_per_group']:.0f} "
-                      "localization", flush=True)
+                      f"update {record['update']:.1f}); {record['tokens_per_group']:.0f} tokens/group + "
+                      f"{record['localization_tokens_per_group']:.0f} localization; {record['forward_passes']:.0f} "
+                      "forward passes per generation", flush=True)
     machine_after = machine_line()
     summary = summarize(runs)
     ratios = ratios_to(summary)
     model_name = args.model.rstrip('/').split('/')[-1]
     if main_job:
         model_name = f"{model_name} (the main job's model, prompts and task)"
+    if args.paper_caps:
+        model_name = "the testbed policy (0.47M-parameter Llama) on its task at the paper's caps"
     setup = f"{model_name}, " + (f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")
     setup += (f"; {args.prompts} prompt(s) x 8 rollouts per step, {args.tokens} tokens max "
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO; "

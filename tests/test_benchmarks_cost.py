@@ -71,41 +71,62 @@ def test_timed_localizer_times_inner_locate_and_passes_answers_through():
     assert probe.seconds["localization"] == pytest.approx(0.5)
 
 
-class FakeSampler:
-    """Returns rollouts of fixed lengths; replies of fixed length; advances the clock per call."""
+class FakeStream:
+    """Finishes each step's requests: rollouts of fixed length, replies of fixed length; advances the clock."""
 
     def __init__(self, clock, length=5, reply=3):
         self.clock, self.length, self.reply = clock, length, reply
         self.extra = "kept"
-        self.prefill_tokens = 0
+        self.queue = []
 
-    def sample(self, contexts, start_thoughts=None, token_budgets=None):
+    def submit(self, requests):
+        self.queue += requests
+        return list(range(len(self.queue) - len(requests), len(self.queue)))
+
+    def step(self):
         self.clock.now += 1.0
-        self.prefill_tokens += len({tuple(c) for c in contexts})  # one token per distinct context
-        n = self.length if start_thoughts is None else self.length - 2
-        return [Rollout(list(range(n)), [(0, n)], "eos") for _ in contexts]
-
-    def complete(self, prompts, max_new_tokens, temperature):
-        self.clock.now += 0.25
-        return [[7] * self.reply for _ in prompts]
+        done = [(h, [7] * self.reply if r.is_reply else Rollout(list(range(self.length)), [(0, self.length)], "eos"))
+                for h, r in enumerate(self.queue)]
+        self.queue = []
+        return done
 
 
-def test_counting_sampler_splits_tokens_and_time_by_use():
+def test_counting_stream_counts_rollout_and_reply_tokens_and_time():
+    from trl_resets.sampling.base import DecodeRequest
+
     clock = FakeClock()
     probe = step_cost.Probe(clock)
-    sampler = step_cost.CountingSampler(FakeSampler(clock), probe)
-    sampler.sample([[1], [2], [3]])                  # phase 1: 3 rollouts x 5 tokens
-    sampler.sample([[1]])                            # seed search: 1 more x 5
-    sampler.sample([[1, 2]] * 4, [1] * 4, [10] * 4)  # suffixes: 4 x 3 tokens
-    sampler.complete([[1], [2]], 8, 0.0)             # localization: 2 x 3 tokens
-    assert probe.tokens["phase1"] == 20 and probe.tokens["phase1_rollouts"] == 4
-    assert probe.tokens["suffix"] == 12 and probe.tokens["suffix_rollouts"] == 4
-    assert probe.tokens["localization"] == 6
-    assert probe.tokens["prefill"] == 3 + 1 + 1  # the inner sampler's count, read around each call
-    assert probe.seconds["sample_phase1"] == pytest.approx(2.0)
-    assert probe.seconds["sample_suffix"] == pytest.approx(1.0)
-    assert probe.seconds["sample_localization"] == pytest.approx(0.25)
-    assert sampler.extra == "kept"  # other attributes reach the inner sampler
+    stream = step_cost.CountingStream(FakeStream(clock), probe)
+    stream.submit([DecodeRequest([1]), DecodeRequest([2]), DecodeRequest([1], reply_tokens=8)])
+    stream.step()
+    stream.submit([DecodeRequest([1, 2], 1, 10)])
+    stream.step()
+    assert probe.tokens["rollout"] == 15 and probe.tokens["rollouts"] == 3 and probe.tokens["localization"] == 3
+    assert probe.seconds["sample"] == pytest.approx(2.0)
+    assert stream.extra == "kept"  # other attributes reach the inner stream
+
+
+def test_forward_counter_counts_passes_decoding_rows_and_prefilled_tokens(char_tokenizer):
+    import torch
+    from transformers import GenerationConfig
+
+    from trl_resets.sampling import TransformersThoughtSampler
+    from trl_resets.thoughts import ThoughtFormat
+
+    from .conftest import make_tiny_llama
+
+    model = make_tiny_llama(char_tokenizer).eval()
+    probe = step_cost.Probe(FakeClock())
+    hook = model.register_forward_hook(step_cost.ForwardCounter(probe), with_kwargs=True)
+    sampler = TransformersThoughtSampler(model, char_tokenizer, ThoughtFormat(max_completion_tokens=6),
+                                         GenerationConfig(do_sample=False), [char_tokenizer.eos_token_id])
+    rollouts = sampler.sample([[10, 11, 12], [10, 11, 12], [13, 14]])
+    hook.remove()
+    steps = max(len(r.token_ids) for r in rollouts) - 1  # the first token comes from the prefill
+    assert probe.tokens["forward_passes"] == 1 + steps and probe.tokens["decode_steps"] == steps
+    assert probe.tokens["row_steps"] == sum(len(r.token_ids) - 1 for r in rollouts)
+    assert probe.tokens["prefill"] == 3 + 2  # the repeated context once
+    assert torch.is_grad_enabled()
 
 
 def test_step_parts_and_record():
@@ -114,41 +135,42 @@ def test_step_parts_and_record():
     probe.add_time("step", 10.0)
     probe.add_time("rollout", 6.0)
     probe.add_time("localization", 1.5)
-    probe.add_time("sample_phase1", 3.0)
-    probe.add_time("sample_suffix", 1.0)
-    probe.add_tokens("phase1", 300)
-    probe.add_tokens("suffix", 100)
+    probe.add_tokens("rollout", 400)
     probe.add_tokens("localization", 40)
-    record = step_cost.step_record(probe, prompts=2)
-    assert record["generation"] == pytest.approx(4.5)
+    probe.add_tokens("forward_passes", 90)
+    probe.add_tokens("decode_steps", 80)
+    record = step_cost.step_record(probe, prompts=2, generations=3)
+    assert record["generation"] == pytest.approx(6.0)  # the whole rollout_func, localization included
     assert record["localization"] == pytest.approx(1.5)
     assert record["update"] == pytest.approx(4.0)
-    assert record["generation"] + record["localization"] + record["update"] == pytest.approx(record["step"])
+    assert record["generation"] + record["update"] == pytest.approx(record["step"])
     assert record["tokens_per_group"] == 200 and record["localization_tokens_per_group"] == 20
     assert record["total_tokens_per_group"] == 220
-    assert record["gen_tokens_per_s"] == pytest.approx(100.0)  # 400 tokens in 4 s of sampling
+    assert record["gen_tokens_per_s"] == pytest.approx(440 / 6)  # every token generated, per generation second
+    assert record["forward_passes"] == 30 and record["decode_steps"] == pytest.approx(80 / 3)  # per generation
 
 
 def test_grpo_record_has_no_localization():
     probe = step_cost.Probe(FakeClock())
     probe.add_time("step", 4.0)
-    probe.add_time("rollout", 3.0)
     record = step_cost.step_record(probe, prompts=1)
     assert record["localization"] == 0.0 and record["localization_tokens_per_group"] == 0
-    assert math.isnan(record["gen_tokens_per_s"])  # no sampling seen: no throughput, not a division error
+    assert math.isnan(record["gen_tokens_per_s"])  # no generation seen: no throughput, not a division error
 
 
-def _record(step, gen, loc, tokens, loc_tokens=0.0, rate=100.0):
-    return {"step": step, "generation": gen, "localization": loc, "update": step - gen - loc,
-            "tokens_per_group": tokens, "phase1_tokens_per_group": tokens, "suffix_tokens_per_group": 0.0,
-            "localization_tokens_per_group": loc_tokens, "total_tokens_per_group": tokens + loc_tokens,
-            "phase1_rollouts_per_group": 8.0, "prefill_tokens_per_group": 100.0, "gen_tokens_per_s": rate}
+def _record(step, gen, loc, tokens, loc_tokens=0.0, rate=100.0, passes=100.0):
+    return {"step": step, "generation": gen + loc, "localization": loc, "update": step - gen - loc,
+            "tokens_per_group": tokens, "localization_tokens_per_group": loc_tokens,
+            "total_tokens_per_group": tokens + loc_tokens, "rollouts_per_group": 8.0, "prefill_tokens_per_group": 100.0,
+            "row_steps_per_group": tokens, "forward_passes": passes, "decode_steps": passes - 2,
+            "gen_tokens_per_s": rate}
 
 
 def test_summary_takes_medians_and_ratios_divide_by_grpo():
     runs = {
         "GRPO": [_record(10, 6, 0, 800), _record(30, 6, 0, 800), _record(12, 6, 0, 800)],  # one noisy outlier
-        "SRPO": [_record(13, 7, 1, 700, 60, 80.0), _record(14, 7, 1, 700, 60, 80.0), _record(40, 7, 1, 700, 60, 80.0)],
+        "SRPO": [_record(13, 7, 1, 700, 60, 80.0, 105), _record(14, 7, 1, 700, 60, 80.0, 105),
+                 _record(40, 7, 1, 700, 60, 80.0, 300)],
     }
     summary = step_cost.summarize(runs)
     assert summary["GRPO"]["step"] == 12 and summary["SRPO"]["step"] == 14
@@ -158,14 +180,19 @@ def test_summary_takes_medians_and_ratios_divide_by_grpo():
     assert ratios["SRPO"]["tokens"] == pytest.approx(700 / 800)
     assert ratios["SRPO"]["tokens_with_localization"] == pytest.approx(760 / 800)
     assert ratios["SRPO"]["gen_throughput"] == pytest.approx(0.8)
-    # 1.17x is over the 1.15x wall-clock target; 0.95x tokens is within 1.08x
-    assert step_cost.verdicts(ratios["SRPO"]) == {"wall_clock": False, "tokens": True}
-    assert step_cost.headline(ratios).startswith("SRPO/GRPO wall-clock per step: 1.17x")
+    assert ratios["SRPO"]["generation"] == pytest.approx(8 / 6) and ratios["SRPO"]["forward_passes"] == 1.05
+    # 1.17x is over the 1.05x wall-clock target, 1.33x generation over 1.10x, 0.8x throughput under 0.9x;
+    # 1.05x forward passes are within 1.10x and 0.95x tokens within 1.08x
+    assert step_cost.verdicts(ratios["SRPO"]) == {"wall_clock": False, "generation": False, "gen_throughput": False,
+                                                  "forward_passes": True, "tokens": True}
+    assert step_cost.headline(ratios) == ("SRPO/GRPO generation time 1.33x (target <= 1.10x), sequential decoding "
+                                          "steps 1.05x (target <= 1.10x)")
 
 
 def test_tokens_target_counts_localization_replies():
-    ratios = {"wall_clock": 1.0, "tokens": 1.05, "tokens_with_localization": 1.10}
-    assert step_cost.verdicts(ratios) == {"wall_clock": True, "tokens": False}
+    ratios = {"wall_clock": 1.0, "generation": 1.0, "gen_throughput": 1.0, "forward_passes": 1.0, "tokens": 1.05,
+              "tokens_with_localization": 1.10}
+    assert not step_cost.verdicts(ratios)["tokens"] and step_cost.verdicts(ratios)["gen_throughput"]
 
 
 def test_markdown_and_plot(tmp_path):

@@ -42,23 +42,21 @@ def test_zero_std_fraction_counts_groups_and_policy_pass_rate_counts_the_first_d
 
 
 def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer, monkeypatch):
-    from trl_resets.sampling import TransformersThoughtSampler
+    from trl_resets import trainer as trainer_module
+    from trl_resets.sampling import transformers_backend
 
     generated = []
-    sample, complete = TransformersThoughtSampler.sample, TransformersThoughtSampler.complete
+    result = transformers_backend._RowState.result
 
-    def counting_sample(self, *a, **kw):
-        out = sample(self, *a, **kw)
-        generated.extend(len(r.token_ids) for r in out)
+    def counting_result(self):  # every rollout and reply the sampler decodes ends here
+        out = result(self)
+        generated.append(len(out.token_ids) if hasattr(out, "token_ids") else len(out))
         return out
 
-    def counting_complete(self, *a, **kw):
-        out = complete(self, *a, **kw)
-        generated.extend(len(r) for r in out)
-        return out
-
-    monkeypatch.setattr(TransformersThoughtSampler, "sample", counting_sample)
-    monkeypatch.setattr(TransformersThoughtSampler, "complete", counting_complete)
+    monkeypatch.setattr(transformers_backend._RowState, "result", counting_result)
+    results = []
+    run = trainer_module.run_overlapped
+    monkeypatch.setattr(trainer_module, "run_overlapped", lambda *a, **kw: results.append(run(*a, **kw)) or results[-1])
     args = _args(tmp_path, SRPOConfig, max_steps=1, seed_budget=1, success_threshold=0.5)
 
     def half_right(completions, **kwargs):
@@ -66,9 +64,6 @@ def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer, monk
 
     trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=half_right, args=args,
                           train_dataset=_dataset(), processing_class=char_tokenizer)
-    results = []
-    run = trainer.reset_algorithm.run
-    trainer.reset_algorithm.run = lambda **kw: results.append(run(**kw)) or results[-1]
     trainer.train()
     log = next(e for e in trainer.state.log_history if "loss" in e)
     rows = [row for groups in results[0] for row in groups.rows if row.weight > 0]

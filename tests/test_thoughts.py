@@ -197,18 +197,15 @@ def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer
         hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out, seen=seen: seen.append(a[0].shape))
         rollouts = sampler.sample(contexts)
         hook.remove()
-        runs[share] = ([r.token_ids for r in rollouts], sampler.prefill_tokens, seen)
+        runs[share] = ([r.token_ids for r in rollouts], seen)
     assert runs[True][0] == runs[False][0]
     assert all(len(ids) > 0 for ids in runs[True][0])
-    assert runs[False][1] == sum(len(c) for c in contexts)  # unshared: every row's context
-    distinct = {tuple(c) for c in contexts}
     width = max(len(c) for c in contexts)
+    assert runs[False][1][0] == torch.Size([6, width])  # unshared: every row's context
     if compact:  # the 3 distinct contexts, whole; every row decodes from the copied cache
-        assert runs[True][1] == sum(len(c) for c in distinct)
-        assert runs[True][2][0] == torch.Size([3, width]) and runs[True][2][1] == torch.Size([6, 1])
+        assert runs[True][1][0] == torch.Size([3, width]) and runs[True][1][1] == torch.Size([6, 1])
     else:  # generate feeds each row's last context token itself
-        assert runs[True][1] == sum(len(c) for c in distinct) + len(contexts)
-        assert runs[True][2][0] == torch.Size([3, width - 1]) and runs[True][2][1] == torch.Size([6, 1])
+        assert runs[True][1][0] == torch.Size([3, width - 1]) and runs[True][1][1] == torch.Size([6, 1])
 
 
 def test_shared_prefill_is_off_for_collective_decoding(char_tokenizer, tiny_model):
@@ -221,8 +218,11 @@ def _compare_backends(model, tok, contexts, config, fmt, seed=0, **kwargs):
     out = {}
     for compact in (True, False):
         sampler = TransformersThoughtSampler(model, tok, fmt, config, [tok.eos_token_id], compact=compact, **kwargs)
+        sampler.shapes = []  # the input shape of every forward pass, for the tests
+        hook = model.model.embed_tokens.register_forward_hook(lambda m, a, o, s=sampler: s.shapes.append(a[0].shape))
         torch.manual_seed(seed)
         out[compact] = (sampler.sample(contexts), sampler)
+        hook.remove()
     return out
 
 
@@ -258,8 +258,11 @@ def test_compact_decoding_drops_stopped_rows_and_keeps_each_rows_tokens(char_tok
         (r.token_ids, r.thought_spans, r.stop_reason) for r in plain]
     assert len({r.stop_reason for r in compact}) >= 3
     lengths = [len(r.token_ids) for r in compact]
-    assert fast.row_steps == sum(lengths)  # one row-step per token drawn
-    assert slow.row_steps == len(contexts) * max(lengths)  # generate runs every row to the longest
+    def decoded_rows(sampler):  # rows fed to the model over the decoding steps (one new token each)
+        return sum(shape[0] for shape in sampler.shapes if shape[1] == 1)
+
+    assert decoded_rows(fast) == sum(n - 1 for n in lengths)  # a row's last token is never fed back
+    assert decoded_rows(slow) == len(contexts) * (max(lengths) - 1)  # generate runs every row to the longest
 
 
 def test_compact_decoding_falls_back_to_generate_for_row_state_processors(char_tokenizer):

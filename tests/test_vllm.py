@@ -548,3 +548,45 @@ def test_srpo_names_the_length_fix_when_the_engines_max_model_len_is_too_small(t
     with pytest.raises(ValueError, match=rf"rollout row 0.*max_model_len=30.*Fix: raise .*{flag}"):
         trainer.train()
     assert engines[0].fake_llm.requests == 0
+
+
+@pytest.mark.parametrize("per_thought", [True, False])
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_vllm_stream_rows_join_the_next_round_and_decode_as_sample_does(monkeypatch, char_tokenizer, scripted,
+                                                                       per_thought, mode):
+    """A reset suffix and a localization reply submitted mid-chain join the next request round (per-thought) or go
+    out at once (one pass), and come back as `sample` and `complete` would give them."""
+    from trl_resets.sampling.base import DecodeRequest
+
+    monkeypatch.setattr(fake_vllm.vllm_generation, "SamplingParams", fake_vllm.FakeSamplingParams, raising=False)
+    prompt, script, model = scripted
+    ends = _thought_ends(script, char_tokenizer)
+    fmt = ThoughtFormat(max_completion_tokens=200, max_thought_tokens=50, max_thoughts=10)
+    eos = [char_tokenizer.eos_token_id]
+
+    def sampler():
+        llm = fake_vllm.FakeLLM(model, char_tokenizer, prefix_caching=per_thought)
+        return VLLMThoughtSampler(_engine(llm, mode), char_tokenizer, fmt, eos_ids=eos, per_thought=per_thought), llm
+
+    first = DecodeRequest(prompt, 0, 200)
+    late = [DecodeRequest(prompt + script[: ends[1]], 2, 200), DecodeRequest(prompt, reply_tokens=5, temperature=0.0)]
+    reference, _ = sampler()
+    want = [reference.sample([first.context])[0], reference.sample([late[0].context], [2], [200])[0],
+            reference.complete([late[1].context], 5, 0.0)[0]]
+    streamed, llm = sampler()
+    stream = streamed.stream()
+    handles = stream.submit([first])
+    done = dict(stream.step())
+    calls_before = llm.requests
+    handles += stream.submit(late)
+    done.update(stream.step())
+    if per_thought:  # the first row is mid-chain; the suffix joined its round, the reply went out beside them
+        assert handles[0] not in done and handles[1] not in done and handles[2] in done
+        assert llm.requests - calls_before == 3
+    while stream.busy:
+        done.update(stream.step())
+    got = [done[h] for h in handles]
+    for w, g in zip(want[:2], got[:2]):
+        assert (g.token_ids, g.thought_spans, g.stop_reason) == (w.token_ids, w.thought_spans, w.stop_reason)
+        assert len(g.logprobs) == len(g.token_ids)
+    assert got[2] == want[2] and len(got[2]) == 5

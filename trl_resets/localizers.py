@@ -124,6 +124,7 @@ class RandomLocalizer:
     """RRPO: h* uniform over the seed's thoughts."""
 
     name = "random"
+    uses_policy = False  # answers without querying the policy: a scheduler may call it one seed at a time
 
     def locate(self, requests, policy=None, rng=None) -> list[Localization]:
         rng = rng or random.Random()
@@ -133,7 +134,8 @@ class RandomLocalizer:
 class SelfLocalizer:
     """SRPO: the current policy reads its failed chain and names the first wrong step as ``\\boxed{N}``.
 
-    All requests of a step go to the policy in one batched call.
+    Called through ``locate``, all requests go to the policy in one batched call; a scheduler that decodes the
+    replies among the rollouts (`scheduler.run_overlapped`) uses ``prompts`` and ``read`` instead.
     """
 
     name = "self"
@@ -152,12 +154,16 @@ class SelfLocalizer:
     def locate(self, requests, policy=None, rng=None) -> list[Localization]:
         if policy is None:
             raise ValueError("SelfLocalizer needs the policy to query; the trainer passes it in.")
-        prompts = [localization_prompt(r, self.template) for r in requests]
-        replies = policy.complete(prompts, self.max_new_tokens, self.temperature)
-        return [
-            Localization(parse_step_index(text, r.num_steps), tokens, text)
-            for r, (text, tokens) in zip(requests, replies)
-        ]
+        return self.read(requests, policy.complete(self.prompts(requests), self.max_new_tokens, self.temperature))
+
+    def prompts(self, requests: list[LocalizationRequest]) -> list[str]:
+        """The text the policy is asked, one prompt per request (a scheduler decodes the replies itself)."""
+        return [localization_prompt(r, self.template) for r in requests]
+
+    def read(self, requests: list[LocalizationRequest], replies: list[tuple[str, int]]) -> list[Localization]:
+        """The answers in the policy's replies (text, tokens), one per request."""
+        return [Localization(parse_step_index(text, r.num_steps), tokens, text) for r, (text, tokens) in
+                zip(requests, replies)]
 
 
 class CallableLocalizer:
@@ -171,6 +177,7 @@ class CallableLocalizer:
             raise TypeError(f"localizer must be callable or have a .locate method, got {type(fn).__name__}.")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
+        self.uses_policy = False
 
     def locate(self, requests, policy=None, rng=None) -> list[Localization]:
         return [Localization(_as_index(self.fn(r.question, list(r.thoughts)))) for r in requests]
@@ -187,6 +194,7 @@ class OracleLocalizer:
     """
 
     name = "oracle"
+    uses_policy = False
 
     def __init__(self, checker: Callable[[Mapping, list[str]], int | None] | None = None):
         if checker is not None and not callable(checker):

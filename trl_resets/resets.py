@@ -14,7 +14,9 @@ An incorrect rollout with no thoughts at all (an empty completion) has no step t
 seed (it may still sit in the base group) and is counted in ``PromptGroups.empty_seeds``.
 
 Sampling, scoring and localizing are injected, so the algorithm runs the same under a trainer,
-a benchmark, or a scripted policy in a test.
+a benchmark, or a scripted policy in a test. `ResetAlgorithm.run` samples phase by phase (all phase-1 rollouts,
+then all localizations, then all suffixes); `scheduler.run_overlapped` builds the same groups from the same steps
+(`seeds_of`, `reset_of`, `suffix_requests`, `prompt_groups`) without waiting between phases.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .localizers import Localization, LocalizationRequest, Localizer, TextPolicy, resolve_reset_index
-from .sampling.base import ThoughtSampler
+from .sampling.base import DecodeRequest, ThoughtSampler
 from .thoughts import Rollout, ThoughtFormat
 
 BASE_GROUP = 0
@@ -107,6 +109,18 @@ class ResetRecord:
 
 
 @dataclass
+class SeedOutcome:
+    """One seed's reset: its record, the reset prefix (exact token ids) with their sampling logprobs, and the G2
+    suffixes sampled from the reset state, scored on prefix + suffix."""
+
+    record: ResetRecord
+    prefix: list[int]
+    prefix_logprobs: list[float] | None
+    prefix_spans: list[tuple[int, int]] = field(default_factory=list)
+    suffixes: list[Scored] = field(default_factory=list)
+
+
+@dataclass
 class PromptGroups:
     """Algorithm 2's result for one prompt: the rows (base group first) and what it took to make them."""
 
@@ -169,6 +183,27 @@ def _filler_rows(pool: list[Scored], count: int, group: int, num_rewards: int) -
                         logprobs=lps, thought_spans=list(source.rollout.thought_spans))
         )
     return rows
+
+
+class SeedGenerators:
+    """The generator of each seed's random draws (a random localizer's, and the random reset that replaces an
+    unusable answer): ``generators(p, g)`` for prompt p's g-th seed (0-based, in sampling order).
+
+    Each is derived from its prompt's generator (``rng``: one per prompt, or one shared by all) and the seed's
+    number alone, so a seed's draws depend neither on the order in which seeds are found (the scheduler finds them
+    as rollouts finish) nor on the other prompts of the batch."""
+
+    def __init__(self, rng: random.Random | Sequence[random.Random] | None, num_prompts: int):
+        rngs = [rng or random.Random(0)] * num_prompts if rng is None or isinstance(rng, random.Random) else rng
+        if len(rngs) != num_prompts:
+            raise ValueError(f"{len(rngs)} generators for {num_prompts} prompts: pass one per prompt, or one.")
+        self.bases = [r.getrandbits(64) for r in rngs]
+        self.made: dict[tuple[int, int], random.Random] = {}
+
+    def __call__(self, prompt: int, seed: int) -> random.Random:
+        if (prompt, seed) not in self.made:
+            self.made[(prompt, seed)] = random.Random(f"{self.bases[prompt]}/{seed}")
+        return self.made[(prompt, seed)]
 
 
 ScoreFn = Callable[[list[int], list[list[int]]], list[list[float]]]
@@ -245,85 +280,100 @@ class ResetAlgorithm:
         ``rows`` (optional, one per prompt) are the prompts' dataset columns, handed to the localizer with
         each request (an oracle localizer grades the seed against them).
 
-        ``rng`` is one generator for all prompts, or one per prompt (the trainer keys each by the prompt's
-        global index, so that the reset choices do not depend on how prompts are spread over processes):
-        a prompt's localizer draws and random resets come from its own generator, in its seeds' order.
+        ``rng`` is one generator for all prompts, or one per prompt (the trainer keys each by the prompt's global
+        index, so that the reset choices do not depend on how prompts are spread over processes); see
+        `SeedGenerators`.
         """
-        rngs = [rng or random.Random(0)] * len(contexts) if rng is None or isinstance(rng, random.Random) else rng
-        if len(rngs) != len(contexts):
-            raise ValueError(f"{len(rngs)} generators for {len(contexts)} prompts: pass one per prompt, or one.")
+        seed_rng = SeedGenerators(rng, len(contexts))
         split = self.split
         draws = self.phase1(contexts, sampler, score)
-
-        results, seeds = [], []  # seeds: (prompt index, group number, Scored)
-        for i, drawn in enumerate(draws):
-            seed_idx, base_idx = choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], split)
-            base_rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
-            used = set(seed_idx) | set(base_idx)
-            unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
-            empty = sum(_is_incorrect(s, self.success_threshold) and not s.rollout.num_thoughts for s in drawn)
-            first = drawn[: split.base + split.prefixes]
-            passed = sum(s.reward >= self.success_threshold for s in first)  # NaN never passes
-            results.append(PromptGroups(base_rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty,
-                                        first_draws=len(first), first_draws_passed=passed))
-            seeds.extend((i, g + 1, drawn[j]) for g, j in enumerate(seed_idx))
-
+        seeds = [(i, drawn[j]) for i, drawn in enumerate(draws) for j in self.seeds_of(drawn)]
+        outcomes: list[list[SeedOutcome]] = [[] for _ in contexts]
         if split.is_grpo:
-            return results
-        requests = [
-            LocalizationRequest(questions[i], describe(s.rollout), None if rows is None else rows[i], rngs[i])
-            for i, _, s in seeds
-        ]
+            return [self.prompt_groups(drawn, []) for drawn in draws]
+        requests, found = [], [0] * len(contexts)  # found[i]: prompt i's seeds so far, numbering its seeds
+        for i, s in seeds:
+            requests.append(self.localization_request(questions[i], s, describe, None if rows is None else rows[i],
+                                                      seed_rng(i, found[i])))
+            found[i] += 1
         answers = localizer.locate(requests, policy, requests[0].rng if requests else random.Random(0))
         if len(answers) != len(requests):
             raise ValueError(f"localizer {localizer.name!r} answered {len(answers)} of {len(requests)} requests.")
+        for (i, seed), answer, request in zip(seeds, answers, requests):
+            outcomes[i].append(self.reset_of(seed, answer, request.rng))
+        suffix_requests = [request for i, outcome in ((i, o) for i, per in enumerate(outcomes) for o in per)
+                           for request in self.suffix_requests(contexts[i], outcome)]
+        suffixes = sampler.sample([r.context for r in suffix_requests], [r.start_thoughts for r in suffix_requests],
+                                  [r.token_budget for r in suffix_requests])
+        owners = [i for i, per in enumerate(outcomes) for o in per for _ in range(split.per_prefix)]
+        prefixes = [o.prefix for per in outcomes for o in per for _ in range(split.per_prefix)]
+        scored = iter(self._score(score, owners, suffixes, prefixes))
+        for per in outcomes:
+            for outcome in per:
+                outcome.suffixes = [next(scored) for _ in range(split.per_prefix)]
+        return [self.prompt_groups(drawn, per) for drawn, per in zip(draws, outcomes)]
 
-        reset_contexts, reset_owners, reset_prefixes, reset_starts, reset_budgets = [], [], [], [], []
-        reset_prefix_lps, reset_prefix_spans = [], []
-        for (i, _, seed), answer in zip(seeds, answers):
-            index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rngs[i])
-            results[i].resets.append(
-                ResetRecord(seed.rollout.num_thoughts, index, failed, answer.tokens if answer else 0,
-                            answer.reply if answer else None, len(seed.rollout.token_ids))
-            )
-            prefix = reset_prefix(seed.rollout, index)
-            seed_lps = seed.rollout.logprobs
-            prefix_lps = None if seed_lps is None else list(seed_lps[: len(prefix)])
-            for _ in range(split.per_prefix):
-                reset_prefix_lps.append(prefix_lps)
-                reset_prefix_spans.append(list(seed.rollout.thought_spans[: index - 1]))
-                reset_contexts.append(contexts[i] + prefix)
-                reset_owners.append(i)
-                reset_prefixes.append(prefix)
-                reset_starts.append(index - 1)
-                reset_budgets.append(self.fmt.max_completion_tokens - len(prefix))
+    # ------------------------------------------------------------------ the steps, shared with the scheduler
+    def seeds_of(self, drawn: list[Scored]) -> list[int]:
+        """The seeds' positions among a prompt's phase-1 draws (the first k seed candidates in sampling order)."""
+        return choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], self.split)[0]
 
-        suffixes = sampler.sample(reset_contexts, reset_starts, reset_budgets)
-        scored = self._score(score, reset_owners, suffixes, reset_prefixes)
-        cursor = 0
-        seeds_of = {}
-        for i, group, _ in seeds:
-            seeds_of.setdefault(i, []).append(group)
-        for i, result in enumerate(results):
-            groups = seeds_of.get(i, [])
-            for group, record in zip(groups, result.resets):
-                prefix_len = len(reset_prefixes[cursor])
-                for _ in range(split.per_prefix):
-                    row = _row(scored[cursor], 0, group, record.reset_index - 1)
-                    row.completion_ids = reset_prefixes[cursor] + row.completion_ids
-                    row.prefix_len = prefix_len
-                    row.thought_spans = reset_prefix_spans[cursor] + [
-                        (start + prefix_len, end + prefix_len) for start, end in row.thought_spans]
-                    if row.logprobs is not None and reset_prefix_lps[cursor] is not None:
-                        row.logprobs = reset_prefix_lps[cursor] + row.logprobs
-                    else:
-                        row.logprobs = None
-                    result.rows.append(row)
-                    cursor += 1
-            missing = split.prefixes - len(groups)
-            if missing:
-                result.fallbacks = missing
-                num_rewards = len(draws[i][0].rewards) if draws[i] else 0
-                for group in range(len(groups) + 1, split.prefixes + 1):
-                    result.rows.extend(_filler_rows(draws[i], split.per_prefix, group, num_rewards))
-        return results
+    def is_seed_candidate(self, scored: Scored) -> bool:
+        return _is_seed_candidate(scored, self.success_threshold)
+
+    @staticmethod
+    def localization_request(question: str, seed: Scored, describe, row=None, rng=None) -> LocalizationRequest:
+        return LocalizationRequest(question, describe(seed.rollout), row, rng)
+
+    def reset_of(self, seed: Scored, answer: Localization | None, rng: random.Random) -> SeedOutcome:
+        """The seed's reset: the localizer's index (a random one, counted, when the answer is unusable), its record,
+        and the reset prefix with its sampling logprobs."""
+        index, failed = resolve_reset_index(answer or Localization(None), seed.rollout.num_thoughts, rng)
+        record = ResetRecord(seed.rollout.num_thoughts, index, failed, answer.tokens if answer else 0,
+                             answer.reply if answer else None, len(seed.rollout.token_ids))
+        prefix = reset_prefix(seed.rollout, index)
+        seed_lps = seed.rollout.logprobs
+        return SeedOutcome(record, prefix, None if seed_lps is None else list(seed_lps[: len(prefix)]),
+                           list(seed.rollout.thought_spans[: index - 1]))
+
+    def suffix_requests(self, context: list[int], outcome: SeedOutcome) -> list[DecodeRequest]:
+        """The G2 suffixes of one reset state (the prompt plus the reset prefix)."""
+        budget = self.fmt.max_completion_tokens - len(outcome.prefix)
+        return [DecodeRequest(context + outcome.prefix, outcome.record.reset_index - 1, budget)
+                for _ in range(self.split.per_prefix)]
+
+    def prompt_groups(self, drawn: list[Scored], outcomes: list[SeedOutcome]) -> PromptGroups:
+        """One prompt's rows from its phase-1 draws and its seeds' resets: the base group, then each seed's
+        shared-prefix group, then zero-weight filler groups for the seed slots left empty."""
+        split = self.split
+        seed_idx, base_idx = choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], split)
+        rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
+        used = set(seed_idx) | set(base_idx)
+        unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
+        empty = sum(_is_incorrect(s, self.success_threshold) and not s.rollout.num_thoughts for s in drawn)
+        first = drawn[: split.base + split.prefixes]
+        passed = sum(s.reward >= self.success_threshold for s in first)  # NaN never passes
+        result = PromptGroups(rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty,
+                              first_draws=len(first), first_draws_passed=passed)
+        if split.is_grpo:
+            return result
+        for group, outcome in enumerate(outcomes, start=1):
+            result.resets.append(outcome.record)
+            for suffix in outcome.suffixes:
+                row = _row(suffix, 0, group, outcome.record.reset_index - 1)
+                row.completion_ids = outcome.prefix + row.completion_ids
+                row.prefix_len = len(outcome.prefix)
+                row.thought_spans = outcome.prefix_spans + [
+                    (start + row.prefix_len, end + row.prefix_len) for start, end in row.thought_spans]
+                if row.logprobs is not None and outcome.prefix_logprobs is not None:
+                    row.logprobs = outcome.prefix_logprobs + row.logprobs
+                else:
+                    row.logprobs = None
+                rows.append(row)
+        missing = split.prefixes - len(outcomes)
+        if missing:
+            result.fallbacks = missing
+            num_rewards = len(drawn[0].rewards) if drawn else 0
+            for group in range(len(outcomes) + 1, split.prefixes + 1):
+                rows.extend(_filler_rows(drawn, split.per_prefix, group, num_rewards))
+        return result

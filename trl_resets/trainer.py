@@ -3,8 +3,9 @@
 Three hooks, everything else is TRL's:
 
 * generation goes through GRPOTrainer's ``rollout_func`` extension point: thought-level sampling
-  and Algorithm 2 (`resets.ResetAlgorithm`) build each prompt's rows; a reset row's completion is
-  prefix + suffix and its prefix is masked through ``env_mask`` (TRL's tool/env mask);
+  and Algorithm 2 (`resets.ResetAlgorithm`, scheduled without barriers by `scheduler.run_overlapped`) build
+  each prompt's rows; a reset row's completion is prefix + suffix and its prefix is masked through
+  ``env_mask`` (TRL's tool/env mask);
 * rewards are computed while generating (the seed search needs them), so ``_calculate_rewards``
   hands TRL the same numbers instead of calling the reward functions again, and the advantages
   TRL computed per prompt are replaced by per-group ones;
@@ -45,6 +46,7 @@ from .resets import PromptGroups, ResetAlgorithm, Split
 from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .sampling.vllm_backend import check_vllm_generation_kwargs
+from .scheduler import can_overlap, run_overlapped
 from .tasks.arithmetic import thought_value
 from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
@@ -216,41 +218,58 @@ def _stats_of_rows(rows, device) -> torch.Tensor:
                         dtype=torch.float32, device=device)
 
 
+def _system_messages(request) -> list[dict]:
+    """The system messages of the conversational dataset prompt a localization request's seed came from."""
+    return [m for m in (request.row or {}).get("prompt", []) if isinstance(m, dict) and m.get("role") == "system"]
+
+
 class _PolicyText:
     """The policy as text in / text out (for self-localization), in the dataset's prompt style: a conversational
-    dataset's system messages lead each localization prompt of the seed they belong to (see `_SystemMessages`)."""
+    dataset's system messages lead each localization prompt of the seed they belong to (see `_SystemMessages`).
+    ``encode`` and ``decode`` let a scheduler decode the replies among the rollouts (`scheduler.run_overlapped`)."""
 
     def __init__(self, trainer: ResetTrainer, sampler: TransformersThoughtSampler, conversational: bool):
         self.trainer, self.sampler, self.conversational = trainer, sampler, conversational
         self.leading: list[list[dict]] | None = None  # per request of the current locate() call
 
-    def complete(self, prompts, max_new_tokens, temperature):
-        if not prompts:
-            self.sampler.complete([], max_new_tokens, temperature)
-            return []
-        leading = self.leading if self.leading is not None and len(self.leading) == len(prompts) else None
+    def encode(self, prompts: list[str], requests=None) -> list[list[int]]:
+        """The token ids the policy is prompted with; ``requests`` (one per prompt) give the system messages."""
+        leading = [_system_messages(r) for r in requests] if requests is not None else self.leading
+        leading = leading if leading is not None and len(leading) == len(prompts) else None
         if self.conversational:
             messages = [(leading[i] if leading else []) + [{"role": "user", "content": p}]
                         for i, p in enumerate(prompts)]
         else:
             messages = prompts
         ids, _, _ = self.trainer._tokenize_prompts(messages)
-        replies = self.sampler.complete([list(x) for x in ids], max_new_tokens, temperature)
-        texts = self.trainer.processing_class.batch_decode(replies, skip_special_tokens=True)
-        return [(text, len(reply)) for text, reply in zip(texts, replies)]
+        return [list(x) for x in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.trainer.processing_class.decode(ids, skip_special_tokens=True)
+
+    def complete(self, prompts, max_new_tokens, temperature):
+        if not prompts:
+            self.sampler.complete([], max_new_tokens, temperature)
+            return []
+        replies = self.sampler.complete(self.encode(prompts), max_new_tokens, temperature)
+        return [(self.decode(reply), len(reply)) for reply in replies]
 
 
 class _SystemMessages:
     """Wraps a localizer so that the policy, asked one localization prompt per request, sees before each the
-    system messages of the dataset prompt the request's seed came from."""
+    system messages of the dataset prompt the request's seed came from. Everything else is the localizer's."""
 
     def __init__(self, localizer):
         self.localizer, self.name = localizer, localizer.name
 
+    def __getattr__(self, name):
+        if name == "localizer":  # not set yet (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.localizer, name)
+
     def locate(self, requests, policy=None, rng=None):
         if isinstance(policy, _PolicyText):
-            policy.leading = [[m for m in (r.row or {}).get("prompt", []) if isinstance(m, dict)
-                               and m.get("role") == "system"] for r in requests]
+            policy.leading = [_system_messages(r) for r in requests]
         try:
             return self.localizer.locate(requests, policy, rng)
         finally:
@@ -541,18 +560,15 @@ class ResetTrainer(GRPOTrainer):
 
         questions = [_question_text(prompts[i]) for i in firsts]
         with self._sampler() as sampler:
+            localizer = _SystemMessages(self.localizer)
             policy = _PolicyText(self, sampler, _is_conversational(prompts[0]))
-            groups = self.reset_algorithm.run(
-                contexts=[prompt_ids[i] for i in firsts],
-                questions=questions,
-                sampler=sampler,
-                score=score,
-                localizer=_SystemMessages(self.localizer),
-                describe=self._describe,
-                policy=policy,
-                rng=self._prompt_generators(len(firsts)),
-                rows=[inputs[i] for i in firsts],
-            )
+            common = {"contexts": [prompt_ids[i] for i in firsts], "questions": questions, "score": score,
+                      "localizer": localizer, "describe": self._describe, "policy": policy,
+                      "rng": self._prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts]}
+            if can_overlap(localizer, policy) or self.split.is_grpo:  # no barriers between the phases
+                groups = run_overlapped(self.reset_algorithm, stream=sampler.stream(), **common)
+            else:  # a localizer that needs the policy for a whole batch at once
+                groups = self.reset_algorithm.run(sampler=sampler, **common)
             self._batch_state = self._summarize(groups, questions, policy)
         rows = [row for g in groups for row in g.rows]
         self._row_stats = _stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],

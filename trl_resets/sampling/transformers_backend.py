@@ -20,6 +20,12 @@ ones ``generate`` builds for the same config, and the tokens are drawn the same 
 ``multinomial`` per step, or argmax), so until a row stops the draws equal ``generate``'s. Configs whose
 processors keep per-row state (repetition penalty, minimum lengths, ...) and prompt-learning adapters use
 ``generate``, with a warning.
+
+The decoding loop is a `DecodingStream` (`TransformersThoughtSampler.stream`): requests may join while others
+decode. Their contexts are prefilled together and their KV cache is merged into the running batch's, so the
+reset algorithm's localization replies and suffixes (`scheduler.run_overlapped`) decode in the same forward
+passes as the rollouts still running. ``sample`` and ``complete`` submit their rows at once and step the stream
+until it is done.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation import logits_process as _lp
 
-from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
+from ..thoughts import Rollout, ThoughtFormat
+from .base import DecodeRequest, PhasedStream, ThoughtDecoding
 
 
 def _mergeable_lora_layers(model):
@@ -194,7 +202,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-class TransformersThoughtSampler:
+class TransformersThoughtSampler(ThoughtDecoding):
     """`ThoughtSampler` over a transformers causal LM.
 
     Args:
@@ -225,25 +233,16 @@ class TransformersThoughtSampler:
         share_prefill: bool = True,
         compact: bool = True,
     ):
+        super().__init__(tokenizer, fmt, eos_ids)
         self.model = model
-        self.tokenizer = tokenizer
-        self.fmt = fmt
         self.generation_config = generation_config or GenerationConfig(do_sample=True)
-        if eos_ids is None:
-            eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.eos_ids = frozenset(eos_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.batch_size = batch_size
         self.collective = collective
         self.share_prefill = share_prefill and not collective
         self.compact = compact and not collective
         self.generated_tokens = 0
-        self.prefill_tokens = 0  # context tokens encoded (after sharing), for benchmarks
-        self.row_steps = 0  # rows fed to the model over all decoding steps (after compaction), for benchmarks
         self.generate_calls = 0  # calls that went to `generate` although compact decoding was asked for
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _chunks(self, n: int):
         step = self.batch_size or max(n, 1)
@@ -257,16 +256,50 @@ class TransformersThoughtSampler:
         return config
 
     def _run(self, contexts: list[list[int]], settings: dict, stop) -> list[list[int]]:
-        """Each context's new tokens. ``stop(row, token)`` says whether row ``row`` ends with ``token``;
-        no row goes past ``settings["max_new_tokens"]``."""
-        config = self._config(settings)
-        processors = self._compact_processors(config, contexts) if self.compact else None
-        if processors is not None:
-            return self._decode_compact(contexts, config, processors, stop)
+        """Each context's new tokens from ``generate``. ``stop(row, token)`` says whether row ``row`` ends with
+        ``token``; no row goes past ``settings["max_new_tokens"]``."""
         criterion = _StopRows(stop, len(contexts))
-        out = self._generate(contexts, config, stopping_criteria=StoppingCriteriaList([criterion]))
-        self.row_steps += out.shape[0] * out.shape[1]
+        out = self._generate(contexts, self._config(settings), stopping_criteria=StoppingCriteriaList([criterion]))
         return [tokens[:length] for tokens, length in zip(out.tolist(), criterion.lengths)]
+
+    def _settings(self, request: DecodeRequest) -> dict:
+        """The generation settings that differ by request: a reply's temperature (0: greedy)."""
+        if not request.is_reply:
+            return {}
+        if request.temperature > 0:
+            return {"do_sample": True, "temperature": request.temperature}
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
+
+    def _serve_generate(self, requests: list[DecodeRequest]) -> list[Rollout | list[int]]:
+        """Requests decoded with ``generate``, in chunks of ``batch_size`` rows per reply setting and for rollouts."""
+        results: list = [None] * len(requests)
+        kinds: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            kinds.setdefault(tuple(sorted(self._settings(request).items())), []).append(i)
+        for key, members in kinds.items():
+            for chunk in self._chunks(len(members)):
+                rows = [_RowState(h, requests[h], self) for h in (members[j] for j in chunk)]
+                budget = max(row.max_new for row in rows)
+                self._run([requests[row.handle].context for row in rows], {**dict(key), "max_new_tokens": budget},
+                          lambda b, token, rows=rows: rows[b].push(token))
+                for row in rows:
+                    results[row.handle] = row.result()
+        return results
+
+    def _serve(self, requests: list[DecodeRequest]) -> list[Rollout | list[int]]:
+        if not self.compact:
+            return self._serve_generate(requests)
+        stream = _CompactStream(self)
+        handles = stream.submit(requests)
+        done: dict[int, Rollout | list[int]] = {}
+        while stream.busy:
+            done.update(stream.step())
+        return [done[h] for h in handles]
+
+    def stream(self):
+        """A `DecodingStream`: the compact decoder, whose running batch takes new rows at every step; with compact
+        decoding off (``compact=False``, collective decoding), one ``generate`` call per step (`PhasedStream`)."""
+        return _CompactStream(self) if self.compact else PhasedStream(self)
 
     def _compact_processors(self, config: GenerationConfig, contexts):
         """The logits processors ``generate`` would build for ``config``, or None (use ``generate``) when one of
@@ -302,58 +335,6 @@ class TransformersThoughtSampler:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
-    @torch.no_grad()
-    def _decode_compact(self, contexts, config: GenerationConfig, processors, stop) -> list[list[int]]:
-        """The decoding loop: one forward pass per step over the rows still running; a row that stops leaves
-        the batch and the cache at once. Positions follow the left padding as ``generate`` numbers them."""
-        device = self.model.device
-        ids, mask = _left_pad(contexts, self.pad_id, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        leaders, rows = _distinct(contexts) if self.share_prefill else (list(range(len(contexts))), None)
-        cache = DynamicCache(config=self.model.config)
-        extra = self._forward_kwargs()
-        cache_name = cache_kwarg(self.model)
-        shared = len(leaders) < len(contexts)
-        index = torch.tensor(leaders, device=device) if shared else slice(None)
-        out = self.model(input_ids=ids[index], attention_mask=mask[index], position_ids=positions[index],
-                         use_cache=True, **{cache_name: cache}, **extra)
-        logits = out.logits[:, -1].to(dtype=torch.float32)
-        del out
-        self.prefill_tokens += sum(len(contexts[i]) for i in leaders)
-        if shared:
-            select = torch.tensor(rows, device=device)
-            cache.batch_select_indices(select)
-            logits = logits[select]
-        alive = list(range(len(contexts)))  # batch row -> context index
-        replies: list[list[int]] = [[] for _ in contexts]
-        next_position = positions[:, -1] + 1
-        for step in range(config.max_new_tokens):
-            self.row_steps += len(alive)
-            scores = processors(ids, logits)
-            if processors.do_sample:
-                tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                tokens = torch.argmax(scores, dim=-1)
-            keep = []
-            for b, token in enumerate(tokens.tolist()):
-                replies[alive[b]].append(token)
-                if not stop(alive[b], token):
-                    keep.append(b)
-            if not keep or step + 1 == config.max_new_tokens:
-                break
-            ids = torch.cat([ids, tokens[:, None]], dim=-1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            if len(keep) < len(alive):
-                select = torch.tensor(keep, device=device)
-                cache.batch_select_indices(select)
-                ids, mask, tokens, next_position = ids[select], mask[select], tokens[select], next_position[select]
-                alive = [alive[b] for b in keep]
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                             use_cache=True, **{cache_name: cache})
-            logits = out.logits[:, -1].to(dtype=torch.float32)
-            next_position = next_position + 1
-        return replies
-
     def _generate(self, contexts: list[list[int]], config: GenerationConfig | dict, **overrides) -> torch.Tensor:
         """Plain ``generate`` over left-padded ``contexts`` (``config``: a GenerationConfig, or settings that
         override the sampler's); returns the new tokens, padded. Benchmarks call it as the plain baseline."""
@@ -364,8 +345,6 @@ class TransformersThoughtSampler:
             cache = self._shared_prefill(contexts, ids, mask) if self.share_prefill else None
             if cache is not None:
                 overrides[cache_kwarg(self.model)] = cache
-            else:
-                self.prefill_tokens += sum(len(c) for c in contexts)
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **overrides)
         return out[:, ids.shape[1]:]
 
@@ -385,7 +364,6 @@ class TransformersThoughtSampler:
         self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions, use_cache=True,
                    **{cache_kwarg(self.model): cache})
         cache.batch_select_indices(torch.tensor(rows, device=ids.device))
-        self.prefill_tokens += sum(len(contexts[i]) for i in leaders) + len(contexts)
         return cache
 
     def _dummy_call(self) -> None:
@@ -400,34 +378,206 @@ class TransformersThoughtSampler:
             return []
         start_thoughts = start_thoughts or [0] * n
         token_budgets = token_budgets or [self.fmt.max_completion_tokens] * n
-        rollouts: list[Rollout] = []
-        for chunk in self._chunks(n):
-            trackers = [
-                ThoughtTracker(self.fmt, self._decode, self.eos_ids, start_thoughts[i], max(token_budgets[i], 1))
-                for i in chunk
-            ]
-            self._run(
-                [contexts[i] for i in chunk],
-                {"max_new_tokens": max(t.token_budget for t in trackers)},
-                lambda row, token: trackers[row].push(token),
-            )
-            for tracker in trackers:
-                tracker.finish()
-                self.generated_tokens += len(tracker.tokens)
-                rollouts.append(Rollout(list(tracker.tokens), list(tracker.spans), tracker.stop_reason))
-        return rollouts
+        return self._serve([DecodeRequest(list(c), s, b) for c, s, b in zip(contexts, start_thoughts, token_budgets)])
 
     def complete(self, prompts, max_new_tokens, temperature) -> list[list[int]]:
         if not prompts:
             self._dummy_call()
             return []
-        settings = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
-        if temperature > 0:
-            settings["temperature"] = temperature
+        return self._serve([DecodeRequest(list(p), reply_tokens=max_new_tokens, temperature=temperature)
+                            for p in prompts])
+
+
+class _RowState:
+    """One request while it decodes: a rollout's thought tracker, or a reply's tokens (cut at EOS)."""
+
+    def __init__(self, handle: int, request: DecodeRequest, sampler: TransformersThoughtSampler):
+        self.handle, self.sampler = handle, sampler
+        if request.is_reply:
+            self.tracker, self.tokens, self.max_new = None, [], max(request.reply_tokens, 0)
         else:
-            settings.update(temperature=None, top_p=None, top_k=None, min_p=None)
-        replies = []
-        for chunk in self._chunks(len(prompts)):
-            replies += self._run([prompts[i] for i in chunk], settings, lambda row, token: token in self.eos_ids)
-        self.generated_tokens += sum(len(r) for r in replies)
-        return replies
+            self.tracker = sampler._tracker(request.start_thoughts, request.token_budget)
+            self.tokens, self.max_new = self.tracker.tokens, self.tracker.token_budget
+
+    def push(self, token: int) -> bool:
+        """Feeds the row's next token; True once the row is done."""
+        if self.tracker is not None:
+            return self.tracker.push(token)
+        if len(self.tokens) < self.max_new:
+            self.tokens.append(int(token))
+        return token in self.sampler.eos_ids or len(self.tokens) >= self.max_new
+
+    def result(self) -> Rollout | list[int]:
+        self.sampler.generated_tokens += len(self.tokens)
+        if self.tracker is None:
+            return list(self.tokens)
+        self.tracker.finish()
+        return Rollout(list(self.tracker.tokens), list(self.tracker.spans), self.tracker.stop_reason)
+
+
+class _CompactStream:
+    """The compact decoder as a `DecodingStream`: one forward pass per step over the rows still running.
+
+    A row that stops leaves the batch and its slice of the KV cache at once. Requests that join are prefilled
+    together (each distinct context once, when prefill sharing is on), and their cache is merged into the running
+    batch's, left-padded to a common width; positions follow each row's own context, as ``generate`` numbers them.
+    Rollouts and replies share the forward passes; each kind's tokens are drawn with its own logits processors (the
+    ones ``generate`` builds for its settings). A request whose processors keep per-row state, or whose context is
+    empty, is decoded by ``generate`` instead (with a warning). Models whose cache layers are not plain
+    ``DynamicLayer`` ones (sliding windows, ...) take new rows only between batches.
+
+    Its forward passes are the process's own (collective decoding uses `PhasedStream`), so processes need not
+    step together.
+    """
+
+    collective = False
+
+    def __init__(self, sampler: TransformersThoughtSampler):
+        self.sampler, self.model = sampler, sampler.model
+        self.queue: list[tuple[int, DecodeRequest]] = []
+        self.handles = 0
+        self.rows: list[_RowState] = []
+        self.kinds: list[tuple] = []  # per batch row: its processors' key
+        self.processors: dict[tuple, object] = {}
+        self.cache = self.ids = self.mask = self.next_position = self.logits = None
+        self.cache_name = cache_kwarg(self.model)
+        self.extra = sampler._forward_kwargs()
+        self.mergeable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.rows)
+
+    def submit(self, requests: list[DecodeRequest]) -> list[int]:
+        handles = list(range(self.handles, self.handles + len(requests)))
+        self.handles += len(requests)
+        self.queue.extend(zip(handles, requests))
+        return handles
+
+    def _processors(self, request: DecodeRequest):
+        key = tuple(sorted(self.sampler._settings(request).items()))
+        if key not in self.processors:
+            config = self.sampler._config({**dict(key), "max_new_tokens": max(self.sampler.fmt.max_completion_tokens,
+                                                                               1)})
+            self.processors[key] = self.sampler._compact_processors(config, [request.context])
+        return key, self.processors[key]
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, Rollout | list[int]]]:
+        finished = self._admit()
+        if not self.rows:
+            return finished
+        tokens = self._draw()
+        keep = []
+        for b, token in enumerate(tokens.tolist()):
+            if self.rows[b].push(token):
+                finished.append((self.rows[b].handle, self.rows[b].result()))
+            else:
+                keep.append(b)
+        if not keep:
+            self.rows, self.kinds = [], []
+            self.cache = self.ids = self.mask = self.next_position = self.logits = None
+            return finished
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=-1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
+        if len(keep) < len(self.rows):
+            select = torch.tensor(keep, device=self.ids.device)
+            self.cache.batch_select_indices(select)
+            self.ids, self.mask, tokens = self.ids[select], self.mask[select], tokens[select]
+            self.next_position = self.next_position[select]
+            self.rows, self.kinds = [self.rows[b] for b in keep], [self.kinds[b] for b in keep]
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
+                         position_ids=self.next_position[:, None], use_cache=True, **{self.cache_name: self.cache})
+        self.logits = out.logits[:, -1].to(dtype=torch.float32)
+        self.next_position = self.next_position + 1
+        return finished
+
+    def _draw(self) -> torch.Tensor:
+        """The next token of every running row, each kind with its own processors (softmax then one multinomial
+        draw, or argmax, as ``generate`` draws)."""
+        def draw(processors, ids, logits):
+            scores = processors(ids, logits)
+            if processors.do_sample:
+                return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            return torch.argmax(scores, dim=-1)
+
+        keys = dict.fromkeys(self.kinds)
+        if len(keys) == 1:
+            return draw(self.processors[self.kinds[0]], self.ids, self.logits)
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.ids.device)
+        for key in keys:
+            index = torch.tensor([b for b, k in enumerate(self.kinds) if k == key], device=self.ids.device)
+            tokens[index] = draw(self.processors[key], self.ids[index], self.logits[index])
+        return tokens
+
+    def _admit(self) -> list[tuple[int, Rollout | list[int]]]:
+        """Prefills queued requests into the running batch (up to ``batch_size`` rows); returns the ones that are
+        done without decoding (a reply of 0 tokens) or that ``generate`` decoded."""
+        if not self.queue or (self.rows and not self.mergeable):
+            return []
+        room = len(self.queue) if self.sampler.batch_size is None else self.sampler.batch_size - len(self.rows)
+        taken, self.queue = self.queue[:max(room, 0)], self.queue[max(room, 0):]
+        joining, kinds, done, fallback = [], [], [], []
+        for handle, request in taken:
+            key, processors = self._processors(request) if request.context else (None, None)
+            if request.is_reply and request.reply_tokens <= 0:
+                done.append((handle, []))
+            elif processors is None:
+                if request.context:
+                    fallback.append((handle, request))
+                else:
+                    self.sampler.generate_calls += 1
+                    _warn_once("compact decoding is off for an empty context; sampling with transformers' generate "
+                               "instead.")
+                    fallback.append((handle, request))
+            else:
+                joining.append((handle, request))
+                kinds.append(key)
+        if fallback:
+            done += list(zip([h for h, _ in fallback], self.sampler._serve_generate([r for _, r in fallback])))
+        if joining:
+            self._prefill(joining, kinds)
+        return done
+
+    def _prefill(self, joining: list[tuple[int, DecodeRequest]], kinds: list[tuple]) -> None:
+        sampler, device = self.sampler, self.model.device
+        contexts = [request.context for _, request in joining]
+        ids, mask = _left_pad(contexts, sampler.pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        leaders, rows = _distinct(contexts) if sampler.share_prefill else (list(range(len(contexts))), None)
+        shared = len(leaders) < len(contexts)
+        index = torch.tensor(leaders, device=device) if shared else slice(None)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids[index], attention_mask=mask[index], position_ids=positions[index],
+                         use_cache=True, **{self.cache_name: cache}, **self.extra)
+        logits = out.logits[:, -1].to(dtype=torch.float32)
+        del out
+        if shared:
+            select = torch.tensor(rows, device=device)
+            cache.batch_select_indices(select)
+            logits = logits[select]
+        states = [_RowState(handle, request, sampler) for handle, request in joining]
+        next_position = positions[:, -1] + 1
+        if self.cache is None:
+            self.cache, self.ids, self.mask, self.next_position, self.logits = cache, ids, mask, next_position, logits
+        else:
+            width = max(self.ids.shape[1], ids.shape[1])
+            for old, new in zip(self.cache.layers, cache.layers):
+                old.keys = torch.cat([_pad_time(old.keys, width), _pad_time(new.keys, width)])
+                old.values = torch.cat([_pad_time(old.values, width), _pad_time(new.values, width)])
+            self.ids = torch.cat([_pad_left(self.ids, width, sampler.pad_id), _pad_left(ids, width, sampler.pad_id)])
+            self.mask = torch.cat([_pad_left(self.mask, width, 0), _pad_left(mask, width, 0)])
+            self.next_position = torch.cat([self.next_position, next_position])
+            self.logits = torch.cat([self.logits, logits])
+        self.rows += states
+        self.kinds += kinds
+
+
+def _pad_left(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
+    """A (batch, time) tensor left-padded with ``value`` to ``width`` columns."""
+    return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0), value=value)
+
+
+def _pad_time(states: torch.Tensor, width: int) -> torch.Tensor:
+    """Cached keys or values (batch, heads, time, dim) left-padded with zeros to ``width`` positions (masked)."""
+    return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))

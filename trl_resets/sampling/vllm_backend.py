@@ -34,6 +34,7 @@ from collections.abc import Callable
 from trl.generation import vllm_generation
 
 from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
+from .base import DecodeRequest, ThoughtDecoding
 
 # generation_kwargs entries the package sets itself (or that contradict its config), with the fix.
 _OWN_SETTINGS = {
@@ -151,7 +152,7 @@ def length_error(rows: list[tuple[str, int, int]], limit: int | None, mode: str)
     return None
 
 
-class VLLMThoughtSampler:
+class VLLMThoughtSampler(ThoughtDecoding):
     """`ThoughtSampler` over TRL's ``VLLMGeneration`` (``use_vllm=True``, colocate or server).
 
     Args:
@@ -183,12 +184,8 @@ class VLLMThoughtSampler:
         if engine.mode not in ("colocate", "server"):
             raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {engine.mode!r}.")
         check_vllm_generation_kwargs(engine.generation_kwargs, engine.mode)
+        super().__init__(tokenizer, fmt, eos_ids)
         self.engine = engine
-        self.tokenizer = tokenizer
-        self.fmt = fmt
-        if eos_ids is None:
-            eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.eos_ids = frozenset(eos_ids)
         self.per_thought = per_thought
         self.sync_any = sync_any
         self.gather = gather or (lambda items: [items])
@@ -200,9 +197,6 @@ class VLLMThoughtSampler:
         self.rounds = 0
         self._max_model_len: int | None = None
         self._limit_known = False
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # ------------------------------------------------------------------ engine calls
     def _settings(self, max_tokens: int, temperature: float | None) -> dict:
@@ -249,17 +243,19 @@ class VLLMThoughtSampler:
                                       "see that process's error for the row and the fix.")
 
     def _request(self, prompts: list[list[int]], max_tokens: list[int], temperature=None, extra=None, kind="rollout"):
-        """Completion ids and sampled-token logprobs per prompt (one completion each, ``max_tokens[i]`` at most)."""
+        """Completion ids and sampled-token logprobs per prompt (one completion each, ``max_tokens[i]`` at most);
+        ``temperature``: one for every row, or a list with one per row (None: the config's)."""
         extra = extra or {}
+        temperatures = temperature if isinstance(temperature, list) else [temperature] * len(prompts)
         self._check_lengths([len(p) for p in prompts], max_tokens, kind)
         if self.engine.mode == "server":
-            return self._request_server(prompts, max_tokens, temperature, extra)
+            return self._request_server(prompts, max_tokens, temperatures, extra)
         if not prompts:
             return [], []
         user = self.engine.generation_kwargs or {}
         params = [  # vLLM's SamplingParams, as TRL's wrapper imports it
-            vllm_generation.SamplingParams(**self._settings(m, temperature), **{**user, **extra, "seed": seed})
-            for m, seed in zip(max_tokens, self._next_row_seeds(len(prompts)))
+            vllm_generation.SamplingParams(**self._settings(m, t), **{**user, **extra, "seed": seed})
+            for m, t, seed in zip(max_tokens, temperatures, self._next_row_seeds(len(prompts)))
         ]
         outputs = self.engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params,
                                            use_tqdm=False)
@@ -274,14 +270,15 @@ class VLLMThoughtSampler:
                 logprobs.append([_logprob_of(entry, token) for entry, token in zip(sample.logprobs, ids)])
         return completions, logprobs
 
-    def _request_server(self, prompts, max_tokens, temperature, extra):
-        everyone = self.gather([(list(p), m) for p, m in zip(prompts, max_tokens)])
+    def _request_server(self, prompts, max_tokens, temperatures, extra):
+        everyone = self.gather([(list(p), m, t) for p, m, t in zip(prompts, max_tokens, temperatures)])
         payload = None
         if self.is_main_process:
             flat = [row for part in everyone for row in part]
             completions, logprobs = [None] * len(flat), [None] * len(flat)
-            for budget in sorted({m for _, m in flat}):  # one call per budget: the server applies one to a call
-                where = [j for j, (_, m) in enumerate(flat) if m == budget]
+            # one call per budget and temperature: the server applies one of each to a call
+            for budget, temperature in sorted({(m, t) for _, m, t in flat}, key=lambda k: (k[0], k[1] is None, k[1])):
+                where = [j for j, (_, m, t) in enumerate(flat) if m == budget and t == temperature]
                 ids, lps = self._call_server([flat[j][0] for j in where], budget, temperature, extra)
                 for j, row_ids, row_lps in zip(where, ids, lps):
                     completions[j], logprobs[j] = row_ids, row_lps
@@ -309,14 +306,15 @@ class VLLMThoughtSampler:
         return completions, logprobs
 
     # ------------------------------------------------------------------ ThoughtSampler
+    def stream(self) -> _VLLMStream:
+        """A `DecodingStream`: new rollouts join the next per-thought round (one pass: they are sent at once)."""
+        return _VLLMStream(self)
+
     def sample(self, contexts, start_thoughts=None, token_budgets=None) -> list[Rollout]:
         n = len(contexts)
         start_thoughts = start_thoughts or [0] * n
         token_budgets = token_budgets or [self.fmt.max_completion_tokens] * n
-        trackers = [
-            ThoughtTracker(self.fmt, self._decode, self.eos_ids, start_thoughts[i], max(token_budgets[i], 1))
-            for i in range(n)
-        ]
+        trackers = [self._tracker(start_thoughts[i], token_budgets[i]) for i in range(n)]
         # every request of a rollout fits when its context plus its whole budget does: fail before the first one
         self._check_lengths([len(c) for c in contexts], [t.token_budget for t in trackers], "rollout")
         logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -324,13 +322,7 @@ class VLLMThoughtSampler:
             self._sample_by_thought(contexts, trackers, logprobs)
         else:
             self._sample_one_pass(contexts, trackers, logprobs)
-        rollouts = []
-        for tracker, lps in zip(trackers, logprobs):
-            tracker.finish()
-            self.generated_tokens += len(tracker.tokens)
-            rollouts.append(Rollout(list(tracker.tokens), list(tracker.spans), tracker.stop_reason,
-                                    lps[: len(tracker.tokens)]))
-        return rollouts
+        return [self._rollout(tracker, lps) for tracker, lps in zip(trackers, logprobs)]
 
     def _feed(self, tracker: ThoughtTracker, lps: list[float], ids: list[int], new_lps: list[float]) -> None:
         for position, token in enumerate(ids):
@@ -348,32 +340,95 @@ class VLLMThoughtSampler:
             self._feed(tracker, lp_out, ids, new_lps)
 
     def _sample_by_thought(self, contexts, trackers, logprobs) -> None:
-        # Stop strings are matched on the decoded completion; keep special tokens in it, as the tracker does.
-        stop = {"stop": [self.fmt.boundary], "include_stop_str_in_output": True, "skip_special_tokens": False}
         while True:
             active = [i for i, t in enumerate(trackers) if not t.done]
             if not self.sync_any(bool(active)):
                 return
-            prompts = [list(contexts[i]) + trackers[i].tokens for i in active]
-            budgets = [min(self.fmt.max_thought_tokens, trackers[i].token_budget - len(trackers[i].tokens))
-                       for i in active]
-            completions, lps = self._request(prompts, budgets, extra=stop)
-            self.rounds += 1
-            for i, ids, new_lps in zip(active, completions, lps):
-                if not ids:  # the engine gave nothing back: end the row rather than loop forever
-                    trackers[i].finish()
-                    continue
-                self._feed(trackers[i], logprobs[i], ids, new_lps)
+            self._thought_round([contexts[i] for i in active], [trackers[i] for i in active],
+                                [logprobs[i] for i in active])
+
+    def _thought_round(self, contexts, trackers, logprobs) -> None:
+        """One request per row for its next thought, stopping at the thought boundary (or the row's budget)."""
+        # Stop strings are matched on the decoded completion; keep special tokens in it, as the tracker does.
+        stop = {"stop": [self.fmt.boundary], "include_stop_str_in_output": True, "skip_special_tokens": False}
+        prompts = [list(context) + tracker.tokens for context, tracker in zip(contexts, trackers)]
+        budgets = [min(self.fmt.max_thought_tokens, t.token_budget - len(t.tokens)) for t in trackers]
+        completions, lps = self._request(prompts, budgets, extra=stop)
+        self.rounds += 1
+        for tracker, lp_out, ids, new_lps in zip(trackers, logprobs, completions, lps):
+            if not ids:  # the engine gave nothing back: end the row rather than loop forever
+                tracker.finish()
+                continue
+            self._feed(tracker, lp_out, ids, new_lps)
 
     def complete(self, prompts, max_new_tokens, temperature) -> list[list[int]]:
-        completions, _ = self._request([list(p) for p in prompts], [max_new_tokens] * len(prompts),
-                                       temperature=temperature, kind="localization")
+        return self._replies([list(p) for p in prompts], [max_new_tokens] * len(prompts), temperature)
+
+    def _replies(self, prompts, max_new_tokens: list[int], temperature) -> list[list[int]]:
+        """Free replies, each cut after its first EOS."""
+        completions, _ = self._request(prompts, max_new_tokens, temperature=temperature, kind="localization")
         replies = []
         for row in completions:
             cut = next((j + 1 for j, tok in enumerate(row) if tok in self.eos_ids), len(row))
             replies.append(row[:cut])
         self.generated_tokens += sum(len(r) for r in replies)
         return replies
+
+    def _rollout(self, tracker: ThoughtTracker, logprobs: list[float]) -> Rollout:
+        tracker.finish()
+        self.generated_tokens += len(tracker.tokens)
+        return Rollout(list(tracker.tokens), list(tracker.spans), tracker.stop_reason, logprobs[: len(tracker.tokens)])
+
+
+class _VLLMStream:
+    """`DecodingStream` over the vLLM sampler. Per-thought rounds: each step is one round, in which every unfinished
+    rollout asks for its next thought; rollouts submitted since the last step join that round, so a reset suffix
+    starts while other rollouts are mid-chain. One pass: each step sends everything submitted since the last one,
+    each rollout for its whole budget. Localization replies go out in the same step, in a request of their own
+    (no stop strings). The steps are collective: every process makes the same requests calls, as in `sample`."""
+
+    collective = True
+
+    def __init__(self, sampler: VLLMThoughtSampler):
+        self.sampler = sampler
+        self.rows: list[tuple[int, ThoughtTracker, list[float], list[int]]] = []  # handle, tracker, logprobs, context
+        self.joining: list[tuple[int, DecodeRequest]] = []
+        self.replies: list[tuple[int, DecodeRequest]] = []
+        self.handles = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.joining or self.replies)
+
+    def submit(self, requests: list[DecodeRequest]) -> list[int]:
+        handles = list(range(self.handles, self.handles + len(requests)))
+        self.handles += len(requests)
+        for handle, request in zip(handles, requests):
+            (self.replies if request.is_reply else self.joining).append((handle, request))
+        return handles
+
+    def step(self) -> list[tuple[int, Rollout | list[int]]]:
+        s = self.sampler
+        joining, self.joining = self.joining, []
+        trackers = [s._tracker(r.start_thoughts, r.token_budget) for _, r in joining]
+        # every request of a rollout fits when its context plus its whole budget does: fail before the first one
+        s._check_lengths([len(r.context) for _, r in joining], [t.token_budget for t in trackers], "rollout")
+        self.rows += [(h, t, [], list(r.context)) for (h, r), t in zip(joining, trackers)]
+        if s.per_thought:
+            live = [row for row in self.rows if not row[1].done]
+            s._thought_round([row[3] for row in live], [row[1] for row in live], [row[2] for row in live])
+        else:
+            completions, lps = s._request([row[3] for row in self.rows], [row[1].token_budget for row in self.rows])
+            s.rounds += 1
+            for (_, tracker, lp_out, _), ids, new_lps in zip(self.rows, completions, lps):
+                s._feed(tracker, lp_out, ids, new_lps)
+                tracker.finish()
+        done = [(h, s._rollout(t, lps)) for h, t, lps, _ in self.rows if t.done]
+        self.rows = [row for row in self.rows if not row[1].done]
+        replies, self.replies = self.replies, []
+        out = s._replies([list(r.context) for _, r in replies], [r.reply_tokens for _, r in replies],
+                         [r.temperature for _, r in replies])
+        return done + list(zip([h for h, _ in replies], out))
 
 
 def _logprob_of(entry: dict, token: int) -> float:

@@ -1,0 +1,189 @@
+"""Algorithm 2 without barriers: each prompt's next step starts as soon as its inputs exist.
+
+`ResetAlgorithm.run` samples in phases: every phase-1 rollout of the batch, then every localization reply, then
+every suffix, each phase waiting for the slowest row of the one before. `run_overlapped` builds the same groups
+from a `DecodingStream`, into which work joins while other rows are still decoding:
+
+* a prompt's g-th seed is known once its draws 0..j, in sampling order, have finished and draw j is its g-th seed
+  candidate (incorrect, with a thought to reset to); later draws need not be waited for, and the seeds are the
+  ones `ResetAlgorithm.run` picks (nothing is biased toward rollouts that finish early);
+* the seed's localization reply joins the stream at once (a self-localizer's prompt is decoded with the rollouts;
+  a localizer that does not query the policy answers on the spot), then its G2 suffixes;
+* extra seed-search draws join as soon as a prompt is sure to need them: when even its unfinished draws could no
+  longer bring it k seed candidates. They are the draws `ResetAlgorithm.run` would draw in its later rounds.
+
+The rows, seeds, base groups and reset states equal `ResetAlgorithm.run`'s for the same draws and answers, random
+resets included: both draw a seed's random reset (a random localizer, an unusable answer) from that seed's own
+generator (`resets.SeedGenerators`), which does not depend on the order in which seeds are found.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .localizers import Localization, Localizer
+from .resets import PromptGroups, ResetAlgorithm, Scored, ScoreFn, SeedGenerators, SeedOutcome
+from .sampling.base import DecodeRequest, DecodingStream
+from .thoughts import Rollout
+
+
+def streams_localization(localizer, policy) -> bool:
+    """Whether the localizer's replies can be decoded in the stream: it splits into prompts and reading
+    (``prompts``, ``read``, ``max_new_tokens``, ``temperature``) and the policy encodes and decodes text."""
+    return all(hasattr(localizer, a) for a in ("prompts", "read", "max_new_tokens", "temperature")) and all(
+        hasattr(policy, a) for a in ("encode", "decode"))
+
+
+def can_overlap(localizer, policy) -> bool:
+    """Whether `run_overlapped` can drive this localizer: it streams its replies, or it answers without the
+    policy (``uses_policy = False``: random, oracle, callable), so calling it one seed at a time starts no
+    decoding of its own. Other localizers keep `ResetAlgorithm.run`, which calls them once per batch."""
+    return streams_localization(localizer, policy) or getattr(localizer, "uses_policy", True) is False
+
+
+@dataclass
+class _Prompt:
+    context: list[int]
+    draws: list[Scored | None] = field(default_factory=list)
+    pending: int = 0  # draws submitted and not finished
+    frontier: int = 0  # draws[:frontier] have all finished
+    seeds: list[int] = field(default_factory=list)  # positions of the confirmed seeds among the draws
+    outcomes: list[SeedOutcome | None] = field(default_factory=list)  # per seed, once localized
+
+
+def run_overlapped(
+    algorithm: ResetAlgorithm,
+    contexts: list[list[int]],
+    questions: list[str],
+    stream: DecodingStream,
+    score: ScoreFn,
+    localizer: Localizer,
+    describe: Callable[[Rollout], list[str]],
+    policy=None,
+    rng: random.Random | Sequence[random.Random] | None = None,
+    rows: Sequence[Mapping] | None = None,
+) -> list[PromptGroups]:
+    """Algorithm 2 for every prompt, as `ResetAlgorithm.run` (same arguments, a stream for the sampler)."""
+    if not algorithm.split.is_grpo and not can_overlap(localizer, policy):
+        raise ValueError(
+            f"localizer {getattr(localizer, 'name', type(localizer).__name__)!r} can be neither streamed (prompts/"
+            "read with a policy that encodes and decodes) nor called one seed at a time (uses_policy = False); "
+            "use ResetAlgorithm.run for it.")
+    return _Run(algorithm, contexts, questions, stream, score, localizer, describe, policy,
+                SeedGenerators(rng, len(contexts)), rows).run()
+
+
+class _Run:
+    def __init__(self, algorithm, contexts, questions, stream, score, localizer, describe, policy, seed_rng, rows):
+        self.algo, self.stream, self.score, self.localizer = algorithm, stream, score, localizer
+        self.questions, self.describe, self.policy, self._seed_rng, self.rows = questions, describe, policy, \
+            seed_rng, rows
+        self.streamed = streams_localization(localizer, policy)
+        self.prompts = [_Prompt(list(c)) for c in contexts]
+        self.jobs: dict[int, tuple] = {}  # stream handle -> what it is for
+        self.outbox: list[tuple[DecodeRequest, tuple]] = []
+        split = algorithm.split
+        self.first = split.base + split.prefixes
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> list[PromptGroups]:
+        for p in range(len(self.prompts)):
+            self._draw(p, self.first)
+        self._flush()
+        while self._busy():
+            self._collect(self.stream.step())
+            self._flush()
+        for p, prompt in enumerate(self.prompts):
+            if prompt.pending or any(o is None or None in o.suffixes for o in prompt.outcomes):
+                raise RuntimeError(f"the decoding stream went idle with prompt {p}'s work unfinished.")
+        return [self.algo.prompt_groups(list(prompt.draws), list(prompt.outcomes)) for prompt in self.prompts]
+
+    def _busy(self) -> bool:
+        """Whether to step again: while this stream is busy, or, for a collective stream, while any process's is."""
+        if getattr(self.stream, "collective", True):
+            return self.algo.sync_any(self.stream.busy)
+        return self.stream.busy
+
+    def _flush(self) -> None:
+        if self.outbox:
+            outbox, self.outbox = self.outbox, []
+            for handle, job in zip(self.stream.submit([r for r, _ in outbox]), (j for _, j in outbox)):
+                self.jobs[handle] = job
+
+    def _draw(self, p: int, count: int) -> None:
+        prompt = self.prompts[p]
+        budget = self.algo.fmt.max_completion_tokens
+        for _ in range(count):
+            self.outbox.append((DecodeRequest(prompt.context, 0, budget), ("draw", p, len(prompt.draws))))
+            prompt.draws.append(None)
+            prompt.pending += 1
+
+    def _collect(self, finished) -> None:
+        draws, suffixes, replies = [], [], []
+        for handle, result in finished:
+            job = self.jobs.pop(handle)
+            {"draw": draws, "suffix": suffixes, "reply": replies}[job[0]].append((job, result))
+        touched = []
+        if draws:
+            owners = [p for (_, p, _), _ in draws]
+            for ((_, p, at), _), scored in zip(draws, self.algo._score(self.score, owners, [r for _, r in draws])):
+                self.prompts[p].draws[at] = scored
+                self.prompts[p].pending -= 1
+                touched.append(p)
+        if suffixes:
+            owners = [p for (_, p, _, _), _ in suffixes]
+            prefixes = [self.prompts[p].outcomes[g].prefix for (_, p, g, _), _ in suffixes]
+            scored = self.algo._score(self.score, owners, [r for _, r in suffixes], prefixes)
+            for ((_, p, g, j), _), s in zip(suffixes, scored):
+                self.prompts[p].outcomes[g].suffixes[j] = s
+        for (_, p, g, request), ids in replies:
+            text = self.policy.decode(ids)
+            (answer,) = self.localizer.read([request], [(text, len(ids))])
+            self._reset(p, g, answer)
+        for p in dict.fromkeys(touched):
+            self._advance(p)
+
+    # ---------------------------------------------------------------- one prompt's Algorithm 2
+    def _advance(self, p: int) -> None:
+        """Confirms the seeds that the finished draws settle, localizes them, and draws more when needed."""
+        prompt, algo = self.prompts[p], self.algo
+        k = algo.split.prefixes
+        while prompt.frontier < len(prompt.draws) and prompt.draws[prompt.frontier] is not None:
+            scored = prompt.draws[prompt.frontier]
+            if len(prompt.seeds) < k and algo.is_seed_candidate(scored):
+                prompt.seeds.append(prompt.frontier)
+                prompt.outcomes.append(None)
+                self._localize(p, len(prompt.seeds) - 1)
+            prompt.frontier += 1
+        found = sum(algo.is_seed_candidate(s) for s in prompt.draws if s is not None)
+        left = self.first + algo.seed_budget - len(prompt.draws)
+        if k and found + prompt.pending < k and left > 0:  # even the unfinished draws cannot bring k seeds
+            self._draw(p, min(left, self.first))
+
+    def _localize(self, p: int, g: int) -> None:
+        prompt = self.prompts[p]
+        seed = prompt.draws[prompt.seeds[g]]
+        request = self.algo.localization_request(self.questions[p], seed, self.describe,
+                                                 None if self.rows is None else self.rows[p], self._seed_rng(p, g))
+        if self.streamed:
+            (ids,) = self.policy.encode(self.localizer.prompts([request]), [request])
+            reply = DecodeRequest(list(ids), reply_tokens=self.localizer.max_new_tokens,
+                                  temperature=self.localizer.temperature)
+            self.outbox.append((reply, ("reply", p, g, request)))
+            return
+        answers = self.localizer.locate([request], self.policy, self._seed_rng(p, g))
+        if len(answers) != 1:
+            raise ValueError(f"localizer {self.localizer.name!r} answered {len(answers)} of 1 requests.")
+        self._reset(p, g, answers[0])
+
+    def _reset(self, p: int, g: int, answer: Localization | None) -> None:
+        prompt = self.prompts[p]
+        outcome = self.algo.reset_of(prompt.draws[prompt.seeds[g]], answer, self._seed_rng(p, g))
+        requests = self.algo.suffix_requests(prompt.context, outcome)
+        outcome.suffixes = [None] * len(requests)
+        prompt.outcomes[g] = outcome
+        for j, request in enumerate(requests):
+            self.outbox.append((request, ("suffix", p, g, j)))
+
