@@ -28,3 +28,12 @@ def test_a_group_too_small_is_skipped_and_later_groups_still_normalized():
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r"rewards \(3,\) and group_ids \(2,\) differ in shape"):
         group_advantages(torch.zeros(3), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_a_group_of_equal_rewards_gets_exactly_zero(scale):
+    """In float32 the mean of three rewards of 3.2603650815828322 misses them by an ulp, which the division by
+    std + eps turned into advantages of -0.0024."""
+    rewards = torch.tensor([3.2603650815828322] * 3 + [0.0, 1.0])
+    advantages = group_advantages(rewards, torch.tensor([0, 0, 0, 1, 1]), scale=scale)
+    assert advantages[:3].tolist() == [0.0, 0.0, 0.0] and advantages[3] < 0 < advantages[4]

@@ -209,7 +209,7 @@ def test_unscorable_rewards_are_left_out_counted_and_never_corrupt_the_other_row
     trainer = _trainer(tmp_path, char_tokenizer, half_unscorable)
     advantages = []
     summarize = trainer._summarize
-    trainer._summarize = lambda groups: advantages.append(summarize(groups)) or advantages[-1]
+    trainer._summarize = lambda groups, *rest: advantages.append(summarize(groups, *rest)) or advantages[-1]
     trainer.train()
     (log,) = [e for e in trainer.state.log_history if "loss" in e]
     assert 0.3 < log["resets/unscored_rate"] < 0.5  # two in five rewards are None or NaN

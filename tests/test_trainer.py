@@ -35,10 +35,10 @@ def _args(tmp_path, cls, **overrides):
     return cls(**settings)
 
 
-def _train(trainer_cls, args, tok, **kwargs):
+def _train(trainer_cls, args, tok, reward=contains_seven, **kwargs):
     model = make_tiny_llama(tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = trainer_cls(model=model, reward_funcs=contains_seven, args=args, train_dataset=kwargs.pop("data", _dataset()),
+    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=kwargs.pop("data", _dataset()),
                           processing_class=tok, **kwargs)
     trainer.train()
     changed = any(not (p.detach() == before[n]).all() for n, p in trainer.model.named_parameters())
@@ -82,7 +82,13 @@ def test_reset_prefix_is_masked_in_the_loss_inputs(tmp_path, char_tokenizer):
 
 def test_rrpo_trains_with_random_resets_and_conversational_prompts(tmp_path, char_tokenizer):
     args = _args(tmp_path, RRPOConfig, num_base_generations=0, num_reset_prefixes=2, num_reset_generations=4)
-    trainer, logs, changed = _train(RRPOTrainer, args, char_tokenizer, data=_dataset(conversational=True))
+
+    def even_length(completions, **kwargs):  # a random tiny model's suffixes differ in length, so the groups carry
+        texts = [c[-1]["content"] for c in completions]  # signal whatever tokens it samples (chat completions)
+        return [float(len(t) % 2 == 0) for t in texts]
+
+    trainer, logs, changed = _train(RRPOTrainer, args, char_tokenizer, reward=even_length,
+                                    data=_dataset(conversational=True))
     assert trainer.state.global_step == 2 and changed
     for entry in logs:
         assert entry[PREFIX + "parse_failure_rate"] == 0.0  # random resets never fail to parse
