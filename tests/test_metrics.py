@@ -109,6 +109,14 @@ def test_no_signal_ratio_without_a_base_group_with_signal_or_a_shared_prefix_gro
     assert math.isnan(finalize(sums)[PREFIX + "grad_signal_ratio"])
 
 
+def test_the_signal_ratio_averages_a_prompts_shared_prefix_groups_before_dividing_by_its_base_group():
+    groups = PromptGroups(rows=[row(2, 0, 1.0), row(2, 0, 0.0), row(4, 1, 1.0, prefix=2), row(4, 1, 0.0, prefix=2),
+                                row(5, 2, 1.0, prefix=1), row(5, 2, 0.0, prefix=1)])
+    sums = step_sums([groups], [[1.0, -1.0, 0.5, -0.5, 0.8, -0.8]], 1.0)
+    sp = (0.5 / 2 + 0.8 / 4) / 2  # the mean of the two groups' signals
+    assert finalize(sums)[PREFIX + "grad_signal_ratio"] == pytest.approx(sp / (1.0 / 2))
+
+
 def test_a_group_is_degenerate_only_when_all_its_rewards_are_equal_or_all_unscored():
     def degenerate(rewards):
         sums = step_sums([PromptGroups(rows=[row(1, 0, r) for r in rewards])], [[0.0] * len(rewards)], 1.0)
