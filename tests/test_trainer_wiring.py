@@ -321,3 +321,14 @@ def test_evaluation_scores_with_trls_reward_call_on_the_evaluated_rollouts(tmp_p
     assert answers == ["7" if p == "2+5?" else "8" for p in prompts]
     assert completions == char_tokenizer.batch_decode(ids, skip_special_tokens=True)
     assert metrics["eval_reward"] == pytest.approx(sum(map(len, ids)) / len(ids))
+
+
+def test_the_loss_refuses_inputs_without_the_prefix_mask(unclipped):
+    trainer = unclipped[0]
+    inputs = {"completion_mask": torch.ones(1, 3), "completion_ids": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(RuntimeError) as refused:
+        trainer._compute_loss(trainer.model, inputs)
+    message = str(refused.value)
+    assert ("the loss inputs carry no tool_mask: TRL no longer hands over the env_mask that masks each reset row's "
+            "prefix, so the prefix would be trained.") in message
+    assert "This trl version is not supported by trl-resets; install the pinned one (see constraints.txt)." in message
