@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from trl_resets import SRPOConfig, SRPOTrainer
+from trl_resets import GRPOBaselineTrainer, SRPOConfig, SRPOTrainer
 
 from .conftest import make_tiny_llama
 from .test_trainer import _args, _dataset, contains_seven
@@ -108,3 +108,22 @@ def test_reward_model_honours_chat_template_kwargs(tmp_path, char_tokenizer):
     batch = reward_tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         assert abs(score - reward_model(**batch).logits[0, 0].item()) < 1e-5
+
+
+def test_grpo_baseline_without_args_trains_grpo_as_grpo_trainer_would(tmp_path, char_tokenizer, monkeypatch):
+    """With no args, GRPOBaselineTrainer builds GRPO's default (8 iid rows per prompt, no resets), not the reset
+    trainers' default split."""
+    from trl.trainer.base_config import _BaseConfig
+
+    post_init = _BaseConfig.__post_init__
+
+    def on_cpu(self):  # TRL's configs default to bf16, which a CPU-only machine refuses unless use_cpu is set
+        self.use_cpu = True
+        post_init(self)
+
+    monkeypatch.setattr(_BaseConfig, "__post_init__", on_cpu)
+    monkeypatch.chdir(tmp_path)
+    trainer = GRPOBaselineTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven,
+                                  train_dataset=_dataset(), processing_class=char_tokenizer)
+    assert (trainer.args.num_reset_prefixes, trainer.args.num_base_generations) == (0, 8)
+    assert trainer.split.prefixes == 0 and trainer.num_generations == 8

@@ -235,6 +235,7 @@ class ResetTrainer(GRPOTrainer):
     _tag_names = ["trl", "trl-resets"]
     _name = "Reset"
     _paper = _PAPER
+    _default_split: dict = {}  # the split of the config built when no args are given (the config's defaults)
 
     def __init__(
         self,
@@ -249,7 +250,7 @@ class ResetTrainer(GRPOTrainer):
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
-            args = self.config_class(output_dir=f"{str(name).split('/')[-1]}-{self._name}")
+            args = self.config_class(output_dir=f"{str(name).split('/')[-1]}-{self._name}", **self._default_split)
         if not isinstance(args, ResetConfig):
             raise TypeError(
                 f"{type(self).__name__} needs a {self.config_class.__name__} (got {type(args).__name__}); "
@@ -722,3 +723,4 @@ class GRPOBaselineTrainer(ResetTrainer):
 
     _tag_names = ["trl", "trl-resets", "grpo"]
     _name = "GRPO"
+    _default_split = {"num_base_generations": 8, "num_reset_prefixes": 0}  # GRPOConfig's 8 rows per prompt
