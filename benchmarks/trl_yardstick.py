@@ -14,7 +14,7 @@ vLLM, liger and other optional-dependency tests skip through their own markers.
 
     python benchmarks/trl_yardstick.py --trl-tests PATH_TO_TRL_CHECKOUT/tests [--mode grpo|resets|both] [-k EXPR]
 
-``--mode both`` (the default) runs all three; ``grpo`` or ``resets`` runs that one and the baseline.
+``--mode both`` (the default) runs all three; ``trl``, ``grpo`` or ``resets`` runs that one only.
 ``--quick`` runs a handful of tests (``-k`` overrides it). Results of earlier runs of the same mode are kept in
 ``--work`` and merged, so a long run can be done subset by subset.
 """
@@ -108,7 +108,8 @@ def report(outcomes: dict[str, dict[str, dict]], command: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trl-tests", type=Path, required=True, help="the tests/ folder of a TRL checkout")
-    parser.add_argument("--mode", choices=["grpo", "resets", "both"], default="both")
+    parser.add_argument("--mode", choices=["trl", "grpo", "resets", "both"], default="both",
+                        help="both: all three; trl, grpo or resets: that one (the table shows every mode in --work)")
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting tests")
     parser.add_argument("--quick", action="store_true", help=f"only: {QUICK}")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "trl_yardstick",
@@ -121,11 +122,10 @@ def main(argv=None) -> None:
         parser.error(f"--trl-tests {tests} has no test_grpo_trainer.py: give the tests/ folder of a TRL checkout")
     args.work.mkdir(parents=True, exist_ok=True)
     keyword = args.keyword or (QUICK if args.quick else None)
-    modes = ["trl", "grpo", "resets"] if args.mode == "both" else ["trl", args.mode]
-    outcomes = {}
-    for mode in modes:
-        outcomes[mode] = load(args.work / f"{mode}.jsonl") if args.report_only else run_mode(
-            mode, tests, keyword, args.work)
+    if not args.report_only:
+        for mode in MODES if args.mode == "both" else [args.mode]:
+            run_mode(mode, tests, keyword, args.work)
+    outcomes = {mode: load(args.work / f"{mode}.jsonl") for mode in MODES}
     text = report(outcomes, "python benchmarks/trl_yardstick.py --trl-tests TRL/tests --mode both (subsets with -k)")
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
 import string
 import tempfile
 from pathlib import Path
@@ -114,8 +115,14 @@ def standin_model(model_id: str) -> str | None:
     auto = AutoModelForCausalLM if head == "ForCausalLM" else AutoModelForSequenceClassification
     model = auto.from_config(config)
     assert type(model) is getattr(transformers, type(model).__name__)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = tempfile.mkdtemp(dir=folder.parent)  # then renamed at once: parallel runs share the folder
+    model.save_pretrained(building)
+    tokenizer.save_pretrained(building)
+    try:
+        os.rename(building, folder)
+    except OSError:  # another run built it first
+        shutil.rmtree(building)
     return str(folder)
 
 
@@ -287,6 +294,8 @@ def _one_line(report) -> str:
 
 
 def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        _write()
     entry = _outcomes.setdefault(report.nodeid, {"test": report.nodeid, "outcome": "passed", "reason": ""})
     if report.when == "call" and report.passed and not hasattr(report, "wasxfail"):
         return
@@ -306,6 +315,11 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _write()
+
+
+def _write():
+    """All outcomes so far (rewritten after each test, so that an interrupted run keeps them)."""
     if RESULTS:
         with open(RESULTS, "w") as f:
             f.writelines(json.dumps(entry) + "\n" for entry in _outcomes.values())
