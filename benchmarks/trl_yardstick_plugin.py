@@ -32,7 +32,7 @@ import torch
 MODE = os.environ.get("TRL_YARDSTICK_MODE", "trl")
 RESULTS = os.environ.get("TRL_YARDSTICK_RESULTS")
 RESET_TRAINER = os.environ.get("TRL_YARDSTICK_RESET_TRAINER", "rrpo")
-STANDIN_DIR = Path(os.environ.get("TRL_YARDSTICK_STANDINS") or tempfile.mkdtemp(prefix="trl-yardstick-"))
+STANDIN_DIR = Path(os.environ["TRL_YARDSTICK_STANDINS"]) if os.environ.get("TRL_YARDSTICK_STANDINS") else None
 TEST_MODULE = "test_grpo_trainer"
 
 # architecture prefix in a trl-internal-testing id -> transformers model type
@@ -253,6 +253,9 @@ def _raised_in_trl_resets(error: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------- hooks
 def pytest_configure(config):
+    global STANDIN_DIR
+    if STANDIN_DIR is None:
+        STANDIN_DIR = Path(tempfile.mkdtemp(prefix="trl-yardstick-"))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _install_standins()
 
