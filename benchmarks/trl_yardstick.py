@@ -80,7 +80,17 @@ def cell(entry: dict | None) -> str:
     return text.replace("|", "\\|")
 
 
-def report(outcomes: dict[str, dict[str, dict]], command: str) -> str:
+LEGEND = (
+    "Outcomes: `passed`; `failed` (pytest's one-line reason); `refused` (trl_resets refused the test's settings "
+    "while building its config or trainer, with the message shown); `not applicable` (resets mode: the test's "
+    "num_generations has no split into groups of 2 or more rows); `skipped` and `xfailed` (the test's own "
+    "markers: an optional dependency such as liger-kernel or vLLM is missing, or TRL expects the failure); "
+    "`not run` (outside the subsets run). The vision-language (`TestGRPOTrainerVLM`) and GPU-only "
+    "(`TestGRPOTrainerSlow`) classes are deselected."
+)
+
+
+def report(outcomes: dict[str, dict[str, dict]], command: str, source: str = "") -> str:
     modes = [m for m in MODES if outcomes.get(m)]
     tests = sorted({name for m in modes for name in outcomes[m]})
     counts = {m: {} for m in modes}
@@ -93,6 +103,9 @@ def report(outcomes: dict[str, dict[str, dict]], command: str) -> str:
         "",
         (f"Command: `{command}` (2-core CPU, shared with other jobs; offline stand-ins for the hub models and "
         "datasets, see `benchmarks/trl_yardstick_plugin.py`)."),
+        "",
+        *([f"TRL's tests: {source}.", ""] if source else []),
+        LEGEND,
         "",
         "| outcome | " + " | ".join(LABELS[m] for m in modes) + " |",
         "|---|" + "---|" * len(modes),
@@ -115,6 +128,8 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "trl_yardstick",
                         help="per-mode outcomes, merged across runs")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "trl_yardstick.md")
+    parser.add_argument("--trl-revision", default="", help="where the TRL tests come from, for the table's header")
+    parser.add_argument("--command", default=None, help="the command line(s) to state in the table's header")
     parser.add_argument("--report-only", action="store_true", help="write the table from --work without running")
     args = parser.parse_args(argv)
     tests = args.trl_tests.resolve()
@@ -126,7 +141,8 @@ def main(argv=None) -> None:
         for mode in MODES if args.mode == "both" else [args.mode]:
             run_mode(mode, tests, keyword, args.work)
     outcomes = {mode: load(args.work / f"{mode}.jsonl") for mode in MODES}
-    text = report(outcomes, "python benchmarks/trl_yardstick.py --trl-tests TRL/tests --mode both (subsets with -k)")
+    command = args.command or " ".join(["python benchmarks/trl_yardstick.py", *(argv or sys.argv[1:])])
+    text = report(outcomes, command, args.trl_revision)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
