@@ -140,7 +140,8 @@ def main(argv=None) -> None:
     if not args.report_only:
         for mode in MODES if args.mode == "both" else [args.mode]:
             run_mode(mode, tests, keyword, args.work)
-    outcomes = {mode: load(args.work / f"{mode}.jsonl") for mode in MODES}
+    outcomes = {mode: {**load(args.work / f"{mode}.jsonl"), **load(args.work / f"{mode}.new.jsonl")}
+                for mode in MODES}  # with the tests done so far by a run still in progress
     command = args.command or " ".join(["python benchmarks/trl_yardstick.py", *(argv or sys.argv[1:])])
     text = report(outcomes, command, args.trl_revision)
     print(text)
