@@ -302,6 +302,11 @@ class TransformersThoughtSampler:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
+    def _no_router_logits(self) -> dict:
+        """Sampling computes no loss: a mixture-of-experts model that returns router logits by default would
+        compute its load-balancing loss at every decoding step, against an attention mask longer than the step."""
+        return {"output_router_logits": False} if getattr(self.model.config, "output_router_logits", False) else {}
+
     @torch.no_grad()
     def _decode_compact(self, contexts, config: GenerationConfig, processors, stop) -> list[list[int]]:
         """The decoding loop: one forward pass per step over the rows still running; a row that stops leaves
@@ -311,7 +316,7 @@ class TransformersThoughtSampler:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         leaders, rows = _distinct(contexts) if self.share_prefill else (list(range(len(contexts))), None)
         cache = DynamicCache(config=self.model.config)
-        extra = self._forward_kwargs()
+        extra = {**self._forward_kwargs(), **self._no_router_logits()}
         cache_name = cache_kwarg(self.model)
         shared = len(leaders) < len(contexts)
         index = torch.tensor(leaders, device=device) if shared else slice(None)
@@ -349,7 +354,7 @@ class TransformersThoughtSampler:
                 ids, mask, tokens, next_position = ids[select], mask[select], tokens[select], next_position[select]
                 alive = [alive[b] for b in keep]
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                             use_cache=True, **{cache_name: cache})
+                             use_cache=True, **{cache_name: cache}, **self._no_router_logits())
             logits = out.logits[:, -1].to(dtype=torch.float32)
             next_position = next_position + 1
         return replies
@@ -383,7 +388,7 @@ class TransformersThoughtSampler:
         positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions, use_cache=True,
-                   **{cache_kwarg(self.model): cache})
+                   **{cache_kwarg(self.model): cache}, **self._no_router_logits())
         cache.batch_select_indices(torch.tensor(rows, device=ids.device))
         self.prefill_tokens += sum(len(contexts[i]) for i in leaders) + len(contexts)
         return cache
