@@ -265,7 +265,7 @@ class ResetTrainer(GRPOTrainer):
     _tag_names: ClassVar[list[str]] = ["trl", "trl-resets"]
     _name = "Reset"
     _paper = _PAPER
-    _default_split: dict = {}  # the split of the config built when no args are given (the config's defaults)
+    _default_split: ClassVar[dict] = {}  # the split of the config built when no args are given (the config's defaults)
 
     def __init__(
         self,
@@ -825,4 +825,4 @@ class GRPOBaselineTrainer(ResetTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "trl-resets", "grpo"]
     _name = "GRPO"
-    _default_split = {"num_base_generations": 8, "num_reset_prefixes": 0}  # GRPOConfig's 8 rows per prompt
+    _default_split: ClassVar[dict] = {"num_base_generations": 8, "num_reset_prefixes": 0}  # GRPOConfig's 8 rows per prompt
