@@ -61,17 +61,25 @@ test-latest:
 	$(LATEST)/bin/ruff check $(LINTED) && $(LATEST)/bin/python -m pytest -q tests $(PYTEST_ARGS) \
 		|| { rm -f $(LATEST)/constraints.txt; exit 1; }
 
-# Mutation testing (mutmut, settings in pyproject.toml) over the algorithm's pure modules, one module at a time;
-# prints each module's score and the surviving mutants (`$(BIN)/mutmut show NAME` shows one). See docs/testing.md.
-MUTATED := advantages resets localizers thoughts
+# Mutation testing (mutmut, settings in pyproject.toml) over the algorithm's pure modules and metrics, one module
+# at a time, then the trainer's hooks (generation's advantages and metrics, rewards, loss); prints each module's
+# score (the trainer's: its hooks) and the surviving mutants (`$(BIN)/mutmut show NAME` shows one). See
+# docs/testing.md.
+MUTATED := advantages resets localizers thoughts metrics
+HOOKS := _generate_and_score_completions _calculate_rewards _compute_loss
+# mutmut runs a mutant against the tests it saw call the function; the hooks' tests share module-scoped fixtures,
+# so their survivors are run again against these whole files (.ci/mutation_recheck.py says why)
+HOOK_TESTS := tests/test_trainer_wiring.py tests/test_parity_metrics.py tests/test_metrics.py
 MUTATION_JOBS ?= 2
 
 mutation: setup
 	$(BIN)/pip install --quiet -e ".[mutation]" -c $(CONSTRAINTS)
 	for module in $(MUTATED); do $(BIN)/mutmut run --max-children $(MUTATION_JOBS) "trl_resets.$$module.*" > /dev/null || exit 1; done
+	for hook in $(HOOKS); do $(BIN)/mutmut run --max-children $(MUTATION_JOBS) "trl_resets.trainer.*$${hook}__mutmut_*" > /dev/null || exit 1; done
 	$(BIN)/mutmut results --all true | awk -F': ' '$$2 != "not checked" { split($$1, name, "."); m = name[2]; total[m]++; \
 		if ($$2 == "killed" || $$2 == "timeout") killed[m]++; else print $$2 ":" $$1 } \
 		END { for (m in total) printf "%-12s %4d of %4d killed (%.1f%%)\n", m, killed[m], total[m], 100 * killed[m] / total[m] }'
+	$(BIN)/python .ci/mutation_recheck.py $(foreach hook,$(HOOKS),"trl_resets.trainer.*$(hook)__mutmut_*") -- $(HOOK_TESTS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) *.egg-info mutants

@@ -232,11 +232,11 @@ def baseline_improved(summary: dict) -> bool:
     return curve[-1] > curve[0]
 
 
-def table(summary: dict, seeds: int) -> str:
+def table(summary: dict) -> str:
     lines = [
-        (f"| method | start acc | final acc (mean, min-max over {seeds} seeds) | final (median) | steps to GRPO's "
+        ("| method | seeds | start acc | final acc (mean, min-max over the seeds) | final (median) | steps to GRPO's "
          "final | fraction of GRPO's steps (mean curves) | same, median curves | tokens generated | s/step |"),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, e in summary.items():
         ratio = "not reached" if e["ratio_to_grpo"] is None else f"{e['ratio_to_grpo']:.2f}"
@@ -245,7 +245,7 @@ def table(summary: dict, seeds: int) -> str:
         median_ratio = "not reached" if e["ratio_to_grpo_median"] is None else f"{e['ratio_to_grpo_median']:.2f}"
         reached = "-" if e["steps_to_grpo_final"] is None else str(e["steps_to_grpo_final"])
         lines.append(
-            f"| {method} | {e['accuracy_mean'][0]:.3f} | {e['accuracy_mean'][-1]:.3f} "
+            f"| {method} | {e['seeds']} | {e['accuracy_mean'][0]:.3f} | {e['accuracy_mean'][-1]:.3f} "
             f"({e['accuracy_min'][-1]:.3f}-{e['accuracy_max'][-1]:.3f}) | {e['accuracy_median'][-1]:.3f} | {reached} "
             f"| {ratio} | {median_ratio} | "
             f"{e['tokens_mean'][-1]:.0f} | {e['seconds_per_step']:.2f} |"
@@ -323,6 +323,7 @@ def main():
 
     reused = reusable_runs(opts.reuse, opts)
     runs: dict[str, list[dict]] = {}
+    planned = len(opts.methods) * opts.seeds
     for method in opts.methods:
         for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
             record = reused.get((method, seed))
@@ -336,14 +337,29 @@ def main():
             runs.setdefault(method, []).append(record)
             print(f"{method:12s} seed {seed}: accuracy {' '.join(f'{a:.2f}' for a in record['accuracy'])} "
                   f"({origin})", flush=True)
+            done = sum(len(r) for r in runs.values())
+            if done < planned:  # the results so far, so that a run stopped early leaves what it measured
+                write_results(opts, runs, start_eval, time.perf_counter() - wall, final=False)
+    text, setting, machine, wall, headline_text = write_results(opts, runs, start_eval, time.perf_counter() - wall)
+    print(text)
+    print(f"{setting}; {machine}; wall {wall:.0f}s")
+    print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")
 
+
+def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: float, final: bool = True):
+    """Writes learning_speed{suffix}.{json,md,png} for the runs so far (``final=False``: marked partial, with the
+    seeds each method has)."""
     summary = summarize(runs)
-    wall = time.perf_counter() - wall
     machine = machine_description(opts.threads)
-    setting = (f"{opts.seeds} seed(s), {opts.steps} steps x {opts.prompts_per_step} prompts x 8 rows, lr {opts.lr}, "
+    seeds = {method: len(records) for method, records in runs.items()}
+    seed_text = (f"{opts.seeds} seed(s)" if set(seeds.values()) == {opts.seeds} else
+                 "seeds per method " + ", ".join(f"{m} {n}" for m, n in seeds.items()))
+    setting = (f"{seed_text}, {opts.steps} steps x {opts.prompts_per_step} prompts x 8 rows, lr {opts.lr}, "
                f"eval {opts.eval_problems} problems x {opts.eval_samples} samples every {opts.eval_every} steps")
-    headline = summary[HEADLINE_METHOD]["ratio_to_grpo"]
-    text = table(summary, opts.seeds)
+    if not final:
+        setting = f"PARTIAL ({sum(seeds.values())} of {len(opts.methods) * opts.seeds} runs), " + setting
+    headline = summary[HEADLINE_METHOD]["ratio_to_grpo"] if HEADLINE_METHOD in summary else None
+    text = table(summary)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = (f"_{opts.tag}" if opts.tag else "") + ("_quick" if opts.quick else "")
@@ -359,9 +375,7 @@ def main():
         f"![learning speed](learning_speed{suffix}.png)\n"
     )
     plot(summary, out / f"learning_speed{suffix}.png", f"testbed, {setting}")
-    print(text)
-    print(f"{setting}; {machine}; wall {wall:.0f}s")
-    print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")
+    return text, setting, machine, wall, headline_text
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def main(out_dir, mode=None):
     args = SRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=8, max_steps=2, max_completion_length=16,
         max_thought_tokens=5, max_thoughts=4, learning_rate=1e-3, logging_steps=1, report_to="none",
-        use_cpu=True, bf16=False, save_strategy="no", seed_budget=2, localization_max_tokens=6,
+        use_cpu=True, bf16=False, seed_budget=2, localization_max_tokens=6,
+        # plain data parallel saves a checkpoint at the end: every process writes its files before the marker
+        save_strategy="steps" if mode is None else "no", save_steps=2,
         use_vllm=bool(vllm_mode), vllm_mode=vllm_mode or "colocate",
         deepspeed={"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
                    "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}} if stage else None,

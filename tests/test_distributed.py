@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from trl_resets import checkpoints
+
 
 def _free_port() -> int:
     """A port the OS has just handed out, so two suites on one machine do not meet on a fixed one."""
@@ -46,6 +48,11 @@ def test_two_process_srpo_run(tmp_path, vllm_mode):
     for r in reports:
         assert all(len(r["prompts"]) % 8 == 0 for r in reports)
         assert all("resets/fallback_rate" in e for e in r["logs"])
+    if vllm_mode is None:
+        checkpoint = tmp_path / "checkpoint-2"
+        assert checkpoints.is_complete(checkpoint)
+        for name in ("reset_rng_state_{}.json", "generation_buffer_{}.pt", "rng_state_{}.pth"):
+            assert all((checkpoint / name.format(rank)).is_file() for rank in (0, 1)), name
     if vllm_mode == "server":
         # one server (the main process's client) sampled for both processes, whose unfinished rows differ per round
         assert reports[0]["engine_requests"] > 0

@@ -232,3 +232,17 @@ def test_moe_router_loss_is_added_as_grpo_adds_it(tmp_path, char_tokenizer):
     grpo_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)  # on-policy: same policy term
     assert loss.item() == pytest.approx(grpo_loss.item(), rel=1e-5)
     assert torch.allclose(got, _grads(trainer, grpo_loss), rtol=1e-5, atol=1e-6)
+
+
+def test_moe_policy_that_returns_router_logits_samples_rollouts(tmp_path, char_tokenizer):
+    """A MoE policy whose config returns router logits (so that training adds the router loss) still samples: the
+    decoding steps ask for no router logits, whose load-balancing loss the step's attention mask cannot match."""
+    args = SRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_completion_length=6,
+                      report_to="none", use_cpu=True, bf16=False)
+    trainer = SRPOTrainer(model=_tiny_moe(char_tokenizer), reward_funcs=_reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}), processing_class=char_tokenizer)
+    assert trainer.model.config.output_router_logits
+    contexts = [char_tokenizer("ab")["input_ids"], char_tokenizer("a longer one")["input_ids"]]
+    with trainer._sampler() as sampler:
+        rollouts = sampler.sample(contexts)
+    assert len(rollouts) == 2 and all(len(r.token_ids) > 1 for r in rollouts)

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from trl_resets import SRPOConfig, SRPOTrainer
+from trl_resets import GRPOBaselineTrainer, SRPOConfig, SRPOTrainer
 
 from .conftest import make_tiny_llama
 from .test_trainer import _args, _dataset, contains_seven
@@ -59,8 +59,9 @@ def test_all_none_rewards_warn_as_grpo_does(tmp_path, char_tokenizer, caplog):
     finally:
         logger.removeHandler(caplog.handler)
     assert all(torch.isnan(torch.tensor(r)).all() for r in rows)
-    assert any("Every reward function returned None" in r.getMessage() and "3+4?" not in r.getMessage()
-               for r in caplog.records)
+    # GRPOTrainer's own log line (TRL's test of this warning looks for it), then the first unscored row only
+    assert any("All reward functions returned None for the following kwargs:\n" in r.getMessage()
+               and "2+5?" in r.getMessage() and "3+4?" not in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("kwargs", [{"num_beams": 2}, {"num_return_sequences": 2}, {"max_new_tokens": 8},
@@ -107,3 +108,22 @@ def test_reward_model_honours_chat_template_kwargs(tmp_path, char_tokenizer):
     batch = reward_tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         assert abs(score - reward_model(**batch).logits[0, 0].item()) < 1e-5
+
+
+def test_grpo_baseline_without_args_trains_grpo_as_grpo_trainer_would(tmp_path, char_tokenizer, monkeypatch):
+    """With no args, GRPOBaselineTrainer builds GRPO's default (8 iid rows per prompt, no resets), not the reset
+    trainers' default split."""
+    from trl.trainer.base_config import _BaseConfig
+
+    post_init = _BaseConfig.__post_init__
+
+    def on_cpu(self):  # TRL's configs default to bf16, which a CPU-only machine refuses unless use_cpu is set
+        self.use_cpu = True
+        post_init(self)
+
+    monkeypatch.setattr(_BaseConfig, "__post_init__", on_cpu)
+    monkeypatch.chdir(tmp_path)
+    trainer = GRPOBaselineTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven,
+                                  train_dataset=_dataset(), processing_class=char_tokenizer)
+    assert (trainer.args.num_reset_prefixes, trainer.args.num_base_generations) == (0, 8)
+    assert trainer.split.prefixes == 0 and trainer.num_generations == 8

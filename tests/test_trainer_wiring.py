@@ -294,3 +294,41 @@ def test_logged_reset_metrics_equal_values_recomputed_from_the_rows(unclipped):
     got = {key: logged[0][PREFIX + key] for key in want}
     assert got == pytest.approx(want, rel=1e-5)
     assert got["grad_signal_ratio"] != pytest.approx(1.0)  # swapping its two terms changes it
+
+
+def test_evaluation_scores_with_trls_reward_call_on_the_evaluated_rollouts(tmp_path, char_tokenizer):
+    """Evaluation has no reset groups: TRL calls the reward functions itself, with the rows' prompts, completions,
+    completion ids and columns, and logs their mean."""
+    calls = []
+
+    def judged(prompts, completions, completion_ids, answer, **kwargs):
+        calls.append((list(prompts), list(completions), [list(ids) for ids in completion_ids], list(answer)))
+        return [float(len(ids)) for ids in completion_ids]
+
+    questions = ["2+5?", "3+4?"]
+    args = SRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=1,
+        max_completion_length=12, max_thought_tokens=MAX_THOUGHT_TOKENS, max_thoughts=4, report_to="none",
+        use_cpu=True, bf16=False, save_strategy="no", seed=0, num_generations_eval=4,
+    )
+    data = Dataset.from_dict({"prompt": questions, "answer": ["7", "8"]})
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=judged, args=args, train_dataset=data,
+                          eval_dataset=data, processing_class=char_tokenizer)
+    metrics = trainer.evaluate()
+    assert len(calls) == 1
+    prompts, completions, ids, answers = calls[0]
+    assert len(ids) == 8 and sorted(set(prompts)) == questions and prompts.count("2+5?") == 4
+    assert answers == ["7" if p == "2+5?" else "8" for p in prompts]
+    assert completions == char_tokenizer.batch_decode(ids, skip_special_tokens=True)
+    assert metrics["eval_reward"] == pytest.approx(sum(map(len, ids)) / len(ids))
+
+
+def test_the_loss_refuses_inputs_without_the_prefix_mask(unclipped):
+    trainer = unclipped[0]
+    inputs = {"completion_mask": torch.ones(1, 3), "completion_ids": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(RuntimeError) as refused:
+        trainer._compute_loss(trainer.model, inputs)
+    message = str(refused.value)
+    assert ("the loss inputs carry no tool_mask: TRL no longer hands over the env_mask that masks each reset row's "
+            "prefix, so the prefix would be trained.") in message
+    assert "This trl version is not supported by trl-resets; install the pinned one (see constraints.txt)." in message

@@ -34,8 +34,9 @@ def _degenerate(rows: Sequence[TrainingRow]) -> bool:
 
 
 def _signal(rows: Sequence[TrainingRow], advantages: Sequence[float]) -> float | None:
-    """Mean over rows with |A| > 0 of |A| / T (T = the row's active tokens); None when no row has signal."""
-    values = [abs(a) / max(r.active_tokens, 1) for r, a in zip(rows, advantages) if abs(a) > 0 and r.weight > 0]
+    """Mean over rows with |A| > 0 of |A| / T (T = the row's active tokens); None when no row has signal.
+    ``rows`` are one group's trained rows (fillers are left out before)."""
+    values = [abs(a) / max(r.active_tokens, 1) for r, a in zip(rows, advantages) if abs(a) > 0]
     return sum(values) / len(values) if values else None
 
 

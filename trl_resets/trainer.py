@@ -284,6 +284,7 @@ class ResetTrainer(GRPOTrainer):
     _tag_names: ClassVar[list[str]] = ["trl", "trl-resets"]
     _name = "Reset"
     _paper = _PAPER
+    _default_split: ClassVar[dict] = {}  # the split of the config built when no args are given (the config's defaults)
 
     def __init__(
         self,
@@ -299,7 +300,7 @@ class ResetTrainer(GRPOTrainer):
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
-            args = self.config_class(output_dir=f"{str(name).split('/')[-1]}-{self._name}")
+            args = self.config_class(output_dir=f"{str(name).split('/')[-1]}-{self._name}", **self._default_split)
         if not isinstance(args, ResetConfig):
             raise TypeError(
                 f"{type(self).__name__} needs a {self.config_class.__name__} (got {type(args).__name__}); "
@@ -500,11 +501,11 @@ class ResetTrainer(GRPOTrainer):
         if unscored:
             i = unscored[0]
             row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
-            _trl_logger.warning(
-                f"Every reward function returned None for {len(unscored)} of {len(rows)} completions (their rows get "
-                f"no reward and no advantage), for example for "
-                f"{dict(row, prompt=prompts[i], completion=completions[i])}. "
-                "Make at least one reward function return a reward for every completion."
+            _trl_logger.warning(  # the first line is GRPOTrainer's, so that what watches TRL's logs sees it
+                f"All reward functions returned None for the following kwargs:\n"
+                f"{dict(row, prompt=prompts[i], completion=completions[i])}\n"
+                f"({len(unscored)} of {len(rows)} completions got no reward from any function; their rows get no "
+                "reward and no advantage.) Make at least one reward function return a reward for every completion."
             )
         return rows
 
@@ -840,3 +841,4 @@ class GRPOBaselineTrainer(ResetTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "trl-resets", "grpo"]
     _name = "GRPO"
+    _default_split: ClassVar[dict] = {"num_base_generations": 8, "num_reset_prefixes": 0}  # GRPOConfig's 8 rows per prompt

@@ -335,6 +335,11 @@ class TransformersThoughtSampler(ThoughtDecoding):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
+    def _no_router_logits(self) -> dict:
+        """Sampling computes no loss: a mixture-of-experts model that returns router logits by default would
+        compute its load-balancing loss at every decoding step, against an attention mask longer than the step."""
+        return {"output_router_logits": False} if getattr(self.model.config, "output_router_logits", False) else {}
+
     def _generate(self, contexts: list[list[int]], config: GenerationConfig | dict, **overrides) -> torch.Tensor:
         """Plain ``generate`` over left-padded ``contexts`` (``config``: a GenerationConfig, or settings that
         override the sampler's); returns the new tokens, padded. Benchmarks call it as the plain baseline."""
@@ -362,7 +367,7 @@ class TransformersThoughtSampler(ThoughtDecoding):
         positions = (head_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions, use_cache=True,
-                   **{cache_kwarg(self.model): cache})
+                   **{cache_kwarg(self.model): cache}, **self._no_router_logits())
         cache.batch_select_indices(torch.tensor(rows, device=ids.device))
         return cache
 
@@ -441,7 +446,8 @@ class _CompactStream:
         self.processors: dict[tuple, object] = {}
         self.cache = self.ids = self.mask = self.next_position = self.logits = None
         self.cache_name = cache_kwarg(self.model)
-        self.extra = sampler._forward_kwargs()
+        self.extra = {**sampler._forward_kwargs(), **sampler._no_router_logits()}  # the prefill's
+        self.step_extra = sampler._no_router_logits()  # a decoding step's
         self.mergeable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
 
     @property
@@ -487,7 +493,8 @@ class _CompactStream:
             self.next_position = self.next_position[select]
             self.rows, self.kinds = [self.rows[b] for b in keep], [self.kinds[b] for b in keep]
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
-                         position_ids=self.next_position[:, None], use_cache=True, **{self.cache_name: self.cache})
+                         position_ids=self.next_position[:, None], use_cache=True, **{self.cache_name: self.cache},
+                         **self.step_extra)
         self.logits = out.logits[:, -1].to(dtype=torch.float32)
         self.next_position = self.next_position + 1
         return finished
