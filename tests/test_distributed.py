@@ -51,7 +51,7 @@ def test_two_process_srpo_run(tmp_path, vllm_mode):
     if vllm_mode is None:
         checkpoint = tmp_path / "checkpoint-2"
         assert checkpoints.is_complete(checkpoint)
-        for name in ("reset_rng_state_{}.json", "generation_buffer_{}.pt", "rng_state_{}.pth"):
+        for name in ("generation_buffer_{}.pt", "rng_state_{}.pth"):
             assert all((checkpoint / name.format(rank)).is_file() for rank in (0, 1)), name
     if vllm_mode == "server":
         # one server (the main process's client) sampled for both processes, whose unfinished rows differ per round

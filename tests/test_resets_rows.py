@@ -105,7 +105,11 @@ def test_every_row_and_record_of_a_batch():
     algo = ResetAlgorithm(Split(2, 2, 2), ThoughtFormat(max_completion_tokens=100), seed_budget=4)
     results = algo.run([[7], [8]], ["q0", "q1"], sampler, score, localizer,
                        describe=lambda r: [f"t{h}" for h in range(r.num_thoughts)], policy=policy, rng=rng)
-    missing = random.Random(0).randint(1, 3)  # the index drawn for the unanswered request
+    # each seed draws from its own generator: "{its prompt's 64 random bits}/{the seed's number}", the bits drawn
+    # from the prompts' generator (one shared here), prompt by prompt
+    shared = random.Random(0)
+    bases = [shared.getrandbits(64) for _ in range(2)]
+    missing = random.Random(f"{bases[1]}/0").randint(1, 3)  # the index drawn for the unanswered request
 
     first, second = results
     assert [_plain(r) for r in first.rows] == [_plain(r) for r in [
@@ -120,7 +124,10 @@ def test_every_row_and_record_of_a_batch():
 
     assert [(r.question, r.thoughts) for r in localizer.requests] == [("q0", ["t0", "t1", "t2"])] * 2 + [
         ("q1", ["t0", "t1", "t2"])]
-    assert localizer.seen == [(policy, rng)]
+    fresh = [random.Random(f"{bases[p]}/{g}") for p, g in ((0, 0), (0, 1), (1, 0))]
+    fresh[2].randint(1, 3)  # the unanswered request's generator has drawn its random reset
+    assert [r.rng.getstate() for r in localizer.requests] == [f.getstate() for f in fresh]
+    assert localizer.seen == [(policy, localizer.requests[0].rng)]
     prefix = ids(4)[: SPANS[missing - 1][0]]
     # the score function hears which prompt each completion belongs to, and scores reset rows as prefix + suffix
     assert score.calls == [
