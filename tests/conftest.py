@@ -65,6 +65,15 @@ def tiny_model(char_tokenizer):
     return make_tiny_llama(char_tokenizer)
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, char_tokenizer):
+    """A saved tiny Llama with the character tokenizer, for code that loads a model folder (one per test module)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny_llama(char_tokenizer).save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 class ScriptedLlama:
     """Builds a Llama whose greedy output follows a per-row script of token ids, then EOS.
 

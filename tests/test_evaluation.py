@@ -28,14 +28,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--max-completion-tokens", "12", "--max-thought-tokens", "6", "--max-thoughts", "3"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, char_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-eval")
-    make_tiny_llama(char_tokenizer).save_pretrained(folder)
-    char_tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
 

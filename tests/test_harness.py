@@ -12,18 +12,8 @@ from trl_resets.plots import plot_reset_index, plot_rewards
 from trl_resets.rewards import CodeReward, boxed_answer_reward
 from trl_resets.tasks import make_arithmetic_dataset
 
-from .conftest import make_tiny_llama
-
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, char_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny")
-    make_tiny_llama(char_tokenizer).save_pretrained(folder)
-    char_tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def _smoke_args(model_dir, out, *extra):
