@@ -501,11 +501,10 @@ class ResetTrainer(GRPOTrainer):
         if unscored:
             i = unscored[0]
             row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
-            _trl_logger.warning(  # the first line is GRPOTrainer's, so that what watches TRL's logs sees it
-                f"All reward functions returned None for the following kwargs:\n"
-                f"{dict(row, prompt=prompts[i], completion=completions[i])}\n"
-                f"({len(unscored)} of {len(rows)} completions got no reward from any function; their rows get no "
-                "reward and no advantage.) Make at least one reward function return a reward for every completion."
+            _trl_logger.warning(  # on TRL's logger, where GRPOTrainer's own warning of this goes
+                f"No reward function gave a reward to {len(unscored)} of {len(rows)} completions (their rows get no "
+                f"reward and no advantage); the first: {dict(row, prompt=prompts[i], completion=completions[i])}. "
+                "Make at least one reward function return a reward for every completion."
             )
         return rows
 
