@@ -118,16 +118,36 @@ def _counted(probe: Probe, results: list) -> list:
 
 class CountingStream:
     """A decoding stream that counts what comes back: rollout tokens and rollouts, localization-reply tokens, and
-    the time spent in its steps. Everything else is the inner stream's."""
+    the time spent in its steps; and how long each request stayed in the stream beyond its own tokens.
+
+    A request submitted after ``a`` steps and returned by step ``b`` spent ``b - a`` steps in the stream; it
+    needed at least one step per token it brought back, so ``b - a - tokens`` steps it waited (for a batch
+    boundary, behind other work). Where no request waits, and each request is submitted as soon as its inputs
+    exist (the scheduler's rule), the decoding steps of a generation are its dependency chain: no scheduler can
+    take fewer. Everything else is the inner stream's."""
 
     def __init__(self, inner, probe: Probe):
         self._inner, self._probe = inner, probe
+        self._steps = 0
+        self._submitted: dict[int, int] = {}
+
+    def submit(self, requests):
+        handles = self._inner.submit(requests)
+        self._submitted.update((h, self._steps) for h in handles)
+        return handles
 
     def step(self):
         start = self._probe.clock()
         done = self._inner.step()
+        self._steps += 1
         self._probe.add_time("sample", self._probe.clock() - start)
         _counted(self._probe, [result for _, result in done])
+        for handle, result in done:
+            tokens = len(result.token_ids) if hasattr(result, "token_ids") else len(result)
+            waited = max(0, self._steps - self._submitted.pop(handle) - tokens)
+            self._probe.add_tokens("stream_wait_steps", waited)
+            self._probe.add_tokens("stream_requests", 1)
+            self._probe.tokens["stream_max_wait"] = max(self._probe.tokens.get("stream_max_wait", 0), waited)
         return done
 
     def __getattr__(self, name):
@@ -178,6 +198,9 @@ def step_record(probe: Probe, prompts: int, generations: int = 1) -> dict:
         "row_steps_per_group": probe.tokens.get("row_steps", 0) / prompts,  # rows computed over decoding steps
         "forward_passes": probe.tokens.get("forward_passes", 0) / generations,
         "decode_steps": probe.tokens.get("decode_steps", 0) / generations,
+        "stream_requests": probe.tokens.get("stream_requests", 0),
+        "stream_wait_steps": probe.tokens.get("stream_wait_steps", 0),  # summed over the run's requests
+        "stream_max_wait": probe.tokens.get("stream_max_wait", 0),
         "gen_tokens_per_s": (rollout_tokens + localization) / generation if generation > 0 else float("nan"),
         "seconds": dict(probe.seconds),
     }
@@ -486,6 +509,26 @@ def localization_note(runs: dict) -> str:
             f"{statistics.mean(rates):.0%} (mean over {len(rates)} step(s)).\n\n")
 
 
+def wait_note(runs: dict) -> str:
+    """Whether any request of a streamed run waited in the decoding stream beyond its own tokens: where none did,
+    the decoding steps are the generation's dependency chain (`CountingStream`)."""
+    lines = []
+    for method, records in runs.items():
+        streamed = [r for r in records if r.get("stream_requests")]
+        if streamed:
+            requests = sum(r["stream_requests"] for r in streamed)
+            waited = sum(r["stream_wait_steps"] for r in streamed)
+            longest = max(r["stream_max_wait"] for r in streamed)
+            lines.append(f"{method} {waited} step(s) over {requests} requests (longest wait {longest})")
+    if not lines:
+        return ""
+    return ("Steps that requests spent in the decoding stream beyond one step per token they brought back (waiting "
+            "to join, behind other work): " + "; ".join(lines) + ". A request joins the stream as soon as its "
+            "inputs exist, so with no waiting the decoding steps are each generation's dependency chain (a prompt's "
+            "seed, then its localization reply, then its longest suffix, one after the other): no scheduler over "
+            "the same rows takes fewer.\n\n")
+
+
 def write_outputs(result: dict, name: str, write_json: bool = True) -> None:
     """benchmarks/results/<name>.{json,md,png} from one run's result."""
     RESULTS.mkdir(exist_ok=True)
@@ -505,7 +548,7 @@ def write_outputs(result: dict, name: str, write_json: bool = True) -> None:
         "costs in proportion to its rows (a CPU). Medians per column (the medians of the parts need not add up to "
         "the median total). Timings come from a machine shared with other jobs; the pass and row counts do not "
         "depend on it.\n\n"
-        f"{localization_note(result['runs'])}"
+        f"{localization_note(result['runs'])}{wait_note(result['runs'])}"
         f"Machine at start: {result['machine_before']}.\nMachine at end: {result['machine_after']}.\n"
         f"Wall time of the whole run: {result['wall_s']:.0f} s.\nCommand: `{result['command']}`\n"
     )
@@ -670,6 +713,7 @@ def main():
     print(targets)
     print(render_mean_line(runs))
     print(render_pooled_line(runs))
+    print(wait_note(runs))
     print(f"machine: {machine_after}; {time.perf_counter() - started:.0f} s in all")
     print(headline(ratios))
 

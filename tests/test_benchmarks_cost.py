@@ -106,6 +106,53 @@ def test_counting_stream_counts_rollout_and_reply_tokens_and_time():
     assert stream.extra == "kept"  # other attributes reach the inner stream
 
 
+
+class LateStream:
+    """Brings each request back ``after`` steps after its submission, with ``tokens`` tokens."""
+
+    def __init__(self, after, tokens):
+        self.after, self.tokens, self.steps, self.pending = after, tokens, 0, {}
+
+    def submit(self, requests):
+        start = len(self.pending) + 100 * self.steps
+        handles = list(range(start, start + len(requests)))
+        self.pending.update((h, self.steps + self.after) for h in handles)
+        return handles
+
+    def step(self):
+        self.steps += 1
+        done = [h for h, due in self.pending.items() if due <= self.steps]
+        for h in done:
+            del self.pending[h]
+        return [(h, Rollout(list(range(self.tokens)), [(0, self.tokens)], "eos")) for h in done]
+
+
+def test_counting_stream_counts_steps_a_request_waited_beyond_its_tokens():
+    from trl_resets.sampling.base import DecodeRequest
+
+    probe = step_cost.Probe(FakeClock())
+    stream = step_cost.CountingStream(LateStream(after=5, tokens=2), probe)
+    stream.submit([DecodeRequest([1]), DecodeRequest([2])])
+    stream.step()
+    stream.submit([DecodeRequest([3])])  # submitted after one step, back after step 6
+    for _ in range(5):
+        stream.step()
+    assert probe.tokens["stream_requests"] == 3
+    assert probe.tokens["stream_wait_steps"] == 3 + 3 + 3  # 5 steps in the stream, 2 of them its tokens
+    assert probe.tokens["stream_max_wait"] == 3
+    on_time = step_cost.Probe(FakeClock())
+    stream = step_cost.CountingStream(LateStream(after=2, tokens=2), on_time)
+    stream.submit([DecodeRequest([1])])
+    stream.step(), stream.step()
+    assert on_time.tokens["stream_wait_steps"] == 0 and on_time.tokens["stream_requests"] == 1
+    for timed in (probe, on_time):
+        timed.add_time("step", 2.0), timed.add_time("rollout", 1.0)
+    record = step_cost.step_record(probe, prompts=1)
+    assert (record["stream_requests"], record["stream_wait_steps"], record["stream_max_wait"]) == (3, 9, 3)
+    note = step_cost.wait_note({"SRPO": [record], "GRPO": [step_cost.step_record(on_time, prompts=1)]})
+    assert "SRPO 9 step(s) over 3 requests (longest wait 3)" in note and "GRPO 0 step(s) over 1 requests" in note
+    assert step_cost.wait_note({"SRPO": [{"stream_requests": 0}]}) == ""
+
 def test_forward_counter_counts_passes_decoding_rows_and_prefilled_tokens(char_tokenizer):
     import torch
     from transformers import GenerationConfig
