@@ -2,8 +2,8 @@
 or 2 (accelerate launch, CPU). Writes this process's prompts, reset choices, rows and advantages.
 
 ``worker.py OUT``: RRPO with a scripted policy. ``worker.py OUT MODEL_DIR``: SRPO sampling (temperature 1, a
-sampled localization reply) from the random-weight model saved in MODEL_DIR, once with ``per_row_sampling_seed``
-and once without.
+sampled localization reply) from the random-weight model saved in MODEL_DIR, with the transformers backend and
+with vLLM in colocate mode (the stand-in engine), each once with ``per_row_sampling_seed`` and once without.
 """
 
 import os
@@ -53,20 +53,26 @@ def distinct_characters(completions, **kwargs):
 
 
 def sampled(out_dir, model_dir):
+    from tests import fake_vllm
+
+    fake_vllm.install(prefix_caching=True)  # for the vLLM runs: colocated stand-in engines
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = Dataset.from_dict({"prompt": [f"{i}+{7 - i}?" for i in range(8)]})
     world = int(os.environ.get("WORLD_SIZE", "1"))
     report = {}
-    for seeded in (True, False):
-        args = SRPOConfig(
-            output_dir=out_dir, per_device_train_batch_size=16 // world, max_steps=1, report_to="none", use_cpu=True,
-            bf16=False, save_strategy="no", num_base_generations=2, num_reset_prefixes=1, num_reset_generations=2,
-            max_thought_tokens=5, max_thoughts=3, max_completion_length=15, seed_budget=2, temperature=1.0,
-            localization_max_tokens=4, localization_temperature=1.0, per_row_sampling_seed=seeded,
-        )
-        trainer = SRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=distinct_characters,
-                              args=args, train_dataset=data, processing_class=tok)
-        report["seeded" if seeded else "unseeded"] = generation(trainer)
+    for backend in ("transformers", "vllm"):
+        for seeded in (True, False):
+            args = SRPOConfig(
+                output_dir=out_dir, per_device_train_batch_size=16 // world, max_steps=1, report_to="none",
+                use_cpu=True, bf16=False, save_strategy="no", num_base_generations=2, num_reset_prefixes=1,
+                num_reset_generations=2, max_thought_tokens=5, max_thoughts=3, max_completion_length=15,
+                seed_budget=2, temperature=1.0, localization_max_tokens=4, localization_temperature=1.0,
+                per_row_sampling_seed=seeded, use_vllm=backend == "vllm", vllm_mode="colocate",
+            )
+            trainer = SRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                                  reward_funcs=distinct_characters, args=args, train_dataset=data,
+                                  processing_class=tok)
+            report[f"{backend}/{'seeded' if seeded else 'unseeded'}"] = generation(trainer)
     report["num_processes"] = trainer.accelerator.num_processes
     write_report(trainer, out_dir, report)
 
