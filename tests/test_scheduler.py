@@ -234,3 +234,78 @@ def test_a_process_with_nothing_left_keeps_joining_collective_steps():
     overlapped = run_overlapped(algo, [[7, 7]], ["q"], own, score, LOCALIZERS["callable"](),
                                 describe=lambda r: ["t"] * r.num_thoughts)
     assert asked == [] and _plain(overlapped) == _plain(alone)
+
+
+class _CharPolicy:
+    """Self-localization's policy over a real tokenizer: prompts encode to their token ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, prompts, requests):
+        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _sampled_groups(char_tokenizer, model, prompts, sampling_seeds):
+    """SRPO's groups for ``prompts`` of a 4-prompt batch, sampled at temperature 1 (the localization reply too) by
+    the compact decoder, all in one stream; ``sampling_seeds`` for the whole batch, or None."""
+    import torch
+    from transformers import GenerationConfig
+
+    from trl_resets.sampling import TransformersThoughtSampler
+
+    fmt = ThoughtFormat(max_completion_tokens=12, max_thought_tokens=4, max_thoughts=3)
+    sampler = TransformersThoughtSampler(model, char_tokenizer, fmt, GenerationConfig(do_sample=True, top_k=0),
+                                         eos_ids=[char_tokenizer.eos_token_id])
+    algo = ResetAlgorithm(Split(2, 1, 2), fmt, seed_budget=2)
+    contexts = [char_tokenizer(f"Q{p}:", add_special_tokens=False)["input_ids"] for p in range(4)]
+    torch.manual_seed(0)  # each process starts from the run's seed
+    return run_overlapped(
+        algo, [contexts[p] for p in prompts], [f"q{p}" for p in prompts], sampler.stream(),
+        lambda owners, completions: [[len(set(c)) / 16] for c in completions],
+        SelfLocalizer(max_new_tokens=3, temperature=1.0), describe=lambda r: ["t"] * r.num_thoughts,
+        policy=_CharPolicy(char_tokenizer), rng=[random.Random(p) for p in prompts],
+        sampling_seeds=None if sampling_seeds is None else [sampling_seeds[p] for p in prompts])
+
+
+def test_seeded_rows_sample_the_same_tokens_whatever_else_the_stream_decodes(char_tokenizer, tiny_model):
+    """The batch of 4 prompts decoded at once, or split in two halves as two processes would decode it: with a
+    sampling seed per prompt every row, localization reply and reset come out the same; without, they do not."""
+    seeds = [11, 12, 13, 14]
+    whole = _sampled_groups(char_tokenizer, tiny_model, range(4), seeds)
+    halves = _sampled_groups(char_tokenizer, tiny_model, [0, 1], seeds) + \
+        _sampled_groups(char_tokenizer, tiny_model, [2, 3], seeds)
+    assert _plain(whole) == _plain(halves)
+    rows = [tuple(row.completion_ids) for g in whole for row in g.rows]
+    assert len(set(rows)) > len(rows) // 2 and sum(len(g.resets) for g in whole) >= 2
+    assert all(r.reply for g in whole for r in g.resets)  # sampled replies, decoded in the stream
+    unseeded = _sampled_groups(char_tokenizer, tiny_model, range(4), None)
+    unseeded_halves = _sampled_groups(char_tokenizer, tiny_model, [0, 1], None) + \
+        _sampled_groups(char_tokenizer, tiny_model, [2, 3], None)
+    assert _plain(unseeded) != _plain(unseeded_halves)
+    assert _plain(_sampled_groups(char_tokenizer, tiny_model, range(4), [21, 12, 13, 14]))[0] != _plain(whole)[0]
+
+
+def test_a_stream_that_cannot_seed_rows_refuses_seeded_requests(char_tokenizer, tiny_model):
+    from transformers import GenerationConfig
+
+    from trl_resets.sampling import TransformersThoughtSampler
+    from trl_resets.sampling.base import DecodeRequest
+
+    fmt = ThoughtFormat(max_completion_tokens=8)
+    seeded = [DecodeRequest([5, 6], 0, 8, seed=3)]
+    with pytest.raises(ValueError, match="phased stream.*seed would be ignored"):
+        PhasedStream(Sampler(Policy(0))).submit(seeded)
+    plain = TransformersThoughtSampler(tiny_model, char_tokenizer, fmt, compact=False)
+    assert "generate" in plain.row_seed_refusal()
+    penalized = TransformersThoughtSampler(tiny_model, char_tokenizer, fmt,
+                                           GenerationConfig(do_sample=True, repetition_penalty=1.3))
+    assert "RepetitionPenaltyLogitsProcessor" in penalized.row_seed_refusal()
+    stream = penalized.stream()
+    stream.submit(seeded)
+    with pytest.raises(ValueError, match="seed of its own needs transformers' generate"), pytest.warns(UserWarning):
+        stream.step()
+    assert TransformersThoughtSampler(tiny_model, char_tokenizer, fmt).row_seed_refusal() is None

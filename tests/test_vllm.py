@@ -590,3 +590,55 @@ def test_vllm_stream_rows_join_the_next_round_and_decode_as_sample_does(monkeypa
         assert (g.token_ids, g.thought_spans, g.stop_reason) == (w.token_ids, w.thought_spans, w.stop_reason)
         assert len(g.logprobs) == len(g.token_ids)
     assert got[2] == want[2] and len(got[2]) == 5
+
+
+# ---------------------------------------------------------------------------------------------------- per-row seeds
+@pytest.mark.parametrize("per_thought", [True, False])
+def test_seeded_requests_sample_the_same_tokens_whatever_shares_their_calls(monkeypatch, char_tokenizer, per_thought):
+    """Colocate mode with `DecodeRequest.seed`: each request goes to vLLM with a seed of its own (per-thought rounds:
+    one derived per round), so a row's tokens follow from its seed, not from the engine's generator or the rows
+    beside it."""
+    from dataclasses import replace
+
+    from trl_resets.sampling.base import DecodeRequest
+
+    monkeypatch.setattr(fake_vllm.vllm_generation, "SamplingParams", fake_vllm.FakeSamplingParams, raising=False)
+    model = make_tiny_llama(char_tokenizer)
+    context = char_tokenizer(PROMPT)["input_ids"]
+    fmt = ThoughtFormat(max_completion_tokens=12, max_thought_tokens=4, max_thoughts=3)
+
+    def run(requests, engine_seed):
+        llm = fake_vllm.FakeLLM(model, char_tokenizer, prefix_caching=per_thought, seed=engine_seed)
+        stream = VLLMThoughtSampler(_engine(llm, temperature=1.0), char_tokenizer, fmt,
+                                    eos_ids=[char_tokenizer.eos_token_id], per_thought=per_thought).stream()
+        handles, done = stream.submit(requests), {}
+        while stream.busy:
+            done.update(stream.step())
+        return [getattr(done[h], "token_ids", done[h]) for h in handles], llm
+
+    rows = [DecodeRequest(context, 0, 12, seed=s) for s in (1, 2, 3)]
+    rows.append(DecodeRequest(context, reply_tokens=5, temperature=1.0, seed=4))
+    together, llm = run(rows, engine_seed=0)
+    assert together == [run([row], engine_seed=1 + i)[0][0] for i, row in enumerate(rows)]
+    assert len({tuple(t) for t in together[:3]}) == 3 and len(together[3]) == 5
+    assert len({p.seed for p in llm.calls}) == len(llm.calls) and None not in {p.seed for p in llm.calls}
+    if per_thought:
+        assert len(llm.calls) > len(rows)  # several rounds per rollout, each with a seed of its own
+    unseeded = [replace(row, seed=None) for row in rows]
+    assert run(unseeded, engine_seed=0)[0] != run(unseeded[::-1], engine_seed=0)[0][::-1]
+
+
+def test_per_row_sampling_seeds_are_refused_where_vllm_cannot_honour_them(tmp_path, char_tokenizer):
+    from trl_resets.sampling.base import DecodeRequest
+
+    with pytest.raises(ValueError, match="per_row_sampling_seed=True cannot be honoured with vllm_mode='server'"):
+        _args(tmp_path, SRPOConfig, use_vllm=True, vllm_mode="server", per_row_sampling_seed=True)
+    with pytest.raises(ValueError, match=r"per_row_sampling_seed=True .*generation_kwargs\['seed'\]"):
+        _args(tmp_path, SRPOConfig, use_vllm=True, per_row_sampling_seed=True, generation_kwargs={"seed": 1})
+    assert _args(tmp_path, SRPOConfig, use_vllm=True, per_row_sampling_seed=True).per_row_sampling_seed
+    llm = fake_vllm.FakeLLM(make_tiny_llama(char_tokenizer), char_tokenizer)
+    stream = VLLMThoughtSampler(_engine(llm, "server"), char_tokenizer, ThoughtFormat()).stream()
+    stream.submit([DecodeRequest(char_tokenizer(PROMPT)["input_ids"], 0, 8, seed=1)])
+    with pytest.raises(ValueError, match="cannot go to a vLLM server"):
+        stream.step()
+    assert llm.requests == 0

@@ -1,12 +1,18 @@
-"""Run by tests/test_world_size.py: one RRPO generation over a global batch of 4 prompts, on 1 process (run
-directly) or 2 (accelerate launch, CPU). Writes this process's prompts, reset choices, rows and advantages."""
+"""Run by tests/test_world_size.py: one generation over a global batch of 4 prompts, on 1 process (run directly)
+or 2 (accelerate launch, CPU). Writes this process's prompts, reset choices, rows and advantages.
+
+``worker.py OUT``: RRPO with a scripted policy. ``worker.py OUT MODEL_DIR``: SRPO sampling (temperature 1, a
+sampled localization reply) from the random-weight model saved in MODEL_DIR, with the transformers backend and
+with vLLM in colocate mode (the stand-in engine), each once with ``per_row_sampling_seed`` and once without.
+"""
 
 import os
 import sys
 
 from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_resets import RRPOConfig, RRPOTrainer
+from trl_resets import RRPOConfig, RRPOTrainer, SRPOConfig, SRPOTrainer
 from trl_resets import trainer as trainer_module
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
@@ -18,6 +24,57 @@ GLOBAL_ROWS = 32  # 4 prompts x 8 rows (split 0 x 2 x 4)
 
 def reward(completions, answer, **kwargs):
     return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+
+def generation(trainer) -> dict:
+    """One generation step of ``trainer``: the prompts it sampled for, its resets and localization replies, and the
+    rows and advantages TRL received."""
+    seen, generated, replies = [], [], []
+    rollout, score, summarize = trainer._reset_rollout, trainer._generate_and_score_completions, trainer._summarize
+    trainer._reset_rollout = lambda prompts: seen.extend(prompts) or rollout(prompts)
+    trainer._generate_and_score_completions = lambda inputs: generated.append(score(inputs)) or generated[-1]
+    trainer._summarize = lambda groups, *a: replies.extend(r.reply for g in groups for r in g.resets) or summarize(
+        groups, *a)
+    trainer.model.train()
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # TRL shuffles its rows after this
+    (output,) = generated
+    return {
+        "prompts": seen,
+        "resets": trainer.reset_history[-1]["resets"],
+        "replies": replies,
+        "completion_ids": [ids[mask.bool()].tolist() for ids, mask in
+                           zip(output["completion_ids"], output["completion_mask"])],
+        "advantages": output["advantages"].tolist(),
+    }
+
+
+def distinct_characters(completions, **kwargs):
+    return [len(set(c)) / 24 for c in completions]
+
+
+def sampled(out_dir, model_dir):
+    from tests import fake_vllm
+
+    fake_vllm.install(prefix_caching=True)  # for the vLLM runs: colocated stand-in engines
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = Dataset.from_dict({"prompt": [f"{i}+{7 - i}?" for i in range(8)]})
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    report = {}
+    for backend in ("transformers", "vllm"):
+        for seeded in (True, False):
+            args = SRPOConfig(
+                output_dir=out_dir, per_device_train_batch_size=16 // world, max_steps=1, report_to="none",
+                use_cpu=True, bf16=False, save_strategy="no", num_base_generations=2, num_reset_prefixes=1,
+                num_reset_generations=2, max_thought_tokens=5, max_thoughts=3, max_completion_length=15,
+                seed_budget=2, temperature=1.0, localization_max_tokens=4, localization_temperature=1.0,
+                per_row_sampling_seed=seeded, use_vllm=backend == "vllm", vllm_mode="colocate",
+            )
+            trainer = SRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                                  reward_funcs=distinct_characters, args=args, train_dataset=data,
+                                  processing_class=tok)
+            report[f"{backend}/{'seeded' if seeded else 'unseeded'}"] = generation(trainer)
+    report["num_processes"] = trainer.accelerator.num_processes
+    write_report(trainer, out_dir, report)
 
 
 def main(out_dir):
@@ -41,26 +98,14 @@ def main(out_dir):
     )
     trainer = RRPOTrainer(model=ScriptedLlama.build(tok, scripts), reward_funcs=reward, args=args,
                           train_dataset=data, processing_class=tok)
-    seen = []
-    original = trainer._reset_rollout
-    trainer._reset_rollout = lambda prompts: seen.extend(prompts) or original(prompts)
-    generated = []
-    score = trainer._generate_and_score_completions
-    trainer._generate_and_score_completions = lambda inputs: generated.append(score(inputs)) or generated[-1]
-    trainer.model.train()
-    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # TRL shuffles its rows after this
-    (output,) = generated
-    report = {
-        "num_processes": trainer.accelerator.num_processes,
-        "prompts": seen,
-        "resets": trainer.reset_history[-1]["resets"],
-        "completion_ids": [ids[mask.bool()].tolist() for ids, mask in
-                           zip(output["completion_ids"], output["completion_mask"])],
-        "advantages": output["advantages"].tolist(),
-    }
+    report = generation(trainer)
+    report["num_processes"] = trainer.accelerator.num_processes
     write_report(trainer, out_dir, report)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 2:
+        sampled(sys.argv[1], sys.argv[2])
+    else:
+        main(sys.argv[1])
     exit_at_once()

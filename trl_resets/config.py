@@ -109,6 +109,15 @@ class ResetConfig(GRPOConfig):
         cache) as soon as it stops, so the work follows the tokens drawn; `False` uses transformers'
         `generate`, which computes every row until the batch's longest ends. Same logits processors and
         draws; configs with per-row processors (repetition penalty, minimum lengths) use `generate`.
+    per_row_sampling_seed (`bool`, defaults to `False`):
+        Draw each row's tokens from a random generator of its own, seeded from `seed`, the generation, the prompt's
+        index in the global batch and the row's place in the prompt's groups (phase-1 draw, localization reply,
+        suffix of a reset), so that a sampled row does not depend on the rows decoded beside it nor on the
+        process: a run samples the same rows on 1 process as on 2 (see docs/scaling.md). The compact decoder then
+        draws one multinomial per row and step; vLLM in colocate mode gets one seed per request. Refused where it
+        cannot be honoured: `compact_decoding=False`, ZeRO-3, settings the compact decoder hands to `generate`,
+        vLLM server mode, `generation_kwargs["seed"]`, sampled repair replies, localizers that need the policy
+        for a whole batch at once.
     merge_adapter_for_sampling (`bool`, defaults to `True`):
         Without vLLM: sample from the policy in eval mode (no dropout, as vLLM samples) with its LoRA adapters
         merged into the base weights, one matmul per layer instead of three. The base weights are restored bit
@@ -205,6 +214,10 @@ class ResetConfig(GRPOConfig):
     compact_decoding: bool = field(
         default=True, metadata={"help": "Without vLLM: drop stopped rollouts from the decoding batch at once."}
     )
+    per_row_sampling_seed: bool = field(
+        default=False,
+        metadata={"help": "Draw each row's tokens from its own generator, so runs do not depend on the world size."},
+    )
     merge_adapter_for_sampling: bool = field(
         default=True, metadata={"help": "Without vLLM: sample in eval mode with LoRA adapters merged (exact restore)."}
     )
@@ -296,6 +309,28 @@ class ResetConfig(GRPOConfig):
         self._check_credit_options()
         if not self.use_vllm:
             self._check_generation_kwargs()
+        if self.per_row_sampling_seed:
+            self._check_per_row_sampling_seed()
+
+    def _check_per_row_sampling_seed(self):
+        """Settings under which some rows would still be drawn from a shared generator fail here, naming the fix."""
+        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        refused = None
+        if self.use_vllm and self.vllm_mode == "server":
+            refused = ("vllm_mode='server': the server applies one seed to every prompt of a call. Use "
+                       "vllm_mode='colocate'")
+        elif self.use_vllm and kwargs.get("seed") is not None:
+            refused = ("generation_kwargs['seed'] sets the vLLM seeds too (one per row and process). Unset it; the "
+                       "row seeds derive from `seed`")
+        elif not self.use_vllm and not self.compact_decoding:
+            refused = ("compact_decoding=False: transformers' generate draws every row from one generator. Set "
+                       "compact_decoding=True")
+        elif self.credit == "repair" and self.repair_temperature > 0:
+            refused = (f"credit='repair' with repair_temperature={self.repair_temperature}: repair replies are drawn "
+                       "from the process's generator. Set repair_temperature=0 (greedy)")
+        if refused:
+            raise ValueError(f"per_row_sampling_seed=True cannot be honoured with {refused}, or set "
+                             "per_row_sampling_seed=False.")
 
     def _check_generation_kwargs(self):
         """Settings of transformers' generation that the thought sampler (one sampled token per row and step, a

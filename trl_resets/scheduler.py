@@ -15,17 +15,23 @@ from a `DecodingStream`, into which work joins while other rows are still decodi
 The rows, seeds, base groups and reset states equal `ResetAlgorithm.run`'s for the same draws and answers, random
 resets included: both draw a seed's random reset (a random localizer, an unusable answer) from that seed's own
 generator (`resets.SeedGenerators`), which does not depend on the order in which seeds are found.
+
+With ``sampling_seeds`` (one per prompt), every request carries a seed of its own (`DecodeRequest.seed`), derived
+from its prompt's and its role there: phase-1 draw j, the localization reply of seed g, suffix j of seed g's reset
+state. A stream that draws each request from its own generator then samples a row's tokens whatever else is
+decoded beside it, and on whichever process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .localizers import Localization, Localizer
 from .resets import PromptGroups, ResetAlgorithm, Scored, ScoreFn, SeedGenerators, SeedOutcome
-from .sampling.base import DecodeRequest, DecodingStream
+from .sampling.base import DecodeRequest, DecodingStream, derive_seed
 from .thoughts import Rollout
 
 
@@ -64,22 +70,30 @@ def run_overlapped(
     policy=None,
     rng: random.Random | Sequence[random.Random] | None = None,
     rows: Sequence[Mapping] | None = None,
+    sampling_seeds: Sequence[int] | None = None,
 ) -> list[PromptGroups]:
-    """Algorithm 2 for every prompt, as `ResetAlgorithm.run` (same arguments, a stream for the sampler)."""
+    """Algorithm 2 for every prompt, as `ResetAlgorithm.run` (same arguments, a stream for the sampler).
+
+    ``sampling_seeds``: one per prompt, from which each of its requests gets a seed of its own (see the module
+    docstring); None leaves the requests unseeded."""
     if not algorithm.split.is_grpo and not can_overlap(localizer, policy):
         raise ValueError(
             f"localizer {getattr(localizer, 'name', type(localizer).__name__)!r} can be neither streamed (prompts/"
             "read with a policy that encodes and decodes) nor called one seed at a time (uses_policy = False); "
             "use ResetAlgorithm.run for it.")
+    if sampling_seeds is not None and len(sampling_seeds) != len(contexts):
+        raise ValueError(f"{len(sampling_seeds)} sampling seeds for {len(contexts)} prompts: pass one per prompt.")
     return _Run(algorithm, contexts, questions, stream, score, localizer, describe, policy,
-                SeedGenerators(rng, len(contexts)), rows).run()
+                SeedGenerators(rng, len(contexts)), rows, sampling_seeds).run()
 
 
 class _Run:
-    def __init__(self, algorithm, contexts, questions, stream, score, localizer, describe, policy, seed_rng, rows):
+    def __init__(self, algorithm, contexts, questions, stream, score, localizer, describe, policy, seed_rng, rows,
+                 sampling_seeds):
         self.algo, self.stream, self.score, self.localizer = algorithm, stream, score, localizer
         self.questions, self.describe, self.policy, self._seed_rng, self.rows = questions, describe, policy, \
             seed_rng, rows
+        self.sampling_seeds = sampling_seeds
         self.streamed = streams_localization(localizer, policy)
         self.prompts = [_Prompt(list(c)) for c in contexts]
         self.jobs: dict[int, tuple] = {}  # stream handle -> what it is for
@@ -106,6 +120,13 @@ class _Run:
             return self.algo.sync_any(self.stream.busy)
         return self.stream.busy
 
+    def _seeded(self, request: DecodeRequest, p: int, *role) -> DecodeRequest:
+        """The request with its own seed, from prompt ``p``'s and the request's ``role`` there (unchanged without
+        sampling seeds)."""
+        if self.sampling_seeds is None:
+            return request
+        return dataclasses.replace(request, seed=derive_seed(self.sampling_seeds[p], *role))
+
     def _flush(self) -> None:
         if self.outbox:
             outbox, self.outbox = self.outbox, []
@@ -116,7 +137,8 @@ class _Run:
         prompt = self.prompts[p]
         budget = self.algo.fmt.max_completion_tokens
         for _ in range(count):
-            self.outbox.append((DecodeRequest(prompt.context, 0, budget), ("draw", p, len(prompt.draws))))
+            request = self._seeded(DecodeRequest(prompt.context, 0, budget), p, "draw", len(prompt.draws))
+            self.outbox.append((request, ("draw", p, len(prompt.draws))))
             prompt.draws.append(None)
             prompt.pending += 1
 
@@ -169,8 +191,8 @@ class _Run:
                                                  None if self.rows is None else self.rows[p], self._seed_rng(p, g))
         if self.streamed:
             (ids,) = self.policy.encode(self.localizer.prompts([request]), [request])
-            reply = DecodeRequest(list(ids), reply_tokens=self.localizer.max_new_tokens,
-                                  temperature=self.localizer.temperature)
+            reply = self._seeded(DecodeRequest(list(ids), reply_tokens=self.localizer.max_new_tokens,
+                                               temperature=self.localizer.temperature), p, "reply", g)
             self.outbox.append((reply, ("reply", p, g, request)))
             return
         answers = self.localizer.locate([request], self.policy, self._seed_rng(p, g))
@@ -185,5 +207,5 @@ class _Run:
         outcome.suffixes = [None] * len(requests)
         prompt.outcomes[g] = outcome
         for j, request in enumerate(requests):
-            self.outbox.append((request, ("suffix", p, g, j)))
+            self.outbox.append((self._seeded(request, p, "suffix", g, j), ("suffix", p, g, j)))
 

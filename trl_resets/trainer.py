@@ -45,6 +45,7 @@ from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
+from .sampling.base import derive_seed
 from .sampling.vllm_backend import check_vllm_generation_kwargs
 from .scheduler import can_overlap, run_overlapped
 from .tasks.arithmetic import thought_value
@@ -365,6 +366,8 @@ class ResetTrainer(GRPOTrainer):
                 "different numbers of rollouts per round, and a sharded reward model needs them in step. Use ZeRO-2, "
                 "or wrap the reward model in a function that runs an unsharded copy."
             )
+        if args.per_row_sampling_seed:
+            self._check_per_row_sampling_seed()
         self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
@@ -372,6 +375,23 @@ class ResetTrainer(GRPOTrainer):
         self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
         self._unscored = [0, 0]  # completions with no reward from any function, completions scored (this step)
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
+
+    def _check_per_row_sampling_seed(self) -> None:
+        """What the config cannot see: the localizer, ZeRO-3 and the generation settings as the sampler builds them
+        (settings the compact decoder hands to `generate`)."""
+        refused = None
+        # the trainer's policy always encodes and decodes text: whether a localizer streams is the localizer's say
+        if not self.split.is_grpo and not can_overlap(self.localizer, _PolicyText):
+            refused = (f"localizer {self.localizer.name!r}, which needs the policy for a whole batch at once and so "
+                       "decodes its replies outside the per-row stream. Use a localizer that streams its prompts "
+                       "(prompts/read) or answers without the policy (uses_policy = False)")
+        elif not self.use_vllm:
+            reason = self._transformers_sampler(self.model).row_seed_refusal()
+            if reason is not None:
+                refused = f"this trainer's sampling: {reason}"
+        if refused:
+            raise ValueError(f"per_row_sampling_seed=True cannot be honoured with {refused}; or set "
+                             "per_row_sampling_seed=False.")
 
     # ------------------------------------------------------------------ generation
     def _any_process(self, flag: bool) -> bool:
@@ -425,12 +445,28 @@ class ResetTrainer(GRPOTrainer):
             process_index=self.accelerator.process_index,
         )
 
+    @property
+    def _zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _transformers_sampler(self, model) -> TransformersThoughtSampler:
+        return TransformersThoughtSampler(
+            model,
+            self.processing_class,
+            self.thought_format,
+            generation_config=self.generation_config,
+            eos_ids=list(self.eos_token_ids),
+            collective=self._zero3,
+            share_prefill=self.args.share_prefill,
+            compact=self.args.compact_decoding,
+        )
+
     @contextmanager
     def _sampler(self):
         if self.use_vllm:  # TRL has synced the weights into the engine before calling the rollout function
             yield self._vllm_sampler()
             return
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        zero3 = self._zero3
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -444,16 +480,7 @@ class ResetTrainer(GRPOTrainer):
             sampling_weights(model, merge=self.args.merge_adapter_for_sampling and not zero3
                              and not self.is_fsdp_enabled),
         ):
-            yield TransformersThoughtSampler(
-                model,
-                self.processing_class,
-                self.thought_format,
-                generation_config=self.generation_config,
-                eos_ids=list(self.eos_token_ids),
-                collective=zero3,
-                share_prefill=self.args.share_prefill,
-                compact=self.args.compact_decoding,
-            )
+            yield self._transformers_sampler(model)
 
     def _describe(self, rollout: Rollout) -> list[str]:
         decode = self.processing_class.decode
@@ -566,7 +593,8 @@ class ResetTrainer(GRPOTrainer):
                       "localizer": localizer, "describe": self._describe, "policy": policy,
                       "rng": self._prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts]}
             if can_overlap(localizer, policy) or self.split.is_grpo:  # no barriers between the phases
-                groups = run_overlapped(self.reset_algorithm, stream=sampler.stream(), **common)
+                groups = run_overlapped(self.reset_algorithm, stream=sampler.stream(), **common,
+                                        sampling_seeds=self._prompt_sampling_seeds(len(firsts)))
             else:  # a localizer that needs the policy for a whole batch at once
                 groups = self.reset_algorithm.run(sampler=sampler, **common)
             self._batch_state = self._summarize(groups, questions, policy)
@@ -581,14 +609,28 @@ class ResetTrainer(GRPOTrainer):
             "env_mask": [[0] * row.prefix_len + [1] * row.active_tokens for row in rows],
         }
 
-    def _prompt_generators(self, num_prompts: int) -> list[random.Random]:
-        """One generator per prompt of this process's generation batch, for its reset choices and localizer
-        draws, keyed by (seed, generation, the prompt's index in the global batch): TRL hands each process a
-        contiguous block of the global batch, so a run draws the same resets whatever its number of processes,
-        and a resumed run the same as the uninterrupted one, with no generator state to save."""
+    def _global_prompts(self, num_prompts: int) -> tuple[int, range]:
+        """(the generation, the global batch indices of this process's prompts): TRL hands each process a contiguous
+        block of the global batch."""
         generation = self._step // (self.args.steps_per_generation * self.num_iterations)
         first = self.accelerator.process_index * num_prompts
-        return [random.Random(f"trl-resets:{self.args.seed}:{generation}:{first + i}") for i in range(num_prompts)]
+        return generation, range(first, first + num_prompts)
+
+    def _prompt_generators(self, num_prompts: int) -> list[random.Random]:
+        """One generator per prompt of this process's generation batch, for its reset choices and localizer
+        draws, keyed by (seed, generation, the prompt's index in the global batch), so a run draws the same resets
+        whatever its number of processes, and a resumed run the same as the uninterrupted one, with no generator
+        state to save."""
+        generation, prompts = self._global_prompts(num_prompts)
+        return [random.Random(f"trl-resets:{self.args.seed}:{generation}:{i}") for i in prompts]
+
+    def _prompt_sampling_seeds(self, num_prompts: int) -> list[int] | None:
+        """With ``per_row_sampling_seed``: one seed per prompt, keyed as `_prompt_generators` are, from which each of
+        the prompt's rows derives the seed of its tokens (`scheduler.run_overlapped`); None without."""
+        if not self.args.per_row_sampling_seed:
+            return None
+        generation, prompts = self._global_prompts(num_prompts)
+        return [derive_seed("trl-resets-tokens", self.args.seed, generation, i) for i in prompts]
 
     def _summarize(self, groups: list[PromptGroups], questions: list[str], policy) -> dict:
         """Rewards, per-group advantages (per token with comparison-based credit) and metric sums of this process's

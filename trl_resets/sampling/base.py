@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,17 +49,29 @@ class ThoughtDecoding:
         return ThoughtTracker(self.fmt, self._decode, self.eos_ids, start_thoughts, max(token_budget, 1))
 
 
+def derive_seed(*parts) -> int:
+    """A 63-bit seed fixed by ``parts`` (their text joined by ``/``), distinct for distinct parts: the seed of one
+    row's own random generator."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # vLLM seeds are signed 64-bit integers
+
+
 @dataclass
 class DecodeRequest:
     """One unit of work for a `DecodingStream`: a rollout (thought by thought, ``start_thoughts`` already in the
     context, at most ``token_budget`` new tokens), or, when ``reply_tokens`` is set, a free reply of at most that
-    many tokens at ``temperature`` (the localization reply), cut after its first EOS."""
+    many tokens at ``temperature`` (the localization reply), cut after its first EOS.
+
+    ``seed`` set: the request's tokens are drawn from a random generator of its own, seeded with it, so they
+    depend neither on the other requests decoded beside it nor on the process (a stream that cannot do that
+    refuses the request). None: from the backend's shared generator."""
 
     context: list[int]
     start_thoughts: int = 0
     token_budget: int = 0
     reply_tokens: int | None = None
     temperature: float = 0.0
+    seed: int | None = None
 
     @property
     def is_reply(self) -> bool:
@@ -107,6 +120,12 @@ class PhasedStream:
         return bool(self._queue)
 
     def submit(self, requests: list[DecodeRequest]) -> list[int]:
+        if any(r.seed is not None for r in requests):
+            raise ValueError(
+                "a request with a seed of its own reached a phased stream, whose sampler draws every row from one "
+                "shared generator (transformers' generate, collective decoding), so its seed would be ignored. "
+                "Decode seeded rows with the compact decoder (compact_decoding=True, no ZeRO-3 collective decoding) "
+                "or vLLM in colocate mode, or turn per_row_sampling_seed off.")
         handles = list(range(self._handles, self._handles + len(requests)))
         self._handles += len(requests)
         self._queue.extend(zip(handles, requests))

@@ -302,33 +302,43 @@ class TransformersThoughtSampler(ThoughtDecoding):
         return _CompactStream(self) if self.compact else PhasedStream(self)
 
     def _compact_processors(self, config: GenerationConfig, contexts):
-        """The logits processors ``generate`` would build for ``config``, or None (use ``generate``) when one of
-        them keeps per-row state, the model is under a prompt-learning adapter, or a context is empty."""
+        """The logits processors ``generate`` would build for ``config``, or None (use ``generate``, with a warning)
+        when one of them keeps per-row state, the model is under a prompt-learning adapter, or a context is empty."""
+        processors, reason = self._processors_or_reason(config, contexts)
+        if processors is None:
+            self.generate_calls += 1
+            _warn_once(f"compact decoding is off for {reason}; sampling with transformers' generate instead.")
+        return processors
+
+    def _processors_or_reason(self, config: GenerationConfig, contexts):
+        """(the compact decoder's logits processors for ``config``, None), or (None, why ``generate`` must decode)."""
         peft_config = getattr(self.model, "active_peft_config", None)
-        reason = None
         if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-            reason = "a prompt-learning adapter"
-        elif not all(contexts):
-            reason = "an empty context"
-        else:
-            try:  # generate's own config resolution and processor list (private helpers of transformers 5)
-                resolved, _ = self.model._prepare_generation_config(copy.deepcopy(config))
-                processors = self.model._get_logits_processor(
-                    generation_config=resolved, input_ids_seq_length=max(len(c) for c in contexts),
-                    device=self.model.device,
-                )
-            except (AttributeError, TypeError, ValueError) as error:
-                resolved, processors = None, None
-                reason = f"this transformers version ({type(error).__name__}: {error})"
-            if processors is not None:
-                unsafe = [type(p).__name__ for p in processors if not isinstance(p, _ROW_SAFE_PROCESSORS)]
-                if not unsafe and not (resolved.min_new_tokens or resolved.min_length):
-                    processors.do_sample = bool(resolved.do_sample)
-                    return processors
-                reason = f"logits processors that keep per-row state ({', '.join(unsafe) or 'minimum lengths'})"
-        self.generate_calls += 1
-        _warn_once(f"compact decoding is off for {reason}; sampling with transformers' generate instead.")
-        return None
+            return None, "a prompt-learning adapter"
+        if not all(contexts):
+            return None, "an empty context"
+        try:  # generate's own config resolution and processor list (private helpers of transformers 5)
+            resolved, _ = self.model._prepare_generation_config(copy.deepcopy(config))
+            processors = self.model._get_logits_processor(
+                generation_config=resolved, input_ids_seq_length=max(len(c) for c in contexts),
+                device=self.model.device,
+            )
+        except (AttributeError, TypeError, ValueError) as error:
+            return None, f"this transformers version ({type(error).__name__}: {error})"
+        unsafe = [type(p).__name__ for p in processors if not isinstance(p, _ROW_SAFE_PROCESSORS)]
+        if unsafe or resolved.min_new_tokens or resolved.min_length:
+            return None, f"logits processors that keep per-row state ({', '.join(unsafe) or 'minimum lengths'})"
+        processors.do_sample = bool(resolved.do_sample)
+        return processors, None
+
+    def row_seed_refusal(self) -> str | None:
+        """Why this sampler cannot draw each row from a generator of its own (`DecodeRequest.seed`), or None when it
+        can: only the compact decoder can, and only for settings it decodes itself."""
+        if not self.compact:
+            return ("rows are decoded by transformers' generate, which draws every row from one generator (compact "
+                    "decoding is off, or decoding is collective under ZeRO-3)")
+        _, reason = self._processors_or_reason(self._config({"max_new_tokens": 1}), [[self.pad_id]])
+        return None if reason is None else f"the compact decoder hands {reason} to transformers' generate"
 
     def _forward_kwargs(self) -> dict:
         """``logits_to_keep=1`` where the model takes it: the prefill needs only the last position's logits."""
@@ -403,6 +413,9 @@ class _RowState:
         else:
             self.tracker = sampler._tracker(request.start_thoughts, request.token_budget)
             self.tokens, self.max_new = self.tracker.tokens, self.tracker.token_budget
+        self.generator = None  # the row's own, for a request with a seed
+        if request.seed is not None:
+            self.generator = torch.Generator(device=sampler.model.device).manual_seed(request.seed)
 
     def push(self, token: int) -> bool:
         """Feeds the row's next token; True once the row is done."""
@@ -501,20 +514,27 @@ class _CompactStream:
 
     def _draw(self) -> torch.Tensor:
         """The next token of every running row, each kind with its own processors (softmax then one multinomial
-        draw, or argmax, as ``generate`` draws)."""
-        def draw(processors, ids, logits):
+        draw, or argmax, as ``generate`` draws). Rows with a generator of their own (seeded requests) draw one
+        multinomial each from it; the others draw together from the process's generator."""
+        def draw(processors, ids, logits, rows):
             scores = processors(ids, logits)
-            if processors.do_sample:
-                return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            return torch.argmax(scores, dim=-1)
+            if not processors.do_sample:
+                return torch.argmax(scores, dim=-1)
+            probs = torch.softmax(scores, dim=-1)
+            if all(row.generator is None for row in rows):
+                return torch.multinomial(probs, num_samples=1).squeeze(1)
+            return torch.cat([torch.multinomial(p[None], num_samples=1, generator=row.generator)[0]
+                              for p, row in zip(probs, rows)])
 
         keys = dict.fromkeys(self.kinds)
         if len(keys) == 1:
-            return draw(self.processors[self.kinds[0]], self.ids, self.logits)
+            return draw(self.processors[self.kinds[0]], self.ids, self.logits, self.rows)
         tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.ids.device)
         for key in keys:
-            index = torch.tensor([b for b, k in enumerate(self.kinds) if k == key], device=self.ids.device)
-            tokens[index] = draw(self.processors[key], self.ids[index], self.logits[index])
+            members = [b for b, k in enumerate(self.kinds) if k == key]
+            index = torch.tensor(members, device=self.ids.device)
+            tokens[index] = draw(self.processors[key], self.ids[index], self.logits[index],
+                                 [self.rows[b] for b in members])
         return tokens
 
     def _admit(self) -> list[tuple[int, Rollout | list[int]]]:
@@ -540,6 +560,12 @@ class _CompactStream:
             else:
                 joining.append((handle, request))
                 kinds.append(key)
+        if any(r.seed is not None for _, r in fallback):
+            raise ValueError(
+                "a request with a seed of its own needs transformers' generate here (an empty context, or logits "
+                "processors that keep per-row state), which draws every row from one generator, so its seed would "
+                "be ignored. Give every request a context and leave per-row processors (repetition penalty, "
+                "minimum lengths) unset, or turn per_row_sampling_seed off.")
         if fallback:
             done += list(zip([h for h, _ in fallback], self.sampler._serve_generate([r for _, r in fallback])))
         if joining:

@@ -27,14 +27,13 @@ completions back, so processes may have different numbers of unfinished rows in 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 
 from trl.generation import vllm_generation
 
 from ..thoughts import Rollout, ThoughtFormat, ThoughtTracker
-from .base import DecodeRequest, ThoughtDecoding
+from .base import DecodeRequest, ThoughtDecoding, derive_seed
 
 # generation_kwargs entries the package sets itself (or that contradict its config), with the fix.
 _OWN_SETTINGS = {
@@ -97,8 +96,7 @@ def check_vllm_generation_kwargs(generation_kwargs: dict | None, mode: str) -> N
 
 def row_seed(seed: int, process_index: int, row: int) -> int:
     """The seed of the ``row``-th seeded request of a process: distinct per row and process, fixed by ``seed``."""
-    digest = hashlib.blake2b(f"{seed}/{process_index}/{row}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # vLLM seeds are signed 64-bit integers
+    return derive_seed(seed, process_index, row)
 
 
 def sampled_logprob(token_ids: list[int] | None, logprobs: list | None, token: int) -> float:
@@ -242,20 +240,26 @@ class VLLMThoughtSampler(ThoughtDecoding):
             raise ValueError(error or "a request of another process exceeds the vLLM engine's max_model_len; "
                                       "see that process's error for the row and the fix.")
 
-    def _request(self, prompts: list[list[int]], max_tokens: list[int], temperature=None, extra=None, kind="rollout"):
+    def _request(self, prompts: list[list[int]], max_tokens: list[int], temperature=None, extra=None, kind="rollout",
+                 seeds: list[int | None] | None = None):
         """Completion ids and sampled-token logprobs per prompt (one completion each, ``max_tokens[i]`` at most);
-        ``temperature``: one for every row, or a list with one per row (None: the config's)."""
+        ``temperature``: one for every row, or a list with one per row (None: the config's). ``seeds``: each
+        request's own seed (colocate only; None: derived from ``generation_kwargs['seed']`` when set)."""
         extra = extra or {}
         temperatures = temperature if isinstance(temperature, list) else [temperature] * len(prompts)
         self._check_lengths([len(p) for p in prompts], max_tokens, kind)
         if self.engine.mode == "server":
+            if any(seed is not None for seed in seeds or []):
+                raise ValueError(
+                    "requests with seeds of their own cannot go to a vLLM server, which applies one seed to every "
+                    "prompt of a call. Use vllm_mode='colocate', or turn per_row_sampling_seed off.")
             return self._request_server(prompts, max_tokens, temperatures, extra)
         if not prompts:
             return [], []
         user = self.engine.generation_kwargs or {}
         params = [  # vLLM's SamplingParams, as TRL's wrapper imports it
             vllm_generation.SamplingParams(**self._settings(m, t), **{**user, **extra, "seed": seed})
-            for m, t, seed in zip(max_tokens, temperatures, self._next_row_seeds(len(prompts)))
+            for m, t, seed in zip(max_tokens, temperatures, seeds or self._next_row_seeds(len(prompts)))
         ]
         outputs = self.engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params,
                                            use_tqdm=False)
@@ -347,13 +351,14 @@ class VLLMThoughtSampler(ThoughtDecoding):
             self._thought_round([contexts[i] for i in active], [trackers[i] for i in active],
                                 [logprobs[i] for i in active])
 
-    def _thought_round(self, contexts, trackers, logprobs) -> None:
-        """One request per row for its next thought, stopping at the thought boundary (or the row's budget)."""
+    def _thought_round(self, contexts, trackers, logprobs, seeds=None) -> None:
+        """One request per row for its next thought, stopping at the thought boundary (or the row's budget);
+        ``seeds``: each row's own seed (None: unseeded), from which each of its requests derives one."""
         # Stop strings are matched on the decoded completion; keep special tokens in it, as the tracker does.
         stop = {"stop": [self.fmt.boundary], "include_stop_str_in_output": True, "skip_special_tokens": False}
         prompts = [list(context) + tracker.tokens for context, tracker in zip(contexts, trackers)]
         budgets = [min(self.fmt.max_thought_tokens, t.token_budget - len(t.tokens)) for t in trackers]
-        completions, lps = self._request(prompts, budgets, extra=stop)
+        completions, lps = self._request(prompts, budgets, extra=stop, seeds=_round_seeds(seeds, trackers))
         self.rounds += 1
         for tracker, lp_out, ids, new_lps in zip(trackers, logprobs, completions, lps):
             if not ids:  # the engine gave nothing back: end the row rather than loop forever
@@ -364,9 +369,10 @@ class VLLMThoughtSampler(ThoughtDecoding):
     def complete(self, prompts, max_new_tokens, temperature) -> list[list[int]]:
         return self._replies([list(p) for p in prompts], [max_new_tokens] * len(prompts), temperature)
 
-    def _replies(self, prompts, max_new_tokens: list[int], temperature) -> list[list[int]]:
+    def _replies(self, prompts, max_new_tokens: list[int], temperature, seeds=None) -> list[list[int]]:
         """Free replies, each cut after its first EOS."""
-        completions, _ = self._request(prompts, max_new_tokens, temperature=temperature, kind="localization")
+        completions, _ = self._request(prompts, max_new_tokens, temperature=temperature, kind="localization",
+                                       seeds=seeds)
         replies = []
         for row in completions:
             cut = next((j + 1 for j, tok in enumerate(row) if tok in self.eos_ids), len(row))
@@ -385,13 +391,18 @@ class _VLLMStream:
     rollout asks for its next thought; rollouts submitted since the last step join that round, so a reset suffix
     starts while other rollouts are mid-chain. One pass: each step sends everything submitted since the last one,
     each rollout for its whole budget. Localization replies go out in the same step, in a request of their own
-    (no stop strings). The steps are collective: every process makes the same requests calls, as in `sample`."""
+    (no stop strings). The steps are collective: every process makes the same requests calls, as in `sample`.
+
+    A request with a seed (`DecodeRequest.seed`, colocate mode) sends it to vLLM as its per-request seed; a rollout's
+    later per-thought rounds send seeds derived from it and the tokens it has so far, so its tokens follow from its
+    seed alone, whatever other rows share the engine's calls."""
 
     collective = True
 
     def __init__(self, sampler: VLLMThoughtSampler):
         self.sampler = sampler
-        self.rows: list[tuple[int, ThoughtTracker, list[float], list[int]]] = []  # handle, tracker, logprobs, context
+        # handle, tracker, logprobs, context, seed
+        self.rows: list[tuple[int, ThoughtTracker, list[float], list[int], int | None]] = []
         self.joining: list[tuple[int, DecodeRequest]] = []
         self.replies: list[tuple[int, DecodeRequest]] = []
         self.handles = 0
@@ -413,22 +424,39 @@ class _VLLMStream:
         trackers = [s._tracker(r.start_thoughts, r.token_budget) for _, r in joining]
         # every request of a rollout fits when its context plus its whole budget does: fail before the first one
         s._check_lengths([len(r.context) for _, r in joining], [t.token_budget for t in trackers], "rollout")
-        self.rows += [(h, t, [], list(r.context)) for (h, r), t in zip(joining, trackers)]
+        self.rows += [(h, t, [], list(r.context), r.seed) for (h, r), t in zip(joining, trackers)]
         if s.per_thought:
             live = [row for row in self.rows if not row[1].done]
-            s._thought_round([row[3] for row in live], [row[1] for row in live], [row[2] for row in live])
+            s._thought_round([row[3] for row in live], [row[1] for row in live], [row[2] for row in live],
+                             [row[4] for row in live])
         else:
-            completions, lps = s._request([row[3] for row in self.rows], [row[1].token_budget for row in self.rows])
+            completions, lps = s._request([row[3] for row in self.rows], [row[1].token_budget for row in self.rows],
+                                          seeds=_round_seeds([row[4] for row in self.rows],
+                                                             [row[1] for row in self.rows]))
             s.rounds += 1
-            for (_, tracker, lp_out, _), ids, new_lps in zip(self.rows, completions, lps):
+            for (_, tracker, lp_out, _, _), ids, new_lps in zip(self.rows, completions, lps):
                 s._feed(tracker, lp_out, ids, new_lps)
                 tracker.finish()
-        done = [(h, s._rollout(t, lps)) for h, t, lps, _ in self.rows if t.done]
+        done = [(h, s._rollout(t, lps)) for h, t, lps, _, _ in self.rows if t.done]
         self.rows = [row for row in self.rows if not row[1].done]
         replies, self.replies = self.replies, []
         out = s._replies([list(r.context) for _, r in replies], [r.reply_tokens for _, r in replies],
-                         [r.temperature for _, r in replies])
+                         [r.temperature for _, r in replies], _seeds_or_none([r.seed for _, r in replies]))
         return done + list(zip([h for h, _ in replies], out))
+
+
+def _seeds_or_none(seeds: list[int | None]) -> list[int | None] | None:
+    """Per-request seeds, or None when no request has one (the engine's own seeding then applies)."""
+    return seeds if any(seed is not None for seed in seeds) else None
+
+
+def _round_seeds(seeds: list[int | None] | None, trackers: list[ThoughtTracker]) -> list[int | None] | None:
+    """The seed of each rollout's next request: derived from the rollout's own seed and the tokens it has so far,
+    so that each of its requests draws anew and the whole follows from its seed alone."""
+    if seeds is None:
+        return None
+    return _seeds_or_none([None if seed is None else derive_seed(seed, len(tracker.tokens))
+                           for seed, tracker in zip(seeds, trackers)])
 
 
 def _logprob_of(entry: dict, token: int) -> float:
