@@ -265,3 +265,24 @@ def test_an_empty_dataset_or_a_missing_reward_column_fails_at_construction(tmp_p
                     args=SRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
                                     per_device_train_batch_size=8),
                     train_dataset=Dataset.from_dict({"prompt": []}), processing_class=char_tokenizer)
+
+
+def test_prompts_too_long_for_the_model_context_are_warned_once_with_the_count(tmp_path, char_tokenizer):
+    import warnings
+
+    def warned(limit_over_fit):
+        trainer = _trainer(tmp_path, char_tokenizer, lambda completions, **kw: [0.0] * len(completions), max_steps=2)
+        (length,) = {len(ids) for ids in trainer._tokenize_prompts([trainer._wrap(p) for p in ["2+5?", "3+4?"]])[0]}
+        limit = length + trainer.args.max_completion_length + limit_over_fit
+        trainer.model.config.max_position_embeddings = limit  # the rotary tiny model runs on past it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        return [str(w.message) for w in caught if "too long for the model's context" in str(w.message)], length, limit
+
+    told, length, limit = warned(-1)  # one token short of room for the longest completion
+    assert len(told) == 1  # once per run, not once per step
+    assert told[0].startswith("1 of the 1 distinct prompts of this batch are too long")  # 8 rows of one prompt
+    assert f"max_completion_length=12 > max_position_embeddings={limit}" in told[0]
+    assert f"the longest prompt has {length} tokens" in told[0]
+    assert warned(0)[0] == []  # prompt + max_completion_length fits exactly

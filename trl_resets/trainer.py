@@ -371,6 +371,7 @@ class ResetTrainer(GRPOTrainer):
         self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
+        self._overlong_warned = False
         self._row_stats = None  # per row of the batch being generated: length, terminated, trained
         self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
         self._unscored = [0, 0]  # completions with no reward from any function, completions scored (this step)
@@ -547,6 +548,27 @@ class ResetTrainer(GRPOTrainer):
                 column, [values.get(tuple(row.completion_ids)) if row.weight > 0 else None for row in rows])
 
     @torch.no_grad()
+    def _warn_overlong_prompts(self, prompt_ids: list[list[int]]) -> None:
+        """Warns, once per run, with the count, when prompts leave the model's positions no room for
+        `max_completion_length` (TRL 1.16 has no `max_prompt_length` that would cut them): past its context a model
+        with learned positions fails and one with rotary positions degrades. With vLLM, `max_model_len` is checked
+        before any request is sent."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if self._overlong_warned or self.use_vllm or not isinstance(limit, int):
+            return
+        room = self.args.max_completion_length
+        lengths = [len(ids) for ids in {tuple(ids): ids for ids in prompt_ids}.values()]
+        overlong = [n for n in lengths if n + room > limit]
+        if overlong:
+            self._overlong_warned = True
+            warnings.warn(
+                f"{len(overlong)} of the {len(lengths)} distinct prompts of this batch are too long for the model's "
+                f"context: prompt tokens + max_completion_length={room} > max_position_embeddings={limit} (the "
+                f"longest prompt has {max(overlong)} tokens). Filter long prompts out of the dataset or lower "
+                "max_completion_length. (Warned once per run.)",
+                stacklevel=2,
+            )
+
     def _score_with_model(self, model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
         """A reward model's score (its first logit) for each prompt + completion, in the reward tokenizer's format."""
         if _is_conversational(prompts[0]):
@@ -566,6 +588,7 @@ class ResetTrainer(GRPOTrainer):
         wrapped = [self._wrap(p) for p in prompts]
         prompt_ids, _, _ = self._tokenize_prompts(wrapped)
         prompt_ids = [list(ids) for ids in prompt_ids]
+        self._warn_overlong_prompts(prompt_ids)
         if not self.model.training:
             with self._sampler() as sampler:
                 rollouts = sampler.sample(prompt_ids)
