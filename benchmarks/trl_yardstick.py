@@ -48,7 +48,7 @@ def run_mode(mode: str, tests: Path, keyword: str | None, work: Path) -> dict[st
         PYTHONPATH=os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]),
     )
     env.setdefault("OMP_NUM_THREADS", "1")
-    test_file = tests / "test_grpo_trainer.py"
+    test_file = Path(tests.name) / "test_grpo_trainer.py"  # as pytest names it from the checkout (cwd below)
     command = [sys.executable, "-m", "pytest", "-p", "trl_yardstick_plugin", "-p", "no:cacheprovider", "-q",
                str(test_file), *[arg for name in DESELECT for arg in ("--deselect", f"{test_file}::{name}")]]
     if keyword:

@@ -26,13 +26,14 @@ def prompts():
                             seed_tokens=10),
                 ResetRecord(num_thoughts=5, reset_index=5, localizer_failed=True, localization_tokens=3,
                             seed_tokens=8)],
-        fallbacks=1, unused_tokens=11, empty_seeds=2, first_draws=5, first_draws_passed=2,
+        fallbacks=1, unused_tokens=11, empty_seeds=2, first_draws=5, first_draws_passed=2, phase1_draws=7,
+        phase1_draws_passed=3,
     )
-    b = PromptGroups(rows=[row(3, 0, NAN), row(3, 0, NAN)], first_draws=2)  # unscored alike: degenerate
+    b = PromptGroups(rows=[row(3, 0, NAN), row(3, 0, NAN)], first_draws=2, phase1_draws=2)  # unscored alike: degenerate
     c = PromptGroups(
         rows=[row(1, 0, 1.0), row(0, 0, 0.0), row(5, 1, 1.0, prefix=2), row(5, 1, 0.0, prefix=2)],
         resets=[ResetRecord(num_thoughts=3, reset_index=1, localizer_failed=False, seed_tokens=5)],
-        first_draws=3, first_draws_passed=1,
+        first_draws=3, first_draws_passed=1, phase1_draws=3, phase1_draws_passed=1,
     )
     advantages = [[0.5, -1.0, 0.5, 0.0, 0.0, 0.4, -0.4, 0.0], [0.0, 0.0], [1.0, -1.0, 0.6, -0.6]]
     return [a, b, c], advantages
@@ -52,6 +53,7 @@ def test_every_metric_equals_its_value_worked_out_by_hand():
         "reset_index_mean": (2 + 5 + 1, 3),
         "reset_depth_mean": (2 / 4 + 5 / 5 + 1 / 3, 3),
         "policy_pass_rate": (3, 10),
+        "phase1_pass_rate": (3 + 0 + 1, 7 + 2 + 3),
         "base_pass_rate": (2 + 0 + 1, 3 + 2 + 2),
         "sp_pass_rate": (0 + 1 + 1, 2 + 2 + 2),
         "base_degenerate_rate": (1, 3),
@@ -65,7 +67,8 @@ def test_every_metric_equals_its_value_worked_out_by_hand():
               "tokens_seed": 10 + 8 + 5, "tokens_localization": 7 + 3, "tokens_unused": 11, "empty_seeds": 2}
     assert dict(zip(TOTALS, sums[2 * n:])) == totals
     values = finalize(sums)
-    assert set(values) == {PREFIX + k for k in RATIOS + TOTALS}
+    assert set(values) == {PREFIX + k for k in (*RATIOS, *TOTALS, "generated_tokens")}
+    assert values[PREFIX + "generated_tokens"] == 19 + 28 + 23 + 10 + 11  # every total but empty_seeds
     for key, (num, den) in expected.items():
         assert values[PREFIX + key] == pytest.approx(num / den, abs=1e-12), key
     assert all(isinstance(values[PREFIX + k], float) and values[PREFIX + k] == v for k, v in totals.items())

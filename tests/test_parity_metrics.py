@@ -64,6 +64,9 @@ def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer, monk
 
     trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=half_right, args=args,
                           train_dataset=_dataset(), processing_class=char_tokenizer)
+    handed_to_trl = []
+    rollout = trainer._reset_rollout
+    trainer._reset_rollout = lambda prompts: handed_to_trl.append(rollout(prompts)) or handed_to_trl[-1]
     trainer.train()
     log = next(e for e in trainer.state.log_history if "loss" in e)
     rows = [row for groups in results[0] for row in groups.rows if row.weight > 0]
@@ -86,6 +89,11 @@ def test_logged_metrics_describe_the_trained_rows(tmp_path, char_tokenizer, monk
         sum(g.first_draws_passed for g in results[0]) / sum(first))
     tokens = ("tokens_base", "tokens_suffix", "tokens_seed", "tokens_localization", "tokens_unused")
     assert sum(log[PREFIX + k] for k in tokens) == sum(generated)  # every token the policy generated, once
+    assert log[PREFIX + "generated_tokens"] == sum(generated) > log[PREFIX + "tokens_base"] + log[PREFIX + "tokens_suffix"]
+    # num_tokens, as in GRPO: each row's prompt, plus every token the policy generated (seeds, localization replies
+    # and unused draws too; a reset row's prefix once, in its seed)
+    (output,) = handed_to_trl
+    assert log["num_tokens"] == sum(len(ids) for ids in output["prompt_ids"]) + sum(generated)
 
 
 def test_rollouts_ending_at_their_answer_log_as_terminated_and_fillers_stay_out(tmp_path, char_tokenizer):

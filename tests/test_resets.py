@@ -195,3 +195,19 @@ def test_per_prompt_generators_make_each_prompts_resets_independent_of_the_other
         ResetAlgorithm(Split(0, 2, 2), ThoughtFormat(max_completion_tokens=100)).run(
             [[7]] * 3, ["q"] * 3, ScriptedSampler(), scripted_score(set()), RandomLocalizer(),
             describe=lambda r: ["t"] * r.num_thoughts, rng=[random.Random(0)] * 2)
+
+
+def test_pass_rates_of_the_first_draws_and_of_every_phase1_draw():
+    """Prompt 0 solves its first 5 draws (0..4), so the seed search draws 5 more (10..14) and finds its one failure
+    (12); prompt 1 fails its first 5 draws (5..9) and has its seed at once."""
+    from trl_resets.metrics import PREFIX, finalize, step_sums
+
+    correct = {0, 1, 2, 3, 4, 10, 11, 13, 14}
+    results, sampler = run(Split(4, 1, 4), correct=correct, localizer=FixedLocalizer(2), prompts=2, budget=8)
+    phase1 = [d for contexts, _, _ in sampler.calls[:2] for d in contexts]  # the two phase-1 rounds
+    assert len(phase1) == 10 + 5 and [r.phase1_draws for r in results] == [10, 5]
+    assert [(r.first_draws, r.first_draws_passed, r.phase1_draws_passed) for r in results] == [(5, 5, 9), (5, 0, 0)]
+    values = finalize(step_sums(results, [[0.0] * len(r.rows) for r in results], success_threshold=1.0))
+    assert values[PREFIX + "policy_pass_rate"] == pytest.approx(5 / 10)  # each prompt's first 5 draws
+    # the 5 extra draws come from the prompt that passed: over every draw, the rate leans toward it
+    assert values[PREFIX + "phase1_pass_rate"] == pytest.approx(9 / 15)

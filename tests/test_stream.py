@@ -151,3 +151,25 @@ def test_a_row_cap_refills_the_batch_as_rows_finish(char_tokenizer):
     hook.remove()
     assert [r.token_ids for r in rollouts] == [r.token_ids for r in free]
     assert max(shape[0] for shape in shapes) == 2 and sum(shape[1] > 1 for shape in shapes) >= 2
+
+
+def test_a_model_with_recurrent_layers_samples_with_generate(char_tokenizer):
+    """A hybrid state-space model (NemotronH: mamba and attention layers): its cache cannot drop or copy single rows,
+    so the sampler decodes with ``generate``, says so, and the rollouts follow the caps."""
+    import pytest
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = char_tokenizer
+    config = AutoConfig.for_model(
+        "nemotron_h", vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=None, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.warns(UserWarning, match="recurrent layers"):
+        sampler = TransformersThoughtSampler(model, tok, FMT, GenerationConfig(do_sample=True), [tok.eos_token_id])
+    assert not sampler.compact and not sampler.share_prefill
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    rollouts = sampler.sample([enc("Q: 12+7?"), enc("Q: 12+7?"), enc("Q: 1?")])
+    assert len(rollouts) == 3 and all(0 < len(r.token_ids) <= FMT.max_completion_tokens for r in rollouts)
+    assert sampler.generated_tokens == sum(len(r.token_ids) for r in rollouts)

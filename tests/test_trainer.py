@@ -1,6 +1,7 @@
 """End to end: SRPOTrainer and RRPOTrainer train on a tiny model, metrics logged."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -95,6 +96,31 @@ def test_rrpo_trains_with_random_resets_and_conversational_prompts(tmp_path, cha
         assert entry[PREFIX + "tokens_localization"] == 0.0
         value = entry[PREFIX + "base_pass_rate"]  # 2x4 split with G1=0 has no base group: NaN (None in logs)
         assert value is None or math.isnan(value)
+
+
+def test_a_run_whose_steps_carry_no_loss_says_so_once(tmp_path, char_tokenizer):
+    """G1 = 0, and a reward on another scale than success_threshold (a length, always 1 or more): every rollout
+    counts as correct, no prompt finds a seed, and no row carries loss. The run warns once, naming the setting."""
+    args = _args(tmp_path, RRPOConfig, num_base_generations=0, num_reset_prefixes=1, num_reset_generations=4,
+                 seed_budget=0, max_completion_length=12)
+
+    def length(completions, **kwargs):
+        return [float(len(c)) + 1.0 for c in completions]
+
+    with pytest.warns(UserWarning, match="no row of this step carries loss") as caught:
+        trainer, logs, changed = _train(RRPOTrainer, args, char_tokenizer, reward=length)
+    assert trainer.state.global_step == 2 and not changed
+    assert all(entry[PREFIX + "fallback_rate"] == 1.0 for entry in logs)
+    (warning,) = [w for w in caught if "carries loss" in str(w.message)]  # once per run, not per step
+    assert "success_threshold=1.0" in str(warning.message) and "0 + 1x4" in str(warning.message)
+    assert "num_base_generations" in str(warning.message)
+
+    args = _args(tmp_path, RRPOConfig, num_base_generations=0, num_reset_prefixes=1, num_reset_generations=4,
+                 seed_budget=0, max_completion_length=12, max_steps=1, success_threshold=100.0)  # the scale fixed: rollouts below it are seeds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, logs, changed = _train(RRPOTrainer, args, char_tokenizer, reward=length)
+    assert changed and not [w for w in caught if "carries loss" in str(w.message)]
 
 
 def test_callable_localizer_and_clipped_loss(tmp_path, char_tokenizer):

@@ -18,6 +18,7 @@ RATIOS = (
     "reset_index_mean",
     "reset_depth_mean",
     "policy_pass_rate",
+    "phase1_pass_rate",
     "base_pass_rate",
     "sp_pass_rate",
     "base_degenerate_rate",
@@ -25,6 +26,9 @@ RATIOS = (
     "grad_signal_ratio",
 )
 TOTALS = ("tokens_base", "tokens_suffix", "tokens_seed", "tokens_localization", "tokens_unused", "empty_seeds")
+# the totals that together are every token the policy generated in the step, each once (a reset row's prefix is its
+# seed's, counted in tokens_seed)
+GENERATED = ("tokens_base", "tokens_suffix", "tokens_seed", "tokens_localization", "tokens_unused")
 PREFIX = "resets/"
 
 
@@ -68,6 +72,8 @@ def step_sums(
         tot["empty_seeds"] += result.empty_seeds
         num["policy_pass_rate"] += result.first_draws_passed
         den["policy_pass_rate"] += result.first_draws
+        num["phase1_pass_rate"] += result.phase1_draws_passed
+        den["phase1_pass_rate"] += result.phase1_draws
 
         by_group: dict[int, list[int]] = {}
         for j, row in enumerate(result.rows):
@@ -103,6 +109,7 @@ def finalize(sums: Sequence[float]) -> dict[str, float]:
         out[PREFIX + key] = sums[i] / sums[n + i] if sums[n + i] else math.nan
     for i, key in enumerate(TOTALS):
         out[PREFIX + key] = float(sums[2 * n + i])
+    out[PREFIX + "generated_tokens"] = sum(out[PREFIX + key] for key in GENERATED)
     return out
 
 

@@ -132,6 +132,7 @@ class PromptGroups:
     empty_seeds: int = 0  # incorrect phase-1 rollouts passed over as seeds because they have no thoughts
     first_draws: int = 0  # phase 1's first G1 + k iid draws, drawn whatever their rewards (seeds included)
     first_draws_passed: int = 0
+    phase1_draws_passed: int = 0  # of all phase1_draws (the seed search's extra draws too)
 
 
 def choose_seeds(incorrect: Sequence[bool], split: Split) -> tuple[list[int], list[int]]:
@@ -354,7 +355,8 @@ class ResetAlgorithm:
         first = drawn[: split.base + split.prefixes]
         passed = sum(s.reward >= self.success_threshold for s in first)  # NaN never passes
         result = PromptGroups(rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty,
-                              first_draws=len(first), first_draws_passed=passed)
+                              first_draws=len(first), first_draws_passed=passed,
+                              phase1_draws_passed=sum(s.reward >= self.success_threshold for s in drawn))
         if split.is_grpo:
             return result
         for group, outcome in enumerate(outcomes, start=1):

@@ -375,6 +375,7 @@ class ResetTrainer(GRPOTrainer):
         self._row_stats = None  # per row of the batch being generated: length, terminated, trained
         self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
         self._unscored = [0, 0]  # completions with no reward from any function, completions scored (this step)
+        self._warned_no_loss = False  # see _warn_no_loss
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
 
     def _check_per_row_sampling_seed(self) -> None:
@@ -716,18 +717,31 @@ class ResetTrainer(GRPOTrainer):
             output["num_loss_rows"] = self.accelerator.gather(live).sum()
         if state is not None:
             output["advantages"] = state["advantages"]
+            untrained_tokens = 0.0  # generated this step, outside every row's active tokens (which TRL counted)
             if "token_advantages" in state:
                 output["token_advantages"] = _padded(state["token_advantages"], output["completion_ids"])
                 sums = self.accelerator.reduce(state["credit_sums"], reduction="sum").tolist()
-                for name, value in reset_metrics.finalize_credit(sums).items():
+                credit_values = reset_metrics.finalize_credit(sums)
+                for name, value in credit_values.items():
                     self._metrics["train"][name].append(value)
+                untrained_tokens += credit_values[reset_metrics.CREDIT_PREFIX + "tokens_repair"]
             trained = gather(state["advantages"]).tolist()  # the completions table shows the advantages trained
             for _ in trained:
                 self._logs["advantages"].pop()
             self._logs["advantages"].extend(trained)
             sums = self.accelerator.reduce(state["metric_sums"], reduction="sum").tolist()
-            for name, value in reset_metrics.finalize(sums).items():
+            values = reset_metrics.finalize(sums)
+            for name, value in values.items():
                 self._metrics["train"][name].append(value)
+            # TRL's num_tokens added each row's prompt and active tokens (base rollouts, suffixes); add the tokens
+            # the policy generated outside them (seeds, localization replies, unused draws, repairs), so that it
+            # counts every generated token once, as GRPO's does
+            untrained_tokens += values[reset_metrics.PREFIX + "generated_tokens"] - sum(
+                values[reset_metrics.PREFIX + key] for key in ("tokens_base", "tokens_suffix"))
+            self.state.num_input_tokens_seen += int(untrained_tokens)
+            self._metrics["train"]["num_tokens"] = [self.state.num_input_tokens_seen]
+            if self.split.base == 0 and values[reset_metrics.PREFIX + "fallback_rate"] == 1.0:
+                self._warn_no_loss()
             # TRL's metrics, as it logged them just now, describe rows by prompt and by active tokens: restate them
             # for the groups (here) and the trained rows' whole trajectories (below)
             self._metrics["train"]["frac_reward_zero_std"][-1] = reset_metrics.zero_std_group_fraction(sums)
@@ -740,6 +754,24 @@ class ResetTrainer(GRPOTrainer):
             for name, value in reset_metrics.completion_stats(lengths, terminated).items():
                 metrics[name][-1] = value
         return output
+
+    def _warn_no_loss(self) -> None:
+        """Once per run: a step in which no row carries loss (G1 = 0 and every seed slot fell back)."""
+        if self._warned_no_loss:
+            return
+        self._warned_no_loss = True
+        split, args = self.split, self.args
+        warnings.warn(
+            f"no row of this step carries loss, so it does not train: no prompt found a seed (a phase-1 rollout whose "
+            f"reward is below success_threshold={args.success_threshold}, with a thought to reset to) within its "
+            f"{split.base + split.prefixes} draws and seed_budget={args.seed_budget} more, and the split "
+            f"{split.base} + {split.prefixes}x{split.per_prefix} has no base group (num_base_generations=0) to "
+            "train on instead. If a correct rollout's reward is not success_threshold or more (rewards on another "
+            "scale), set success_threshold to the reward that marks a correct rollout; to train such steps as GRPO, "
+            "set num_base_generations >= 2. resets/fallback_rate logs the share of seed slots left empty per step "
+            "(this warning is given once per run).",
+            stacklevel=2,
+        )
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self._batch_state is None:

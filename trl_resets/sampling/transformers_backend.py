@@ -18,8 +18,8 @@ matters most where a decoding step costs in proportion to its rows (a CPU) and w
 vary (a group's failures stop early; suffixes are shorter than rollouts). The logits processors are the
 ones ``generate`` builds for the same config, and the tokens are drawn the same way (softmax then one
 ``multinomial`` per step, or argmax), so until a row stops the draws equal ``generate``'s. Configs whose
-processors keep per-row state (repetition penalty, minimum lengths, ...) and prompt-learning adapters use
-``generate``, with a warning.
+processors keep per-row state (repetition penalty, minimum lengths, ...), prompt-learning adapters and models with
+recurrent layers (linear attention, state-space: NemotronH, ...) use ``generate``, with a warning.
 
 The decoding loop is a `DecodingStream` (`TransformersThoughtSampler.stream`): requests may join while others
 decode. Their contexts are prefilled together and their KV cache is merged into the running batch's, so the
@@ -37,7 +37,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 from transformers.generation import logits_process as _lp
 
 from ..thoughts import Rollout, ThoughtFormat
@@ -148,6 +148,12 @@ _ROW_SAFE_PROCESSORS = tuple(
 )
 
 
+def _holds_recurrent_state(model) -> bool:
+    """Whether the model's cache has layers with recurrent state (linear attention, state-space models), whose rows
+    the compact decoder could neither drop (``batch_select_indices``) nor copy to the rows of a shared prefill."""
+    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=model.config).layers)
+
+
 def _warn_once(message: str) -> None:
     # No set of our own: Python's default filter already shows a given UserWarning once per call site, and a
     # caller that records warnings (``pytest.warns``, ``catch_warnings``) sees it each time, whatever ran before.
@@ -241,6 +247,11 @@ class TransformersThoughtSampler(ThoughtDecoding):
         self.collective = collective
         self.share_prefill = share_prefill and not collective
         self.compact = compact and not collective
+        if (self.share_prefill or self.compact) and _holds_recurrent_state(model):
+            _warn_once("compact decoding and prefill sharing are off for a model with recurrent layers (linear "
+                       "attention or state-space: their cache cannot give up or copy single rows); sampling with "
+                       "transformers' generate instead.")
+            self.share_prefill = self.compact = False
         self.generated_tokens = 0
         self.generate_calls = 0  # calls that went to `generate` although compact decoding was asked for
 
