@@ -1,4 +1,5 @@
-"""Runs each mutant that `mutmut run` left surviving against whole test files, and prints its verdict.
+"""Runs each mutant that `mutmut run` left surviving (or found no test for) against whole test files, and prints
+its verdict.
 
 For each mutant, mutmut runs only the tests it saw call the mutated function. A module-scoped fixture calls the
 trainer's hooks once, inside the first test that uses it, so the later tests that check the fixture's results
@@ -29,7 +30,8 @@ PRELOADED = ("pytest", "torch", "transformers", "datasets", "trl", "peft", "acce
 def survivors(patterns: list[str]) -> list[str]:
     mutmut = Path(sys.executable).with_name("mutmut")
     listed = subprocess.run([str(mutmut), "results"], capture_output=True, text=True, check=True).stdout
-    names = [line.rsplit(": ", 1)[0].strip() for line in listed.splitlines() if line.rstrip().endswith(": survived")]
+    names = [line.rsplit(": ", 1)[0].strip() for line in listed.splitlines()
+             if line.rstrip().endswith((": survived", ": no tests"))]
     return [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
 
 
