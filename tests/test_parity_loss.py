@@ -224,6 +224,30 @@ def test_vllm_importance_sampling_weights_act_as_in_grpo(tmp_path, char_tokenize
     assert torch.allclose(off, _grads(trainer, _by_hand(trainer, inputs)), rtol=1e-5, atol=1e-6)
 
 
+def test_off_policy_mask_reads_the_sampling_policy_as_grpo_does(tmp_path, char_tokenizer):
+    """A row with a negative advantage whose mean KL from the sampling policy exceeds the threshold is dropped. The
+    sampling policy is vLLM's log-probabilities when TRL hands them over, else the old policy's, else the current
+    one (on-policy: nothing is dropped)."""
+    trainer = _trainer(tmp_path, char_tokenizer, off_policy_mask_threshold=0.1)
+    inputs = _inputs(LENGTHS, [0, 0, 0, 0], ADVANTAGES)  # advantages 1.5, -0.5, 0.7, -1.2
+    with torch.no_grad():
+        current = _logps(trainer, inputs)
+    on_policy = _grads(trainer, trainer._compute_loss(trainer.model, inputs))
+    assert torch.allclose(on_policy, _grads(trainer, _by_hand(trainer, inputs)), rtol=1e-5, atol=1e-6)
+    trainer.loss_type = "grpo"
+    for key, shift, dropped in (("sampling_per_token_logps", [0.5, 0.5, 0.0, 0.0], 1),
+                                ("old_per_token_logps", [0.0, 0.0, 0.0, 0.5], 3)):
+        shifted = dict(inputs, **{key: current + torch.tensor(shift).unsqueeze(1)})
+        got = _grads(trainer, trainer._compute_loss(trainer.model, shifted))
+        keep = torch.ones_like(current)
+        keep[dropped] = 0.0
+        ratio = torch.exp(current - shifted.get("old_per_token_logps", current))
+        assert torch.allclose(got, _grads(trainer, _by_hand(trainer, shifted, ratio=ratio * keep)), rtol=1e-5,
+                              atol=1e-6), key
+        grpo = _grads(trainer, GRPOTrainer._compute_loss(trainer, trainer.model, shifted))
+        assert torch.allclose(got, grpo, rtol=1e-5, atol=1e-6), key
+
+
 def _entropies(trainer, inputs):
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -235,13 +259,13 @@ def _entropies(trainer, inputs):
 
 def test_training_divides_by_the_generation_batch_rows_and_logs_the_entropy_over_active_tokens(tmp_path,
                                                                                               char_tokenizer):
-    trainer = _trainer(tmp_path, char_tokenizer, steps_per_generation=4)
-    trainer.current_gradient_accumulation_steps = 2
+    trainer = _trainer(tmp_path, char_tokenizer, steps_per_generation=2)
+    trainer.current_gradient_accumulation_steps = 4
     inputs = _inputs(LENGTHS, PREFIXES, ADVANTAGES)
-    inputs["num_loss_rows"] = torch.tensor(8)  # rows that carry loss in the whole generation batch
+    inputs["num_loss_rows"] = torch.tensor(4)  # rows that carry loss in the whole generation batch
     loss = trainer._compute_loss(trainer.model, inputs)
-    # on-policy: each row's mean is -A; the row sum is divided by 8 rows / 1 process * 2 accumulated / 4 steps
-    assert loss.item() == pytest.approx(-sum(ADVANTAGES) / (8 * 2 / 4), rel=1e-5)
+    # on-policy: each row's mean is -A; the row sum is divided by 4 rows / 1 process * 4 accumulated / 2 steps
+    assert loss.item() == pytest.approx(-sum(ADVANTAGES) / (4 * 4 / 2), rel=1e-5)
     mask = (inputs["completion_mask"] * inputs["tool_mask"]).bool()
     entropy = _entropies(trainer, inputs)[mask].mean().item()
     assert trainer._metrics["train"]["entropy"][-1] == pytest.approx(entropy, rel=1e-5)
