@@ -205,6 +205,17 @@ def test_honoured_options_act_as_in_grpo(tmp_path, char_tokenizer, overrides):
     assert not torch.allclose(got, _grads(trainer, trainer._compute_loss(trainer.model, inputs)), rtol=1e-3)
 
 
+def test_per_token_advantages_replace_the_rows_advantage(tmp_path, char_tokenizer):
+    """Comparison-based credit hands one advantage per token (``token_advantages``); the loss then reads those."""
+    trainer = _trainer(tmp_path, char_tokenizer)
+    inputs = _inputs(LENGTHS, PREFIXES, ADVANTAGES)
+    per_token = torch.linspace(-1.0, 2.0, inputs["completion_ids"].numel()).view_as(inputs["completion_ids"])
+    inputs["token_advantages"] = per_token
+    got = _grads(trainer, trainer._compute_loss(trainer.model, inputs))
+    unit = dict(inputs, advantages=torch.ones(len(LENGTHS)))  # -1 * per_token * log pi, by hand
+    assert torch.allclose(got, _grads(trainer, _by_hand(trainer, unit, ratio=per_token)), rtol=1e-5, atol=1e-6)
+
+
 def test_vllm_importance_sampling_weights_act_as_in_grpo(tmp_path, char_tokenizer):
     """With vLLM's importance-sampling correction each token's policy term is weighted by its ratio to vLLM's
     sampling policy (TRL computes the ratio when vLLM samples; here it comes with the inputs)."""
