@@ -65,11 +65,11 @@ test-latest:
 # at a time, then the trainer's hooks (generation's advantages and metrics, rewards, loss); prints each module's
 # score (the trainer's: its hooks) and the surviving mutants (`$(BIN)/mutmut show NAME` shows one). See
 # docs/testing.md.
-MUTATED := advantages resets localizers thoughts metrics
+MUTATED := advantages loss resets localizers thoughts metrics
 HOOKS := _generate_and_score_completions _calculate_rewards _compute_loss
 # mutmut runs a mutant against the tests it saw call the function; the hooks' tests share module-scoped fixtures,
 # so their survivors are run again against these whole files (.ci/mutation_recheck.py says why)
-HOOK_TESTS := tests/test_trainer_wiring.py tests/test_parity_metrics.py tests/test_metrics.py
+HOOK_TESTS := tests/test_parity_loss.py tests/test_trainer_wiring.py tests/test_parity_metrics.py tests/test_metrics.py
 MUTATION_JOBS ?= 2
 
 mutation: setup

@@ -1,11 +1,13 @@
 """The suffix-masked loss and per-group advantages."""
 
 import math
+import re
 
+import pytest
 import torch
 
 from trl_resets.advantages import group_advantages
-from trl_resets.loss import reset_pg_loss, rows_per_micro_batch
+from trl_resets.loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch
 
 
 def test_advantages_are_normalized_inside_each_group_only():
@@ -123,3 +125,81 @@ def test_filler_rows_do_not_count_in_the_mean_over_rows():
     # 12 rows that carry loss in a generation batch of 3 micro-batches per process, 2 processes, 2 micro-batches
     # per optimizer step: each micro-batch's row sum is divided by the 4 rows a process trains per optimizer step
     assert rows_per_micro_batch(12, num_processes=2, accumulation_steps=2, steps_per_generation=3) == 4.0
+
+
+def test_per_token_advantages_token_weights_and_a_given_row_count():
+    logps = torch.zeros(2, 2, requires_grad=True)  # on-policy: every ratio is 1
+    advantages = torch.tensor([[1.0, 2.0], [-1.0, 4.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    weights = torch.tensor([[0.5, 2.0], [3.0, 1.0]])
+    terms = reset_pg_loss(logps, advantages, mask, token_weights=weights, num_rows=4.0)
+    # per token -A * w: row 0 (-0.5, -4.0), mean -2.25; row 1 (3.0), mean 3.0; rows summed over the 4 given
+    assert math.isclose(terms.loss.item(), (-2.25 + 3.0) / 4, rel_tol=1e-6)
+    assert math.isclose(terms.policy_loss.item(), (-2.25 + 3.0) / 2, rel_tol=1e-6)  # over the 2 rows with loss
+    terms.loss.backward()
+    assert torch.allclose(logps.grad, torch.tensor([[-0.5 / 8, -4.0 / 8], [3.0 / 4, 0.0]]))
+
+
+def test_policy_loss_is_the_mean_over_the_rows_that_carry_loss():
+    logps = torch.zeros(2, 2)
+    terms = reset_pg_loss(logps, torch.tensor([2.0, 5.0]), torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    assert terms.policy_loss.item() == -2.0 and terms.loss.item() == -2.0  # the filler row counts in neither
+
+
+def test_two_sided_clip_bounds_the_ratio_from_above_and_the_clip_holds_the_low_side():
+    logps = torch.zeros(1, 3, requires_grad=True)
+    old = torch.log(torch.tensor([[0.5, 2.0, 1.0]]))  # ratios 2, 0.5 and 1
+    terms = reset_pg_loss(logps, torch.tensor([-1.0]), torch.ones(1, 3), old_logps=old, clip=(0.2, 0.2), delta=1.5)
+    # A = -1: token 0 takes the delta-capped ratio (1.5 > 1.2), token 1 the clipped 0.8 (0.5 < 1 - 0.2), token 2 is 1
+    assert math.isclose(terms.loss.item(), (1.5 + 0.8 + 1.0) / 3, rel_tol=1e-6)
+    terms.loss.backward()
+    assert torch.allclose(logps.grad, torch.tensor([[0.0, 0.0, 1.0 / 3]]))  # capped and clipped tokens: no gradient
+    unbounded = reset_pg_loss(torch.zeros(1, 3), torch.tensor([-1.0]), torch.ones(1, 3), old_logps=old, clip=(0.2, 0.2))
+    assert math.isclose(unbounded.loss.item(), (2.0 + 0.8 + 1.0) / 3, rel_tol=1e-6)
+
+
+def test_kl_off_policy_with_and_without_the_bias_correction():
+    logps = torch.log(torch.tensor([[0.5, 0.25]]))
+    old = torch.log(torch.tensor([[0.25, 0.25]]))  # ratios 2 and 1
+    ref = torch.log(torch.tensor([[0.25, 0.5]]))
+    kl = torch.tensor([math.log(2) - 0.5, 1 - math.log(2)])  # e^d - d - 1 with d = log(ref / pi)
+    plain = reset_pg_loss(logps, torch.tensor([0.0]), torch.ones(1, 2), old_logps=old, ref_logps=ref, beta=2.0)
+    assert math.isclose(plain.loss.item(), 2.0 * kl.mean().item(), rel_tol=1e-6)
+    assert torch.allclose(plain.kl, kl.unsqueeze(0))
+    corrected = reset_pg_loss(logps, torch.tensor([0.0]), torch.ones(1, 2), old_logps=old, ref_logps=ref, beta=2.0,
+                              kl_bias_correction=True)
+    assert torch.allclose(corrected.kl, (kl * torch.tensor([2.0, 1.0])).unsqueeze(0))
+    assert math.isclose(corrected.loss.item(), 2.0 * math.log(2) / 2, rel_tol=1e-6)
+
+
+def _exactly(message: str) -> str:
+    return f"^{re.escape(message)}$"
+
+
+def test_bad_shapes_and_a_missing_reference_are_refused_with_the_values_seen():
+    with pytest.raises(ValueError, match=_exactly("logps (2, 3) and mask (2, 2) differ in shape.")):
+        reset_pg_loss(torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 2))
+    with pytest.raises(ValueError, match=_exactly("per-token advantages (2, 3) and logps (2, 2) differ in shape.")):
+        reset_pg_loss(torch.zeros(2, 2), torch.zeros(2, 3), torch.ones(2, 2))
+    with pytest.raises(ValueError, match=_exactly("beta != 0 needs the reference log-probabilities (ref_logps).")):
+        reset_pg_loss(torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 2), beta=0.1)
+
+
+def test_the_loss_stays_in_the_log_probabilities_dtype():
+    logps = torch.zeros(1, 2, dtype=torch.bfloat16)
+    terms = reset_pg_loss(logps, torch.tensor([1.0]), torch.ones(1, 2), old_logps=torch.zeros(1, 2))
+    assert terms.loss.dtype == terms.policy_loss.dtype == torch.bfloat16 and terms.loss.item() == -1.0
+    bonus = entropy_bonus(torch.tensor([[1.0, 3.0]], dtype=torch.bfloat16), torch.ones(1, 2))
+    assert bonus.dtype == torch.bfloat16 and bonus.item() == 2.0
+
+
+def test_entropy_bonus_is_the_mean_over_the_active_tokens():
+    entropies = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 33.0]])
+    assert entropy_bonus(entropies, torch.tensor([[1, 1, 0], [0, 0, 1]])).item() == (1.0 + 2.0 + 33.0) / 3
+    assert entropy_bonus(entropies, torch.tensor([[0, 0, 0], [0, 1, 0]])).item() == 16.0
+    assert entropy_bonus(entropies, torch.zeros(2, 3)).item() == 0.0  # no active token: no bonus
+
+
+def test_a_batch_with_no_row_that_carries_loss_divides_by_one():
+    assert rows_per_micro_batch(0, num_processes=1, accumulation_steps=1, steps_per_generation=1) == 1.0
+    assert rows_per_micro_batch(1, num_processes=1, accumulation_steps=1, steps_per_generation=1) == 1.0

@@ -205,6 +205,113 @@ def test_honoured_options_act_as_in_grpo(tmp_path, char_tokenizer, overrides):
     assert not torch.allclose(got, _grads(trainer, trainer._compute_loss(trainer.model, inputs)), rtol=1e-3)
 
 
+def test_per_token_advantages_replace_the_rows_advantage(tmp_path, char_tokenizer):
+    """Comparison-based credit hands one advantage per token (``token_advantages``); the loss then reads those."""
+    trainer = _trainer(tmp_path, char_tokenizer)
+    inputs = _inputs(LENGTHS, PREFIXES, ADVANTAGES)
+    per_token = torch.linspace(-1.0, 2.0, inputs["completion_ids"].numel()).view_as(inputs["completion_ids"])
+    inputs["token_advantages"] = per_token
+    got = _grads(trainer, trainer._compute_loss(trainer.model, inputs))
+    unit = dict(inputs, advantages=torch.ones(len(LENGTHS)))  # -1 * per_token * log pi, by hand
+    assert torch.allclose(got, _grads(trainer, _by_hand(trainer, unit, ratio=per_token)), rtol=1e-5, atol=1e-6)
+
+
+def test_vllm_importance_sampling_weights_act_as_in_grpo(tmp_path, char_tokenizer):
+    """With vLLM's importance-sampling correction each token's policy term is weighted by its ratio to vLLM's
+    sampling policy (TRL computes the ratio when vLLM samples; here it comes with the inputs)."""
+    trainer = _trainer(tmp_path, char_tokenizer)
+    inputs = _inputs(LENGTHS, PREFIXES, ADVANTAGES)
+    weights = torch.linspace(0.25, 1.75, inputs["completion_ids"].numel()).view_as(inputs["completion_ids"])
+    inputs["importance_sampling_ratio"] = weights
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    got = _grads(trainer, trainer._compute_loss(trainer.model, inputs))
+    assert torch.allclose(got, _grads(trainer, _by_hand(trainer, inputs, ratio=weights)), rtol=1e-5, atol=1e-6)
+    trainer.loss_type = "grpo"
+    inputs["tool_mask"] = torch.ones_like(inputs["tool_mask"])  # GRPO has no prefix mask: compare on base rows
+    grpo = _grads(trainer, GRPOTrainer._compute_loss(trainer, trainer.model, inputs))
+    assert torch.allclose(_grads(trainer, trainer._compute_loss(trainer.model, inputs)), grpo, rtol=1e-5, atol=1e-6)
+    trainer.vllm_importance_sampling_correction = False  # correction off: the ratio is not read
+    off = _grads(trainer, trainer._compute_loss(trainer.model, inputs))
+    assert torch.allclose(off, _grads(trainer, _by_hand(trainer, inputs)), rtol=1e-5, atol=1e-6)
+
+
+def test_off_policy_mask_reads_the_sampling_policy_as_grpo_does(tmp_path, char_tokenizer):
+    """A row with a negative advantage whose mean KL from the sampling policy exceeds the threshold is dropped. The
+    sampling policy is vLLM's log-probabilities when TRL hands them over, else the old policy's, else the current
+    one (on-policy: nothing is dropped)."""
+    trainer = _trainer(tmp_path, char_tokenizer, off_policy_mask_threshold=0.1)
+    inputs = _inputs(LENGTHS, [0, 0, 0, 0], ADVANTAGES)  # advantages 1.5, -0.5, 0.7, -1.2
+    with torch.no_grad():
+        current = _logps(trainer, inputs)
+    on_policy = _grads(trainer, trainer._compute_loss(trainer.model, inputs))
+    assert torch.allclose(on_policy, _grads(trainer, _by_hand(trainer, inputs)), rtol=1e-5, atol=1e-6)
+    trainer.loss_type = "grpo"
+    for key, shift, dropped in (("sampling_per_token_logps", [0.5, 0.5, 0.0, 0.0], 1),
+                                ("old_per_token_logps", [0.0, 0.0, 0.0, 0.5], 3)):
+        shifted = dict(inputs, **{key: current + torch.tensor(shift).unsqueeze(1)})
+        got = _grads(trainer, trainer._compute_loss(trainer.model, shifted))
+        keep = torch.ones_like(current)
+        keep[dropped] = 0.0
+        ratio = torch.exp(current - shifted.get("old_per_token_logps", current))
+        assert torch.allclose(got, _grads(trainer, _by_hand(trainer, shifted, ratio=ratio * keep)), rtol=1e-5,
+                              atol=1e-6), key
+        grpo = _grads(trainer, GRPOTrainer._compute_loss(trainer, trainer.model, shifted))
+        assert torch.allclose(got, grpo, rtol=1e-5, atol=1e-6), key
+
+
+def _entropies(trainer, inputs):
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        _, entropies, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, attention, inputs["completion_ids"].size(1), compute_entropy=True)
+    return entropies
+
+
+def test_training_divides_by_the_generation_batch_rows_and_logs_the_entropy_over_active_tokens(tmp_path,
+                                                                                              char_tokenizer):
+    trainer = _trainer(tmp_path, char_tokenizer, steps_per_generation=2)
+    trainer.current_gradient_accumulation_steps = 4
+    inputs = _inputs(LENGTHS, PREFIXES, ADVANTAGES)
+    inputs["num_loss_rows"] = torch.tensor(4)  # rows that carry loss in the whole generation batch
+    loss = trainer._compute_loss(trainer.model, inputs)
+    # on-policy: each row's mean is -A; the row sum is divided by 4 rows / 1 process * 4 accumulated / 2 steps
+    assert loss.item() == pytest.approx(-sum(ADVANTAGES) / (4 * 4 / 2), rel=1e-5)
+    mask = (inputs["completion_mask"] * inputs["tool_mask"]).bool()
+    entropy = _entropies(trainer, inputs)[mask].mean().item()
+    assert trainer._metrics["train"]["entropy"][-1] == pytest.approx(entropy, rel=1e-5)
+    assert trainer._metrics["train"]["policy_loss"][-1] == pytest.approx(-sum(ADVANTAGES) / 4, rel=1e-5)
+    assert "kl" not in trainer._metrics["train"] and "entropy_coef" not in trainer._metrics["train"]
+
+
+def test_entropy_bonus_is_scaled_for_accumulation_and_its_coefficient_logged(tmp_path, char_tokenizer):
+    trainer = _trainer(tmp_path, char_tokenizer, entropy_coef=0.3)
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = _inputs(LENGTHS, PREFIXES, ADVANTAGES)
+    mask = (inputs["completion_mask"] * inputs["tool_mask"]).bool()
+    bonus = _entropies(trainer, inputs)[mask].mean().item()
+    with_bonus = trainer._compute_loss(trainer.model, inputs).item()
+    assert trainer._metrics["train"]["entropy_coef"] == [0.3]
+    trainer.entropy_coef = 0.0
+    without = trainer._compute_loss(trainer.model, inputs).item()
+    assert with_bonus - without == pytest.approx(-0.3 * bonus / 2, rel=1e-4)
+
+
+def test_evaluation_loss_is_the_mean_over_the_batch_rows_logged_under_eval(tmp_path, char_tokenizer):
+    trainer = _trainer(tmp_path, char_tokenizer, entropy_coef=0.3)
+    trainer.model.eval()
+    trainer.current_gradient_accumulation_steps = 2  # training's accumulation does not scale evaluation's bonus
+    inputs = _inputs(LENGTHS, PREFIXES, ADVANTAGES)
+    inputs["num_loss_rows"] = torch.tensor(8)  # evaluation averages over this batch's 4 rows instead
+    mask = (inputs["completion_mask"] * inputs["tool_mask"]).bool()
+    bonus = _entropies(trainer, inputs)[mask].mean().item()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    assert loss.item() == pytest.approx(-sum(ADVANTAGES) / 4 - 0.3 * bonus, rel=1e-5)
+    assert trainer._metrics["eval"]["entropy"][-1] == pytest.approx(bonus, rel=1e-5)
+    assert trainer._metrics["eval"]["policy_loss"][-1] == pytest.approx(-sum(ADVANTAGES) / 4, rel=1e-5)
+    assert "entropy_coef" not in trainer._metrics["eval"] and not trainer._metrics["train"]
+
+
 def _tiny_moe(tok):
     from transformers import MixtralConfig, MixtralForCausalLM
 
