@@ -27,7 +27,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -135,30 +134,17 @@ def mean_and_spread(runs: list[list[float]]) -> tuple[list[float], list[float], 
     return ([sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns])
 
 
-def _trainer_class(kind: str):
-    from trl_resets import RRPOTrainer, SRPOTrainer
-
-    base = {"srpo": SRPOTrainer, "rrpo": RRPOTrainer}[kind]
-
-    class Counting(base):
-        """The trainer unchanged, plus a count of every token its samplers generate (seeds and replies too)."""
-
-        generated_tokens = 0
-
-        @contextmanager
-        def _sampler(self):
-            with super()._sampler() as sampler:
-                yield sampler
-            self.generated_tokens += sampler.generated_tokens
-
-    return Counting
+def generated_tokens(logs: dict) -> float:
+    """Tokens the policy generated in a logged training step: every sampled token once (rollouts, seeds,
+    localization replies, unused draws, repair replies), read from the trainer's own metrics."""
+    return logs["resets/generated_tokens"] + logs.get("credit/tokens_repair", 0.0)
 
 
 def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from trl_resets import RRPOConfig, SRPOConfig
+    from trl_resets import RRPOConfig, RRPOTrainer, SRPOConfig, SRPOTrainer
     from trl_resets.rewards import boxed_answer_reward
 
     kind, overrides = METHODS[method]
@@ -174,19 +160,24 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
     record = {"seed": seed, "steps": [0], "accuracy": [start_eval["accuracy"]], "tokens": [0], "seconds": [0.0]}
     eval_seconds = [0.0]
 
+    tokens = [0.0]
+
     class Evaluate(TrainerCallback):
-        def on_step_end(self, _args, state, control, **kwargs):
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            if "resets/generated_tokens" not in (logs or {}):
+                return  # the end-of-training summary
+            tokens[0] += generated_tokens(logs)
             if state.global_step % opts.eval_every == 0 or state.global_step == opts.steps:
                 tic = time.perf_counter()
                 result = evaluate(trainer.model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED,
                                   fields=config_fields(opts.task))
                 record["steps"].append(state.global_step)
                 record["accuracy"].append(result["accuracy"])
-                record["tokens"].append(trainer.generated_tokens)
+                record["tokens"].append(int(tokens[0]))
                 record["seconds"].append(tic - start - eval_seconds[0])
                 eval_seconds[0] += time.perf_counter() - tic
 
-    trainer = _trainer_class(kind)(
+    trainer = {"srpo": SRPOTrainer, "rrpo": RRPOTrainer}[kind](
         model=model, reward_funcs=boxed_answer_reward, args=args, processing_class=tokenizer,
         train_dataset=task_dataset(opts.train_prompts, seed=RL_SEED, num_steps=opts.num_steps, task=opts.task),
         callbacks=[Evaluate()],

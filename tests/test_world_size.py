@@ -36,7 +36,7 @@ def _joined(reports: list[dict], run: str | None = None) -> dict:
     contiguous block of the global batch."""
     parts = [r if run is None else r[run] for r in reports]
     return {key: [item for part in parts for item in part[key]]
-            for key in ("prompts", "resets", "replies", "completion_ids", "advantages")}
+            for key in ("prompts", "resets", "replies", "completion_ids", "advantages", "eval") if key in parts[0]}
 
 
 def test_one_process_and_two_build_the_same_reset_groups(tmp_path):
@@ -59,18 +59,20 @@ def sampled_runs(tmp_path_factory, tiny_model_dir):
 @pytest.mark.parametrize("backend", ["transformers", "vllm"])
 def test_with_per_row_sampling_seeds_sampled_runs_on_one_process_and_two_are_the_same(sampled_runs, backend):
     """SRPO sampling at temperature 1 from a random-weight model, a sampled localization reply included (the compact
-    decoder, or vLLM colocated: the stand-in engine): with a generator per row the two runs draw the same tokens;
-    without, the rows depend on the process and its batch."""
+    decoder, or vLLM colocated: the stand-in engine), then an evaluation batch: with a generator per row the two runs
+    draw the same tokens; without, the rows depend on the process and its batch."""
     one, two = sampled_runs
     seeded, seeded_two = _joined(one, f"{backend}/seeded"), _joined(two, f"{backend}/seeded")
     assert len(set(seeded["prompts"])) == 4 and seeded["prompts"] == seeded_two["prompts"]
     assert len(seeded["resets"]) >= 2 and len(set(seeded["replies"])) == len(seeded["replies"])  # sampled replies
     assert len({tuple(ids) for ids in seeded["completion_ids"]}) > len(seeded["completion_ids"]) // 2  # sampled rows
-    assert seeded == seeded_two and any(seeded["advantages"])
+    assert seeded == seeded_two and any(seeded["advantages"])  # the evaluation rollouts too
+    assert len({tuple(ids) for ids in seeded["eval"]}) == len(seeded["eval"]) == 8  # a prompt's 2 rows differ
     unseeded, unseeded_two = _joined(one, f"{backend}/unseeded"), _joined(two, f"{backend}/unseeded")
     assert unseeded["prompts"] == unseeded_two["prompts"]
     assert unseeded["completion_ids"] != unseeded_two["completion_ids"]
     assert unseeded["replies"] != unseeded_two["replies"]
+    assert unseeded["eval"] != unseeded_two["eval"]
 
 
 def test_per_row_sampling_seeds_are_refused_where_the_transformers_backend_cannot_honour_them(tmp_path,

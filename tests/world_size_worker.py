@@ -3,7 +3,8 @@ or 2 (accelerate launch, CPU). Writes this process's prompts, reset choices, row
 
 ``worker.py OUT``: RRPO with a scripted policy. ``worker.py OUT MODEL_DIR``: SRPO sampling (temperature 1, a
 sampled localization reply) from the random-weight model saved in MODEL_DIR, with the transformers backend and
-with vLLM in colocate mode (the stand-in engine), each once with ``per_row_sampling_seed`` and once without.
+with vLLM in colocate mode (the stand-in engine), each once with ``per_row_sampling_seed`` and once without, then
+one evaluation batch.
 """
 
 import os
@@ -39,13 +40,23 @@ def generation(trainer) -> dict:
     trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # TRL shuffles its rows after this
     (output,) = generated
     return {
-        "prompts": seen,
+        "prompts": list(seen),
         "resets": trainer.reset_history[-1]["resets"],
         "replies": replies,
         "completion_ids": [ids[mask.bool()].tolist() for ids, mask in
                            zip(output["completion_ids"], output["completion_mask"])],
         "advantages": output["advantages"].tolist(),
     }
+
+
+def evaluation(trainer) -> list[list[int]]:
+    """This process's block of a global evaluation batch of 8 rollouts (4 prompts x 2), sampled as evaluation
+    samples them (TRL hands each process a contiguous block)."""
+    prompts = [f"{i}*3?" for i in range(4) for _ in range(2)]
+    block = len(prompts) // trainer.accelerator.num_processes
+    first = trainer.accelerator.process_index * block
+    trainer.model.eval()
+    return trainer._reset_rollout(prompts[first:first + block])["completion_ids"]
 
 
 def distinct_characters(completions, **kwargs):
@@ -72,7 +83,8 @@ def sampled(out_dir, model_dir):
             trainer = SRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
                                   reward_funcs=distinct_characters, args=args, train_dataset=data,
                                   processing_class=tok)
-            report[f"{backend}/{'seeded' if seeded else 'unseeded'}"] = generation(trainer)
+            report[f"{backend}/{'seeded' if seeded else 'unseeded'}"] = generation(trainer) | {
+                "eval": evaluation(trainer)}
     report["num_processes"] = trainer.accelerator.num_processes
     write_report(trainer, out_dir, report)
 

@@ -45,7 +45,7 @@ from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
-from .sampling.base import derive_seed
+from .sampling.base import DecodeRequest, decode, derive_seed
 from .sampling.vllm_backend import check_vllm_generation_kwargs
 from .scheduler import can_overlap, run_overlapped
 from .tasks.arithmetic import thought_value
@@ -376,6 +376,7 @@ class ResetTrainer(GRPOTrainer):
         self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
         self._unscored = [0, 0]  # completions with no reward from any function, completions scored (this step)
         self._warned_no_loss = False  # see _warn_no_loss
+        self._eval_batches = (-1, -1)  # (training step, evaluation batches at it): see _eval_sampling_seeds
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
 
     def _check_per_row_sampling_seed(self) -> None:
@@ -592,7 +593,13 @@ class ResetTrainer(GRPOTrainer):
         self._warn_overlong_prompts(prompt_ids)
         if not self.model.training:
             with self._sampler() as sampler:
-                rollouts = sampler.sample(prompt_ids)
+                seeds = self._eval_sampling_seeds(len(prompt_ids))
+                if seeds is None:
+                    rollouts = sampler.sample(prompt_ids)
+                else:
+                    budget = sampler.fmt.max_completion_tokens
+                    rollouts = decode(sampler.stream(), [DecodeRequest(list(ids), token_budget=budget, seed=seed)
+                                                         for ids, seed in zip(prompt_ids, seeds)], self._any_process)
             self._batch_state = None
             self._row_stats = _stats_of_rows([(len(r.token_ids), r.stop_reason, 1.0) for r in rollouts],
                                          self.accelerator.device)
@@ -655,6 +662,18 @@ class ResetTrainer(GRPOTrainer):
             return None
         generation, prompts = self._global_prompts(num_prompts)
         return [derive_seed("trl-resets-tokens", self.args.seed, generation, i) for i in prompts]
+
+    def _eval_sampling_seeds(self, num_rows: int) -> list[int] | None:
+        """With ``per_row_sampling_seed``: one seed per evaluation rollout, keyed by (seed, the training step, the
+        evaluation batch's number at that step, the row's index in the global evaluation batch), so evaluation
+        draws the same rollouts whatever the number of processes; None without."""
+        if not self.args.per_row_sampling_seed:
+            return None
+        step = self.state.global_step
+        batch = self._eval_batches[1] + 1 if self._eval_batches[0] == step else 0
+        self._eval_batches = (step, batch)
+        first = self.accelerator.process_index * num_rows
+        return [derive_seed("trl-resets-eval-tokens", self.args.seed, step, batch, first + i) for i in range(num_rows)]
 
     def _summarize(self, groups: list[PromptGroups], questions: list[str], policy) -> dict:
         """Rewards, per-group advantages (per token with comparison-based credit) and metric sums of this process's

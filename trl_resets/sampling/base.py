@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -100,6 +101,18 @@ class DecodingStream(Protocol):
 
     def step(self) -> list[tuple[int, Rollout | list[int]]]:
         ...
+
+
+def decode(stream: DecodingStream, requests: list[DecodeRequest],
+           sync_any: Callable[[bool], bool] = bool) -> list[Rollout | list[int]]:
+    """Every request decoded to its end through ``stream``, in the order given. A collective stream keeps stepping
+    while ``sync_any`` says some process is still busy."""
+    done: dict[int, Rollout | list[int]] = {}
+    handles = stream.submit(requests)
+    collective = getattr(stream, "collective", True)
+    while sync_any(stream.busy) if collective else stream.busy:
+        done.update(stream.step())
+    return [done[h] for h in handles]
 
 
 class PhasedStream:

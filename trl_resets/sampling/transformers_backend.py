@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixi
 from transformers.generation import logits_process as _lp
 
 from ..thoughts import Rollout, ThoughtFormat
-from .base import DecodeRequest, PhasedStream, ThoughtDecoding
+from .base import DecodeRequest, PhasedStream, ThoughtDecoding, decode
 
 
 def _mergeable_lora_layers(model):
@@ -252,7 +252,6 @@ class TransformersThoughtSampler(ThoughtDecoding):
                        "attention or state-space: their cache cannot give up or copy single rows); sampling with "
                        "transformers' generate instead.")
             self.share_prefill = self.compact = False
-        self.generated_tokens = 0
         self.generate_calls = 0  # calls that went to `generate` although compact decoding was asked for
 
     def _chunks(self, n: int):
@@ -300,12 +299,7 @@ class TransformersThoughtSampler(ThoughtDecoding):
     def _serve(self, requests: list[DecodeRequest]) -> list[Rollout | list[int]]:
         if not self.compact:
             return self._serve_generate(requests)
-        stream = _CompactStream(self)
-        handles = stream.submit(requests)
-        done: dict[int, Rollout | list[int]] = {}
-        while stream.busy:
-            done.update(stream.step())
-        return [done[h] for h in handles]
+        return decode(_CompactStream(self), requests)
 
     def stream(self):
         """A `DecodingStream`: the compact decoder, whose running batch takes new rows at every step; with compact
@@ -437,7 +431,6 @@ class _RowState:
         return token in self.sampler.eos_ids or len(self.tokens) >= self.max_new
 
     def result(self) -> Rollout | list[int]:
-        self.sampler.generated_tokens += len(self.tokens)
         if self.tracker is None:
             return list(self.tokens)
         self.tracker.finish()

@@ -190,7 +190,6 @@ class VLLMThoughtSampler(ThoughtDecoding):
         self.broadcast = broadcast or (lambda obj: obj)
         self.is_main_process = is_main_process
         self.process_index = process_index
-        self.generated_tokens = 0
         self.discarded_tokens = 0
         self.rounds = 0
         self._max_model_len: int | None = None
@@ -377,12 +376,10 @@ class VLLMThoughtSampler(ThoughtDecoding):
         for row in completions:
             cut = next((j + 1 for j, tok in enumerate(row) if tok in self.eos_ids), len(row))
             replies.append(row[:cut])
-        self.generated_tokens += sum(len(r) for r in replies)
         return replies
 
     def _rollout(self, tracker: ThoughtTracker, logprobs: list[float]) -> Rollout:
         tracker.finish()
-        self.generated_tokens += len(tracker.tokens)
         return Rollout(list(tracker.tokens), list(tracker.spans), tracker.stop_reason, logprobs[: len(tracker.tokens)])
 
 
