@@ -14,13 +14,28 @@ from trl_resets.localizers import (
     as_localizer,
     localization_prompt,
     parse_step_index,
+    resolve_reset_index,
 )
+from trl_resets.scheduler import can_overlap
+
+# the end of every message refusing a localizer object: how to write one that follows the interface
+FIX = (r"Define `name = '\.\.\.'` and `def locate\(self, requests, policy=None, rng=None\)` returning one "
+       r"Localization per request \(see trl_resets\.localizers\.Localizer\), or pass a function "
+       r"fn\(question, thoughts\)\.$")
 
 
 def test_step_index_bounds_are_one_and_the_number_of_steps():
     assert parse_step_index(r"\boxed{1}", 3) == 1
     assert parse_step_index(r"\boxed{3}", 3) == 3
     assert parse_step_index(r"\boxed{0}", 3) is None and parse_step_index(r"\boxed{4}", 3) is None
+
+
+def test_an_answer_of_one_or_of_the_last_thought_is_kept_without_a_random_draw():
+    rng = random.Random(0)
+    state = rng.getstate()
+    assert resolve_reset_index(Localization(1), 3, rng) == (1, False)  # h*=1: reset to the prompt itself
+    assert resolve_reset_index(Localization(3), 3, rng) == (3, False)
+    assert rng.getstate() == state
 
 
 def test_callable_localizer_sees_question_and_thoughts_and_is_named_after_the_function():
@@ -54,7 +69,9 @@ def test_oracle_clamps_an_index_past_the_last_thought_and_boxes_its_answer():
         Localization(2, 0, r"\boxed{2}")]
     none = OracleLocalizer(lambda row, thoughts: None)
     assert none.locate([LocalizationRequest("q", ["a"], {"answer": 1})]) == [Localization(None, 0, None)]
-    with pytest.raises(ValueError, match="OracleLocalizer needs the prompt's dataset row .* LocalizationRequest.row"):
+    with pytest.raises(ValueError, match=r"^OracleLocalizer needs the prompt's dataset row \(answer, reference steps\) "
+                                         r"with each request; the trainers pass it, a direct caller must set "
+                                         r"LocalizationRequest\.row\.$"):
         none.locate([LocalizationRequest("q", ["a"])])
     with pytest.raises(TypeError, match="checker must be callable, got str"):
         OracleLocalizer("check")
@@ -86,6 +103,11 @@ def test_a_template_with_an_unknown_placeholder_names_the_allowed_ones():
         SelfLocalizer(template="{answer}")
 
 
+def test_a_template_may_format_the_question_with_a_spec():
+    loc = SelfLocalizer(template="Q={question:.3} N={num_steps}\n{steps}")  # the question cut to 3 characters
+    assert loc.prompts([LocalizationRequest("abcdef", ["x"])]) == ["Q=abc N=1\nStep 1: x"]
+
+
 class RecordingPolicy:
     def __init__(self, replies):
         self.replies, self.calls = replies, []
@@ -102,7 +124,7 @@ def test_self_localizer_asks_the_policy_with_its_template_and_settings_and_keeps
     answers = loc.locate(requests, policy)
     assert policy.calls == [(["Q=1+1? N=2\nStep 1: a\nStep 2: b", "Q=2+2? N=1\nStep 1: c"], 7, 0.5)]
     assert answers == [Localization(2, 4, r"so \boxed{2}"), Localization(None, 2, "no idea")]
-    with pytest.raises(ValueError, match="SelfLocalizer needs the policy to query; the trainer passes it in."):
+    with pytest.raises(ValueError, match=r"^SelfLocalizer needs the policy to query; the trainer passes it in\.$"):
         loc.locate(requests, None)
 
 
@@ -120,8 +142,25 @@ def test_a_localizer_off_the_interface_is_refused_naming_it_and_the_fix():
     class NotAMethod:
         name, locate = "flat", 3
 
-    with pytest.raises(TypeError, match=r"localizer NoName: its name is None, not a str\. Define `name = '...'`"):
+    class NumberName:
+        name = 3
+
+        def locate(self, requests, policy=None, rng=None):
+            return [None for _ in requests]
+
+    class NoRng:
+        name = "no rng"
+
+        def locate(self, requests, policy=None):
+            return [None for _ in requests]
+
+    with pytest.raises(TypeError, match=r"^localizer NoName: its name is None, not a str\. " + FIX):
         as_localizer(NoName())
+    with pytest.raises(TypeError, match=r"^localizer NumberName: its name is 3, not a str\. " + FIX):
+        as_localizer(NumberName())
+    with pytest.raises(TypeError, match=r"^localizer NoRng: .*NoRng\.locate\(requests, policy=None\) cannot be "
+                                        r"called as locate\(requests, policy, rng\)\. " + FIX):
+        as_localizer(NoRng())
     with pytest.raises(TypeError, match=r"localizer OneArgument: .*OneArgument\.locate\(requests\) cannot be called "
                                         r"as locate\(requests, policy, rng\)"):
         as_localizer(OneArgument())
@@ -134,3 +173,26 @@ def test_a_localizer_off_the_interface_is_refused_naming_it_and_the_fix():
     named.name = "named"
     assert as_localizer(named) is named
     assert as_localizer(lambda question, thoughts, extra=0: 1).name == "<lambda>"
+
+
+def test_a_callable_object_taking_the_wrong_arguments_is_refused_by_its_class_name():
+    class ThoughtsOnly:
+        def __call__(self, thoughts):
+            return 1
+
+    with pytest.raises(TypeError, match=r"^localizer=ThoughtsOnly\(thoughts\): a function localizer is called as "
+                                        r"fn\(question, thoughts\) and returns the 1-based first wrong thought; give "
+                                        r"it those two parameters, or pass an object with locate\(requests, policy, "
+                                        r"rng\) \(see trl_resets\.localizers\.Localizer\)\.$"):
+        as_localizer(ThoughtsOnly())
+
+
+def test_a_builtin_whose_signature_cannot_be_read_is_taken_as_a_function_localizer():
+    loc = as_localizer(max)
+    assert isinstance(loc, CallableLocalizer) and loc.name == "max"
+
+
+def test_a_function_localizer_answers_without_the_policy_so_the_overlapped_scheduler_can_drive_it():
+    loc = as_localizer(lambda question, thoughts: 1)
+    assert loc.uses_policy is False and can_overlap(loc, policy=None)
+    assert not can_overlap(SelfLocalizer(), policy=None)  # it queries the policy, which here cannot stream

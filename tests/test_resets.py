@@ -6,7 +6,7 @@ import random
 import pytest
 
 from trl_resets.localizers import CallableLocalizer, Localization, RandomLocalizer
-from trl_resets.resets import ResetAlgorithm, Split, choose_seeds, reset_prefix
+from trl_resets.resets import ResetAlgorithm, SeedGenerators, Split, choose_seeds, reset_prefix
 from trl_resets.thoughts import Rollout, ThoughtFormat
 
 
@@ -169,7 +169,9 @@ def test_rows_reach_the_localizer_with_each_request():
 def test_split_validation():
     with pytest.raises(ValueError, match="G1"):
         Split(4, -1, 4)
-    with pytest.raises(ValueError, match="advantage"):
+    with pytest.raises(ValueError, match=r"^split G1=1, k=0, G2=4 has no group of 2 or more rollouts, so every "
+                                         r"advantage would be zero; raise num_reset_generations or "
+                                         r"num_base_generations\.$"):
         Split(1, 0, 4)
     with pytest.raises(ValueError, match="advantage"):
         Split(1, 2, 1)
@@ -211,3 +213,65 @@ def test_pass_rates_of_the_first_draws_and_of_every_phase1_draw():
     assert values[PREFIX + "policy_pass_rate"] == pytest.approx(5 / 10)  # each prompt's first 5 draws
     # the 5 extra draws come from the prompt that passed: over every draw, the rate leans toward it
     assert values[PREFIX + "phase1_pass_rate"] == pytest.approx(9 / 15)
+
+
+def test_a_seed_budget_of_one_draws_one_more_rollout():
+    (res,), _ = run(Split(4, 1, 4), correct=set(range(100)) - {5}, localizer=FixedLocalizer(2), budget=1)
+    assert res.phase1_draws == 6 and res.fallbacks == 0
+    assert res.rows[4].completion_ids[:2] == [1005, 11]  # draw 5, the one extra draw, is the seed
+
+
+def test_an_empty_rollout_is_never_a_seed_and_a_one_thought_rollout_is():
+    class EmptyThenOneThought(ScriptedSampler):
+        """Draw 0 is empty, draw 1 has one thought; the others have three."""
+
+        def sample(self, contexts, start_thoughts=None, token_budgets=None):
+            first = self.draws
+            out = super().sample(contexts, start_thoughts, token_budgets)
+            shapes = {0: Rollout([], [], "eos"), 1: Rollout([1001, 11], [(0, 2)], "answer")}
+            return [shapes.get(first + j, rollout) for j, rollout in enumerate(out)]
+
+    loc = FixedLocalizer(1)
+    algo = ResetAlgorithm(Split(2, 1, 2), ThoughtFormat(max_completion_tokens=100), seed_budget=0)
+    (res,) = algo.run([[7]], ["q"], EmptyThenOneThought(), lambda owners, completions: [
+        [1.0 if len(c) == 6 else 0.0] for c in completions], loc, describe=lambda r: ["t"] * r.num_thoughts,
+        rng=random.Random(0))
+    assert [r.completion_ids for r in res.rows[:2]] == [[], [1002, 11, 1002, 12, 1002, 13]]  # the empty one in base
+    assert res.empty_seeds == 1 and res.fallbacks == 0
+    assert [(r.num_thoughts, r.reset_index) for r in res.resets] == [(1, 1)] and loc.requests[0][0].num_steps == 1
+
+
+def test_the_score_function_is_never_called_with_no_completions():
+    """No prompt finds a seed, so there are no suffixes to score: the reward functions are not called for them."""
+    sizes = []
+
+    def score(owners, completions):
+        sizes.append(len(completions))
+        return scripted_score(set(range(100)))(owners, completions)
+
+    algo = ResetAlgorithm(Split(4, 1, 4), ThoughtFormat(max_completion_tokens=100), seed_budget=0)
+    results = algo.run([[7], [8]], ["q0", "q1"], ScriptedSampler(), score, FixedLocalizer(2),
+                       describe=lambda r: ["t"] * r.num_thoughts, rng=random.Random(0))
+    assert sizes == [10] and [r.fallbacks for r in results] == [1, 1]
+
+
+def test_each_seed_of_a_prompt_draws_from_its_own_generator():
+    loc = FixedLocalizer(1)  # a valid answer: the generators are handed over untouched
+    algo = ResetAlgorithm(Split(0, 3, 2), ThoughtFormat(max_completion_tokens=100), seed_budget=0)
+    algo.run([[7]], ["q"], ScriptedSampler(), scripted_score(set()), loc, describe=lambda r: ["t"] * r.num_thoughts,
+             rng=random.Random(5))
+    expected = SeedGenerators(random.Random(5), 1)
+    assert [r.rng.getstate() for r in loc.requests[0]] == [expected(0, g).getstate() for g in range(3)]
+
+
+def test_without_a_generator_the_resets_are_those_of_random_0():
+    def resets(rng):
+        algo = ResetAlgorithm(Split(0, 2, 2), ThoughtFormat(max_completion_tokens=100), seed_budget=0)
+        results = algo.run([[7, k] for k in range(6)], ["q"] * 6, ScriptedSampler(), scripted_score(set()),
+                           RandomLocalizer(), describe=lambda r: ["t"] * r.num_thoughts, rng=rng)
+        return [[r.reset_index for r in g.resets] for g in results]
+
+    assert resets(None) == resets(None) == resets(random.Random(0))
+    fallback, zero = SeedGenerators(None, 3), SeedGenerators(random.Random(0), 3)
+    assert [fallback(p, g).random() for p in range(3) for g in range(2)] == [
+        zero(p, g).random() for p in range(3) for g in range(2)]

@@ -2,7 +2,25 @@
 
 import pytest
 
-from trl_resets.thoughts import ThoughtFormat, contains_final_answer, strip_delimiter, wrap_question
+from trl_resets.thoughts import (
+    STOP_ANSWER,
+    STOP_NONE,
+    ThoughtFormat,
+    ThoughtTracker,
+    contains_final_answer,
+    segment_thoughts,
+    strip_delimiter,
+    wrap_question,
+)
+
+
+def chars(text):
+    """One token per character (its code point), decoded back by `decode`."""
+    return [ord(c) for c in text]
+
+
+def decode(ids):
+    return "".join(map(chr, ids))
 
 
 def test_strip_delimiter_removes_only_a_closing_delimiter_in_delimiter_mode():
@@ -26,8 +44,8 @@ def test_format_validation_messages_and_bounds():
     assert ThoughtFormat(delimiter="", split="paragraph").split == "paragraph"  # no delimiter needed there
     with pytest.raises(ValueError, match="thought split must be 'delimiter' or 'paragraph', got 'line'"):
         ThoughtFormat(split="line")
-    with pytest.raises(ValueError, match=r"thought_delimiter is empty; give a delimiter or use "
-                                         r"thought_split='paragraph'\."):
+    with pytest.raises(ValueError, match=r"^thought_delimiter is empty; give a delimiter or use "
+                                         r"thought_split='paragraph'\.$"):
         ThoughtFormat(delimiter="")
     for name in ("max_thoughts", "max_thought_tokens", "max_completion_tokens"):
         with pytest.raises(ValueError, match=f"{name} must be at least 1, got 0"):
@@ -37,3 +55,18 @@ def test_format_validation_messages_and_bounds():
 def test_final_answer_needs_a_closed_box():
     assert contains_final_answer(r"so \boxed{7}") and contains_final_answer(r"\boxed{\frac{1}{2}}")
     assert not contains_final_answer(r"so \boxed{7") and not contains_final_answer(r"\boxed{\frac{1}{2}")
+
+
+def test_a_rollout_the_decoder_stopped_early_is_closed_and_marked_unfinished():
+    rollout = segment_thoughts(chars("ab</t>cd"), decode, ThoughtFormat(delimiter="</t>"))
+    assert rollout.thought_spans == [(0, 6), (6, 8)] and rollout.stop_reason == STOP_NONE == "unfinished"
+
+
+def test_a_finished_tracker_reports_done_and_takes_no_more_tokens():
+    tracker = ThoughtTracker(ThoughtFormat(delimiter="</t>"), decode, frozenset())
+    assert [tracker.push(t) for t in chars(r"\boxed{1}</t>")][-2:] == [False, True]
+    assert tracker.stop_reason == STOP_ANSWER
+    assert tracker.push(ord("x")) is True
+    tracker.finish()
+    assert decode(tracker.tokens) == r"\boxed{1}</t>" and tracker.spans == [(0, 13)]
+    assert tracker.stop_reason == STOP_ANSWER

@@ -283,7 +283,7 @@ class ResetAlgorithm:
 
         ``rng`` is one generator for all prompts, or one per prompt (the trainer keys each by the prompt's global
         index, so that the reset choices do not depend on how prompts are spread over processes); see
-        `SeedGenerators`.
+        `SeedGenerators`. None stands for ``random.Random(0)``, so a run without one draws the same resets each time.
         """
         seed_rng = SeedGenerators(rng, len(contexts))
         split = self.split
