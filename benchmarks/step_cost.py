@@ -8,6 +8,8 @@
     python benchmarks/step_cost.py --quick    # the embedded model as shipped, one prompt, short rollouts,
                                               # one round, light warm-up (a smoke test)
     python benchmarks/step_cost.py --model path/to/model   # any model, the package's default prompts
+    python benchmarks/step_cost.py --shape qwen2.5-1.5b --bf16 --prompts 4 --tokens 1024   # on a GPU: a
+                                              # random-weight model of a named shape (gpu_recipe.SHAPES), in bf16
 
 GRPO is the reset trainer with ``num_reset_prefixes=0, num_base_generations=8`` (plain GRPO on the same
 thought sampler); RRPO and SRPO use the 4 + 1x4 split (G1=4 base rollouts, one seed, G2=4 suffixes).
@@ -21,6 +23,8 @@ Everything is measured from outside the trainers:
   decoding steps), the rows each decoding step computed, and the context tokens prefilled;
 * the localizer is wrapped, so the time spent inside ``locate`` is known (0 where SRPO's replies decode in
   the stream).
+
+On a GPU, each method's peak of allocated GPU memory over its run is recorded too (``peak_memory_gib``).
 
 update = step - rollout_func (TRL's bookkeeping, log-probs, loss, backward, optimizer). Methods run in
 rotating order for several rounds (the machine is shared; timings are noisy) and the medians are reported,
@@ -210,7 +214,7 @@ def step_record(probe: Probe, prompts: int, generations: int = 1) -> dict:
 NUMBERS = (
     "step", "generation", "localization", "update", "tokens_per_group", "localization_tokens_per_group",
     "total_tokens_per_group", "rollouts_per_group", "prefill_tokens_per_group", "row_steps_per_group",
-    "forward_passes", "decode_steps", "gen_tokens_per_s",
+    "forward_passes", "decode_steps", "gen_tokens_per_s", "peak_memory_gib",
 )
 
 
@@ -231,7 +235,8 @@ def ratios_to(summary: dict[str, dict[str, float]], base: str = "GRPO") -> dict[
     ref = summary[base]
     keys = {"wall_clock": "step", "generation": "generation", "tokens": "tokens_per_group",
             "tokens_with_localization": "total_tokens_per_group", "gen_throughput": "gen_tokens_per_s",
-            "forward_passes": "forward_passes", "decode_steps": "decode_steps", "row_steps": "row_steps_per_group"}
+            "forward_passes": "forward_passes", "decode_steps": "decode_steps", "row_steps": "row_steps_per_group",
+            "peak_memory": "peak_memory_gib"}
     return {m: {name: ratio(s[key], ref[key]) for name, key in keys.items()} for m, s in summary.items()}
 
 
@@ -265,6 +270,14 @@ def render_table(summary, ratios) -> str:
             f"| {r['gen_throughput']:.2f}x | {r['forward_passes']:.2f}x |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def render_memory_line(summary, ratios) -> str:
+    """Each method's peak of allocated GPU memory (median over its runs), or nothing where none was measured."""
+    if not all(math.isfinite(s.get("peak_memory_gib", math.nan)) for s in summary.values()):
+        return ""
+    parts = [f"{m} {s['peak_memory_gib']:.2f} GiB ({ratios[m]['peak_memory']:.2f}x GRPO)" for m, s in summary.items()]
+    return "Peak allocated GPU memory per run: " + "; ".join(parts) + ".\n"
 
 
 def render_targets(ratios) -> str:
@@ -484,12 +497,18 @@ def light_warm_up(model_path: str) -> None:
 def measure(method, model, dataset, settings, lora_r, prompts, output_dir) -> dict:
     import gc
 
+    import torch
+
     probe = Probe()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     trainer = build_trainer(method, model, dataset, settings, lora_r, output_dir)
     clock = instrument(trainer, probe, phased=method == PHASED)
     trainer.train()
     steps = trainer.state.global_step
     record = step_record(probe, prompts * steps, generations=probe.calls.get("rollout", 0) or 1)
+    if torch.cuda.is_available():
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     for key in ("step", "generation", "localization", "update"):
         record[key] /= steps
     record["trainer_logged"] = logged_metrics(clock.logs, prompts * steps)
@@ -537,7 +556,8 @@ def write_outputs(result: dict, name: str, write_json: bool = True) -> None:
     summary, ratios = result["summary"], result["ratios_to_grpo"]
     (RESULTS / f"{name}.md").write_text(
         f"# Step cost: GRPO, RRPO, SRPO\n\n{result['setup']}.\n\n{render_table(summary, ratios)}\n"
-        f"{render_targets(ratios)}\n{render_mean_line(result['runs'])}\n{render_pooled_line(result['runs'])}\n"
+        f"{render_memory_line(summary, ratios)}{render_targets(ratios)}\n{render_mean_line(result['runs'])}\n"
+        f"{render_pooled_line(result['runs'])}\n"
         "generation = the whole rollout_func (sampling, scoring, localization: SRPO's localization replies decode "
         "in the same batch as the rollouts); update = the rest of the step (log-probs, loss, backward, optimizer). "
         "Tokens per group: every rollout token drawn (phase-1 draws, seeds and unused seed-search draws included, "
@@ -602,6 +622,10 @@ def main():
     parser.add_argument("--paper-caps", action="store_true",
                         help="the shipped testbed policy (a 0.47M-parameter Llama) on its own task at the paper's "
                              "caps: 20 thoughts x 256 tokens, 4096 response tokens, full fine-tune")
+    parser.add_argument("--shape", default=None, help="a random-weight model of this shape (benchmarks/gpu_recipe.py's "
+                        "SHAPES: qwen2.5-1.5b, tiny) with the embedded model's tokenizer, on the package's default "
+                        "prompts; for a GPU, where no hub is needed")
+    parser.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision (bf16=True)")
     parser.add_argument("--with-phased", action="store_true",
                         help=f"add {PHASED}: SRPO sampled phase by phase (all phase-1 rollouts, then all localization "
                              "replies, then all suffixes), for comparison")
@@ -613,8 +637,10 @@ def main():
         args.prompts, args.steps, args.rounds, args.tokens, args.thought_tokens, args.thoughts = 1, 1, 1, 24, 8, 3
     if args.paper_caps:
         args.tokens, args.thought_tokens, args.thoughts, args.lora_r = 4096, 256, 20, 0
-    name = args.out or ("step_cost_quick" if args.quick else "step_cost_paper_caps" if args.paper_caps else
-                        "step_cost")
+    if args.shape is not None and (args.model is not None or args.paper_caps):
+        parser.error("--shape builds its own model: drop --model / --paper-caps.")
+    name = args.out or (f"step_cost_{args.shape}" if args.shape else "step_cost_quick" if args.quick else
+                        "step_cost_paper_caps" if args.paper_caps else "step_cost")
     if args.replot:
         result = json.loads((RESULTS / f"{name}.json").read_text())
         result.setdefault("command", "python benchmarks/step_cost.py" + (" --quick" if args.quick else ""))
@@ -635,11 +661,12 @@ def main():
         "per_device_train_batch_size": 8 * args.prompts, "max_steps": args.steps, "learning_rate": 5e-5,
         "max_completion_length": args.tokens, "max_thought_tokens": args.thought_tokens,
         "max_thoughts": args.thoughts, "temperature": 0.7, "top_p": 0.95, "seed_budget": 4, "logging_steps": 1,
-        "save_strategy": "no", "report_to": "none", "use_cpu": not torch.cuda.is_available(), "bf16": False,
+        "save_strategy": "no", "report_to": "none", "use_cpu": not torch.cuda.is_available(), "bf16": args.bf16,
         "disable_tqdm": True, "gradient_checkpointing": False, "share_prefill": args.share_prefill,
         "compact_decoding": args.compact, "merge_adapter_for_sampling": args.merge,
     }
-    main_job = args.model is None and not args.quick and not args.paper_caps
+    main_job = args.model is None and args.shape is None and not args.quick and not args.paper_caps
+    shape_dir = tempfile.TemporaryDirectory(prefix="step_cost_shape-")
     if args.paper_caps:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from benchmarks.testbed import POLICY_DIR, RL_SEED, config_fields, task_dataset
@@ -651,9 +678,16 @@ def main():
         args.model, dataset, job_settings = main_job_setting(args.prompts)
         settings.update(job_settings)
     else:
-        if args.model is None:
-            from trl_resets.models import default_model_path
+        from trl_resets.models import default_model_path
 
+        if args.shape is not None:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            from benchmarks.gpu_recipe import build_model
+
+            args.model = shape_dir.name
+            parameters = build_model(args.shape, default_model_path(), Path(args.model), "cpu")
+            print(f"random-weight {args.shape} model: {parameters:,} parameters (bf16 weights)", flush=True)
+        elif args.model is None:
             args.model = default_model_path()
         rows = make_arithmetic_dataset(args.prompts, num_steps=2, seed=args.seed, operations=("+", "-"))
         dataset = rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
@@ -689,7 +723,12 @@ def main():
         model_name = f"{model_name} (the main job's model, prompts and task)"
     if args.paper_caps:
         model_name = "the testbed policy (0.47M-parameter Llama) on its task at the paper's caps"
-    setup = f"{model_name}, " + (f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")
+    if args.shape:
+        model_name = f"a random-weight {args.shape}-shaped Qwen2 (the embedded model's tokenizer)"
+    shape_dir.cleanup()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    setup = f"{model_name} on {device}, " + ("bf16, " if args.bf16 else "") + (
+        f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")
     setup += (f"; {args.prompts} prompt(s) x 8 rollouts per step, {args.tokens} tokens max "
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO; "
               f"median of {args.rounds} round(s) x {args.steps} step(s); "
@@ -710,6 +749,7 @@ def main():
     table, targets = render_table(summary, ratios), render_targets(ratios)
     print()
     print(table)
+    print(render_memory_line(summary, ratios), end="")
     print(targets)
     print(render_mean_line(runs))
     print(render_pooled_line(runs))

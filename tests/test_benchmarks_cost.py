@@ -257,6 +257,16 @@ def test_markdown_and_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gpu_memory_peaks_are_reported_with_their_ratio_only_where_measured():
+    runs = {"GRPO": [_record(10, 6, 0, 800) | {"peak_memory_gib": 4.0}, _record(10, 6, 0, 800) | {"peak_memory_gib": 6.0}],
+            "SRPO": [_record(12, 7, 1, 700, 50) | {"peak_memory_gib": 7.5}]}
+    summary = step_cost.summarize(runs)
+    line = step_cost.render_memory_line(summary, step_cost.ratios_to(summary))
+    assert line == "Peak allocated GPU memory per run: GRPO 5.00 GiB (1.00x GRPO); SRPO 7.50 GiB (1.50x GRPO).\n"
+    on_cpu = step_cost.summarize({m: [_record(10, 6, 0, 800)] for m in ("GRPO", "SRPO")})
+    assert step_cost.render_memory_line(on_cpu, step_cost.ratios_to(on_cpu)) == ""
+
+
 def test_localization_note_reports_parse_failures_only_when_logged():
     runs = {"SRPO": [{"trainer_logged": {"resets/parse_failure_rate": 1.0}},
                      {"trainer_logged": {"resets/parse_failure_rate": 0.5}}]}

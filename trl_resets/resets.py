@@ -375,7 +375,7 @@ class ResetAlgorithm:
         missing = split.prefixes - len(outcomes)
         if missing:
             result.fallbacks = missing
-            num_rewards = len(drawn[0].rewards) if drawn else 0
+            num_rewards = len(drawn[0].rewards)  # a prompt always has its phase-1 draws
             for group in range(len(outcomes) + 1, split.prefixes + 1):
                 rows.extend(_filler_rows(drawn, split.per_prefix, group, num_rewards))
         return result
