@@ -70,3 +70,18 @@ def test_a_finished_tracker_reports_done_and_takes_no_more_tokens():
     tracker.finish()
     assert decode(tracker.tokens) == r"\boxed{1}</t>" and tracker.spans == [(0, 13)]
     assert tracker.stop_reason == STOP_ANSWER
+
+
+def test_a_delimiter_split_into_one_token_per_byte_still_closes_the_thought():
+    """Byte-level tokenizers can spell a non-ASCII delimiter one UTF-8 byte per token: "。。" is 2 characters and 6
+    tokens, and the tracker still sees it."""
+
+    def utf8(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    tracker = ThoughtTracker(ThoughtFormat(delimiter="。。", max_thought_tokens=64), utf8, frozenset())
+    text = "1+1=2。。2+2=4"
+    for byte in text.encode("utf-8"):
+        tracker.push(byte)
+    tracker.finish()
+    assert [utf8(tracker.tokens[a:b]) for a, b in tracker.spans] == ["1+1=2。。", "2+2=4"]

@@ -127,7 +127,8 @@ class ThoughtTracker:
     def __post_init__(self):
         if self.token_budget is None:
             self.token_budget = self.fmt.max_completion_tokens
-        self._window = len(self.fmt.boundary) + 2
+        # tokens to decode when looking for the boundary: a token spells at least one UTF-8 byte of it
+        self._window = len(self.fmt.boundary.encode("utf-8")) + 2
 
     @property
     def done(self) -> bool:
