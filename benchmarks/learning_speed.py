@@ -215,6 +215,14 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         entry["steps_to_grpo_final"] = steps_to_reach(base["steps"], entry["accuracy_mean"], base["accuracy_mean"][-1])
         entry["ratio_to_grpo"] = speed_ratio(base["steps"], base["accuracy_mean"], entry["accuracy_mean"])
         entry["ratio_to_grpo_median"] = speed_ratio(base["steps"], base["accuracy_median"], entry["accuracy_median"])
+        # against tokens: the tokens generated when the mean curve first reaches GRPO's final mean, over GRPO's own
+        entry["tokens_to_grpo_final"] = steps_to_reach(entry["tokens_mean"], entry["accuracy_mean"],
+                                                       base["accuracy_mean"][-1])
+    grpo_tokens = base["tokens_to_grpo_final"]
+    for entry in summary.values():
+        reached = entry["tokens_to_grpo_final"]
+        entry["token_ratio_to_grpo"] = (None if reached is None or not grpo_tokens or not baseline_improved(summary)
+                                        else reached / grpo_tokens)
     return summary
 
 
@@ -226,8 +234,9 @@ def baseline_improved(summary: dict) -> bool:
 def table(summary: dict) -> str:
     lines = [
         ("| method | seeds | start acc | final acc (mean, min-max over the seeds) | final (median) | steps to GRPO's "
-         "final | fraction of GRPO's steps (mean curves) | same, median curves | tokens generated | s/step |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+         "final | fraction of GRPO's steps (mean curves) | same, median curves | tokens generated | tokens to "
+         "GRPO's final / GRPO's (mean curves) | s/step |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, e in summary.items():
         ratio = "not reached" if e["ratio_to_grpo"] is None else f"{e['ratio_to_grpo']:.2f}"
@@ -235,11 +244,12 @@ def table(summary: dict) -> str:
             ratio = "GRPO did not improve"
         median_ratio = "not reached" if e["ratio_to_grpo_median"] is None else f"{e['ratio_to_grpo_median']:.2f}"
         reached = "-" if e["steps_to_grpo_final"] is None else str(e["steps_to_grpo_final"])
+        token_ratio = "not reached" if e.get("token_ratio_to_grpo") is None else f"{e['token_ratio_to_grpo']:.2f}"
         lines.append(
             f"| {method} | {e['seeds']} | {e['accuracy_mean'][0]:.3f} | {e['accuracy_mean'][-1]:.3f} "
             f"({e['accuracy_min'][-1]:.3f}-{e['accuracy_max'][-1]:.3f}) | {e['accuracy_median'][-1]:.3f} | {reached} "
             f"| {ratio} | {median_ratio} | "
-            f"{e['tokens_mean'][-1]:.0f} | {e['seconds_per_step']:.2f} |"
+            f"{e['tokens_mean'][-1]:.0f} | {token_ratio} | {e['seconds_per_step']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -250,17 +260,21 @@ def plot(summary: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharey=True)
     for method, e in summary.items():
         style = {"linewidth": 2.5} if method in (BASELINE, HEADLINE_METHOD) else {"linewidth": 1.2, "alpha": 0.85}
-        for ax, x in ((axes[0], e["steps"]), (axes[1], e["tokens_mean"])):
-            (line,) = ax.plot(x, e["accuracy_mean"], label=method, **style)
-            ax.fill_between(x, e["accuracy_min"], e["accuracy_max"], color=line.get_color(), alpha=0.12)
-    axes[0].axhline(summary[BASELINE]["accuracy_mean"][-1], color="gray", linestyle=":", linewidth=1)
-    axes[0].set_xlabel("training step")
-    axes[1].set_xlabel("generated tokens (all sampling, localization included)")
-    axes[0].set_ylabel("held-out accuracy (sampled, T=1)")
-    axes[1].legend(fontsize=8)
+        for row, curve in ((0, "accuracy_mean"), (1, "accuracy_median")):
+            for ax, x in ((axes[row][0], e["steps"]), (axes[row][1], e["tokens_mean"])):
+                (line,) = ax.plot(x, e[curve], label=method, **style)
+                if row == 0:  # the spread over seeds around the mean
+                    ax.fill_between(x, e["accuracy_min"], e["accuracy_max"], color=line.get_color(), alpha=0.12)
+    for row, name in ((0, "mean over seeds (band: min-max)"), (1, "median over seeds")):
+        axes[row][0].axhline(summary[BASELINE][("accuracy_mean", "accuracy_median")[row]][-1], color="gray",
+                             linestyle=":", linewidth=1)
+        axes[row][0].set_xlabel("training step")
+        axes[row][1].set_xlabel("generated tokens (all sampling, localization included; mean over seeds)")
+        axes[row][0].set_ylabel(f"held-out accuracy (sampled, T=1)\n{name}")
+    axes[0][1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

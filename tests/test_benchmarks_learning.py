@@ -26,16 +26,19 @@ def test_speed_ratio_measures_against_the_baselines_final_value():
 
 
 def test_summary_averages_seeds_then_compares_with_grpo():
-    def run(acc):
-        return {"steps": [0, 10, 20], "accuracy": acc, "tokens": [0, 100, 200], "train_seconds": 40.0}
+    def run(acc, tokens=(0, 100, 200)):
+        return {"steps": [0, 10, 20], "accuracy": acc, "tokens": list(tokens), "train_seconds": 40.0}
 
     runs = {"GRPO": [run([0.4, 0.5, 0.6]), run([0.4, 0.4, 0.5])],  # mean final 0.55
-            "SRPO": [run([0.4, 0.6, 0.7]), run([0.4, 0.5, 0.6])]}  # mean 0.4, 0.55, 0.65
+            "SRPO": [run([0.4, 0.6, 0.7], (0, 140, 280)), run([0.4, 0.5, 0.6], (0, 160, 320))]}  # mean 0.4, 0.55, 0.65
     summary = summarize(runs)
     assert summary["SRPO"]["accuracy_mean"] == pytest.approx([0.4, 0.55, 0.65])
     assert summary["SRPO"]["steps_to_grpo_final"] == 10 and summary["SRPO"]["ratio_to_grpo"] == 0.5
     assert summary["GRPO"]["ratio_to_grpo"] == 1.0
     assert summary["GRPO"]["seconds_per_step"] == 2.0
+    # against tokens: SRPO reaches GRPO's 0.55 at step 10, after 150 tokens (mean); GRPO itself at step 20, after 200
+    assert summary["SRPO"]["tokens_to_grpo_final"] == 150 and summary["GRPO"]["tokens_to_grpo_final"] == 200
+    assert summary["SRPO"]["token_ratio_to_grpo"] == 0.75 and summary["GRPO"]["token_ratio_to_grpo"] == 1.0
     mean, low, high = mean_and_spread([[1.0, 2.0], [3.0, 0.0]])
     assert mean == [2.0, 1.0] and low == [1.0, 0.0] and high == [3.0, 2.0]
 
