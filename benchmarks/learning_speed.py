@@ -226,6 +226,38 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return summary
 
 
+def paired_with_baseline(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each method against GRPO seed by seed (the same seed: the same prompts and sampling seed): the mean and
+    standard error over seeds of the difference in final accuracy and in the mean accuracy over the evaluations
+    after the start (a whole-curve measure of speed), and the seeds whose curve mean is above GRPO's."""
+    import statistics
+
+    base = {r["seed"]: r for r in runs.get(BASELINE, [])}
+    out = {}
+    for method, records in runs.items():
+        pairs = [(r, base[r["seed"]]) for r in records if method != BASELINE and r.get("seed") in base]
+        if len(pairs) < 2:
+            continue
+        final = [r["accuracy"][-1] - g["accuracy"][-1] for r, g in pairs]
+        curve = [statistics.fmean(r["accuracy"][1:]) - statistics.fmean(g["accuracy"][1:]) for r, g in pairs]
+        out[method] = {"seeds": len(pairs), "final_diff": statistics.fmean(final),
+                       "final_diff_se": statistics.stdev(final) / len(final) ** 0.5,
+                       "curve_diff": statistics.fmean(curve), "curve_diff_se": statistics.stdev(curve) / len(curve) ** 0.5,
+                       "seeds_above": sum(d > 0 for d in curve)}
+    return out
+
+
+def paired_table(paired: dict[str, dict]) -> str:
+    if not paired:
+        return ""
+    lines = [("| against GRPO, paired by seed | seeds | final accuracy difference (mean ± s.e.) | mean accuracy over "
+              "the curve, difference (mean ± s.e.) | seeds with the curve above GRPO's |"), "|---|---|---|---|---|"]
+    for method, p in paired.items():
+        lines.append(f"| {method} | {p['seeds']} | {p['final_diff']:+.3f} ± {p['final_diff_se']:.3f} "
+                     f"| {p['curve_diff']:+.3f} ± {p['curve_diff_se']:.3f} | {p['seeds_above']} of {p['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def baseline_improved(summary: dict) -> bool:
     curve = summary[BASELINE]["accuracy_mean"]
     return curve[-1] > curve[0]
@@ -329,6 +361,7 @@ def main():
     reused = reusable_runs(opts.reuse, opts)
     runs: dict[str, list[dict]] = {}
     planned = len(opts.methods) * opts.seeds
+    read_back = 0
     for method in opts.methods:
         for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
             record = reused.get((method, seed))
@@ -336,6 +369,7 @@ def main():
                 raise SystemExit(f"--reuse: {method} seed {seed} started at accuracy {record['accuracy'][0]:.3f}, "
                                  f"this evaluation gives {start_eval['accuracy']:.3f}: not the same code or policy.")
             origin = "read back" if record is not None else None
+            read_back += record is not None
             if record is None:
                 record = train_one(method, seed, opts, eval_set, start_eval)
                 origin = f"{record['train_seconds']:.0f}s"
@@ -344,14 +378,16 @@ def main():
                   f"({origin})", flush=True)
             done = sum(len(r) for r in runs.values())
             if done < planned:  # the results so far, so that a run stopped early leaves what it measured
-                write_results(opts, runs, start_eval, time.perf_counter() - wall, final=False)
-    text, setting, machine, wall, headline_text = write_results(opts, runs, start_eval, time.perf_counter() - wall)
+                write_results(opts, runs, start_eval, time.perf_counter() - wall, final=False, read_back=read_back)
+    text, setting, machine, wall_text, headline_text = write_results(opts, runs, start_eval,
+                                                                     time.perf_counter() - wall, read_back=read_back)
     print(text)
-    print(f"{setting}; {machine}; wall {wall:.0f}s")
+    print(f"{setting}; {machine}; {wall_text}")
     print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")
 
 
-def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: float, final: bool = True):
+def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: float, final: bool = True,
+                  read_back: int = 0):
     """Writes learning_speed{suffix}.{json,md,png} for the runs so far (``final=False``: marked partial, with the
     seeds each method has)."""
     summary = summarize(runs)
@@ -364,23 +400,29 @@ def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: flo
     if not final:
         setting = f"PARTIAL ({sum(seeds.values())} of {len(opts.methods) * opts.seeds} runs), " + setting
     headline = summary[HEADLINE_METHOD]["ratio_to_grpo"] if HEADLINE_METHOD in summary else None
-    text = table(summary)
+    paired = paired_with_baseline(runs)
+    text = table(summary) + ("\n" + paired_table(paired) if paired else "")
+    if read_back:
+        wall_text = f"wall {wall:.0f}s ({read_back} of {sum(seeds.values())} runs read back from earlier results)"
+    else:
+        wall_text = f"wall {wall:.0f}s"
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = (f"_{opts.tag}" if opts.tag else "") + ("_quick" if opts.quick else "")
     (out / f"learning_speed{suffix}.json").write_text(json.dumps(
         {"setting": setting, "machine": machine, "wall_seconds": wall, "options": vars(opts),
-         "start_accuracy": start_eval["accuracy"], "summary": summary, "runs": runs}, indent=1) + "\n")
+         "start_accuracy": start_eval["accuracy"], "summary": summary, "paired_with_grpo": paired, "runs": runs,
+         "runs_read_back": read_back}, indent=1) + "\n")
     headline_text = "not reached" if headline is None else f"{headline:.2f}"
     if not baseline_improved(summary):
         headline_text = "undefined (GRPO did not improve)"
     (out / f"learning_speed{suffix}.md").write_text(
         f"# Learning speed on the testbed\n\n{text}\nSRPO steps to GRPO's final accuracy / GRPO's steps: "
-        f"**{headline_text}**\n\n{setting}; {machine}; wall {wall:.0f}s.\n\n"
+        f"**{headline_text}**\n\n{setting}; {machine}; {wall_text}.\n\n"
         f"![learning speed](learning_speed{suffix}.png)\n"
     )
     plot(summary, out / f"learning_speed{suffix}.png", f"testbed, {setting}")
-    return text, setting, machine, wall, headline_text
+    return text, setting, machine, wall_text, headline_text
 
 
 if __name__ == "__main__":

@@ -5,7 +5,15 @@ import math
 import pytest
 
 from benchmarks.credit_signal import split_by_part
-from benchmarks.learning_speed import mean_and_spread, reusable_runs, speed_ratio, steps_to_reach, summarize
+from benchmarks.learning_speed import (
+    mean_and_spread,
+    paired_table,
+    paired_with_baseline,
+    reusable_runs,
+    speed_ratio,
+    steps_to_reach,
+    summarize,
+)
 from benchmarks.localization_quality import correction_by_deviation, deviation_histogram, is_clean, rates
 
 
@@ -55,6 +63,23 @@ def test_median_curves_discount_one_stalled_seed():
     assert summary["SRPO"]["ratio_to_grpo"] == 0.5  # the stalled seed drags GRPO's mean below SRPO's at step 10
     assert summary["SRPO"]["ratio_to_grpo_median"] is None  # by the median SRPO never reaches GRPO's 0.8
     assert summary["SRPO"]["seeds"] == 3
+
+
+def test_methods_are_compared_with_grpo_seed_by_seed():
+    def run(seed, acc):
+        return {"seed": seed, "steps": [0, 10, 20], "accuracy": acc}
+
+    runs = {"GRPO": [run(0, [0.2, 0.4, 0.6]), run(1, [0.2, 0.6, 0.8]), run(2, [0.2, 0.5, 0.5])],
+            "SRPO": [run(1, [0.2, 0.7, 0.8]), run(0, [0.2, 0.4, 0.8]), run(5, [0.2, 0.9, 0.9])]}  # seed 5: no pair
+    paired = paired_with_baseline(runs)
+    assert set(paired) == {"SRPO"}  # GRPO is not compared with itself
+    srpo = paired["SRPO"]
+    assert srpo["seeds"] == 2 and srpo["seeds_above"] == 2
+    assert srpo["final_diff"] == pytest.approx(0.1) and srpo["final_diff_se"] == pytest.approx(0.1)  # diffs 0, 0.2
+    assert srpo["curve_diff"] == pytest.approx(0.075)  # curve means: +0.05 for seed 1, +0.1 for seed 0
+    assert srpo["curve_diff_se"] == pytest.approx(0.025)
+    assert "| SRPO | 2 | +0.100 ± 0.100 | +0.075 ± 0.025 | 2 of 2 |" in paired_table(paired)
+    assert paired_with_baseline({"GRPO": runs["GRPO"], "RRPO": [run(0, [0.2, 0.3, 0.4])]}) == {}  # one pair: no s.e.
 
 
 def test_reused_runs_must_come_from_the_same_settings(tmp_path):
