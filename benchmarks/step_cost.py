@@ -599,6 +599,9 @@ def machine_line() -> str:
 
 
 def main():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.gpu_recipe import SHAPES, build_model
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder or id (default: the embedded SmolLM2)")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per step (8 rollouts each)")
@@ -622,9 +625,10 @@ def main():
     parser.add_argument("--paper-caps", action="store_true",
                         help="the shipped testbed policy (a 0.47M-parameter Llama) on its own task at the paper's "
                              "caps: 20 thoughts x 256 tokens, 4096 response tokens, full fine-tune")
-    parser.add_argument("--shape", default=None, help="a random-weight model of this shape (benchmarks/gpu_recipe.py's "
-                        "SHAPES: qwen2.5-1.5b, tiny) with the embedded model's tokenizer, on the package's default "
-                        "prompts; for a GPU, where no hub is needed")
+    parser.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                        help="a random-weight model of this shape (benchmarks/gpu_recipe.py's SHAPES) with the "
+                             "embedded model's tokenizer, on the package's default prompts; for a GPU, where no hub "
+                             "is needed")
     parser.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision (bf16=True)")
     parser.add_argument("--with-phased", action="store_true",
                         help=f"add {PHASED}: SRPO sampled phase by phase (all phase-1 rollouts, then all localization "
@@ -666,9 +670,8 @@ def main():
         "compact_decoding": args.compact, "merge_adapter_for_sampling": args.merge,
     }
     main_job = args.model is None and args.shape is None and not args.quick and not args.paper_caps
-    shape_dir = tempfile.TemporaryDirectory(prefix="step_cost_shape-")
+    shape_dir = tempfile.TemporaryDirectory(prefix="step_cost_shape-") if args.shape else None
     if args.paper_caps:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from benchmarks.testbed import POLICY_DIR, RL_SEED, config_fields, task_dataset
 
         args.model, dataset = str(POLICY_DIR), task_dataset(args.prompts, seed=RL_SEED + args.seed)
@@ -681,9 +684,6 @@ def main():
         from trl_resets.models import default_model_path
 
         if args.shape is not None:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-            from benchmarks.gpu_recipe import build_model
-
             args.model = shape_dir.name
             parameters = build_model(args.shape, default_model_path(), Path(args.model), "cpu")
             print(f"random-weight {args.shape} model: {parameters:,} parameters (bf16 weights)", flush=True)
@@ -725,7 +725,8 @@ def main():
         model_name = "the testbed policy (0.47M-parameter Llama) on its task at the paper's caps"
     if args.shape:
         model_name = f"a random-weight {args.shape}-shaped Qwen2 (the embedded model's tokenizer)"
-    shape_dir.cleanup()
+    if shape_dir is not None:
+        shape_dir.cleanup()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     setup = f"{model_name} on {device}, " + ("bf16, " if args.bf16 else "") + (
         f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")

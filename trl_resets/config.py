@@ -114,8 +114,8 @@ class ResetConfig(GRPOConfig):
         index in the global batch and the row's place in the prompt's groups (phase-1 draw, localization reply,
         suffix of a reset), so that a sampled row does not depend on the rows decoded beside it nor on the
         process: a run samples the same rows on 1 process as on 2, evaluation rollouts included (see
-        docs/scaling.md). The compact decoder then
-        draws one multinomial per row and step; vLLM in colocate mode gets one seed per request. Refused where it
+        docs/scaling.md). The compact decoder then draws one multinomial per row and step; vLLM in colocate mode
+        gets one seed per request. Refused where it
         cannot be honoured: `compact_decoding=False`, ZeRO-3, settings the compact decoder hands to `generate`,
         vLLM server mode, `generation_kwargs["seed"]`, sampled repair replies, localizers that need the policy
         for a whole batch at once.
