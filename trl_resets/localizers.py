@@ -28,6 +28,20 @@ DEFAULT_LOCALIZATION_TEMPLATE = (
     "as \\boxed{{N}} on its own line and write nothing after it."
 )
 
+# The same for a program that fails the problem's tests (answer_format="code").
+CODE_LOCALIZATION_TEMPLATE = (
+    "Below is a programming problem and your earlier step-by-step solution to it. The program in its last step "
+    "fails some of the problem's tests, so at least one step is wrong.\n\n"
+    "Problem: {question}\n\n"
+    "Your solution:\n{steps}\n\n"
+    "Find the step where the solution first went wrong: the step whose claim or code cannot be justified from the "
+    "problem and the steps before it. Look for the step where the mistake was made (a misread requirement or "
+    "input format, a wrong idea for the algorithm, a missed edge case, a bug in the code), not the later step "
+    "where its effect shows. Do not write the program again.\n"
+    "Answer with exactly one step number between 1 and {num_steps}. End your reply with that number "
+    "as \\boxed{{N}} on its own line and write nothing after it."
+)
+
 
 @dataclass
 class LocalizationRequest:
