@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trl_resets import harness
-from trl_resets.plots import plot_reset_index, plot_rewards
+from trl_resets.app import harness
+from trl_resets.app.plots import plot_reset_index, plot_rewards
 from trl_resets.rewards import CodeReward, boxed_answer_reward
 from trl_resets.tasks import make_arithmetic_dataset
 

@@ -5,8 +5,7 @@ import dataclasses
 import pytest
 from trl import GRPOConfig
 
-from trl_resets import SRPOConfig
-from trl_resets import options
+from trl_resets import SRPOConfig, options
 
 # A value of each option that the reset trainers cannot honour, with what else the value needs to reach its rule.
 REFUSED_EXAMPLES = {

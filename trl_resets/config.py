@@ -7,13 +7,12 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from . import options
-from .comparison import DEFAULT_REPAIR_TEMPLATE, Repairer
+from .comparison import DEFAULT_REPAIR_TEMPLATE, STATE_KEYS, Repairer
 from .localizers import CODE_LOCALIZATION_TEMPLATE, DEFAULT_LOCALIZATION_TEMPLATE
 from .resets import Split
 from .thoughts import ANSWER_FORMATS, CODE_ROLLOUT_TEMPLATE, DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
 
 CREDIT_CHOICES = ("uniform", "diff", "state", "repair")
-STATE_KEYS = ("text", "arithmetic")
 
 
 @dataclass
@@ -112,7 +111,8 @@ class ResetConfig(GRPOConfig):
         description; its exact estimator is not public.
     state_key (`str`, defaults to `"text"`):
         The key thoughts are compared by. `"text"`: a thought's text with surrounding whitespace stripped. `"arithmetic"`: the value the thought
-        computes (`trl_resets.tasks.arithmetic.thought_value`). A `state_key=` callable (thought text -> hashable
+        computes (`trl_resets.tasks.arithmetic.thought_value`, registered by that task); a task registers its own
+        with `trl_resets.comparison.register_state_key`. A `state_key=` callable (thought text -> hashable
         key) passed to the trainer takes precedence.
     shared_thought_weight (`float`, defaults to `0.0`):
         With `"diff"` and `"repair"`: the weight, in [0, 1], of the thoughts a reference shares (or a correction
@@ -209,7 +209,7 @@ class ResetConfig(GRPOConfig):
                   "choices": list(CREDIT_CHOICES)},
     )
     state_key: str = field(
-        default="text", metadata={"help": "Thought key: 'text' or 'arithmetic'.", "choices": list(STATE_KEYS)}
+        default="text", metadata={"help": "Thought key: 'text', 'arithmetic' or one a task registered."}
     )
     shared_thought_weight: float = field(
         default=0.0, metadata={"help": "Weight in [0, 1] of shared (diff) or unedited (repair) thoughts."}
@@ -290,7 +290,7 @@ class ResetConfig(GRPOConfig):
 
     def _check_credit_options(self):
         """Comparison-based credit settings that cannot work fail here, each naming the fix."""
-        choices = {"credit": CREDIT_CHOICES, "state_key": STATE_KEYS, "credit_groups": ("base", "all")}
+        choices = {"credit": CREDIT_CHOICES, "state_key": tuple(STATE_KEYS), "credit_groups": ("base", "all")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}.")

@@ -39,7 +39,7 @@ from trl.trainer.utils import nanmax, nanmin
 from . import checkpoints
 from . import metrics as reset_metrics
 from .advantages import group_advantages
-from .comparison import Repairer, Trajectory, batch_credit
+from .comparison import STATE_KEYS, Repairer, Trajectory, batch_credit
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
 from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_loss
@@ -48,7 +48,6 @@ from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .sampling.base import DecodeRequest, decode, derive_seed
 from .scheduler import can_overlap, run_overlapped
-from .tasks.arithmetic import thought_value
 from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
@@ -92,7 +91,6 @@ def _logprobs_or_none(per_row: list) -> list | None:
     return [list(lps) for lps in per_row]
 
 
-_STATE_KEYS = {"text": str.strip, "arithmetic": thought_value}  # config's state_key -> thought text to key
 
 # keywords the trainer itself passes to every reward function (besides the dataset's columns)
 _REWARD_KEYWORDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra"}
@@ -343,7 +341,7 @@ class ResetTrainer(GRPOTrainer):
         )
         if state_key is not None and not callable(state_key):
             raise TypeError(f"state_key must be a callable (thought text -> hashable key), got {type(state_key).__name__}.")
-        self.state_key = state_key or _STATE_KEYS[args.state_key]
+        self.state_key = state_key or STATE_KEYS[args.state_key]
         self.repairer = (Repairer(args.repair_template, args.repair_max_tokens, args.repair_temperature)
                          if args.credit == "repair" else None)
         self.reset_algorithm = ResetAlgorithm(

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from trl import GRPOConfig
 
-from . import config as reset_config
-from . import options
+from .. import config as reset_config
+from .. import options
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 _HEADING = re.compile(r"^ {4}> (.+)$")
 _ENTRY = re.compile(r"^ {4}(\w+) \(`([^`]+)`(?: or `([^`]+)`)?, defaults to (.+)\):$")
 

@@ -35,12 +35,12 @@ import yaml
 from transformers import TrainerCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from .config import ResetConfig, RRPOConfig, SRPOConfig
-from .evaluation.callback import ValidationCallback
-from .rewards import bound_code_rewards, boxed_answer_reward, code_reward
-from .tasks import livecodebench, make_arithmetic_dataset
-from .tasks.math_benchmarks import load_boxed_problems
-from .trainer import GRPOBaselineTrainer, RRPOTrainer, SRPOTrainer
+from ..config import ResetConfig, RRPOConfig, SRPOConfig
+from ..evaluation.callback import ValidationCallback
+from ..rewards import bound_code_rewards, boxed_answer_reward, code_reward
+from ..tasks import livecodebench, make_arithmetic_dataset
+from ..tasks.math_benchmarks import load_boxed_problems
+from ..trainer import GRPOBaselineTrainer, RRPOTrainer, SRPOTrainer
 
 METHODS = {
     "srpo": (SRPOConfig, SRPOTrainer),
@@ -49,7 +49,7 @@ METHODS = {
 }
 
 # The main job of each method: a recipe shipped with the package, run when no --config is given.
-RECIPES = Path(__file__).resolve().parent / "app" / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"
 # What the GRPO baseline changes in the reset config's defaults (k = 0: eight iid rollouts per prompt).
 METHOD_DEFAULTS = {"srpo": {}, "rrpo": {}, "grpo": {"num_base_generations": 8, "num_reset_prefixes": 0}}
 
@@ -349,7 +349,7 @@ def dataset_label(task: TaskArguments) -> str:
 
 def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, model_path: str, seconds: float) -> dict:
     """metrics summary, resets, plots and the model card, in ``out`` (main process)."""
-    from .model_card import headline_metrics
+    from ..model_card import headline_metrics
 
     resets = gathered_resets(trainer)
     if not trainer.accelerator.is_main_process:
