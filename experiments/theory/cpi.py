@@ -344,6 +344,7 @@ class Iteration:
     j_before: float
     j_after: float
     policy: np.ndarray
+    greedy: np.ndarray  # pi_hat^+ as action indices [h, x]
 
     @property
     def gain(self) -> float:
@@ -384,7 +385,7 @@ def cpi_iteration(
     G = improvable_set(ev, tau)
     p_pi = coverage(ev, G)
     if algorithm == "cpi-caro" and p_pi == 0:
-        return Iteration(algorithm, int(n), 0, 0.0, 0.0, 0.0, 0.0, ev.j, ev.j, pi)
+        return Iteration(algorithm, int(n), 0, 0.0, 0.0, 0.0, 0.0, ev.j, ev.j, pi, greedy(ev.q, pi))
     weights = reset_weights(ev, G, algorithm)
     if sampling == "rollouts" or (sampling == "auto" and mdp.return_law() is None):
         if algorithm == "cpi-caro":
@@ -403,7 +404,7 @@ def cpi_iteration(
     new = mix(pi, actions, alpha, on=G if algorithm == "cpi-caro" else None)
     exact_greedy = greedy(ev.q, pi, "policy")
     target = policy_advantage(ev, greedy_policy(pi, exact_greedy), weights)
-    return Iteration(algorithm, int(n), trials, p_pi, a_hat, target, alpha, ev.j, evaluate(mdp, new).j, new)
+    return Iteration(algorithm, int(n), trials, p_pi, a_hat, target, alpha, ev.j, evaluate(mdp, new).j, new, actions)
 
 
 # Instances ---------------------------------------------------------------------------------------------------------

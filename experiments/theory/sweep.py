@@ -119,7 +119,7 @@ def measure_samples(args, fam, p_grid, baseline):
 
 def measure_improvement(args, fam, p_grid, n_table, step_rules=None):
     """Gains and steps of one iteration per seed, each algorithm with n = n_table[algorithm][p index]."""
-    gains, alphas = {}, {}
+    gains, alphas, right = {}, {}, {}
     for algorithm in cpi.ALGORITHMS:
         rule = (step_rules or cpi.DEFAULT_STEP_RULE)[algorithm]
         runs = []
@@ -130,7 +130,17 @@ def measure_improvement(args, fam, p_grid, n_table, step_rules=None):
                                            rng=np.random.default_rng([seed, 2])) for seed in range(args.gain_seeds)])
         gains[algorithm] = np.array([[run.gain for run in row] for row in runs])
         alphas[algorithm] = np.array([[run.alpha for run in row] for row in runs])
-    return gains, alphas
+        right[algorithm] = np.array([greedy_right_on_g(fam, p, row) for p, row in zip(p_grid, runs)])
+    return gains, alphas, right
+
+
+def greedy_right_on_g(fam, p, runs):
+    """Share of the improvable cells (over runs) where the estimated greedy action is the exact best one."""
+    mdp, pi = family(fam, p)
+    ev = cpi.evaluate(mdp, pi)
+    G = cpi.improvable_set(ev, TAU) & (ev.d > 0)
+    best = cpi.greedy(ev.q, pi)
+    return float(np.mean([(run.greedy[G] == best[G]).mean() for run in runs]))
 
 
 def prop10(args, p_grid):
@@ -225,19 +235,22 @@ def main(argv=None):
                    f"equal n = {args.equal_n}": {a: np.full(len(p_grid), args.equal_n) for a in cpi.ALGORITHMS}}
         fam_out["gains"] = {}
         for label, n_table in budgets.items():
-            gains, alphas = measure_improvement(args, fam, p_grid, n_table)
+            gains, alphas, right = measure_improvement(args, fam, p_grid, n_table)
+            fam_out.setdefault("greedy_right_on_G", {})[label] = {a: v.tolist() for a, v in right.items()}
             fam_out["gains"][label] = {a: g.tolist() for a, g in gains.items()}
             fam_out.setdefault("alphas", {})[label] = {a: v.tolist() for a, v in alphas.items()}
             print(f"\nOne-iteration improvement J(pi_alpha) - J(pi), {label}; mean +- s.e. over {args.gain_seeds} "
-                  "seeds; bound = Theorem 1's lower bound")
+                  "seeds; bound = Theorem 1's lower bound; right on G = share of improvable cells where the estimated greedy "
+                  "action is the best one")
             print(f"{'p_pi':>8} | {'CPI-RR':>19} | {'RR bound':>9} | {'CPI-CARO':>19} | {'CARO bound':>10} | "
-                  f"{'CARO/RR':>8} | {'alpha CARO/RR':>13}")
+                  f"{'CARO/RR':>8} | {'alpha CARO/RR':>13} | {'right on G RR, CARO':>19}")
             for i, p in enumerate(p_grid):
                 rr, caro = gains["cpi-rr"][i], gains["cpi-caro"][i]
                 ratio = np.mean(caro) / np.mean(rr) if np.mean(rr) > 0 else float("nan")
                 print(f"{p:8.3g} | {fmt_gain(rr)} | {TAU**2 * p**2 / (8 * H * R_MAX):9.2e} | {fmt_gain(caro)} | "
                       f"{TAU**2 * p / (16 * H * R_MAX):10.2e} | {ratio:8.3g} | "
-                      f"{np.mean(alphas['cpi-caro'][i]) / max(np.mean(alphas['cpi-rr'][i]), 1e-300):13.3g}")
+                      f"{np.mean(alphas['cpi-caro'][i]) / max(np.mean(alphas['cpi-rr'][i]), 1e-300):13.3g} | "
+                      f"{right['cpi-rr'][i]:9.2f}, {right['cpi-caro'][i]:8.2f}")
             for name, values, theory in [("cpi-rr", gains["cpi-rr"], 2), ("cpi-caro", gains["cpi-caro"], 1)]:
                 m = mean(values)
                 fit = slope(p_grid, m) if (m > 0).all() else None
