@@ -123,7 +123,7 @@ def test_sufficient_statistics_match_one_rollout_per_sample():
         for sampling in ("rollouts", "sufficient"):
             rng = np.random.default_rng(11)
             runs = [cpi.cpi_iteration(mdp, pi, algorithm=algorithm, rng=rng, sampling=sampling, **kwargs)
-                    for _ in range(200)]
+                    for _ in range(150)]
             draws[sampling] = np.array([run.a_hat for run in runs])
         a, b = draws["rollouts"], draws["sufficient"]
         se = np.sqrt(a.var() / len(a) + b.var() / len(b))
@@ -186,3 +186,34 @@ def test_no_improvable_state_means_no_update_and_bad_input_is_refused():
     two, two_pi = two_state_mdp()
     with pytest.raises(ValueError, match="sampling='sufficient' is not exact"):
         cpi.cpi_iteration(two, two_pi, algorithm="cpi-rr", n=10, tau=0.5, rng=rng, sampling="sufficient")
+
+
+def test_value_baseline_keeps_the_mean_and_cuts_the_noise_off_g():
+    p, tau = 0.01, 0.5
+    mdp, pi = cpi.tight_construction(p, tau)
+    ev = cpi.evaluate(mdp, pi)
+    G = cpi.improvable_set(ev, tau)
+    counts, sums = cpi.draw_cell_stats(np.random.default_rng(5), mdp, ev, cpi.reset_weights(ev, G, "cpi-rr"),
+                                       20000, replicates=1000)
+    q_hat = cpi.fit_q(counts, sums)
+    actions = cpi.greedy(q_hat, pi)
+    plain = cpi.advantage_estimate(counts, q_hat, pi, actions)
+    based = cpi.advantage_estimate(counts, q_hat, pi, actions, baseline="value")
+    target = p * tau + (1 - p) * tau * p / (100 * (1 - p))
+    for estimate in (plain, based):
+        assert abs(estimate.mean() - target) < 4 * estimate.std() / np.sqrt(len(estimate))
+    # Off G the baseline leaves only the eps-sized differences: the spread falls by more than 10x here.
+    assert based.std() < plain.std() / 10
+    with pytest.raises(ValueError, match="baseline='mean'"):
+        cpi.advantage_estimate(counts, q_hat, pi, actions, baseline="mean")
+
+
+def test_samples_to_precision_needs_about_p_squared_more_without_the_oracle():
+    from experiments.theory import sweep
+
+    mdp, pi = sweep.family("tight", 0.05)
+    n = {a: sweep.samples_to_precision(np.random.default_rng(0), mdp, pi, a, replicates=100) for a in cpi.ALGORITHMS}
+    # CPI-CARO: A_hat's per-sample variance on x1 is 2.25, so 90% within tau/2 = 0.25 needs about
+    # 1.645^2 * 2.25 / 0.25^2 = 97 samples; CPI-RR's tolerance is p = 0.05 times smaller.
+    assert 50 <= n["cpi-caro"] <= 200
+    assert n["cpi-rr"] >= 100 * n["cpi-caro"]
