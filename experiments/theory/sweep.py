@@ -7,9 +7,10 @@
 Two instance families (experiments/theory/cpi.py): the paper's H = 1 construction of Appendix A.3 ("tight")
 and a 5-step chain with one critical step reached with probability p H ("chain"); in both p_pi = p exactly.
 
-1. Samples: for each p, the smallest n (on a grid, ratio 2^(1/4)) from which Algorithm 1's estimate A_hat is
-   within L/2 of what it estimates, A_d(pi^+), in at least 90% of R replicates (3 grid points in a row), with
-   L = tau p_pi for CPI-RR and L = tau for CPI-CARO: the precision the proof of Theorem 1 asks for (Step 4).
+1. Samples: for each p, the smallest n (on a grid, ratio 2^(1/4)) from which, in at least 90% of R replicates
+   (3 grid points in a row), Algorithm 1's estimate A_hat is within L/2 of what it estimates, A_d(pi^+), and its
+   greedy policy keeps A_d(pi_hat^+) >= A_d(pi^+) - L/3, with L = tau p_pi for CPI-RR and L = tau for
+   CPI-CARO: what the proof of Theorem 1 derives from its sample size (equations 13 and 15, used in Step 4).
    Done per seed; reported as the geometric mean over seeds with its standard error (as a factor).
    Also with a per-state baseline in A_hat (opt-in, not the paper's estimator).
 2. Improvement: J(pi_alpha) - J(pi), exact, after one iteration, for each algorithm with its own measured n and
@@ -17,10 +18,12 @@ and a 5-step chain with one critical step reached with probability p H ("chain")
 3. Proposition 10 on the tight construction: Pr(A_hat <= 0) at n = sigma^2 / (4 A^2).
 4. Sub-threshold advantage off G (the regime Table 1 excludes): the tight construction at p = 0.01 with eps
    (the advantage at x2) swept; the gain of each algorithm at a large n.
+5. Horizon: the chain at p_pi = 1/64 for H = 2..32, samples and gains against H (Theorem 1: n ~ H^2, gain ~ 1/H).
 
 Log-log slopes are least-squares fits over the p grid, with 95% intervals from resampling seeds (bootstrap).
 Table 1 says: n(CPI-RR) ~ p^-2, n(CPI-CARO) ~ p^0, gain(CPI-RR) ~ p^2, gain(CPI-CARO) ~ p^1.
-Writes theory.json, theory_sweep.png and theory_eps.png to --out.
+6. Training runs: many iterations of each on the chain at p_pi = 0.01, J against the samples spent.
+Writes theory.json, theory_sweep.png, theory_eps.png and theory_training.png to --out.
 """
 
 from __future__ import annotations
@@ -41,32 +44,40 @@ CONFIDENCE, RUN = 0.9, 3
 GRID_RATIO = 2 ** 0.25
 
 
-def family(name: str, p: float, eps: float | None = None):
+def family(name: str, p: float, eps: float | None = None, horizon: int = HORIZON):
     if name == "tight":
         return cpi.tight_construction(p, TAU, r_max=R_MAX, eps=eps)
-    return cpi.critical_chain(p, HORIZON, TAU, r_max=R_MAX)
+    return cpi.critical_chain(p, horizon, TAU, r_max=R_MAX)
 
 
 def estimates(rng, mdp, pi, weights, n, replicates, baseline="none", tie_break="policy"):
-    """A_hat of Algorithm 1 (lines 1-9) for `replicates` independent runs with n Q-samples each."""
+    """A_hat and the greedy actions of Algorithm 1 (lines 1-9) for `replicates` independent runs of n Q-samples."""
     ev = cpi.evaluate(mdp, pi)
     counts, sums = cpi.draw_cell_stats(rng, mdp, ev, weights, n, replicates=replicates)
     q_hat = cpi.fit_q(counts, sums)
-    return cpi.advantage_estimate(counts, q_hat, pi, cpi.greedy(q_hat, pi, tie_break, rng), baseline)
+    actions = cpi.greedy(q_hat, pi, tie_break, rng)
+    return cpi.advantage_estimate(counts, q_hat, pi, actions, baseline), actions
 
 
 def samples_to_precision(rng, mdp, pi, algorithm, replicates, baseline="none", n_max=10**11):
-    """Smallest grid n from which |A_hat - A_d(pi^+)| <= L/2 in >= 90% of replicates, RUN grid points in a row."""
+    """Smallest grid n from which Step 4 of the proof holds in >= 90% of replicates, RUN grid points in a row.
+
+    Step 4 needs both consequences of the sample size: |A_hat - A_d(pi^+)| <= L/2 (equation 15) and
+    A_d(pi_hat^+) >= A_d(pi^+) - L/3 (equation 13), with L = tau p_pi (CPI-RR) or tau (CPI-CARO).
+    """
     ev = cpi.evaluate(mdp, pi)
     G = cpi.improvable_set(ev, TAU)
     p_pi = cpi.coverage(ev, G)
     weights = cpi.reset_weights(ev, G, algorithm)
     target = cpi.policy_advantage(ev, cpi.greedy_policy(pi, cpi.greedy(ev.q, pi)), weights)
-    tolerance = (TAU * p_pi if algorithm == "cpi-rr" else TAU) / 2
+    lower = TAU * p_pi if algorithm == "cpi-rr" else TAU
     k, first, streak = 0, None, 0
     while (n := round(4 * GRID_RATIO**k)) <= n_max:
         k += 1
-        ok = np.mean(np.abs(estimates(rng, mdp, pi, weights, n, replicates, baseline) - target) <= tolerance)
+        a_hat, actions = estimates(rng, mdp, pi, weights, n, replicates, baseline)
+        picked = np.take_along_axis(np.broadcast_to(ev.advantage, actions.shape + ev.advantage.shape[-1:]), actions[..., None], -1)
+        greedy_advantage = (weights * picked[..., 0]).sum((-2, -1))
+        ok = np.mean((np.abs(a_hat - target) <= lower / 2) & (greedy_advantage >= target - lower / 3))
         if ok >= CONFIDENCE:
             first, streak = (n if streak == 0 else first), streak + 1
             if streak == RUN:
@@ -157,7 +168,7 @@ def prop10(args, p_grid):
         sigma2 = float((cell * y_values**2).sum()) - a**2
         n = int(sigma2 / (4 * a**2))
         rng = np.random.default_rng([7, int(p * 1e6)])
-        frac = {alg: float(np.mean(estimates(rng, mdp, pi, cpi.reset_weights(ev, G, alg), n, args.prop10_reps) <= 0))
+        frac = {alg: float(np.mean(estimates(rng, mdp, pi, cpi.reset_weights(ev, G, alg), n, args.prop10_reps)[0] <= 0))
                 for alg in cpi.ALGORITHMS}
         out.append({"p": p, "n": n, "in_regime": n >= 80**2 * mdp.n_actions**2, "A": a, "sigma2": sigma2,
                     "pr_nonpositive": frac})
@@ -176,6 +187,56 @@ def eps_sweep(args):
             row[algorithm] = {"mean": float(np.mean(g)), "se": float(np.std(g, ddof=1) / np.sqrt(len(g)))}
         out.append(row)
     return {"p": p, "n": n, "rows": out}
+
+
+def horizon_sweep(args):
+    """The chain at p_pi = 1/64 for H from 2 to 32: samples and gains (each with its own n) against H."""
+    p, out = 1 / 64, []
+    for H in args.horizons:
+        mdp, pi = family("chain", p, horizon=H)
+        row = {"horizon": H, "samples": {}, "gains": {}}
+        for algorithm in cpi.ALGORITHMS:
+            ns = [samples_to_precision(np.random.default_rng([seed, 4]), mdp, pi, algorithm, args.replicates)
+                  for seed in range(args.seeds)]
+            n = int(np.ceil(geomean(np.array(ns, float))))
+            gains = [cpi.cpi_iteration(mdp, pi, algorithm=algorithm, n=n, tau=TAU,
+                                       rng=np.random.default_rng([seed, 5])).gain for seed in range(args.gain_seeds)]
+            row["samples"][algorithm], row["gains"][algorithm] = ns, gains
+        out.append(row)
+    return {"p": p, "rows": out}
+
+
+def training_runs(args):
+    """Many iterations of each algorithm on the chain at p_pi = 0.01 (critical advantage 0.5, threshold 0.1).
+
+    J after each iteration against the Q-rollouts (and, for CPI-CARO, the on-policy draws) spent so far; the
+    Q-rollouts each needs to close 25%, 50% and 75% of the gap between J(pi_0) and the optimum.
+    """
+    p, tau, fractions = 0.01, 0.1, (0.25, 0.5, 0.75)
+    mdp, pi0 = family("chain", p)
+    j0, j_best = cpi.evaluate(mdp, pi0).j, 1.0 * R_MAX
+    settings = {"cpi-rr": (10**6, args.rr_iterations), "cpi-caro": (100, args.caro_iterations)}
+    out = {"p": p, "tau": tau, "j0": j0, "j_best": j_best, "fractions": fractions, "runs": {}}
+    for algorithm, (n, iterations) in settings.items():
+        runs = []
+        for seed in range(args.train_seeds):
+            rng, pi = np.random.default_rng([seed, 6]), pi0
+            j, rollouts, draws = [], [], []
+            for _ in range(iterations):
+                it = cpi.cpi_iteration(mdp, pi, algorithm=algorithm, n=n, tau=tau, rng=rng)
+                pi = it.policy
+                j.append(it.j_after)
+                rollouts.append((rollouts[-1] if rollouts else 0) + n)
+                draws.append((draws[-1] if draws else 0) + it.trials)
+            keep = np.unique(np.geomspace(1, iterations, 200).astype(int)) - 1
+            reach = {}
+            for f in fractions:
+                hit = np.flatnonzero(np.array(j) >= j0 + f * (j_best - j0))
+                reach[str(f)] = (int(rollouts[hit[0]]), int(draws[hit[0]])) if len(hit) else None
+            runs.append({"n": n, "j": [j[i] for i in keep], "rollouts": [rollouts[i] for i in keep],
+                         "draws": [draws[i] for i in keep], "final_j": j[-1], "reach": reach})
+        out["runs"][algorithm] = runs
+    return out
 
 
 def fmt_n(a):
@@ -199,6 +260,8 @@ def main(argv=None):
     args.seeds, args.replicates = (3, 100) if args.quick else (8, 200)
     args.gain_seeds, args.prop10_reps = (10, 400) if args.quick else (40, 2000)
     args.eps_n, args.equal_n = 10**6, 10**4
+    args.horizons = [2, 8, 32] if args.quick else [2, 4, 8, 16, 32]
+    args.train_seeds, args.rr_iterations, args.caro_iterations = (2, 1000, 200) if args.quick else (4, 20000, 1000)
     args.eps_ratios = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1] if not args.quick else [1e-3, 1e-1]
     grids = {"tight": np.geomspace(1e-3, 0.3, points), "chain": np.geomspace(1e-3, 1 / HORIZON, points)}
     boot = np.random.default_rng(0)
@@ -214,7 +277,7 @@ def main(argv=None):
         fam_out = {"p": p_grid.tolist(), "horizon": H}
         samples = {b: measure_samples(args, fam, p_grid, b) for b in cpi.BASELINES}
         fam_out["samples"] = {b: {a: v.tolist() for a, v in s.items()} for b, s in samples.items()}
-        print("\nSamples (Q-rollouts) to estimate A within L/2 in 90% of runs; geometric mean x/ s.e. factor "
+        print("\nSamples (Q-rollouts) to meet Step 4 of the proof in 90% of runs; geometric mean x/ s.e. factor "
               f"over {args.seeds} seeds")
         print(f"{'p_pi':>8} | {'CPI-RR':>17} | {'CPI-CARO':>17} | {'RR/CARO':>8} | {'CARO draws':>10} | "
               f"{'RR, baseline':>17} | {'CARO, baseline':>17}")
@@ -283,10 +346,48 @@ def main(argv=None):
         print(f"{row['eps'] / TAU:8.0e} | {row['cpi-rr']['mean']:10.3e} +- {row['cpi-rr']['se']:.1e} | "
               f"{row['cpi-caro']['mean']:10.3e} +- {row['cpi-caro']['se']:.1e}")
 
+    result["horizon"] = horizon_sweep(args)
+    print(f"\nHorizon (chain, p_pi = 1/64): samples to the precision (geometric mean x/ s.e. over {args.seeds} seeds) "
+          f"and gain with that n (mean +- s.e. over {args.gain_seeds} seeds)")
+    print(f"{'H':>4} | {'n CPI-RR':>17} | {'n CPI-CARO':>17} | {'gain CPI-RR':>19} | {'gain CPI-CARO':>19}")
+    rows = result["horizon"]["rows"]
+    for row in rows:
+        print(f"{row['horizon']:4d} | {fmt_n(np.array(row['samples']['cpi-rr'], float))} | "
+              f"{fmt_n(np.array(row['samples']['cpi-caro'], float))} | {fmt_gain(row['gains']['cpi-rr'])} | "
+              f"{fmt_gain(row['gains']['cpi-caro'])}")
+    hs = np.array([row["horizon"] for row in rows], float)
+    h_slopes = {}
+    for a in cpi.ALGORITHMS:
+        h_slopes[f"samples {a}"] = {"slope": slope(hs, [geomean(np.array(r["samples"][a], float)) for r in rows]),
+                                    "theorem": 2}
+        h_slopes[f"gain {a}"] = {"slope": slope(hs, [np.mean(r["gains"][a]) for r in rows]), "theorem": -1}
+    result["horizon"]["slopes"] = h_slopes
+    print("Fitted log-log slopes against H | Theorem 1 (n ~ H^2, gain ~ 1/H)")
+    for key, v in h_slopes.items():
+        print(f"  {key:18s} {v['slope']:6.2f} | {v['theorem']:+d}")
+
+    train = result["training"] = training_runs(args)
+    print(f"\nTraining runs (chain, p_pi = {train['p']}, threshold tau = {train['tau']}, {args.train_seeds} seeds): "
+          f"Q-rollouts (and on-policy draws) to close a share of the gap J(pi_0) = {train['j0']:.4f} -> "
+          f"{train['j_best']:.3f}; geometric mean over seeds")
+    print(f"{'method':>9} | {'n/iter':>7} | " + " | ".join(f"{f:>7.0%} of the gap" for f in train["fractions"])
+          + " | final J")
+    for algorithm, runs in train["runs"].items():
+        cells = []
+        for f in train["fractions"]:
+            hits = [r["reach"][str(f)] for r in runs]
+            if any(h is None for h in hits):
+                cells.append(f"{'not reached':>18}")
+            else:
+                q, d = geomean(np.array([h[0] for h in hits], float)), geomean(np.array([h[1] for h in hits], float))
+                cells.append(f"{q:8.2g} ({d:7.2g})")
+        print(f"{algorithm:>9} | {runs[0]['n']:7d} | " + " | ".join(cells)
+              + f" | {np.mean([r['final_j'] for r in runs]):.4f}")
+
     result["seconds"] = round(time.time() - start, 1)
     (out / "theory.json").write_text(json.dumps(result, indent=1))
     plot(result, out)
-    print(f"\n{result['seconds']} s; wrote {out / 'theory.json'}, {out / 'theory_sweep.png'}, {out / 'theory_eps.png'}")
+    print(f"\n{result['seconds']} s; wrote theory.json, theory_sweep.png, theory_eps.png, theory_training.png to {out}")
 
 
 def plot(result, out: Path):
@@ -329,6 +430,22 @@ def plot(result, out: Path):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "theory_sweep.png", dpi=110)
+    plt.close(fig)
+
+    train = result["training"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for a, runs in train["runs"].items():
+        for k, r in enumerate(runs):
+            ax.plot(r["rollouts"], r["j"], color=colors[a], alpha=0.7, label=f"{a.upper()}, Q-rollouts" if k == 0 else None)
+            if a == "cpi-caro":
+                ax.plot(r["draws"], r["j"], ":", color=colors[a], alpha=0.7,
+                        label="CPI-CARO, on-policy draws (oracle queries)" if k == 0 else None)
+    ax.axhline(train["j_best"], color="k", lw=0.6)
+    ax.set(xscale="log", xlabel="samples spent", ylabel="J(pi)",
+           title=f"chain, p_pi = {train['p']}: training runs (one line per seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "theory_training.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
