@@ -19,10 +19,10 @@ and a 5-step chain with one critical step reached with probability p H ("chain")
 4. Sub-threshold advantage off G (the regime Table 1 excludes): the tight construction at p = 0.01 with eps
    (the advantage at x2) swept; the gain of each algorithm at a large n.
 5. Horizon: the chain at p_pi = 1/64 for H = 2..32, samples and gains against H (Theorem 1: n ~ H^2, gain ~ 1/H).
+6. Training runs: many iterations of each on the chain at p_pi = 0.01, J against the samples spent.
 
 Log-log slopes are least-squares fits over the p grid, with 95% intervals from resampling seeds (bootstrap).
 Table 1 says: n(CPI-RR) ~ p^-2, n(CPI-CARO) ~ p^0, gain(CPI-RR) ~ p^2, gain(CPI-CARO) ~ p^1.
-6. Training runs: many iterations of each on the chain at p_pi = 0.01, J against the samples spent.
 Writes theory.json, theory_sweep.png, theory_eps.png and theory_training.png to --out.
 """
 
@@ -226,7 +226,8 @@ def training_runs(args):
                 it = cpi.cpi_iteration(mdp, pi, algorithm=algorithm, n=n, tau=tau, rng=rng)
                 pi = it.policy
                 j.append(it.j_after)
-                rollouts.append((rollouts[-1] if rollouts else 0) + n)
+                # With p_pi = 0 the oracle marks nothing: CPI-CARO draws and rolls out nothing (trials = 0).
+                rollouts.append((rollouts[-1] if rollouts else 0) + (n if it.trials else 0))
                 draws.append((draws[-1] if draws else 0) + it.trials)
             keep = np.unique(np.geomspace(1, iterations, 200).astype(int)) - 1
             reach = {}
