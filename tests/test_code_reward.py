@@ -177,28 +177,19 @@ def test_bad_settings_are_refused():
         CodeReward(CountingExecutor())(["a", "b"], [{"inputs": [""], "outputs": [""]}])
 
 
-def test_code_max_workers_bounds_the_trainer_code_reward(tmp_path, char_tokenizer):
-    """ResetConfig.code_max_workers: the trainer's copy of a CodeReward runs at most that many programs at once,
-    and the object passed in keeps its own bound."""
-    from datasets import Dataset
-
-    from trl_resets import SRPOConfig, SRPOTrainer
-
-    from .conftest import make_tiny_llama
-    from .test_trainer import _args
+def test_code_max_workers_bounds_a_copy_of_each_code_reward():
+    """bound_code_rewards (the main job's code_max_workers): the copy of a CodeReward runs at most that many programs
+    at once, and the object passed in keeps its own bound."""
+    from trl_resets.app import harness
+    from trl_resets.rewards import bound_code_rewards
 
     executor = CountingExecutor(pause_s=0.05)
     passed = CodeReward(executor, max_workers=6)
     tests = {"inputs": [""], "outputs": ["1"]}
-    data = Dataset.from_dict({"prompt": ["print one"] * 4, "tests": [tests] * 4})
-    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=[passed],
-                          args=_args(tmp_path, SRPOConfig, code_max_workers=2), train_dataset=data,
-                          processing_class=char_tokenizer)
-    bounded = trainer.reward_funcs[0]
+    (bounded,) = bound_code_rewards([passed], 2)
     assert isinstance(bounded, CodeReward) and bounded is not passed and passed.max_workers == 6
     assert bounded(["print(1)"] * 8, [tests] * 8) == [1.0] * 8 and executor.most == 2
-    unset = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=passed, args=_args(tmp_path, SRPOConfig),
-                        train_dataset=data, processing_class=char_tokenizer)
-    assert unset.reward_funcs[0] is passed
+    assert bound_code_rewards([passed], None)[0] is passed
     with pytest.raises(ValueError, match="code_max_workers=0"):
-        _args(tmp_path, SRPOConfig, code_max_workers=0)
+        harness.task_reward(harness.TaskArguments(dataset_name="livecodebench/code_generation_lite",
+                                                  code_max_workers=0))

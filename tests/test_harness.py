@@ -132,13 +132,13 @@ def test_recipes_parse_with_their_script(path):
     if "livecodebench" in recipe:  # Section 5.3: LiveCodeBench v6 medium, 1 epoch, the code reward in the sandbox
         assert task.dataset_name == "livecodebench/code_generation_lite" and harness.is_code_task(task)
         assert (task.code_release, task.code_difficulty, task.code_train_fraction) == (6, "medium", 0.5)
-        assert task.num_problems == 383 and args.num_train_epochs == 1 and args.code_max_workers == 16
-        reward = harness.task_reward(task, args)
+        assert task.num_problems == 383 and args.num_train_epochs == 1 and task.code_max_workers == 16
+        reward = harness.task_reward(task)
         assert isinstance(reward, CodeReward) and reward.max_workers == 16
     elif "gpu" in recipe:
         assert task.dataset_name == "AI-MO/NuminaMath-CoT" and task.dataset_source == "olympiads"
         assert task.num_problems == 400 and args.num_train_epochs == 2
-        assert harness.task_reward(task, args) is boxed_answer_reward
+        assert harness.task_reward(task) is boxed_answer_reward
     if "gpu" in recipe:
         assert not run.warmup and run.validation_problems == 32
         assert args.use_vllm and args.vllm_mode == "colocate" and args.max_completion_length == 4096

@@ -114,3 +114,18 @@ def test_rollouts_ending_at_their_answer_log_as_terminated_and_fillers_stay_out(
     assert metrics["completions/mean_terminated_length"][-1] == len(script)
     assert metrics["completions/min_length"][-1] == len(script)
     assert metrics["frac_reward_zero_std"][-1] == 1.0  # the one group (the base group) is all correct
+
+
+def test_the_trl_log_statements_the_trainer_restates_are_where_it_expects_them():
+    """`ResetTrainer._restate_trl_logs` rewrites what these statements of GRPOTrainer logged; a TRL upgrade that
+    moves or renames one must fail here, not leave a metric silently describing the wrong rows."""
+    import inspect
+
+    from trl import GRPOTrainer
+
+    from trl_resets.trainer import ResetTrainer
+
+    for method, statements in ResetTrainer.TRL_LOG_STATEMENTS.items():
+        source = inspect.getsource(getattr(GRPOTrainer, method))
+        missing = [statement for statement in statements if statement not in source]
+        assert not missing, f"GRPOTrainer.{method} no longer has {missing}"

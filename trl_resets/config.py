@@ -94,12 +94,6 @@ class ResetConfig(GRPOConfig):
     localization_temperature (`float`, defaults to `0.0`):
         Sampling temperature of the localization reply; 0 decodes greedily.
 
-    > Rewards
-
-    code_max_workers (`int` or `None`, defaults to `None`):
-        Programs of a batch that a [`~trl_resets.rewards.CodeReward`] runs at once. Set, every `CodeReward` among
-        `reward_funcs` runs with this bound (the trainer uses a copy; the object passed in is unchanged); `None`
-        keeps each reward's own `max_workers` (4 for `code_reward`).
     > Comparison-based credit (see `trl_resets.comparison` and docs/credit.md)
 
     credit (`str`, defaults to `"uniform"`):
@@ -200,9 +194,6 @@ class ResetConfig(GRPOConfig):
     localization_temperature: float = field(
         default=0.0, metadata={"help": "Temperature of the localization reply (0: greedy)."}
     )
-    code_max_workers: int | None = field(
-        default=None, metadata={"help": "Programs a code reward runs at once (unset: the reward's own max_workers)."}
-    )
     credit: str = field(
         default="uniform",
         metadata={"help": "Per-token credit: 'uniform', 'diff', 'state' or 'repair'.",
@@ -244,9 +235,6 @@ class ResetConfig(GRPOConfig):
             )
         if self.max_completion_length is None:
             raise ValueError("max_completion_length must be set: it is the token budget of a rollout.")
-        if self.code_max_workers is not None and self.code_max_workers < 1:
-            raise ValueError(f"code_max_workers={self.code_max_workers}: at least one program must run at a time "
-                             "(or leave it unset to keep the reward's own bound).")
         if self.answer_format == "code":
             if self.rollout_template == DEFAULT_ROLLOUT_TEMPLATE:
                 self.rollout_template = CODE_ROLLOUT_TEMPLATE

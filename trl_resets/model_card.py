@@ -9,10 +9,23 @@ the group split and the localizer, and lists the run's headline metrics.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .metrics import PREFIX
+
+# The paper, as TRL's model card cites it (trainer._paper).
+PAPER = {
+    "title": "Credit Assignment with Resets in Language Model Reasoning",
+    "id": None,
+    "citation": textwrap.dedent("""\
+        @article{samanta2026resets,
+            title  = {{Credit Assignment with Resets in Language Model Reasoning}},
+            author = {Ankur Samanta and Akshayaa Magesh and Ayush Jain and Youliang Yu and Daniel Jiang and Kavosh Asadi and Kaveh Hassani and Paul Sajda and Jalaj Bhandari and Yonathan Efroni},
+            year   = 2026,
+        }"""),
+}
 
 SECTION_TITLE = "## Reset-based credit assignment"
 METHODS = {

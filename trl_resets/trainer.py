@@ -1,27 +1,27 @@
 """TRL adapters: `SRPOTrainer` and `RRPOTrainer` on top of `trl.GRPOTrainer`.
 
-Three hooks, everything else is TRL's:
+The trainer only adapts TRL; the algorithm and everything else live in modules of their own. Its hooks:
 
-* generation goes through GRPOTrainer's ``rollout_func`` extension point: thought-level sampling
-  and Algorithm 2 (`resets.ResetAlgorithm`, scheduled without barriers by `scheduler.run_overlapped`) build
-  each prompt's rows; a reset row's completion is prefix + suffix and its prefix is masked through
-  ``env_mask`` (TRL's tool/env mask);
-* rewards are computed while generating (the seed search needs them), so ``_calculate_rewards``
-  hands TRL the same numbers instead of calling the reward functions again, and the advantages
-  TRL computed per prompt are replaced by per-group ones;
-* the loss (`loss.reset_pg_loss`) is the paper's per-row mean of ``-A * pi / pi_old`` on the active tokens,
-  then the mean over the rows that carry loss (or PPO's clipped ratio, same masks and aggregation), fed with
-  TRL's log-probabilities, ``old_per_token_logps``, reference and vLLM importance-sampling inputs.
+* generation, through GRPOTrainer's ``rollout_func`` extension point: thought-level sampling and Algorithm 2
+  (`resets.ResetAlgorithm`, scheduled without barriers by `scheduler.run_overlapped`) build each prompt's rows; a
+  reset row's completion is prefix + suffix and its prefix is masked through ``env_mask`` (TRL's tool/env mask).
+  Rewards are computed while generating, since the seed search needs them (`scoring`); the policy answers
+  localization prompts as text (`policy_text`); the randomness is keyed by prompt, not process (`seeding`);
+* ``_generate_and_score_completions`` and ``_calculate_rewards``: TRL gets the rewards computed while generating
+  and per-group advantages (`batch`) instead of per-prompt ones; the metrics TRL logged for prompts are restated
+  for groups in one place (`_restate_trl_logs`);
+* ``_compute_loss``: the paper's per-row mean of ``-A * pi / pi_old`` on the active tokens, then the mean over the
+  rows that carry loss (`loss.reset_pg_loss`, or PPO's clipped ratio on the same masks), fed with TRL's
+  log-probabilities, ``old_per_token_logps``, reference and vLLM importance-sampling inputs;
+* construction checks (`checks`, and the option table `options` through the config), checkpoints of the
+  generation buffer, and the model card's reset section (`model_card`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import math
 import os
 import random
-import textwrap
 import warnings
 from contextlib import contextmanager
 from typing import ClassVar
@@ -31,246 +31,39 @@ from accelerate.utils import broadcast_object_list, gather, gather_object
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
-from trl.data_utils import apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.grpo_trainer import logger as _trl_logger
 from trl.trainer.utils import nanmax, nanmin
 
-from . import checkpoints
+from . import batch, checkpoints, seeding
 from . import metrics as reset_metrics
-from .advantages import group_advantages
-from .comparison import STATE_KEYS, Repairer, Trajectory, batch_credit
+from .checks import (
+    check_dataset,
+    check_delimiter,
+    check_pad_token,
+    has_image,
+    is_conversational,
+    no_loss_message,
+    overlong_prompts_message,
+)
+from .comparison import STATE_KEYS, Repairer
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
 from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_loss
+from .model_card import PAPER
+from .policy_text import PolicyText, SystemMessages
 from .resets import PromptGroups, ResetAlgorithm, Split
-from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
-from .sampling.base import DecodeRequest, decode, derive_seed
+from .sampling.base import DecodeRequest, decode
 from .scheduler import can_overlap, run_overlapped
-from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
-
-_PAPER = {
-    "title": "Credit Assignment with Resets in Language Model Reasoning",
-    "id": None,
-    "citation": textwrap.dedent("""\
-        @article{samanta2026resets,
-            title  = {{Credit Assignment with Resets in Language Model Reasoning}},
-            author = {Ankur Samanta and Akshayaa Magesh and Ayush Jain and Youliang Yu and Daniel Jiang and Kavosh Asadi and Kaveh Hassani and Paul Sajda and Jalaj Bhandari and Yonathan Efroni},
-            year   = 2026,
-        }"""),
-}
+from .scoring import call_reward_functions
+from .scoring import unscored as unscored_rows
+from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 
 def _reset_rollout(prompts, trainer):
     """GRPOTrainer's ``rollout_func`` contract: (prompts, trainer) -> dict of token lists."""
     return trainer._reset_rollout(prompts)
-
-
-def _is_conversational(prompt) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-
-
-def _has_image(prompt) -> bool:
-    """Whether a conversational prompt carries an image part (TRL's multimodal message format)."""
-    return _is_conversational(prompt) and any(
-        isinstance(message.get("content"), list)
-        and any(isinstance(part, dict) and part.get("type") == "image" for part in message["content"])
-        for message in prompt
-    )
-
-
-def _question_text(prompt) -> str:
-    return prompt[-1]["content"] if _is_conversational(prompt) else prompt
-
-
-def _logprobs_or_none(per_row: list) -> list | None:
-    """Sampling logprobs for TRL (vLLM importance-sampling correction), or None when any row lacks them."""
-    if not per_row or any(lps is None for lps in per_row):
-        return None
-    return [list(lps) for lps in per_row]
-
-
-
-# keywords the trainer itself passes to every reward function (besides the dataset's columns)
-_REWARD_KEYWORDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra"}
-
-
-def check_delimiter(tokenizer, fmt: ThoughtFormat) -> None:
-    """Fails unless the tokenizer gives back the thought boundary when it follows text: the sampler finds the end of
-    a thought by decoding, so a boundary that does not survive encode-decode could never end a thought."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    probe = "Step one: 2 + 3 = 5." + fmt.boundary
-    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    if fmt.boundary not in tokenizer.decode(ids, skip_special_tokens=False):
-        field = "thought_delimiter" if fmt.split == "delimiter" else "thought_split"
-        value = fmt.delimiter if fmt.split == "delimiter" else fmt.split
-        raise ValueError(
-            f"{field}={value!r}: the tokenizer does not reproduce {fmt.boundary!r} after text (encoded and decoded, "
-            f"{probe!r} comes back as {tokenizer.decode(ids, skip_special_tokens=False)!r}), so no thought could "
-            "ever end there. Use a delimiter the tokenizer keeps (the default </thought>), or "
-            "thought_split='paragraph'."
-        )
-
-
-def check_pad_token(tokenizer) -> None:
-    """Fails when the tokenizer has no pad token. GRPOTrainer falls back to the EOS token (as this package does
-    through it), so this is a tokenizer with neither: the sampler could not pad a batch, nor end a rollout at EOS."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    if tokenizer.pad_token_id is None:
-        raise ValueError(
-            f"the tokenizer ({type(tokenizer).__name__}) has no pad_token and no eos_token, so batches cannot be "
-            "padded. Set one before building the trainer: tokenizer.add_special_tokens({'pad_token': '<pad>'}) "
-            "followed by model.resize_token_embeddings(len(tokenizer)), or tokenizer.pad_token = a token that never "
-            "occurs in text."
-        )
-
-
-def check_dataset(dataset, reward_funcs, reward_names) -> None:
-    """Fails before any compute on an empty dataset, or one without a column that a reward function requires (a
-    parameter with no default and no ``**kwargs`` to absorb its absence)."""
-    if dataset is None:
-        return
-    try:
-        size = len(dataset)
-    except TypeError:  # an IterableDataset
-        size = None
-    if size == 0:
-        raise ValueError("train_dataset is empty: give it at least one row with a 'prompt' column.")
-    columns = getattr(dataset, "column_names", None)
-    if not columns:
-        return
-    images = [column for column in ("image", "images") if column in columns]
-    if not images and "prompt" in columns and size:
-        images = ["prompt (image parts in its messages)"] if _has_image(dataset[0]["prompt"]) else []
-    if images:
-        raise ValueError(
-            f"train_dataset has the image column(s) {images}, but the reset trainers sample and score text only: the "
-            "images would be dropped from generation and from the loss. Train vision-language prompts with TRL's "
-            "GRPOTrainer, or remove the image columns to train on the text alone."
-        )
-    for func, name in zip(reward_funcs, reward_names):
-        if isinstance(func, nn.Module):
-            continue
-        try:
-            params = inspect.signature(func).parameters.values()
-        except (TypeError, ValueError):
-            continue
-        required = [p.name for p in params if p.default is p.empty and p.name not in _REWARD_KEYWORDS
-                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        missing = [column for column in required if column not in columns]
-        if missing:
-            raise ValueError(
-                f"reward function {name!r} needs the column(s) {missing}, which train_dataset lacks (its columns: "
-                f"{list(columns)}). Add them to the dataset, or give the parameter a default."
-            )
-
-
-def reward_values(name: str, out, count: int) -> list[float]:
-    """One reward function's output as floats: None and NaN mean unscored (NaN); anything that is not a finite
-    number, or a wrong number of rewards, is an error naming the function, the completion and the value."""
-    try:
-        out = list(out)
-    except TypeError:
-        raise TypeError(f"reward function {name!r} returned {type(out).__name__}, not a list of rewards.") from None
-    if len(out) != count:
-        raise ValueError(
-            f"reward function {name!r} returned {len(out)} rewards for {count} completions; "
-            "it must return one reward per completion."
-        )
-    values = []
-    for i, reward in enumerate(out):
-        if reward is None:
-            values.append(math.nan)
-            continue
-        try:
-            value = float(reward)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"reward function {name!r} returned {reward!r} for completion {i}: a reward is a number, or None "
-                "for a completion it cannot score."
-            ) from None
-        if math.isinf(value):
-            raise ValueError(
-                f"reward function {name!r} returned {value} for completion {i}: rewards must be finite (an infinite "
-                "reward would make its whole group's advantages NaN); return None for a completion it cannot score."
-            )
-        values.append(value)
-    return values
-
-
-def _padded(values: list[list[float]], like: torch.Tensor) -> torch.Tensor:
-    """Per-token values as a (B, T) tensor shaped like the completion ids (0 on padding)."""
-    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    for b, row in enumerate(values):
-        width = min(len(row), like.size(1))
-        out[b, :width] = torch.tensor(row[:width], dtype=torch.float32)
-    return out
-
-
-def _stats_of_rows(rows, device) -> torch.Tensor:
-    """(length, terminated, trained) per row: a rollout that ends at its final answer or at EOS has terminated."""
-    return torch.tensor([[n, stop in (STOP_EOS, STOP_ANSWER), weight > 0] for n, stop, weight in rows],
-                        dtype=torch.float32, device=device)
-
-
-def _system_messages(request) -> list[dict]:
-    """The system messages of the conversational dataset prompt a localization request's seed came from."""
-    return [m for m in (request.row or {}).get("prompt", []) if isinstance(m, dict) and m.get("role") == "system"]
-
-
-class _PolicyText:
-    """The policy as text in / text out (for self-localization), in the dataset's prompt style: a conversational
-    dataset's system messages lead each localization prompt of the seed they belong to (see `_SystemMessages`).
-    ``encode`` and ``decode`` let a scheduler decode the replies among the rollouts (`scheduler.run_overlapped`)."""
-
-    def __init__(self, trainer: ResetTrainer, sampler: TransformersThoughtSampler, conversational: bool):
-        self.trainer, self.sampler, self.conversational = trainer, sampler, conversational
-        self.leading: list[list[dict]] | None = None  # per request of the current locate() call
-
-    def encode(self, prompts: list[str], requests=None) -> list[list[int]]:
-        """The token ids the policy is prompted with; ``requests`` (one per prompt) give the system messages."""
-        leading = [_system_messages(r) for r in requests] if requests is not None else self.leading
-        leading = leading if leading is not None and len(leading) == len(prompts) else None
-        if self.conversational:
-            messages = [(leading[i] if leading else []) + [{"role": "user", "content": p}]
-                        for i, p in enumerate(prompts)]
-        else:
-            messages = prompts
-        ids, _, _ = self.trainer._tokenize_prompts(messages)
-        return [list(x) for x in ids]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.trainer.processing_class.decode(ids, skip_special_tokens=True)
-
-    def complete(self, prompts, max_new_tokens, temperature):
-        if not prompts:
-            self.sampler.complete([], max_new_tokens, temperature)
-            return []
-        replies = self.sampler.complete(self.encode(prompts), max_new_tokens, temperature)
-        return [(self.decode(reply), len(reply)) for reply in replies]
-
-
-class _SystemMessages:
-    """Wraps a localizer so that the policy, asked one localization prompt per request, sees before each the
-    system messages of the dataset prompt the request's seed came from. Everything else is the localizer's."""
-
-    def __init__(self, localizer):
-        self.localizer, self.name = localizer, localizer.name
-
-    def __getattr__(self, name):
-        if name == "localizer":  # not set yet (copying, unpickling)
-            raise AttributeError(name)
-        return getattr(self.localizer, name)
-
-    def locate(self, requests, policy=None, rng=None):
-        if isinstance(policy, _PolicyText):
-            policy.leading = [_system_messages(r) for r in requests]
-        try:
-            return self.localizer.locate(requests, policy, rng)
-        finally:
-            if isinstance(policy, _PolicyText):
-                policy.leading = None
 
 
 class ResetTrainer(GRPOTrainer):
@@ -279,7 +72,7 @@ class ResetTrainer(GRPOTrainer):
     config_class = ResetConfig
     _tag_names: ClassVar[list[str]] = ["trl", "trl-resets"]
     _name = "Reset"
-    _paper = _PAPER
+    _paper = PAPER
     _default_split: ClassVar[dict] = {}  # the split of the config built when no args are given (the config's defaults)
 
     def __init__(
@@ -305,7 +98,6 @@ class ResetTrainer(GRPOTrainer):
         for name in ("rollout_func", "tools", "environment_factory"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}: it owns generation itself.")
-        reward_funcs = bound_code_rewards(reward_funcs, args.code_max_workers)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*rollout_func.*experimental.*")
             super().__init__(
@@ -378,7 +170,7 @@ class ResetTrainer(GRPOTrainer):
         (settings the compact decoder hands to `generate`)."""
         refused = None
         # the trainer's policy always encodes and decodes text: whether a localizer streams is the localizer's say
-        if not self.split.is_grpo and not can_overlap(self.localizer, _PolicyText):
+        if not self.split.is_grpo and not can_overlap(self.localizer, PolicyText):
             refused = (f"localizer {self.localizer.name!r}, which needs the policy for a whole batch at once and so "
                        "decodes its replies outside the per-row stream. Use a localizer that streams its prompts "
                        "(prompts/read) or answers without the policy (uses_policy = False)")
@@ -401,7 +193,7 @@ class ResetTrainer(GRPOTrainer):
         template = self.args.rollout_template
         if template is None:
             return prompt
-        if _is_conversational(prompt):
+        if is_conversational(prompt):
             last = prompt[-1]
             return prompt[:-1] + [{**last, "content": wrap_question(last["content"], template, self.args.thought_delimiter)}]
         return wrap_question(prompt, template, self.args.thought_delimiter)
@@ -479,6 +271,12 @@ class ResetTrainer(GRPOTrainer):
         ):
             yield self._transformers_sampler(model)
 
+    def _tokenized(self, prompts: list) -> list:
+        return self._tokenize_prompts(prompts)[0]
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.processing_class.decode(ids, skip_special_tokens=True)
+
     def _describe(self, rollout: Rollout) -> list[str]:
         decode = self.processing_class.decode
         return [strip_delimiter(decode(rollout.thought_ids(h), skip_special_tokens=True), self.thought_format)
@@ -492,7 +290,7 @@ class ResetTrainer(GRPOTrainer):
     def _score(self, rows_inputs: list[dict], prompts: list, completion_ids: list[list[int]]) -> list[list[float]]:
         """Calls the reward functions on full trajectories, with the dataset columns as keyword arguments."""
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        if _is_conversational(prompts[0]):
+        if is_conversational(prompts[0]):
             completions = [[{"role": "assistant", "content": t}] for t in texts]
         else:
             completions = texts
@@ -502,24 +300,11 @@ class ResetTrainer(GRPOTrainer):
         columns["log_metric"] = self._log_metric
         columns["log_extra"] = lambda column, values: self._pending_row_extras.append(
             (column, [tuple(ids) for ids in completion_ids], list(values)))
-        per_func = []
-        for func, name, func_tokenizer in zip(self.reward_funcs, self.reward_func_names, self.reward_processing_classes):
-            if isinstance(func, nn.Module):
-                per_func.append(self._score_with_model(func, func_tokenizer, prompts, completions))
-                continue
-            try:
-                out = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-                if inspect.isawaitable(out):
-                    out = asyncio.run_coroutine_threadsafe(out, self.async_loop).result() if getattr(
-                        self, "async_loop", None) else asyncio.run(out)
-            except Exception as error:
-                raise RuntimeError(
-                    f"reward function {name!r} raised {type(error).__name__}: {error}. A completion it cannot score "
-                    "should get None (left out of its group, counted in resets/unscored_rate), not an exception."
-                ) from error
-            per_func.append(reward_values(name, out, len(completions)))
-        rows = [list(values) for values in zip(*per_func)]
-        unscored = [i for i, values in enumerate(rows) if values and all(math.isnan(v) for v in values)]
+        rows = call_reward_functions(self.reward_funcs, self.reward_func_names, self.reward_processing_classes,
+                                     prompts, completions, completion_ids, columns, self.accelerator.device,
+                                     self.chat_template_kwargs, is_conversational(prompts[0]),
+                                     getattr(self, "async_loop", None))
+        unscored = unscored_rows(rows)
         self._unscored[0] += len(unscored)
         self._unscored[1] += len(rows)
         if unscored:
@@ -544,44 +329,18 @@ class ResetTrainer(GRPOTrainer):
                 column, [values.get(tuple(row.completion_ids)) if row.weight > 0 else None for row in rows])
 
     def _warn_overlong_prompts(self, prompt_ids: list[list[int]]) -> None:
-        """Warns, once per run, with the count, when prompts leave the model's positions no room for
-        `max_completion_length` (TRL 1.16 has no `max_prompt_length` that would cut them): past its context a model
-        with learned positions fails and one with rotary positions degrades. With vLLM, `max_model_len` is checked
-        before any request is sent."""
+        """Once per run, with the count, when prompts leave the model's positions no room for the rollout (TRL 1.16
+        has no `max_prompt_length` to cut them; with vLLM, `max_model_len` is checked before a request is sent)."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if self._overlong_warned or self.use_vllm or not isinstance(limit, int):
             return
-        room = self.args.max_completion_length
-        lengths = [len(ids) for ids in {tuple(ids): ids for ids in prompt_ids}.values()]
-        overlong = [n for n in lengths if n + room > limit]
-        if overlong:
+        message = overlong_prompts_message(prompt_ids, self.args.max_completion_length, limit)
+        if message:
             self._overlong_warned = True
-            warnings.warn(
-                f"{len(overlong)} of the {len(lengths)} distinct prompts of this batch are too long for the model's "
-                f"context: prompt tokens + max_completion_length={room} > max_position_embeddings={limit} (the "
-                f"longest prompt has {max(overlong)} tokens). Filter long prompts out of the dataset or lower "
-                "max_completion_length. (Warned once per run.)",
-                stacklevel=2,
-            )
-
-    @torch.inference_mode()
-    def _score_with_model(self, model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
-        """A reward model's score (its first logit) for each prompt + completion, in the reward tokenizer's format."""
-        if _is_conversational(prompts[0]):
-            texts = [apply_chat_template({"messages": p + c}, tokenizer, **self.chat_template_kwargs)["text"]
-                     for p, c in zip(prompts, completions)]
-        else:
-            texts = [p + c for p, c in zip(prompts, completions)]
-        scores = []
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(text=texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              padding_side="right", add_special_tokens=False)
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            scores.extend(model(**batch).logits[:, 0].float().tolist())
-        return scores
+            warnings.warn(message, stacklevel=2)
 
     def _reset_rollout(self, prompts: list) -> dict:
-        if any(_has_image(p) for p in prompts):  # a streamed dataset is not checked at construction
+        if any(has_image(p) for p in prompts):  # a streamed dataset is not checked at construction
             raise ValueError("a prompt carries an image part, but the reset trainers sample and score text only: "
                              "the image would be dropped. Train vision-language prompts with TRL's GRPOTrainer.")
         wrapped = [self._wrap(p) for p in prompts]
@@ -598,10 +357,10 @@ class ResetTrainer(GRPOTrainer):
                     rollouts = decode(sampler.stream(), [DecodeRequest(list(ids), token_budget=budget, seed=seed)
                                                          for ids, seed in zip(prompt_ids, seeds)], self._any_process)
             self._batch_state = None
-            self._row_stats = _stats_of_rows([(len(r.token_ids), r.stop_reason, 1.0) for r in rollouts],
+            self._row_stats = batch.stats_of_rows([(len(r.token_ids), r.stop_reason, 1.0) for r in rollouts],
                                          self.accelerator.device)
             return {"prompt_ids": prompt_ids, "completion_ids": [r.token_ids for r in rollouts],
-                    "logprobs": _logprobs_or_none([r.logprobs for r in rollouts]),
+                    "logprobs": batch.logprobs_or_none([r.logprobs for r in rollouts]),
                     "env_mask": [[1] * len(r.token_ids) for r in rollouts]}
 
         n = self.num_generations
@@ -613,10 +372,10 @@ class ResetTrainer(GRPOTrainer):
             rows = [firsts[u] for u in owners]
             return self._score([inputs[r] for r in rows], [prompts[r] for r in rows], completion_ids)
 
-        questions = [_question_text(prompts[i]) for i in firsts]
+        questions = [batch.question_text(prompts[i]) for i in firsts]
         with self._sampler() as sampler:
-            localizer = _SystemMessages(self.localizer)
-            policy = _PolicyText(self, sampler, _is_conversational(prompts[0]))
+            localizer = SystemMessages(self.localizer)
+            policy = PolicyText(sampler, self._tokenized, self._decode_text, is_conversational(prompts[0]))
             common = {"contexts": [prompt_ids[i] for i in firsts], "questions": questions, "score": score,
                       "localizer": localizer, "describe": self._describe, "policy": policy,
                       "rng": self._prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts]}
@@ -627,15 +386,32 @@ class ResetTrainer(GRPOTrainer):
                 groups = self.reset_algorithm.run(sampler=sampler, **common)
             self._batch_state = self._summarize(groups, questions, policy)
         rows = [row for g in groups for row in g.rows]
-        self._row_stats = _stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],
+        self._row_stats = batch.stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],
                                      self.accelerator.device)
         self._log_row_extras(rows)
         return {
             "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
             "completion_ids": [row.completion_ids for row in rows],
-            "logprobs": _logprobs_or_none([row.logprobs for row in rows]),
+            "logprobs": batch.logprobs_or_none([row.logprobs for row in rows]),
             "env_mask": [[0] * row.prefix_len + [1] * row.active_tokens for row in rows],
         }
+
+    def _summarize(self, groups: list[PromptGroups], questions: list[str], policy) -> dict:
+        """This process's rows as tensors for TRL: rewards, per-group advantages (per token with comparison-based
+        credit) and metric sums (`batch.summarize`); the resets go to the run's reset history."""
+        self.reset_history.append({"step": self.state.global_step + 1, "resets": [
+            (r.reset_index, r.num_thoughts, r.localizer_failed) for g in groups for r in g.resets]})
+        credit = None
+        if self.args.credit != "uniform":
+            decode = self.processing_class.decode
+
+            def credit(rows, group_ids, advantages):
+                texts = [[strip_delimiter(decode(row.completion_ids[a:b], skip_special_tokens=True),
+                                          self.thought_format) for a, b in row.thought_spans] for _, row in rows]
+                return batch.token_credit(rows, group_ids, advantages, texts, questions, self.args, self.state_key,
+                                          self.repairer, policy)
+
+        return batch.summarize(groups, self.split, self.args, tuple(self._unscored), self.accelerator.device, credit)
 
     def _global_prompts(self, num_prompts: int) -> tuple[int, range]:
         """(the generation, the global batch indices of this process's prompts): TRL hands each process a contiguous
@@ -645,82 +421,25 @@ class ResetTrainer(GRPOTrainer):
         return generation, range(first, first + num_prompts)
 
     def _prompt_generators(self, num_prompts: int) -> list[random.Random]:
-        """One generator per prompt of this process's generation batch, for its reset choices and localizer
-        draws, keyed by (seed, generation, the prompt's index in the global batch), so a run draws the same resets
-        whatever its number of processes, and a resumed run the same as the uninterrupted one, with no generator
-        state to save."""
-        generation, prompts = self._global_prompts(num_prompts)
-        return [random.Random(f"trl-resets:{self.args.seed}:{generation}:{i}") for i in prompts]
+        """One generator per prompt of this process's generation batch (`seeding.prompt_generators`)."""
+        return seeding.prompt_generators(self.args.seed, *self._global_prompts(num_prompts))
 
     def _prompt_sampling_seeds(self, num_prompts: int) -> list[int] | None:
-        """With ``per_row_sampling_seed``: one seed per prompt, keyed as `_prompt_generators` are, from which each of
-        the prompt's rows derives the seed of its tokens (`scheduler.run_overlapped`); None without."""
+        """With ``per_row_sampling_seed``, one token seed per prompt (`seeding.prompt_sampling_seeds`); else None."""
         if not self.args.per_row_sampling_seed:
             return None
-        generation, prompts = self._global_prompts(num_prompts)
-        return [derive_seed("trl-resets-tokens", self.args.seed, generation, i) for i in prompts]
+        return seeding.prompt_sampling_seeds(self.args.seed, *self._global_prompts(num_prompts))
 
     def _eval_sampling_seeds(self, num_rows: int) -> list[int] | None:
-        """With ``per_row_sampling_seed``: one seed per evaluation rollout, keyed by (seed, the training step, the
-        evaluation batch's number at that step, the row's index in the global evaluation batch), so evaluation
-        draws the same rollouts whatever the number of processes; None without."""
+        """With ``per_row_sampling_seed``, one seed per evaluation rollout (`seeding.eval_sampling_seeds`), counting
+        the evaluation batches of a training step; else None."""
         if not self.args.per_row_sampling_seed:
             return None
         step = self.state.global_step
         batch = self._eval_batches[1] + 1 if self._eval_batches[0] == step else 0
         self._eval_batches = (step, batch)
         first = self.accelerator.process_index * num_rows
-        return [derive_seed("trl-resets-eval-tokens", self.args.seed, step, batch, first + i) for i in range(num_rows)]
-
-    def _summarize(self, groups: list[PromptGroups], questions: list[str], policy) -> dict:
-        """Rewards, per-group advantages (per token with comparison-based credit) and metric sums of this process's
-        rows."""
-        device = self.accelerator.device
-        groups_per_prompt = self.split.prefixes + 1
-        rows = [(p, row) for p, g in enumerate(groups) for row in g.rows]
-        rewards = torch.tensor([row.reward for _, row in rows], dtype=torch.float32)
-        group_ids = torch.tensor([p * groups_per_prompt + row.group for p, row in rows])
-        weights = torch.tensor([row.weight for _, row in rows], dtype=torch.float32)
-        scale = self.args.scale_rewards != "none"
-        advantages = group_advantages(rewards, group_ids, scale=scale) * weights
-        per_prompt = advantages.split([len(g.rows) for g in groups])
-        sums = reset_metrics.step_sums(groups, [a.tolist() for a in per_prompt], self.args.success_threshold,
-                                       unscored=tuple(self._unscored))
-        self.reset_history.append({"step": self.state.global_step + 1, "resets": [
-            (r.reset_index, r.num_thoughts, r.localizer_failed) for g in groups for r in g.resets]})
-        state = {
-            "rewards_per_func": torch.tensor([row.rewards for _, row in rows], dtype=torch.float32, device=device),
-            "advantages": advantages.to(device),
-            "metric_sums": torch.tensor(sums, dtype=torch.float64, device=device),
-        }
-        if self.args.credit != "uniform":
-            credit = self._token_credit(rows, group_ids.tolist(), advantages.tolist(), questions, policy)
-            state["token_advantages"] = credit.token_advantages
-            credited = [credit.token_advantages[i][rows[i][1].prefix_len:] for i in credit.credited_rows
-                        if rows[i][1].weight > 0]
-            credit_sums = reset_metrics.credit_step_sums(credit.shared, credit.thoughts, credit.repairs_used,
-                                                         credit.repairs, credit.repair_tokens, credited)
-            state["credit_sums"] = torch.tensor(credit_sums, dtype=torch.float64, device=device)
-        return state
-
-    def _token_credit(self, rows: list, group_ids: list[int], advantages: list[float], questions: list[str], policy):
-        """The comparison-based estimator on the base groups (or every group, ``credit_groups='all'``)."""
-        decode = self.processing_class.decode
-        texts = [[strip_delimiter(decode(row.completion_ids[a:b], skip_special_tokens=True), self.thought_format)
-                  for a, b in row.thought_spans] for _, row in rows]
-        trajectories = [Trajectory([self.state_key(t) for t in thought_texts], row.thought_spans,
-                                   len(row.completion_ids), row.reward if row.weight > 0 else math.nan, row.prefix_len)
-                        for (_, row), thought_texts in zip(rows, texts)]
-        members: dict[int, list[int]] = {}
-        for i, ((_, row), group) in enumerate(zip(rows, group_ids)):
-            if self.args.credit_groups == "all" or row.group == 0:
-                members.setdefault(group, []).append(i)
-        return batch_credit(
-            self.args.credit, trajectories, advantages, list(members.values()),
-            shared_thought_weight=self.args.shared_thought_weight, scale=self.args.scale_rewards != "none",
-            texts=texts, questions=[questions[p] for p, _ in rows], key=self.state_key, repairer=self.repairer,
-            policy=policy, success_threshold=self.args.success_threshold,
-        )
+        return seeding.eval_sampling_seeds(self.args.seed, step, batch, range(first, first + num_rows))
 
     # ------------------------------------------------------------------ rewards and advantages
     def _generate_and_score_completions(self, inputs):
@@ -731,63 +450,77 @@ class ResetTrainer(GRPOTrainer):
         if "tool_mask" in output:  # rows that carry loss in the generation batch, all processes: the loss's mean
             live = rows_with_loss(output["completion_mask"] * output["tool_mask"]).sum()
             output["num_loss_rows"] = self.accelerator.gather(live).sum()
+        values, group_sums, untrained_tokens = {}, None, 0.0
         if state is not None:
             output["advantages"] = state["advantages"]
-            untrained_tokens = 0.0  # generated this step, outside every row's active tokens (which TRL counted)
             if "token_advantages" in state:
-                output["token_advantages"] = _padded(state["token_advantages"], output["completion_ids"])
+                output["token_advantages"] = batch.padded(state["token_advantages"], output["completion_ids"])
                 sums = self.accelerator.reduce(state["credit_sums"], reduction="sum").tolist()
                 credit_values = reset_metrics.finalize_credit(sums)
                 for name, value in credit_values.items():
                     self._metrics["train"][name].append(value)
                 untrained_tokens += credit_values[reset_metrics.CREDIT_PREFIX + "tokens_repair"]
-            trained = gather(state["advantages"]).tolist()  # the completions table shows the advantages trained
+            group_sums = self.accelerator.reduce(state["metric_sums"], reduction="sum").tolist()
+            values = reset_metrics.finalize(group_sums)
+            for name, value in values.items():
+                self._metrics["train"][name].append(value)
+            # tokens the policy generated outside every row's active tokens (which TRL counted): seeds, localization
+            # replies, unused draws, repairs
+            untrained_tokens += values[reset_metrics.PREFIX + "generated_tokens"] - sum(
+                values[reset_metrics.PREFIX + key] for key in ("tokens_base", "tokens_suffix"))
+            if self.split.base == 0 and values[reset_metrics.PREFIX + "fallback_rate"] == 1.0:
+                self._warn_no_loss()
+        row_stats, self._row_stats = self._row_stats, None
+        self._restate_trl_logs(state, group_sums, untrained_tokens, row_stats)
+        return output
+
+    # The statements of TRL 1.16's GRPOTrainer (by method) whose results `_restate_trl_logs` rewrites;
+    # tests/test_parity_metrics.py fails when one of them moves (a TRL upgrade must be checked against it).
+    TRL_LOG_STATEMENTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "_generate_and_score_completions": (
+            'self._logs["advantages"].extend(',
+            'self._metrics[mode]["frac_reward_zero_std"].append(',
+        ),
+        "_generate": (
+            'self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]',
+            'self._metrics[mode]["completions/mean_length"].append(',
+            'self._metrics[mode]["completions/clipped_ratio"].append(',
+        ),
+    }
+
+    def _restate_trl_logs(self, state, group_sums, untrained_tokens: float, row_stats) -> None:
+        """Every write into TRL's private logs, in one place. GRPOTrainer's ``_generate_and_score_completions`` has
+        just logged (with ``_generate``), from the statements in `TRL_LOG_STATEMENTS`, numbers that describe rows by prompt and by their
+        active tokens; this restates them for the reset groups and the trained rows' whole trajectories:
+
+        * ``_logs["advantages"]`` (the completions table): the advantages trained, per group, not TRL's per prompt;
+        * ``frac_reward_zero_std``: the share of groups (base and reset) whose rewards are all equal;
+        * ``num_tokens``: TRL added each row's prompt and active tokens; the tokens generated outside them are
+          added, so it counts every generated token once, as GRPO's does;
+        * ``completions/*`` (lengths, terminated and clipped shares): over the rows that carry loss, whole
+          trajectories (a reset row's prefix included).
+        """
+        if state is not None:
+            trained = gather(state["advantages"]).tolist()
             for _ in trained:
                 self._logs["advantages"].pop()
             self._logs["advantages"].extend(trained)
-            sums = self.accelerator.reduce(state["metric_sums"], reduction="sum").tolist()
-            values = reset_metrics.finalize(sums)
-            for name, value in values.items():
-                self._metrics["train"][name].append(value)
-            # TRL's num_tokens added each row's prompt and active tokens (base rollouts, suffixes); add the tokens
-            # the policy generated outside them (seeds, localization replies, unused draws, repairs), so that it
-            # counts every generated token once, as GRPO's does
-            untrained_tokens += values[reset_metrics.PREFIX + "generated_tokens"] - sum(
-                values[reset_metrics.PREFIX + key] for key in ("tokens_base", "tokens_suffix"))
+            self._metrics["train"]["frac_reward_zero_std"][-1] = reset_metrics.zero_std_group_fraction(group_sums)
             self.state.num_input_tokens_seen += int(untrained_tokens)
             self._metrics["train"]["num_tokens"] = [self.state.num_input_tokens_seen]
-            if self.split.base == 0 and values[reset_metrics.PREFIX + "fallback_rate"] == 1.0:
-                self._warn_no_loss()
-            # TRL's metrics, as it logged them just now, describe rows by prompt and by active tokens: restate them
-            # for the groups (here) and the trained rows' whole trajectories (below)
-            self._metrics["train"]["frac_reward_zero_std"][-1] = reset_metrics.zero_std_group_fraction(sums)
-        row_stats, self._row_stats = self._row_stats, None
         if row_stats is not None:
             stats = gather(row_stats)
-            trained = stats[stats[:, 2] > 0]
-            lengths, terminated = trained[:, 0].tolist(), (trained[:, 1] > 0).tolist()
+            trained_rows = stats[stats[:, 2] > 0]
+            lengths, terminated = trained_rows[:, 0].tolist(), (trained_rows[:, 1] > 0).tolist()
             metrics = self._metrics["train" if self.model.training else "eval"]
             for name, value in reset_metrics.completion_stats(lengths, terminated).items():
                 metrics[name][-1] = value
-        return output
 
     def _warn_no_loss(self) -> None:
         """Once per run: a step in which no row carries loss (G1 = 0 and every seed slot fell back)."""
-        if self._warned_no_loss:
-            return
-        self._warned_no_loss = True
-        split, args = self.split, self.args
-        warnings.warn(
-            f"no row of this step carries loss, so it does not train: no prompt found a seed (a phase-1 rollout whose "
-            f"reward is below success_threshold={args.success_threshold}, with a thought to reset to) within its "
-            f"{split.base + split.prefixes} draws and seed_budget={args.seed_budget} more, and the split "
-            f"{split.base} + {split.prefixes}x{split.per_prefix} has no base group (num_base_generations=0) to "
-            "train on instead. If a correct rollout's reward is not success_threshold or more (rewards on another "
-            "scale), set success_threshold to the reward that marks a correct rollout; to train such steps as GRPO, "
-            "set num_base_generations >= 2. resets/fallback_rate logs the share of seed slots left empty per step "
-            "(this warning is given once per run).",
-            stacklevel=2,
-        )
+        if not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(no_loss_message(self.split, self.args), stacklevel=2)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self._batch_state is None:

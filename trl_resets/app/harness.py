@@ -87,6 +87,9 @@ class TaskArguments:
         default="medium", metadata={"help": "LiveCodeBench: keep problems of this difficulty (easy, medium, hard)."}
     )
     code_release: int = field(default=6, metadata={"help": "LiveCodeBench release (release_vN)."})
+    code_max_workers: int | None = field(
+        default=None, metadata={"help": "LiveCodeBench: sandboxed programs the code reward runs at once (unset: 4)."}
+    )
     code_train_fraction: float = field(
         default=0.5, metadata={"help": "LiveCodeBench: share of each problem's tests the training reward sees."}
     )
@@ -235,10 +238,13 @@ def load_code_problems(task: TaskArguments, part: str, count: int):
     return rows.select(range(min(count, len(rows))))
 
 
-def task_reward(task: TaskArguments, args: ResetConfig):
+def task_reward(task: TaskArguments):
     """The reward of the task: the sandboxed code reward for LiveCodeBench (bounded by ``code_max_workers``), the
     boxed-answer reward otherwise."""
-    return bound_code_rewards(code_reward, args.code_max_workers) if is_code_task(task) else boxed_answer_reward
+    if task.code_max_workers is not None and task.code_max_workers < 1:
+        raise ValueError(f"code_max_workers={task.code_max_workers}: at least one program must run at a time (or "
+                         "leave it unset to keep the reward's own bound).")
+    return bound_code_rewards(code_reward, task.code_max_workers) if is_code_task(task) else boxed_answer_reward
 
 
 def load_validation(task: TaskArguments, run: RunArguments, train_dataset):
@@ -388,7 +394,7 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
     model_path = prepare_model(args, model_args, task, run)
     dataset = load_problems(task)
     held_out = load_validation(task, run, dataset)
-    reward = task_reward(task, args)
+    reward = task_reward(task)
     if args.model_init_kwargs is None:
         args.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
         if model_args.attn_implementation is not None:
