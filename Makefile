@@ -69,7 +69,7 @@ MUTATED := advantages loss resets localizers thoughts metrics
 HOOKS := _generate_and_score_completions _calculate_rewards _compute_loss
 # mutmut runs a mutant against the tests it saw call the function; the hooks' tests share module-scoped fixtures,
 # so their survivors are run again against these whole files (.ci/mutation_recheck.py says why)
-HOOK_TESTS := tests/test_parity_loss.py tests/test_trainer_wiring.py tests/test_parity_metrics.py tests/test_metrics.py
+HOOK_TESTS := tests/trainer tests/core/test_metrics.py
 MUTATION_JOBS ?= 2
 
 mutation: setup

@@ -10,7 +10,7 @@ first failure.
 The test dependencies are imported once; each mutant's pytest run is a fork of this process (as mutmut runs its
 own), so it does not pay for importing torch and TRL again.
 
-    python .ci/mutation_recheck.py 'trl_resets.trainer.*' -- tests/test_trainer_wiring.py tests/test_metrics.py
+    python .ci/mutation_recheck.py 'trl_resets.trainer.*' -- tests/trainer/test_trainer_wiring.py tests/core/test_metrics.py
 """
 
 from __future__ import annotations

@@ -475,7 +475,7 @@ class ResetTrainer(GRPOTrainer):
         return output
 
     # The statements of TRL 1.16's GRPOTrainer (by method) whose results `_restate_trl_logs` rewrites;
-    # tests/test_parity_metrics.py fails when one of them moves (a TRL upgrade must be checked against it).
+    # tests/trainer/test_parity_metrics.py fails when one of them moves (a TRL upgrade must be checked against it).
     TRL_LOG_STATEMENTS: ClassVar[dict[str, tuple[str, ...]]] = {
         "_generate_and_score_completions": (
             'self._logs["advantages"].extend(',

@@ -47,7 +47,7 @@ def markdown_table(runs: Mapping[str, Sequence[Mapping]], metric: str = "accurac
 
 def plot_table(runs: Mapping[str, Sequence[Mapping]], path: str | Path, metric: str = "accuracy") -> Path:
     """Grouped bars: a group per benchmark, a bar per label (error bar: SD over its runs)."""
-    from ..plots import _pyplot
+    from ..app.plots import _pyplot
 
     plt = _pyplot()
     names = benchmark_order(runs)

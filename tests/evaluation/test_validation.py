@@ -1,0 +1,79 @@
+"""ValidationCallback: greedy held-out pass rate on the trainer's model, logged where every report_to logger
+sees it (inside a TRL trainer's step line, or through a plain Trainer's log)."""
+
+from types import SimpleNamespace
+
+import pytest
+from datasets import Dataset
+from transformers import Trainer, TrainerControl, TrainingArguments
+
+from tests.conftest import ScriptedLlama, make_tiny_llama
+from tests.trainer.test_trainer import _args, _dataset
+from trl_resets import SRPOConfig, SRPOTrainer
+from trl_resets.evaluation.callback import ValidationCallback
+from trl_resets.rewards import boxed_answer_reward
+
+
+def _held_out(answers):
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+{i}?"}] for i in range(len(answers))],
+                              "answer": answers})
+
+
+def _srpo_trainer(tmp_path, tok, scripts, **overrides):
+    model = ScriptedLlama.build(tok, [tok(s, add_special_tokens=False)["input_ids"] for s in scripts])
+    args = _args(tmp_path, SRPOConfig, max_thought_tokens=40, max_completion_length=40, **overrides)
+    return SRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=args, train_dataset=_dataset(),
+                       processing_class=tok)
+
+
+def test_greedy_pass_rate_joins_the_step_line_of_a_trl_trainer(tmp_path, char_tokenizer):
+    trainer = _srpo_trainer(tmp_path, char_tokenizer, ["so \\boxed{5}</thought>", "so \\boxed{3}</thought>"])
+    callback = ValidationCallback(trainer, _held_out(["5", "7"]), boxed_answer_reward, every_steps=2)
+    trainer.add_callback(callback)
+    assert callback.settings.temperature == 0 and callback.settings.max_completion_tokens == 40
+    trainer.model.train()
+    callback.on_train_begin(trainer.args, trainer.state, TrainerControl())
+    assert trainer.state.log_history[-1]["validation/pass_rate"] == 0.5  # row 0 answers 5 (right), row 1 3 (wrong)
+    assert trainer.state.log_history[-1]["step"] == 0 and trainer.model.training  # train mode is restored
+
+    trainer.state.global_step, trainer.state.max_steps = 1, 4
+    control = TrainerControl()
+    callback.on_step_end(trainer.args, trainer.state, control)
+    assert not control.should_log and "validation/pass_rate" not in trainer._metrics["train"]  # not an eval step
+    trainer.state.global_step = 2
+    callback.on_step_end(trainer.args, trainer.state, control)
+    assert control.should_log and trainer._metrics["train"]["validation/pass_rate"] == [0.5]
+    assert trainer._metrics["train"]["validation/reward"] == [0.5]
+    trainer.log({"loss": 1.0})  # the step's log line carries the values
+    assert trainer.state.log_history[-1]["validation/pass_rate"] == 0.5 and trainer.state.log_history[-1]["step"] == 2
+    assert [h["step"] for h in callback.history] == [0, 2]
+
+
+def test_a_plain_trainer_logs_validation_through_its_log(tmp_path, char_tokenizer):
+    model = make_tiny_llama(char_tokenizer)
+    ids = char_tokenizer("1+1=2", add_special_tokens=False)["input_ids"]
+    train = Dataset.from_dict({"input_ids": [ids] * 4, "labels": [ids] * 4})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none",
+                             use_cpu=True, save_strategy="no", logging_steps=10)
+    trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=char_tokenizer)
+    callback = ValidationCallback(trainer, _held_out(["2", "4"]), boxed_answer_reward, every_steps=1,
+                                  max_completion_tokens=8)
+    trainer.add_callback(callback)
+    trainer.train()
+    logged = [(e["step"], e["validation/pass_rate"]) for e in trainer.state.log_history if "validation/pass_rate" in e]
+    assert logged == [(0, 0.0), (1, 0.0), (2, 0.0)]  # a random model: no boxed answer
+
+
+def test_settings_it_cannot_honour_are_refused(tmp_path, char_tokenizer):
+    trainer = _srpo_trainer(tmp_path, char_tokenizer, ["\\boxed{1}"])
+    with pytest.raises(ValueError, match="every_steps=0"):
+        ValidationCallback(trainer, _held_out(["1"]), boxed_answer_reward, every_steps=0)
+    with pytest.raises(ValueError, match="'prompt' column"):
+        ValidationCallback(trainer, Dataset.from_dict({"question": ["q"]}), boxed_answer_reward, every_steps=1)
+    zero3 = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(zero_stage=3))), args=trainer.args)
+    fsdp = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace()), is_fsdp_enabled=True,
+                           args=trainer.args)
+    for sharded in (zero3, fsdp):
+        with pytest.raises(ValueError, match="ZeRO-3 or FSDP"):
+            ValidationCallback(sharded, _held_out(["1"]), boxed_answer_reward, every_steps=1)
