@@ -1,7 +1,7 @@
 """Throughput of the code reward: programs per second through the local sandbox, and its overhead.
 
-    python benchmarks/code_reward.py            # 64 programs x 4 tests, max_workers = the machine's cores
-    python benchmarks/code_reward.py --quick    # 8 programs x 2 tests, 2 workers (a smoke test)
+    python -m benchmarks.code_reward            # 64 programs x 4 tests, max_workers = the machine's cores
+    python -m benchmarks.code_reward --quick    # 8 programs x 2 tests, 2 workers (a smoke test)
 
 The same batch of LiveCodeBench-style programs (stdin in, stdout compared) is scored twice by
 ``CodeReward`` at the same parallel bound: once through ``LocalSandbox`` (process group, rlimits, network
@@ -9,7 +9,7 @@ namespace, separate user, fresh directory, audit hook) and once through a bare e
 ``python -c`` with nothing else. Both must give the same scores. Each is timed over several rounds (the
 machine is shared) and the medians are reported; the last line printed is the headline.
 
-Writes benchmarks/results/code_reward.json (``--quick``: code_reward_quick.json).
+Writes benchmarks/results/code_reward.json (``--quick``: code_reward_quick.json in a new temporary folder).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trl_resets.rewards import CodeReward
 from trl_resets.sandbox import FINISHED, TIMEOUT, Execution, LocalSandbox
@@ -115,8 +114,9 @@ def main() -> None:
                     f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the end "
                     "(other jobs share the cores)"),
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("code_reward_quick.json" if args.quick else "code_reward.json")
+    results = Path(tempfile.mkdtemp(prefix="trl-resets-code-reward-")) if args.quick else RESULTS  # smoke: scratch
+    results.mkdir(exist_ok=True)
+    path = results / ("code_reward_quick.json" if args.quick else "code_reward.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bare: {result['programs_per_s']['bare']:.2f} programs/s ({result['test_runs_per_s']['bare']:.1f} "
           f"test runs/s); machine: {result['machine']}; wrote {path}")

@@ -1,7 +1,7 @@
 """The paper's GPU recipe, run on a GPU machine that cannot reach the hub.
 
-    python benchmarks/gpu_recipe.py --tokenizer DIR                  # Qwen2.5-1.5B's shape, 2 optimizer steps
-    python benchmarks/gpu_recipe.py --tokenizer DIR --shape tiny -- --max_completion_length 64   # preflight
+    python -m benchmarks.gpu_recipe --tokenizer DIR                  # Qwen2.5-1.5B's shape, 2 optimizer steps
+    python -m benchmarks.gpu_recipe --tokenizer DIR --shape tiny -- --max_completion_length 64   # preflight
 
 Launches what a GPU user runs,
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [f"| {k} | {v} |" for k, v in result.items() if k not in ("overrides",)]
     (RESULTS / f"{name}.md").write_text(
         f"# The GPU recipe on {result['device']}, {opts.shape} shape, random weights\n\n"
-        f"`python benchmarks/gpu_recipe.py --tokenizer DIR --shape {opts.shape} --max_steps {opts.max_steps}"
+        f"`python -m benchmarks.gpu_recipe --tokenizer DIR --shape {opts.shape} --max_steps {opts.max_steps}"
         + (" -- " + " ".join(opts.extra) if opts.extra else "") + "`\n\n| | |\n|---|---|\n" + "\n".join(rows) + "\n")
     for row in rows:
         print(row)

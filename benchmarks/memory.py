@@ -1,10 +1,10 @@
 """Host memory of SRPO training steps, and a soak run: no leak, no crash, every metric finite.
 
-    python benchmarks/memory.py                 # 50 SRPO steps at the paper's caps, full batch (testbed policy)
-    python benchmarks/memory.py --quick         # 8 steps (a smoke test)
-    python benchmarks/memory.py --soak          # 1000 steps: the soak run
+    python -m benchmarks.memory                 # 50 SRPO steps at the paper's caps, full batch (testbed policy)
+    python -m benchmarks.memory --quick         # 8 steps (a smoke test)
+    python -m benchmarks.memory --soak          # 1000 steps: the soak run
 
-The policy is the shipped testbed policy (benchmarks/testbed/policy, a small Llama trained on the testbed's
+The policy is the shipped testbed policy (experiments/testbed/policy, a small Llama trained on the testbed's
 chains), trained with `SRPOTrainer` (1x4 split, self-localization, 8 prompts x 8 rows per step) at the paper's
 caps: 20 thoughts of at most 256 tokens, 4096 response tokens. A sampling thread reads the process's resident
 memory (RSS) every 5 ms; each step's peak and its RSS at the step's end are recorded. The leak check compares
@@ -12,9 +12,10 @@ the RSS at the end of step 50 (the last step on shorter runs) with step 5: the t
 logged metric must be finite (NaN is allowed only for metrics that are undefined on a step, such as the
 shared-prefix pass rate of a step where every prompt fell back; those are counted).
 
-Writes benchmarks/results/memory{,_quick,_soak}.{json,md,png}, also every ``--write-every`` steps while it runs
-(marked partial, with the steps done, the memory curve so far and the non-finite count so far), so a run that is
-stopped still leaves its curve. The last line printed is the headline.
+Writes benchmarks/results/memory{,_soak}.{json,md,png} (``--quick``: memory_quick.* in a new temporary folder), also
+every ``--write-every`` steps while it runs (marked partial, with the steps done, the memory curve so far and the
+non-finite count so far), so a run that is stopped still leaves its curve.
+The last line printed is the headline.
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.testbed import RL_SEED, config_fields, load_policy, machine_description, quiet, task_dataset
+from experiments.testbed import RL_SEED, config_fields, load_policy, machine_description, quiet, task_dataset
 
 RESULTS = Path(__file__).parent / "results"
 PAPER_CAPS = {"max_completion_length": 4096, "max_thoughts": 20, "max_thought_tokens": 256}
@@ -216,12 +215,14 @@ def main(argv=None) -> None:
     quiet()
     steps = opts.steps or (8 if opts.quick else 1000 if opts.soak else 50)
     tag = "_quick" if opts.quick else "_soak" if opts.soak else ""
-    command = "python benchmarks/memory.py" + " ".join(["", *(argv if argv is not None else sys.argv[1:])]).rstrip()
+    command = "python -m benchmarks.memory" + " ".join(["", *(argv if argv is not None else sys.argv[1:])]).rstrip()
     settings = {"steps": steps, "prompts": opts.prompts, "command": command}
-    RESULTS.mkdir(exist_ok=True)
+    results = Path(tempfile.mkdtemp(prefix="trl-resets-memory-")) if opts.quick else RESULTS  # a smoke run: scratch
+    results.mkdir(exist_ok=True)
+    print(f"results in {results}")
 
     def write(record):
-        write_results(RESULTS / f"memory{tag}", record, settings, machine_description(opts.threads))
+        write_results(results / f"memory{tag}", record, settings, machine_description(opts.threads))
 
     record = run(steps, opts.prompts, progress=write, every=opts.write_every)
     write(record)

@@ -1,7 +1,7 @@
 """Thought-level sampling against plain generation: same backend, model, prompts and token budget.
 
-    python benchmarks/sampler_throughput.py            # embedded SmolLM2-135M-Instruct
-    python benchmarks/sampler_throughput.py --quick    # fewer prompts and tokens (under two minutes)
+    python -m benchmarks.sampler_throughput            # embedded SmolLM2-135M-Instruct
+    python -m benchmarks.sampler_throughput --quick    # fewer prompts and tokens (under two minutes)
 
 Prints tokens per second for both and, as its last line, the ratio (thought sampler / plain).
 Writes benchmarks/results/sampler_throughput.{json,md,png} (the plot needs matplotlib; without it, no PNG).

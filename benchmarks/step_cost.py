@@ -1,14 +1,14 @@
 """Cost of one training step: GRPO, RRPO and SRPO at 8 rollouts per prompt, same prompts, same model, side by side.
 
-    python benchmarks/step_cost.py            # the main job's setting: embedded SmolLM2-135M-Instruct after
+    python -m benchmarks.step_cost            # the main job's setting: embedded SmolLM2-135M-Instruct after
                                               # its format warm-up (cached; built if missing, untimed), the
                                               # main job's prompts, task and sampling, LoRA r64
-    python benchmarks/step_cost.py --paper-caps   # the shipped testbed policy (tiny) at the paper's caps
+    python -m benchmarks.step_cost --paper-caps   # the shipped testbed policy (tiny) at the paper's caps
                                               # (20 thoughts x 256 tokens, 4096 response tokens)
-    python benchmarks/step_cost.py --quick    # the embedded model as shipped, one prompt, short rollouts,
+    python -m benchmarks.step_cost --quick    # the embedded model as shipped, one prompt, short rollouts,
                                               # one round, light warm-up (a smoke test)
-    python benchmarks/step_cost.py --model path/to/model   # any model, the package's default prompts
-    python benchmarks/step_cost.py --shape qwen2.5-1.5b --bf16 --prompts 4 --tokens 1024   # on a GPU: a
+    python -m benchmarks.step_cost --model path/to/model   # any model, the package's default prompts
+    python -m benchmarks.step_cost --shape qwen2.5-1.5b --bf16 --prompts 4 --tokens 1024   # on a GPU: a
                                               # random-weight model of a named shape (gpu_recipe.SHAPES), in bf16
 
 GRPO is the reset trainer with ``num_reset_prefixes=0, num_base_generations=8`` (plain GRPO on the same
@@ -599,7 +599,6 @@ def machine_line() -> str:
 
 
 def main():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.gpu_recipe import SHAPES, build_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -647,7 +646,7 @@ def main():
                         "step_cost_paper_caps" if args.paper_caps else "step_cost")
     if args.replot:
         result = json.loads((RESULTS / f"{name}.json").read_text())
-        result.setdefault("command", "python benchmarks/step_cost.py" + (" --quick" if args.quick else ""))
+        result.setdefault("command", "python -m benchmarks.step_cost" + (" --quick" if args.quick else ""))
         write_outputs(result, name, write_json=False)
         print(headline(result["ratios_to_grpo"]))
         return
@@ -672,7 +671,7 @@ def main():
     main_job = args.model is None and args.shape is None and not args.quick and not args.paper_caps
     shape_dir = tempfile.TemporaryDirectory(prefix="step_cost_shape-") if args.shape else None
     if args.paper_caps:
-        from benchmarks.testbed import POLICY_DIR, RL_SEED, config_fields, task_dataset
+        from experiments.testbed import POLICY_DIR, RL_SEED, config_fields, task_dataset
 
         args.model, dataset = str(POLICY_DIR), task_dataset(args.prompts, seed=RL_SEED + args.seed)
         settings.update(config_fields(max_completion_length=args.tokens, max_thoughts=args.thoughts,
@@ -742,7 +741,7 @@ def main():
         "paper_srpo_over_grpo": PAPER_SRPO, "targets_met": verdicts(ratios["SRPO"]), "runs": runs,
         "machine_before": machine_before, "machine_after": machine_after,
         "wall_s": time.perf_counter() - started,
-        "command": " ".join(["python benchmarks/step_cost.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.step_cost", *sys.argv[1:]]),
     }
     result["ratios_to_grpo_of_means"] = ratios_to(summarize(runs, statistics.fmean))
     result["wall_clock_ratios_pooled_update"] = pooled_update_ratios(runs)

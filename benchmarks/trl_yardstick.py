@@ -12,7 +12,7 @@ Then it prints each test's three outcomes and the counts, and writes them to
 ``benchmarks/results/trl_yardstick.md`` (``--output``). Vision-language, GPU-only and slow tests are deselected;
 vLLM, liger and other optional-dependency tests skip through their own markers.
 
-    python benchmarks/trl_yardstick.py --trl-tests PATH_TO_TRL_CHECKOUT/tests [--mode grpo|resets|both] [-k EXPR]
+    python -m benchmarks.trl_yardstick --trl-tests PATH_TO_TRL_CHECKOUT/tests [--mode grpo|resets|both] [-k EXPR]
 
 ``--mode both`` (the default) runs all three; ``trl``, ``grpo`` or ``resets`` runs that one only.
 ``--quick`` runs a handful of tests (``-k`` overrides it). Results of earlier runs of the same mode are kept in
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
             run_mode(mode, tests, keyword, args.work)
     outcomes = {mode: {**load(args.work / f"{mode}.jsonl"), **load(args.work / f"{mode}.new.jsonl")}
                 for mode in MODES}  # with the tests done so far by a run still in progress
-    command = args.command or " ".join(["python benchmarks/trl_yardstick.py", *(argv or sys.argv[1:])])
+    command = args.command or " ".join(["python -m benchmarks.trl_yardstick", *(argv or sys.argv[1:])])
     text = report(outcomes, command, args.trl_revision)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

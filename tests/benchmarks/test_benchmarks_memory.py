@@ -1,11 +1,7 @@
 """benchmarks/memory.py: the leak ratio, the non-finite count and the RSS sampler."""
 
 import math
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.memory import RssSampler, leak_ratio, non_finite
 
@@ -39,7 +35,7 @@ def test_results_written_while_the_run_goes_on_are_marked_partial_with_the_curve
 
     from benchmarks.memory import write_results
 
-    settings = {"steps": 1000, "prompts": 2, "command": "python benchmarks/memory.py --soak"}
+    settings = {"steps": 1000, "prompts": 2, "command": "python -m benchmarks.memory --soak"}
     record = {"steps": [1, 2, 3], "peak_rss_mib": [500.0, 510.0, 505.0], "end_rss_mib": [490.0, 495.0, 494.0],
               "seconds": [2.0, 2.1, 2.2], "start_rss_mib": 450.0, "train_seconds": 6.6,
               "non_finite": {"resets/sp_pass_rate": 1}, "completion_length_mean": 30.0}

@@ -1,13 +1,13 @@
 """Trains the fast testbed policy from scratch (about 23 minutes on 2 shared CPU cores) and saves it with its tokenizer.
 
-    python benchmarks/testbed/train_testbed.py                      # writes benchmarks/testbed/policy/
-    python benchmarks/testbed/train_testbed.py --hard_ops '*/' --hard_error_rate 0.5 --step_error_rate 0.05 \
-        --out benchmarks/testbed/policy-critical                    # the critical-step testbed
-    python benchmarks/testbed/train_testbed.py --step_error_rate 0.1 --localization_accuracy 0.8 --out /tmp/p
-    python benchmarks/testbed/train_testbed.py --num_steps 8 9 10 --step_error_rate 0.12 \
-        --init benchmarks/testbed/policy --steps 1200 --out benchmarks/testbed/policy-long
+    python -m experiments.testbed.train_testbed                      # writes experiments/testbed/policy/
+    python -m experiments.testbed.train_testbed --hard_ops '*/' --hard_error_rate 0.5 --step_error_rate 0.05 \
+        --out experiments/testbed/policy-critical                    # the critical-step testbed
+    python -m experiments.testbed.train_testbed --step_error_rate 0.1 --localization_accuracy 0.8 --out /tmp/p
+    python -m experiments.testbed.train_testbed --num_steps 8 9 10 --step_error_rate 0.12 \
+        --init experiments/testbed/policy --steps 1200 --out experiments/testbed/policy-long
                                                                     # the long-chain testbed
-    python benchmarks/testbed/train_testbed.py --fillers 8 --out benchmarks/testbed/policy-fillers
+    python -m experiments.testbed.train_testbed --fillers 8 --out experiments/testbed/policy-fillers
                                                                     # the prefix-entropy testbed
 
 Half of each batch is rollouts (the testbed's rollout prompt, then a chain whose steps are wrong with
@@ -23,15 +23,12 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.testbed import (
+from experiments.testbed import (
     FILLERS,
     MAX_NUMBER,
     POLICY_DIR,

@@ -1,21 +1,21 @@
 """Learning speed on the fast testbed: GRPO, RRPO and SRPO (self / oracle, splits, clip) at the same rollout budget.
 
-    python benchmarks/learning_speed.py            # every method, 3 seeds (about 20 minutes on 2 busy cores)
-    python benchmarks/learning_speed.py --quick    # GRPO and SRPO, 1 seed, 12 steps (under two minutes)
-    python benchmarks/learning_speed.py --policy benchmarks/testbed/policy-critical --tag critical
+    python -m experiments.learning_speed            # every method, 3 seeds (about 20 minutes on 2 busy cores)
+    python -m experiments.learning_speed --quick    # GRPO and SRPO, 1 seed, 12 steps (under two minutes)
+    python -m experiments.learning_speed --policy experiments/testbed/policy-critical --tag critical
                                                    # the critical-step testbed (hard * and / steps)
-    python benchmarks/learning_speed.py --methods GRPO SRPO --seeds 12 --reuse A.json B.json --tag more
+    python -m experiments.learning_speed --methods GRPO SRPO --seeds 12 --reuse A.json B.json --tag more
                                                    # earlier runs read back (same settings), the rest run
-    python benchmarks/learning_speed.py --methods GRPO RRPO SRPO GRPO-diff GRPO-state SRPO-diff --seeds 6 --tag credit
+    python -m experiments.learning_speed --methods GRPO RRPO SRPO GRPO-diff GRPO-state SRPO-diff --seeds 6 --tag credit
                                                    # comparison-based credit (docs/credit.md) beside resets
 
-Every method trains the shipped testbed policy (benchmarks/testbed/) with the package's trainers,
+Every method trains the shipped testbed policy (experiments/testbed/) with the package's trainers,
 sampler and localizers: 8 rows per prompt, the same prompts in the same order each step, the same number
 of steps. GRPO is the reset trainer with k=0 and G1=8 (same thought sampler and harness). Held-out
 accuracy is sampled at temperature 1 on a fixed evaluation set with fixed sampling noise.
 
 Headline: the steps SRPO needs to reach GRPO's final accuracy, as a fraction of GRPO's steps (last line).
-Writes benchmarks/results/learning_speed.{json,md,png}.
+Writes experiments/results/learning_speed.{json,md,png} (``--quick``: a new temporary folder; ``--out``: any folder).
 """
 
 from __future__ import annotations
@@ -24,16 +24,13 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.testbed import (
+from experiments.testbed import (
     EVAL_SEED,
     RL_SEED,
     config_fields,
@@ -335,7 +332,8 @@ def main():
                              "read back, not run again (to add seeds or methods to a comparison)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tag", default="", help="results name suffix, e.g. 'critical' -> learning_speed_critical.*")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=None, help="results folder (default: experiments/results; --quick: a new "
+                        "temporary folder)")
     opts = parser.parse_args()
     if opts.quick:
         opts.methods, opts.seeds, opts.steps, opts.eval_every = [BASELINE, HEADLINE_METHOD], 1, 12, 4
@@ -344,7 +342,7 @@ def main():
         if name not in opts.methods:
             opts.methods.insert(0 if name == BASELINE else 1, name)
     if opts.policy is None:
-        from benchmarks.testbed import POLICY_DIR
+        from experiments.testbed import POLICY_DIR
 
         opts.policy = str(POLICY_DIR)
     opts.task = policy_task(opts.policy)
@@ -406,7 +404,7 @@ def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: flo
         wall_text = f"wall {wall:.0f}s ({read_back} of {sum(seeds.values())} runs read back from earlier results)"
     else:
         wall_text = f"wall {wall:.0f}s"
-    out = Path(opts.out)
+    out = Path(opts.out or (tempfile.mkdtemp(prefix="trl-resets-learning_speed-") if opts.quick else RESULTS))
     out.mkdir(parents=True, exist_ok=True)
     suffix = (f"_{opts.tag}" if opts.tag else "") + ("_quick" if opts.quick else "")
     (out / f"learning_speed{suffix}.json").write_text(json.dumps(

@@ -1,8 +1,8 @@
 """Where each method's credit lands in a failed rollout, by the exact step checker (testbed policies).
 
-    python benchmarks/credit_signal.py            # every shipped testbed policy, 128 problems x 4 samples
-    python benchmarks/credit_signal.py --quick    # 32 problems each (a few minutes)
-    python benchmarks/credit_signal.py --policies benchmarks/testbed/policy-fillers --tag fillers
+    python -m experiments.credit_signal            # every shipped testbed policy, 128 problems x 4 samples
+    python -m experiments.credit_signal --quick    # 32 problems each (a few minutes)
+    python -m experiments.credit_signal --policies experiments/testbed/policy-fillers --tag fillers
 
 GRPO gives every token of a failed rollout the same negative advantage. How much that moves a token is
 the size of the gradient of log pi(y_t) with respect to the logits, which the paper (Appendix G) measures by
@@ -25,22 +25,20 @@ max(-A_t, 0) (1 - pi(y_t)); reported: the share of the failed rows' negative upd
 first wrong thought and after it, the mean negative and positive update per failed row.
 
 The last line is the headline: the clean prefix's share of the failed rollouts' signal, per policy.
-Writes benchmarks/results/credit_signal.{json,md,png} and credit_signal_methods.png.
+Writes experiments/results/credit_signal.{json,md,png} and credit_signal_methods.png (``--quick``: a new temporary folder; ``--out``: any folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.testbed import (
+from experiments.testbed import (
     EVAL_SEED,
     config_fields,
     load_policy,
@@ -159,7 +157,7 @@ def exact_correction(row: dict, thoughts: list[str]) -> list[str]:
 
 def build_rows(kind: str, model, tokenizer, fields: dict, rows: list[dict], seed: int):
     """Each problem's training rows, built as the trainer builds them (8 per prompt)."""
-    from benchmarks.testbed import LOCALIZATION_TEMPLATE, TextPolicy, thought_format
+    from experiments.testbed import LOCALIZATION_TEMPLATE, TextPolicy, thought_format
 
     sampler = make_sampler(model, tokenizer, fields=fields)
     split = Split(8, 0, 1) if kind == "grpo" else Split(4, 1, 4)
@@ -226,7 +224,7 @@ def method_credit(name: str, groups, tokenizer, fmt, rows: list[dict], policy):
 
 def measure_methods(policy_dir: str, problems: int, seed: int, methods=tuple(CREDIT_METHODS)) -> dict:
     """Credit precision of each method on ``problems`` problems of the policy's task (see the module docstring)."""
-    from benchmarks.testbed import TextPolicy, thought_format
+    from experiments.testbed import TextPolicy, thought_format
 
     model, tokenizer = load_policy(policy_dir)
     fields = config_fields(policy_task(policy_dir))
@@ -369,7 +367,8 @@ def main():
     parser.add_argument("--method_problems", type=int, default=64, help="problems per policy for the method table")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tag", default="", help="results name suffix")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=None, help="results folder (default: experiments/results; --quick: a new "
+                        "temporary folder)")
     opts = parser.parse_args()
     if opts.quick:
         opts.problems, opts.method_problems = 32, 32
@@ -393,7 +392,7 @@ def main():
     text = table(results)
     headline = "clean prefix's share of failed rollouts' signal: " + ", ".join(
         f"{name} {r['parts']['prefix']['signal_share']:.3f}" for name, r in results.items())
-    out = Path(opts.out)
+    out = Path(opts.out or (tempfile.mkdtemp(prefix="trl-resets-credit_signal-") if opts.quick else RESULTS))
     out.mkdir(parents=True, exist_ok=True)
     suffix = (f"_{opts.tag}" if opts.tag else "") + ("_quick" if opts.quick else "")
     (out / f"credit_signal{suffix}.json").write_text(json.dumps(

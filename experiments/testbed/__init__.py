@@ -208,7 +208,7 @@ def load_policy(path: str | Path = POLICY_DIR):
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"no testbed policy at {path}; train one with `python benchmarks/testbed/train_testbed.py`."
+            f"no testbed policy at {path}; train one with `python -m experiments.testbed.train_testbed`."
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from benchmarks.testbed import (
+from experiments.testbed import (
     FILLERS,
     LOCALIZATION_TEMPLATE,
     MAX_NUMBER,
@@ -128,7 +128,7 @@ def test_task_dataset_picks_step_counts_within_the_testbeds():
 def test_a_policy_carries_its_task_and_the_caps_follow_its_longest_chain(tmp_path):
     import json
 
-    from benchmarks.testbed import POLICY_DIR, policy_task
+    from experiments.testbed import POLICY_DIR, policy_task
 
     assert policy_task(POLICY_DIR) == TASK  # the shipped policies were trained on the default task
     assert policy_task(tmp_path) == TASK  # a folder without testbed.json: the default
@@ -164,8 +164,8 @@ def policy(request):
     filler words): its model, tokenizer, task, config fields and the filler words its steps open with."""
     folder = POLICY_DIR.parent / request.param
     if not (folder / "config.json").exists():
-        pytest.fail(f"the testbed policy is missing from {folder}; run benchmarks/testbed/train_testbed.py")
-    from benchmarks.testbed import load_policy, policy_fillers, policy_task
+        pytest.fail(f"the testbed policy is missing from {folder}; run experiments/testbed/train_testbed.py")
+    from experiments.testbed import load_policy, policy_fillers, policy_task
 
     task = policy_task(folder)
     return (*load_policy(folder), task, config_fields(task), policy_fillers(folder))
@@ -175,7 +175,7 @@ def test_critical_policy_slips_on_the_hard_steps():
     """The critical-step policy's own rollouts: `*` and `/` steps wrong far more often than `+` and `-`."""
     import torch
 
-    from benchmarks.testbed import CRITICAL_POLICY_DIR, load_policy
+    from experiments.testbed import CRITICAL_POLICY_DIR, load_policy
 
     model, tokenizer = load_policy(CRITICAL_POLICY_DIR)
     torch.manual_seed(0)

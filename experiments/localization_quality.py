@@ -1,9 +1,9 @@
 """Self-localization against the exact step checker on the testbed (the paper's Figure 4, with a real oracle).
 
-    python benchmarks/localization_quality.py            # 128 problems x 4 samples
-    python benchmarks/localization_quality.py --quick    # 48 problems (under two minutes)
-    python benchmarks/localization_quality.py --policy PATH   # another checkpoint (e.g. after SRPO training)
-    python benchmarks/localization_quality.py --policy benchmarks/testbed/policy-critical --tag critical
+    python -m experiments.localization_quality            # 128 problems x 4 samples
+    python -m experiments.localization_quality --quick    # 48 problems (under two minutes)
+    python -m experiments.localization_quality --policy PATH   # another checkpoint (e.g. after SRPO training)
+    python -m experiments.localization_quality --policy experiments/testbed/policy-critical --tag critical
 
 Failed rollouts of the testbed policy are the seeds. For each, the policy localizes its first wrong step
 (`SelfLocalizer`, the trainer's call), `RandomLocalizer` draws a reset index, and the checker
@@ -13,7 +13,7 @@ checker's, the share of clean prefixes (reset at or before the first error), and
 the suffix group (mean success and pass@G2) for clean and erroneous prefixes.
 
 The last line is the headline: clean-prefix share of self-localized resets against random ones.
-Writes benchmarks/results/localization_quality.{json,md,png}.
+Writes experiments/results/localization_quality.{json,md,png} (``--quick``: a new temporary folder; ``--out``: any folder).
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.testbed import (
+from experiments.testbed import (
     EVAL_SEED,
     LOCALIZATION_TEMPLATE,
     POLICY_DIR,
@@ -225,7 +223,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tag", default="", help="results name suffix, e.g. 'critical' -> localization_quality_critical.*")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=None, help="results folder (default: experiments/results; --quick: a new "
+                        "temporary folder)")
     opts = parser.parse_args()
     if opts.quick:
         opts.problems = 48
@@ -239,7 +238,7 @@ def main():
     setting = (f"{opts.problems} problems x {opts.samples} samples (accuracy {stats['accuracy']:.3f}), "
                f"{len(records)} seeds, G2={opts.g2}")
     text = table(summary)
-    out = Path(opts.out)
+    out = Path(opts.out or (tempfile.mkdtemp(prefix="trl-resets-localization_quality-") if opts.quick else RESULTS))
     out.mkdir(parents=True, exist_ok=True)
     suffix = (f"_{opts.tag}" if opts.tag else "") + ("_quick" if opts.quick else "")
     s, r = summary["self"], summary["random"]

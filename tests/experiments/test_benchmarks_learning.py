@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from benchmarks.credit_signal import split_by_part
-from benchmarks.learning_speed import (
+from experiments.credit_signal import split_by_part
+from experiments.learning_speed import (
     mean_and_spread,
     paired_table,
     paired_with_baseline,
@@ -14,7 +14,7 @@ from benchmarks.learning_speed import (
     steps_to_reach,
     summarize,
 )
-from benchmarks.localization_quality import correction_by_deviation, deviation_histogram, is_clean, rates
+from experiments.localization_quality import correction_by_deviation, deviation_histogram, is_clean, rates
 
 
 def test_steps_to_reach_is_the_first_evaluation_at_or_above_the_target():
@@ -85,7 +85,7 @@ def test_methods_are_compared_with_grpo_seed_by_seed():
 def test_reused_runs_must_come_from_the_same_settings(tmp_path):
     from types import SimpleNamespace
 
-    from benchmarks.learning_speed import RUN_OPTIONS
+    from experiments.learning_speed import RUN_OPTIONS
 
     options = {k: 1 for k in RUN_OPTIONS} | {"policy": "some/where", "num_steps": None, "task": {"num_steps": [4, 5]}}
     old = {"options": options, "runs": {"GRPO": [{"accuracy": [0.1, 0.2]}, {"accuracy": [0.1, 0.3]}],
@@ -137,8 +137,8 @@ def test_clean_prefixes_and_correction_rates_split_by_the_checkers_first_error()
 def test_one_oracle_srpo_step_on_the_testbed_counts_tokens_and_evaluates():
     from types import SimpleNamespace
 
-    from benchmarks.learning_speed import train_one
-    from benchmarks.testbed import EVAL_SEED, POLICY_DIR, task_dataset
+    from experiments.learning_speed import train_one
+    from experiments.testbed import EVAL_SEED, POLICY_DIR, task_dataset
 
     opts = SimpleNamespace(policy=str(POLICY_DIR), prompts_per_step=1, steps=1, lr=3e-4, eval_every=1,
                            eval_samples=1, train_prompts=4, num_steps=None, task=None)
@@ -150,8 +150,8 @@ def test_one_oracle_srpo_step_on_the_testbed_counts_tokens_and_evaluates():
 
 
 def test_credit_signal_on_the_shipped_policy_accounts_for_every_failed_token():
-    from benchmarks.credit_signal import PARTS, measure
-    from benchmarks.testbed import POLICY_DIR
+    from experiments.credit_signal import PARTS, measure
+    from experiments.testbed import POLICY_DIR
 
     result = measure(str(POLICY_DIR), problems=6, samples=4, seed=0)
     parts = result["parts"]
@@ -166,7 +166,7 @@ def test_credit_signal_on_the_shipped_policy_accounts_for_every_failed_token():
 
 
 def test_the_exact_corrector_keeps_right_thoughts_and_replaces_wrong_ones():
-    from benchmarks.credit_signal import exact_correction
+    from experiments.credit_signal import exact_correction
     from trl_resets.tasks import make_arithmetic_dataset
 
     row = make_arithmetic_dataset(1, num_steps=3, seed=0)[0]
@@ -178,8 +178,8 @@ def test_the_exact_corrector_keeps_right_thoughts_and_replaces_wrong_ones():
 
 
 def test_credit_precision_shares_of_each_method_add_up():
-    from benchmarks.credit_signal import PARTS, measure_methods
-    from benchmarks.testbed import POLICY_DIR
+    from experiments.credit_signal import PARTS, measure_methods
+    from experiments.testbed import POLICY_DIR
 
     results = measure_methods(str(POLICY_DIR), problems=4, seed=0, methods=("GRPO", "diff", "state"))
     assert set(results) == {"GRPO", "diff", "state"}
