@@ -7,12 +7,10 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from . import options
-from .comparison import DEFAULT_REPAIR_TEMPLATE, STATE_KEYS, Repairer
-from .localizers import CODE_LOCALIZATION_TEMPLATE, DEFAULT_LOCALIZATION_TEMPLATE
+from .comparison import DEFAULT_REPAIR_TEMPLATE, ESTIMATORS, STATE_KEYS, Repairer
+from .localizers import CODE_LOCALIZATION_TEMPLATE, DEFAULT_LOCALIZATION_TEMPLATE, LOCALIZERS
 from .resets import Split
 from .thoughts import ANSWER_FORMATS, CODE_ROLLOUT_TEMPLATE, DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
-
-CREDIT_CHOICES = ("uniform", "diff", "state", "repair")
 
 
 @dataclass
@@ -184,7 +182,7 @@ class ResetConfig(GRPOConfig):
         metadata={"help": "Wraps each question; placeholders {question} and {delimiter}. None: prompts as given."},
     )
     localizer: str = field(
-        default="self", metadata={"help": "'self', 'random' or 'oracle'.", "choices": ["self", "random", "oracle"]}
+        default="self", metadata={"help": "'self', 'random' or 'oracle'.", "choices": list(LOCALIZERS)}
     )
     localization_template: str = field(
         default=DEFAULT_LOCALIZATION_TEMPLATE,
@@ -197,7 +195,7 @@ class ResetConfig(GRPOConfig):
     credit: str = field(
         default="uniform",
         metadata={"help": "Per-token credit: 'uniform', 'diff', 'state' or 'repair'.",
-                  "choices": list(CREDIT_CHOICES)},
+                  "choices": list(ESTIMATORS)},
     )
     state_key: str = field(
         default="text", metadata={"help": "Thought key: 'text', 'arithmetic' or one a task registered."}
@@ -278,7 +276,8 @@ class ResetConfig(GRPOConfig):
 
     def _check_credit_options(self):
         """Comparison-based credit settings that cannot work fail here, each naming the fix."""
-        choices = {"credit": CREDIT_CHOICES, "state_key": tuple(STATE_KEYS), "credit_groups": ("base", "all")}
+        choices = {"localizer": LOCALIZERS, "credit": ESTIMATORS, "state_key": tuple(STATE_KEYS),
+                   "credit_groups": ("base", "all")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
@@ -309,5 +308,5 @@ class RRPOConfig(ResetConfig):
     __doc__ = "Configuration for [`RRPOTrainer`] (random resets). " + (ResetConfig.__doc__ or "")
 
     localizer: str = field(
-        default="random", metadata={"help": "'self', 'random' or 'oracle'.", "choices": ["self", "random", "oracle"]}
+        default="random", metadata={"help": "'self', 'random' or 'oracle'.", "choices": list(LOCALIZERS)}
     )

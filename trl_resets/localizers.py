@@ -262,6 +262,9 @@ def _as_index(value) -> int | None:
     return None
 
 
+LOCALIZERS = ("self", "random", "oracle")  # the built-in localizers by name (the config's `localizer`)
+
+
 def as_localizer(obj, default: str = "self", **self_kwargs) -> Localizer:
     """Turns the trainer's ``localizer=`` argument (None, a name, an object, or a callable) into a Localizer."""
     if obj is None:
@@ -274,7 +277,7 @@ def as_localizer(obj, default: str = "self", **self_kwargs) -> Localizer:
         if obj == "oracle":
             return OracleLocalizer()
         raise ValueError(
-            f"unknown localizer {obj!r}; use 'self', 'random', 'oracle' (the arithmetic task's step checker), a "
+            f"unknown localizer {obj!r}; use one of {list(LOCALIZERS)} (oracle: the checker a task registered), a "
             "Localizer object or a callable."
         )
     if hasattr(obj, "locate"):

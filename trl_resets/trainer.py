@@ -144,7 +144,7 @@ class ResetTrainer(GRPOTrainer):
             aggregate=self._aggregate_rewards,
             sync_any=self._any_process,
         )
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3 and any(
+        if self._zero3 and any(
             isinstance(f, nn.Module) for f in self.reward_funcs
         ):
             raise ValueError(

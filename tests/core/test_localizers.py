@@ -198,7 +198,7 @@ def test_as_localizer_resolves_names_objects_and_the_default():
     assert isinstance(as_localizer(None, default="random"), RandomLocalizer)
     oracle = OracleLocalizer()
     assert as_localizer(oracle) is oracle
-    with pytest.raises(ValueError, match="unknown localizer 'prm'; use 'self', 'random', 'oracle' .* Localizer object"):
+    with pytest.raises(ValueError, match=r"unknown localizer 'prm'; use one of \['self', 'random', 'oracle'\] .* Localizer object"):
         as_localizer("prm")
 
 

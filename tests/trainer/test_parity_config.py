@@ -80,3 +80,8 @@ def test_honoured_options_construct(tmp_path, overrides):
     args = _config(tmp_path, **overrides)
     assert all(getattr(args, k) == v for k, v in overrides.items())
     assert {options.stands(name) for name in overrides} <= {"loss", "sampler", "trl"}
+
+
+def test_an_unknown_localizer_name_is_refused_by_the_config(tmp_path):
+    with pytest.raises(ValueError, match=r"localizer='prm' is not one of \['self', 'random', 'oracle'\]"):
+        _config(tmp_path, localizer="prm")
