@@ -250,3 +250,30 @@ def test_lora_policy_samples_merged_and_its_base_weights_come_back_untouched(tmp
     params = dict(trainer.model.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in base.items())
     assert any(not torch.equal(params[n], p) for n, p in adapter.items())
+
+
+def test_srpo_trains_with_the_iid_base_group(tmp_path, char_tokenizer):
+    with pytest.raises(ValueError, match="base_group='first'.*'iid'"):
+        _args(tmp_path, SRPOConfig, base_group="first")
+    args = _args(tmp_path, SRPOConfig, base_group="iid")
+    model = make_tiny_llama(char_tokenizer)
+    trainer = SRPOTrainer(model=model, reward_funcs=contains_seven, args=args, train_dataset=_dataset(),
+                          processing_class=char_tokenizer)
+    assert trainer.reset_algorithm.base_group == "iid"
+    built, prompt_groups = [], trainer.reset_algorithm.prompt_groups
+    trainer.reset_algorithm.prompt_groups = lambda drawn, outcomes: built.append(
+        (drawn, prompt_groups(drawn, outcomes))) or built[-1][1]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    assert len(built) == 2  # two steps of one prompt x 8 rows
+    seeded_at_once = 0
+    for drawn, groups in built:
+        # the base group is the first G1 = 4 draws, whatever their rewards; a seed among them stays a base row
+        assert [r.completion_ids for r in groups.rows[:4]] == [list(d.rollout.token_ids) for d in drawn[:4]]
+        if any(trainer.reset_algorithm.is_seed_candidate(d) for d in drawn[:4]):
+            assert len(drawn) == 4 and trainer.reset_algorithm.seeds_of(drawn)[0] < 4 and len(groups.resets) == 1
+            seeded_at_once += 1
+    assert seeded_at_once  # a random tiny model fails nearly every draw
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(math.isfinite(e["loss"]) for e in logs)
+    assert any(not (p.detach() == before[n]).all() for n, p in trainer.model.named_parameters())

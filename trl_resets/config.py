@@ -9,6 +9,7 @@ from trl import GRPOConfig
 
 from .comparison import DEFAULT_REPAIR_TEMPLATE, Repairer
 from .localizers import DEFAULT_LOCALIZATION_TEMPLATE
+from .resets import BASE_GROUP_MODES
 from .thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
 
 # How each GRPOConfig option stands with the reset loss. Fields inherited from transformers' TrainingArguments
@@ -89,6 +90,12 @@ class ResetConfig(GRPOConfig):
         falls back to GRPO on its base group (counted in `resets/fallback_rate`).
     success_threshold (`float`, defaults to `1.0`):
         A rollout is incorrect (a seed candidate) when its summed, weighted reward is below this value.
+    base_group (`str`, defaults to `"algorithm2"`):
+        `"algorithm2"`: the paper's base group, the first G1 phase-1 draws that are not seeds (its expected pass
+        rate sits above the policy's; see docs/concepts.md). `"iid"`: the first G1 draws in sampling order, an iid
+        sample; the seed is the first failure among them and stays a base row too, and more draws (within
+        `seed_budget`) are made only when they hold fewer than k failures: phase 1 starts with max(G1, k) draws, not
+        G1 + k.
 
     > Thought MDP
 
@@ -202,6 +209,11 @@ class ResetConfig(GRPOConfig):
     success_threshold: float = field(
         default=1.0, metadata={"help": "A rollout whose reward is below this value is incorrect."}
     )
+    base_group: str = field(
+        default="algorithm2",
+        metadata={"help": "'algorithm2' (first G1 non-seed draws) or 'iid' (first G1 draws, the seed included).",
+                  "choices": list(BASE_GROUP_MODES)},
+    )
     thought_delimiter: str = field(default=DEFAULT_DELIMITER, metadata={"help": "Text that closes a thought."})
     thought_split: str = field(
         default="delimiter",
@@ -292,6 +304,9 @@ class ResetConfig(GRPOConfig):
             )
         if self.max_completion_length is None:
             raise ValueError("max_completion_length must be set: it is the token budget of a rollout.")
+        if self.base_group not in BASE_GROUP_MODES:
+            raise ValueError(f"base_group={self.base_group!r} is not one of {list(BASE_GROUP_MODES)}: use 'algorithm2' "
+                             "(the paper's base group) or 'iid' (the first G1 draws, the seed included).")
         if self.code_max_workers is not None and self.code_max_workers < 1:
             raise ValueError(f"code_max_workers={self.code_max_workers}: at least one program must run at a time "
                              "(or leave it unset to keep the reward's own bound).")

@@ -357,6 +357,7 @@ class ResetTrainer(GRPOTrainer):
             success_threshold=args.success_threshold,
             aggregate=self._aggregate_rewards,
             sync_any=self._any_process,
+            base_group=args.base_group,
         )
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3 and any(
             isinstance(f, nn.Module) for f in self.reward_funcs
@@ -783,7 +784,7 @@ class ResetTrainer(GRPOTrainer):
         warnings.warn(
             f"no row of this step carries loss, so it does not train: no prompt found a seed (a phase-1 rollout whose "
             f"reward is below success_threshold={args.success_threshold}, with a thought to reset to) within its "
-            f"{split.base + split.prefixes} draws and seed_budget={args.seed_budget} more, and the split "
+            f"{self.reset_algorithm.first_round} draws and seed_budget={args.seed_budget} more, and the split "
             f"{split.base} + {split.prefixes}x{split.per_prefix} has no base group (num_base_generations=0) to "
             "train on instead. If a correct rollout's reward is not success_threshold or more (rewards on another "
             "scale), set success_threshold to the reward that marks a correct rollout; to train such steps as GRPO, "
