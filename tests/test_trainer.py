@@ -277,3 +277,26 @@ def test_srpo_trains_with_the_iid_base_group(tmp_path, char_tokenizer):
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and all(math.isfinite(e["loss"]) for e in logs)
     assert any(not (p.detach() == before[n]).all() for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["grpo", "srpo"])
+def test_decode_steps_are_the_generations_sequential_decoding_steps(tmp_path, char_tokenizer, method):
+    split = {"num_base_generations": 8, "num_reset_prefixes": 0} if method == "grpo" else {}
+    args = _args(tmp_path, SRPOConfig, **split)
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven, args=args,
+                          train_dataset=_dataset(), processing_class=char_tokenizer)
+    rollouts, rollout = [], trainer._reset_rollout
+    trainer._reset_rollout = lambda prompts: rollouts.append(rollout(prompts)) or rollouts[-1]
+    trainer.train()
+    logged = [e[PREFIX + "decode_steps"] for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == len(rollouts) == 2
+    resets = 0
+    for steps, batch in zip(logged, rollouts):
+        longest = max(len(ids) for ids in batch["completion_ids"])
+        if method == "grpo":  # every rollout starts at once and draws one token per step: the longest one's length
+            assert steps == longest
+        else:  # a reset row's chain: its seed (at least its prefix), the localization reply, then its suffix
+            reset_rows = [ids for ids, mask in list(zip(batch["completion_ids"], batch["env_mask"]))[4:] if any(mask)]
+            assert steps >= longest and steps >= max(map(len, reset_rows), default=-1) + 1
+            resets += bool(reset_rows)
+    assert method == "grpo" or resets  # fillers (no seed found) have every token masked

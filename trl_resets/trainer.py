@@ -45,7 +45,7 @@ from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
-from .sampling.base import DecodeRequest, decode, derive_seed
+from .sampling.base import DecodeRequest, StepCounter, decode, derive_seed
 from .sampling.vllm_backend import check_vllm_generation_kwargs
 from .scheduler import can_overlap, run_overlapped
 from .tasks.arithmetic import thought_value
@@ -625,8 +625,12 @@ class ResetTrainer(GRPOTrainer):
                       "localizer": localizer, "describe": self._describe, "policy": policy,
                       "rng": self._prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts]}
             if can_overlap(localizer, policy) or self.split.is_grpo:  # no barriers between the phases
-                groups = run_overlapped(self.reset_algorithm, stream=sampler.stream(), **common,
+                stream = StepCounter(sampler.stream())
+                groups = run_overlapped(self.reset_algorithm, stream=stream, **common,
                                         sampling_seeds=self._prompt_sampling_seeds(len(firsts)))
+                if getattr(stream.inner, "one_token_per_step", False):  # the same on every process (the settings')
+                    steps = self.accelerator.gather(torch.tensor([float(stream.steps)], device=self.accelerator.device))
+                    self._metrics["train"][reset_metrics.PREFIX + "decode_steps"].append(steps.max().item())
             else:  # a localizer that needs the policy for a whole batch at once
                 groups = self.reset_algorithm.run(sampler=sampler, **common)
             self._batch_state = self._summarize(groups, questions, policy)
