@@ -305,8 +305,8 @@ class ResetConfig(GRPOConfig):
         if self.max_completion_length is None:
             raise ValueError("max_completion_length must be set: it is the token budget of a rollout.")
         if self.base_group not in BASE_GROUP_MODES:
-            raise ValueError(f"base_group={self.base_group!r} is not one of {list(BASE_GROUP_MODES)}: use 'algorithm2' "
-                             "(the paper's base group) or 'iid' (the first G1 draws, the seed included).")
+            raise ValueError(f"base_group={self.base_group!r} is not one of {list(BASE_GROUP_MODES)}: use "
+                             "'algorithm2' (the paper's base group) or 'iid' (the first G1 draws, the seed included).")
         if self.code_max_workers is not None and self.code_max_workers < 1:
             raise ValueError(f"code_max_workers={self.code_max_workers}: at least one program must run at a time "
                              "(or leave it unset to keep the reward's own bound).")
