@@ -6,13 +6,18 @@
     python -m benchmarks.step_cost --paper-caps   # the shipped testbed policy (tiny) at the paper's caps
                                               # (20 thoughts x 256 tokens, 4096 response tokens)
     python -m benchmarks.step_cost --quick    # the embedded model as shipped, one prompt, short rollouts,
-                                              # one round, light warm-up (a smoke test)
+                                              # one round, light warm-up (a smoke test, written to a
+                                              # temporary folder unless --results-dir is given)
+    python -m benchmarks.step_cost --paper-caps --with-iid   # adds SRPO-iid: SRPO with base_group="iid"
     python -m benchmarks.step_cost --model path/to/model   # any model, the package's default prompts
     python -m benchmarks.step_cost --shape qwen2.5-1.5b --bf16 --prompts 4 --tokens 1024   # on a GPU: a
                                               # random-weight model of a named shape (gpu_recipe.SHAPES), in bf16
 
 GRPO is the reset trainer with ``num_reset_prefixes=0, num_base_generations=8`` (plain GRPO on the same
 thought sampler); RRPO and SRPO use the 4 + 1x4 split (G1=4 base rollouts, one seed, G2=4 suffixes).
+``--with-iid`` adds SRPO-iid, SRPO with ``base_group="iid"`` (the base group is the first 4 draws, the seed the
+first failure among them, so phase 1 draws 4 rollouts, not 5), judged against its own target: generated tokens
+at most 0.90x GRPO's. ``--methods`` picks the methods compared (GRPO and SRPO always among them).
 Everything is measured from outside the trainers:
 
 * a callback marks the step boundaries (``on_step_begin`` .. ``on_step_end``, optimizer step included);
@@ -31,8 +36,9 @@ rotating order for several rounds (the machine is shared; timings are noisy) and
 with SRPO / GRPO ratios next to the targets and the paper's figures. The last line printed is the headline:
 SRPO / GRPO generation time and sequential decoding steps (forward passes of sampling).
 
-Writes benchmarks/results/step_cost.{json,md,png} (``--quick``: step_cost_quick.*, ``--paper-caps``:
-step_cost_paper_caps.*).
+Writes benchmarks/results/step_cost.{json,md,png} (``--paper-caps``: step_cost_paper_caps.*); ``--quick``
+writes step_cost_quick.* into a new temporary folder (printed), so a smoke run never overwrites tracked results;
+``--results-dir`` names the folder for any run.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("GRPO", "RRPO", "SRPO")
 PHASED = "SRPO-phased"  # SRPO sampled phase by phase (the scheduler's reference path), with --with-phased
+IID = "SRPO-iid"  # SRPO with base_group="iid", with --with-iid
+VARIANTS = {PHASED: "SRPO", IID: "SRPO"}  # each variant's trainer
+IID_TARGETS = {"tokens": 0.90}  # SRPO-iid over GRPO: at most
 PARTS = ("generation", "update")
 # SRPO over GRPO: at most (at least, for throughput) these.
 TARGETS = {"wall_clock": 1.05, "generation": 1.10, "gen_throughput": 0.90, "forward_passes": 1.10, "tokens": 1.08}
@@ -299,6 +308,21 @@ def render_targets(ratios) -> str:
         for label, key, value, sign, paper in rows)
 
 
+def render_iid_line(ratios) -> str:
+    """SRPO-iid's generated tokens and sequential decoding steps over GRPO's and SRPO's, with its token target;
+    nothing where SRPO-iid did not run."""
+    if IID not in ratios:
+        return ""
+    r, srpo = ratios[IID], ratios["SRPO"]
+    met = "met" if r["tokens_with_localization"] <= IID_TARGETS["tokens"] else "missed"
+    return (f"SRPO-iid (base_group=\"iid\") / GRPO: generated tokens {r['tokens']:.2f}x "
+            f"({r['tokens_with_localization']:.2f}x with localization; target <= {IID_TARGETS['tokens']:.2f}x, "
+            f"{met}), sequential forward passes of sampling {r['forward_passes']:.2f}x (decoding steps "
+            f"{r['decode_steps']:.2f}x), generation time {r['generation']:.2f}x. SRPO / GRPO for comparison: tokens "
+            f"{srpo['tokens']:.2f}x ({srpo['tokens_with_localization']:.2f}x), forward passes "
+            f"{srpo['forward_passes']:.2f}x.\n")
+
+
 def render_mean_line(runs) -> str:
     """The same ratios from means over the rounds (a second estimator; with few rounds the two can differ)."""
     r = ratios_to(summarize(runs, statistics.fmean))["SRPO"]
@@ -324,8 +348,10 @@ def pooled_update_ratios(runs) -> dict[str, float]:
 def render_pooled_line(runs) -> str:
     pooled = pooled_update_ratios(runs)
     update = statistics.median(r["update"] for records in runs.values() for r in records)
+    others = ", ".join(f"{m} {pooled[m]:.2f}x" for m in pooled if m not in ("GRPO", "SRPO"))
     return (f"With the update pooled over the methods (median {update:.1f} s over all rounds; it is the same "
-            f"computation for each), SRPO / GRPO wall-clock: {pooled['SRPO']:.2f}x (RRPO {pooled['RRPO']:.2f}x).\n")
+            f"computation for each), SRPO / GRPO wall-clock: {pooled['SRPO']:.2f}x"
+            + (f" ({others})" if others else "") + ".\n")
 
 
 def headline(ratios) -> str:
@@ -391,8 +417,8 @@ def build_trainer(method: str, model: str, dataset, settings: dict, lora_r: int,
     from trl_resets import RRPOConfig, RRPOTrainer, SRPOConfig, SRPOTrainer
     from trl_resets.rewards import boxed_answer_reward
 
-    if method == PHASED:
-        method = "SRPO"
+    overrides = {"base_group": "iid"} if method == IID else {}
+    method = VARIANTS.get(method, method)
     if method == "GRPO":
         config_cls, trainer_cls, split = SRPOConfig, SRPOTrainer, {"num_base_generations": 8, "num_reset_prefixes": 0}
     elif method == "RRPO":
@@ -400,8 +426,8 @@ def build_trainer(method: str, model: str, dataset, settings: dict, lora_r: int,
     elif method == "SRPO":
         config_cls, trainer_cls, split = SRPOConfig, SRPOTrainer, {}
     else:
-        raise ValueError(f"unknown method {method!r}; use one of {METHODS}.")
-    args = config_cls(output_dir=output_dir, **split, **settings)
+        raise ValueError(f"unknown method {method!r}; use one of {METHODS + tuple(VARIANTS)}.")
+    args = config_cls(output_dir=output_dir, **split, **settings, **overrides)
     peft_config = None
     if lora_r > 0:
         peft_config = LoraConfig(r=lora_r, lora_alpha=lora_r, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
@@ -548,15 +574,17 @@ def wait_note(runs: dict) -> str:
             "the same rows takes fewer.\n\n")
 
 
-def write_outputs(result: dict, name: str, write_json: bool = True) -> None:
-    """benchmarks/results/<name>.{json,md,png} from one run's result."""
-    RESULTS.mkdir(exist_ok=True)
+def write_outputs(result: dict, name: str, write_json: bool = True, folder: Path = RESULTS) -> None:
+    """<folder>/<name>.{json,md,png} from one run's result (by default in benchmarks/results)."""
+    folder.mkdir(parents=True, exist_ok=True)
     if write_json:
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+        (folder / f"{name}.json").write_text(json.dumps(result, indent=2))
     summary, ratios = result["summary"], result["ratios_to_grpo"]
-    (RESULTS / f"{name}.md").write_text(
-        f"# Step cost: GRPO, RRPO, SRPO\n\n{result['setup']}.\n\n{render_table(summary, ratios)}\n"
-        f"{render_memory_line(summary, ratios)}{render_targets(ratios)}\n{render_mean_line(result['runs'])}\n"
+    iid_line = render_iid_line(ratios)
+    (folder / f"{name}.md").write_text(
+        f"# Step cost: {', '.join(summary)}\n\n{result['setup']}.\n\n{render_table(summary, ratios)}\n"
+        f"{render_memory_line(summary, ratios)}{render_targets(ratios)}\n" + (f"{iid_line}\n" if iid_line else "")
+        + f"{render_mean_line(result['runs'])}\n"
         f"{render_pooled_line(result['runs'])}\n"
         "generation = the whole rollout_func (sampling, scoring, localization: SRPO's localization replies decode "
         "in the same batch as the rollouts); update = the rest of the step (log-probs, loss, backward, optimizer). "
@@ -572,7 +600,17 @@ def write_outputs(result: dict, name: str, write_json: bool = True) -> None:
         f"Machine at start: {result['machine_before']}.\nMachine at end: {result['machine_after']}.\n"
         f"Wall time of the whole run: {result['wall_s']:.0f} s.\nCommand: `{result['command']}`\n"
     )
-    plot(summary, ratios, RESULTS / f"{name}.png", f"{result['setup']}; {result['machine_before']}")
+    plot(summary, ratios, folder / f"{name}.png", f"{result['setup']}; {result['machine_before']}")
+
+
+def results_folder(results_dir: str | None, smoke: bool) -> Path:
+    """Where a run writes: ``results_dir`` when given; for a smoke run (``--quick``) a new temporary folder, so
+    that it never overwrites the tracked results; otherwise benchmarks/results."""
+    import tempfile
+
+    if results_dir is not None:
+        return Path(results_dir)
+    return Path(tempfile.mkdtemp(prefix="step_cost_quick-")) if smoke else RESULTS
 
 
 def main_job_setting(prompts: int):
@@ -632,8 +670,15 @@ def main():
     parser.add_argument("--with-phased", action="store_true",
                         help=f"add {PHASED}: SRPO sampled phase by phase (all phase-1 rollouts, then all localization "
                              "replies, then all suffixes), for comparison")
+    parser.add_argument("--with-iid", action="store_true",
+                        help=f"add {IID}: SRPO with base_group='iid' (the first G1 draws are the base group)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods before the --with-* variants (default {','.join(METHODS)}; "
+                             "GRPO and SRPO must be among them)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="results name (default step_cost, step_cost_quick)")
+    parser.add_argument("--results-dir", default=None,
+                        help="folder for the results (default benchmarks/results; --quick: a new temporary folder)")
     parser.add_argument("--replot", action="store_true", help="redraw the Markdown and PNG from the saved JSON")
     args = parser.parse_args()
     if args.quick:
@@ -644,10 +689,15 @@ def main():
         parser.error("--shape builds its own model: drop --model / --paper-caps.")
     name = args.out or (f"step_cost_{args.shape}" if args.shape else "step_cost_quick" if args.quick else
                         "step_cost_paper_caps" if args.paper_caps else "step_cost")
+    base_methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not {"GRPO", "SRPO"} <= set(base_methods) or not set(base_methods) <= set(METHODS):
+        parser.error(f"--methods {args.methods!r}: name methods among {','.join(METHODS)}, GRPO and SRPO included "
+                     "(the ratios are over GRPO, the targets SRPO's).")
+    results_dir = results_folder(args.results_dir, args.quick and not args.replot)
     if args.replot:
-        result = json.loads((RESULTS / f"{name}.json").read_text())
+        result = json.loads((results_dir / f"{name}.json").read_text())
         result.setdefault("command", "python -m benchmarks.step_cost" + (" --quick" if args.quick else ""))
-        write_outputs(result, name, write_json=False)
+        write_outputs(result, name, write_json=False, folder=results_dir)
         print(headline(result["ratios_to_grpo"]))
         return
     import tempfile
@@ -701,7 +751,7 @@ def main():
                         localization_max_tokens=2)
             measure("SRPO", args.model, dataset, warm, args.lora_r, args.prompts, tmp)
         print(f"warm-up done after {time.perf_counter() - started:.0f} s", flush=True)
-        methods = METHODS + ((PHASED,) if args.with_phased else ())
+        methods = base_methods + ((PHASED,) if args.with_phased else ()) + ((IID,) if args.with_iid else ())
         runs = {m: [] for m in methods}
         for rnd in range(args.rounds):
             order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
@@ -730,7 +780,8 @@ def main():
     setup = f"{model_name} on {device}, " + ("bf16, " if args.bf16 else "") + (
         f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")
     setup += (f"; {args.prompts} prompt(s) x 8 rollouts per step, {args.tokens} tokens max "
-              f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO; "
+              f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO"
+              + ("; SRPO-iid: SRPO with base_group='iid'" if args.with_iid else "") + "; "
               f"median of {args.rounds} round(s) x {args.steps} step(s); "
               + ("shared prefill" if args.share_prefill else "no prefill sharing")
               + ("; compact decoding" if args.compact else "; generate (no compaction)")
@@ -745,16 +796,17 @@ def main():
     }
     result["ratios_to_grpo_of_means"] = ratios_to(summarize(runs, statistics.fmean))
     result["wall_clock_ratios_pooled_update"] = pooled_update_ratios(runs)
-    write_outputs(result, name)
+    write_outputs(result, name, folder=results_dir)
     table, targets = render_table(summary, ratios), render_targets(ratios)
     print()
     print(table)
     print(render_memory_line(summary, ratios), end="")
     print(targets)
+    print(render_iid_line(ratios), end="")
     print(render_mean_line(runs))
     print(render_pooled_line(runs))
     print(wait_note(runs))
-    print(f"machine: {machine_after}; {time.perf_counter() - started:.0f} s in all")
+    print(f"machine: {machine_after}; {time.perf_counter() - started:.0f} s in all; results in {results_dir}")
     print(headline(ratios))
 
 

@@ -9,7 +9,7 @@ from trl import GRPOConfig
 from . import options
 from .comparison import DEFAULT_REPAIR_TEMPLATE, ESTIMATORS, STATE_KEYS, Repairer
 from .localizers import CODE_LOCALIZATION_TEMPLATE, DEFAULT_LOCALIZATION_TEMPLATE, LOCALIZERS
-from .resets import Split
+from .resets import BASE_GROUP_MODES, Split
 from .thoughts import ANSWER_FORMATS, CODE_ROLLOUT_TEMPLATE, DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
 
 
@@ -36,6 +36,12 @@ class ResetConfig(GRPOConfig):
         falls back to GRPO on its base group (counted in `resets/fallback_rate`).
     success_threshold (`float`, defaults to `1.0`):
         A rollout is incorrect (a seed candidate) when its summed, weighted reward is below this value.
+    base_group (`str`, defaults to `"algorithm2"`):
+        `"algorithm2"`: the paper's base group, the first G1 phase-1 draws that are not seeds (its expected pass
+        rate sits above the policy's; see docs/concepts.md). `"iid"`: the first G1 draws in sampling order, an iid
+        sample; the seed is the first failure among them and stays a base row too, and more draws (within
+        `seed_budget`) are made only when they hold fewer than k failures: phase 1 starts with max(G1, k) draws, not
+        G1 + k.
 
     > Thought MDP
 
@@ -152,6 +158,11 @@ class ResetConfig(GRPOConfig):
     success_threshold: float = field(
         default=1.0, metadata={"help": "A rollout whose reward is below this value is incorrect."}
     )
+    base_group: str = field(
+        default="algorithm2",
+        metadata={"help": "'algorithm2' (first G1 non-seed draws) or 'iid' (first G1 draws, the seed included).",
+                  "choices": list(BASE_GROUP_MODES)},
+    )
     thought_delimiter: str = field(default=DEFAULT_DELIMITER, metadata={"help": "Text that closes a thought."})
     thought_split: str = field(
         default="delimiter",
@@ -238,6 +249,9 @@ class ResetConfig(GRPOConfig):
                 self.rollout_template = CODE_ROLLOUT_TEMPLATE
             if self.localization_template == DEFAULT_LOCALIZATION_TEMPLATE:
                 self.localization_template = CODE_LOCALIZATION_TEMPLATE
+        if self.base_group not in BASE_GROUP_MODES:
+            raise ValueError(f"base_group={self.base_group!r} is not one of {list(BASE_GROUP_MODES)}: use "
+                             "'algorithm2' (the paper's base group) or 'iid' (the first G1 draws, the seed included).")
         super().__post_init__()
         local_rows = self.per_device_train_batch_size * self.steps_per_generation
         if local_rows % self.num_generations != 0:

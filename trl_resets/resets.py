@@ -5,6 +5,11 @@ Per prompt, with split G1 / k / G2:
 1. Phase 1: draw iid rollouts from the prompt. The first k incorrect ones, in sampling order, are
    the seeds; they never enter the base group, which is the first G1 of the remaining rollouts.
    Up to ``seed_budget`` extra rollouts may be drawn to find the seeds.
+
+   That base group is not an iid sample: a seed is removed because it failed, and a later draw takes its
+   place. With ``base_group="iid"`` (opt-in) the base group is instead the first G1 draws in sampling order,
+   whatever their rewards; the seeds are still the first k incorrect draws, so a seed among the first G1 is a
+   base row too, and more draws are made only when the first G1 hold fewer than k seed candidates.
 2. Phase 2: a localizer names each seed's reset index h*; the reset state is the prompt plus the
    seed's first h*-1 thoughts, as the exact sampled token ids; G2 suffixes are sampled from it.
 3. A seed slot left empty (no incorrect rollout within the budget) falls back to GRPO on the base
@@ -31,6 +36,7 @@ from .sampling.base import DecodeRequest, ThoughtSampler
 from .thoughts import Rollout, ThoughtFormat
 
 BASE_GROUP = 0
+BASE_GROUP_MODES = ("algorithm2", "iid")
 
 
 @dataclass(frozen=True)
@@ -139,14 +145,17 @@ class PromptGroups:
     phase1_draws: int = 0
     unused_tokens: int = 0
     empty_seeds: int = 0  # incorrect phase-1 rollouts passed over as seeds because they have no thoughts
-    first_draws: int = 0  # phase 1's first G1 + k iid draws, drawn whatever their rewards (seeds included)
+    first_draws: int = 0  # phase 1's first round of iid draws (`ResetAlgorithm.first_round`), seeds included
     first_draws_passed: int = 0
     phase1_draws_passed: int = 0  # of all phase1_draws (the seed search's extra draws too)
 
 
-def choose_seeds(incorrect: Sequence[bool], split: Split) -> tuple[list[int], list[int]]:
-    """Seeds = the first k incorrect rollouts in sampling order; base = the first G1 of the others."""
+def choose_seeds(incorrect: Sequence[bool], split: Split, iid_base: bool = False) -> tuple[list[int], list[int]]:
+    """Seeds = the first k incorrect rollouts in sampling order; base = the first G1 of the others (Algorithm 2),
+    or with ``iid_base`` the first G1 rollouts, seeds among them included."""
     seeds = [i for i, bad in enumerate(incorrect) if bad][: split.prefixes]
+    if iid_base:
+        return seeds, list(range(min(split.base, len(incorrect))))
     rest = [i for i in range(len(incorrect)) if i not in seeds]
     return seeds, rest[: split.base]
 
@@ -231,6 +240,9 @@ class ResetAlgorithm:
         success_threshold: a rollout whose aggregated reward is below it is incorrect.
         aggregate: per-function rewards -> one reward (default: sum, NaN-aware).
         sync_any: ``flag -> any process's flag``; keeps processes in the same number of sampling rounds.
+        base_group: ``"algorithm2"``: the base group is the first G1 draws that are not seeds (Algorithm 2 as
+            written; its pass rate is biased upward, see docs/concepts.md). ``"iid"``: the first G1 draws, a seed
+            among them included, and phase 1 draws max(G1, k) rollouts before the seed search.
     """
 
     split: Split
@@ -239,6 +251,20 @@ class ResetAlgorithm:
     success_threshold: float = 1.0
     aggregate: Callable[[list[float]], float] | None = None
     sync_any: Callable[[bool], bool] = bool
+    base_group: str = "algorithm2"
+
+    def __post_init__(self):
+        if self.base_group not in BASE_GROUP_MODES:
+            raise ValueError(f"base_group={self.base_group!r} is not one of {list(BASE_GROUP_MODES)}: use "
+                             "'algorithm2' (the paper's base group) or 'iid' (the first G1 draws).")
+
+    @property
+    def first_round(self) -> int:
+        """Rollouts phase 1 draws per prompt whatever their rewards (and per round of the seed search): G1 + k,
+        or max(G1, k) with the iid base group."""
+        if self.base_group == "iid":
+            return max(self.split.base, self.split.prefixes)
+        return self.split.base + self.split.prefixes
 
     def _aggregate(self, rewards: list[float]) -> float:
         if self.aggregate is not None:
@@ -256,8 +282,8 @@ class ResetAlgorithm:
         return [Scored(r, list(f), self._aggregate(list(f))) for r, f in zip(rollouts, per_func)]
 
     def phase1(self, contexts: list[list[int]], sampler: ThoughtSampler, score: ScoreFn) -> list[list[Scored]]:
-        """Draws each prompt's iid rollouts: G1 + k at once, then more (within the budget) until k seeds."""
-        k, first = self.split.prefixes, self.split.base + self.split.prefixes
+        """Draws each prompt's iid rollouts: the first round at once, then more (within the budget) until k seeds."""
+        k, first = self.split.prefixes, self.first_round
         draws: list[list[Scored]] = [[] for _ in contexts]
         wanted = {i: first for i in range(len(contexts))}
         while self.sync_any(bool(wanted)):
@@ -326,7 +352,11 @@ class ResetAlgorithm:
     # ------------------------------------------------------------------ the steps, shared with the scheduler
     def seeds_of(self, drawn: list[Scored]) -> list[int]:
         """The seeds' positions among a prompt's phase-1 draws (the first k seed candidates in sampling order)."""
-        return choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], self.split)[0]
+        return self._seeds_and_base(drawn)[0]
+
+    def _seeds_and_base(self, drawn: list[Scored]) -> tuple[list[int], list[int]]:
+        return choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], self.split,
+                            iid_base=self.base_group == "iid")
 
     def is_seed_candidate(self, scored: Scored) -> bool:
         return _is_seed_candidate(scored, self.success_threshold)
@@ -356,12 +386,12 @@ class ResetAlgorithm:
         """One prompt's rows from its phase-1 draws and its seeds' resets: the base group, then each seed's
         shared-prefix group, then zero-weight filler groups for the seed slots left empty."""
         split = self.split
-        seed_idx, base_idx = choose_seeds([_is_seed_candidate(s, self.success_threshold) for s in drawn], split)
+        seed_idx, base_idx = self._seeds_and_base(drawn)
         rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
         used = set(seed_idx) | set(base_idx)
         unused = sum(len(s.rollout.token_ids) for j, s in enumerate(drawn) if j not in used)
         empty = sum(_is_incorrect(s, self.success_threshold) and not s.rollout.num_thoughts for s in drawn)
-        first = drawn[: split.base + split.prefixes]
+        first = drawn[: self.first_round]
         passed = sum(s.reward >= self.success_threshold for s in first)  # NaN never passes
         result = PromptGroups(rows, phase1_draws=len(drawn), unused_tokens=unused, empty_seeds=empty,
                               first_draws=len(first), first_draws_passed=passed,

@@ -12,9 +12,10 @@ from a `DecodingStream`, into which work joins while other rows are still decodi
 * extra seed-search draws join as soon as a prompt is sure to need them: when even its unfinished draws could no
   longer bring it k seed candidates. They are the draws `ResetAlgorithm.run` would draw in its later rounds.
 
-The rows, seeds, base groups and reset states equal `ResetAlgorithm.run`'s for the same draws and answers, random
-resets included: both draw a seed's random reset (a random localizer, an unusable answer) from that seed's own
-generator (`resets.SeedGenerators`), which does not depend on the order in which seeds are found.
+The rows, seeds, base groups and reset states equal `ResetAlgorithm.run`'s for the same draws and answers (with
+either `ResetAlgorithm.base_group`), random resets included: both draw a seed's random reset (a random localizer,
+an unusable answer) from that seed's own generator (`resets.SeedGenerators`), which does not depend on the order in
+which seeds are found.
 
 With ``sampling_seeds`` (one per prompt), every request carries a seed of its own (`DecodeRequest.seed`), derived
 from its prompt's and its role there: phase-1 draw j, the localization reply of seed g, suffix j of seed g's reset
@@ -98,8 +99,7 @@ class _Run:
         self.prompts = [_Prompt(list(c)) for c in contexts]
         self.jobs: dict[int, tuple] = {}  # stream handle -> what it is for
         self.outbox: list[tuple[DecodeRequest, tuple]] = []
-        split = algorithm.split
-        self.first = split.base + split.prefixes
+        self.first = algorithm.first_round
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> list[PromptGroups]:

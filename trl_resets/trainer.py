@@ -54,7 +54,7 @@ from .model_card import PAPER
 from .policy_text import PolicyText, SystemMessages
 from .resets import PromptGroups, ResetAlgorithm, Split
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
-from .sampling.base import DecodeRequest, decode
+from .sampling.base import DecodeRequest, StepCounter, decode
 from .scheduler import can_overlap, run_overlapped
 from .scoring import call_reward_functions
 from .scoring import unscored as unscored_rows
@@ -143,6 +143,7 @@ class ResetTrainer(GRPOTrainer):
             success_threshold=args.success_threshold,
             aggregate=self._aggregate_rewards,
             sync_any=self._any_process,
+            base_group=args.base_group,
         )
         if self._zero3 and any(
             isinstance(f, nn.Module) for f in self.reward_funcs
@@ -380,8 +381,12 @@ class ResetTrainer(GRPOTrainer):
                       "localizer": localizer, "describe": self._describe, "policy": policy,
                       "rng": self._prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts]}
             if can_overlap(localizer, policy) or self.split.is_grpo:  # no barriers between the phases
-                groups = run_overlapped(self.reset_algorithm, stream=sampler.stream(), **common,
+                stream = StepCounter(sampler.stream())
+                groups = run_overlapped(self.reset_algorithm, stream=stream, **common,
                                         sampling_seeds=self._prompt_sampling_seeds(len(firsts)))
+                if getattr(stream.inner, "one_token_per_step", False):  # the same on every process (the settings')
+                    steps = self.accelerator.gather(torch.tensor([float(stream.steps)], device=self.accelerator.device))
+                    self._metrics["train"][reset_metrics.PREFIX + "decode_steps"].append(steps.max().item())
             else:  # a localizer that needs the policy for a whole batch at once
                 groups = self.reset_algorithm.run(sampler=sampler, **common)
             self._batch_state = self._summarize(groups, questions, policy)
@@ -520,7 +525,7 @@ class ResetTrainer(GRPOTrainer):
         """Once per run: a step in which no row carries loss (G1 = 0 and every seed slot fell back)."""
         if not self._warned_no_loss:
             self._warned_no_loss = True
-            warnings.warn(no_loss_message(self.split, self.args), stacklevel=2)
+            warnings.warn(no_loss_message(self.split, self.args, self.reset_algorithm.first_round), stacklevel=2)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self._batch_state is None:

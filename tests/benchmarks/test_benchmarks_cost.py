@@ -307,3 +307,33 @@ def test_pooled_update_ratio_takes_one_update_for_every_method():
     pooled = step_cost.pooled_update_ratios(runs)
     assert pooled["SRPO"] == pytest.approx((8 + 5) / (6 + 5)) and pooled["RRPO"] == pytest.approx((9 + 5) / 11)
     assert "1.18x" in step_cost.render_pooled_line(runs)
+
+
+def test_a_smoke_run_writes_to_a_fresh_folder_and_a_real_run_to_the_results(tmp_path):
+    smoke = step_cost.results_folder(None, smoke=True)
+    assert smoke.is_dir() and not any(smoke.iterdir()) and smoke != step_cost.RESULTS
+    assert step_cost.RESULTS.resolve() not in smoke.resolve().parents
+    smoke.rmdir()
+    assert step_cost.results_folder(None, smoke=False) == step_cost.RESULTS
+    assert step_cost.results_folder(str(tmp_path), smoke=True) == tmp_path
+
+
+def _ratios(tokens, with_localization):
+    keys = ("wall_clock", "generation", "tokens", "tokens_with_localization", "gen_throughput", "forward_passes",
+            "decode_steps", "row_steps", "peak_memory")
+    return {k: tokens if k == "tokens" else with_localization if k == "tokens_with_localization" else 2.0
+            for k in keys}
+
+
+def test_the_iid_line_judges_tokens_with_localization_against_its_target():
+    assert step_cost.render_iid_line({"GRPO": _ratios(1, 1), "SRPO": _ratios(1, 1.1)}) == ""
+    met = step_cost.render_iid_line({"SRPO": _ratios(1, 1.1), step_cost.IID: _ratios(0.8, 0.9)})
+    missed = step_cost.render_iid_line({"SRPO": _ratios(1, 1.1), step_cost.IID: _ratios(0.8, 0.93)})
+    assert "tokens 0.80x (0.90x with localization; target <= 0.90x, met)" in met
+    assert "(0.93x with localization; target <= 0.90x, missed)" in missed
+
+
+def test_the_pooled_line_names_whichever_methods_ran():
+    runs = {m: [{"generation": g, "update": 1.0}] for m, g in (("GRPO", 1.0), ("SRPO", 2.0), (step_cost.IID, 1.5))}
+    line = step_cost.render_pooled_line(runs)
+    assert "SRPO / GRPO wall-clock: 1.50x (SRPO-iid 1.25x)." in line and "RRPO" not in line

@@ -2,6 +2,7 @@
 
 import math
 import random
+import statistics
 
 import pytest
 
@@ -47,9 +48,10 @@ class FixedLocalizer:
         return [Localization(self.index, tokens=3) for _ in requests]
 
 
-def run(split, correct, localizer, prompts=1, budget=4, fmt=None):
+def run(split, correct, localizer, prompts=1, budget=4, fmt=None, base_group="algorithm2"):
     sampler = ScriptedSampler()
-    algo = ResetAlgorithm(split, fmt or ThoughtFormat(max_completion_tokens=100), seed_budget=budget)
+    algo = ResetAlgorithm(split, fmt or ThoughtFormat(max_completion_tokens=100), seed_budget=budget,
+                          base_group=base_group)
     contexts = [[7, 7 + p] for p in range(prompts)]
     results = algo.run(contexts, [f"q{p}" for p in range(prompts)], sampler, scripted_score(correct), localizer,
                        describe=lambda r: ["t"] * r.num_thoughts, rng=random.Random(0))
@@ -281,3 +283,80 @@ def test_without_a_generator_the_resets_are_those_of_random_0():
     fallback, zero = SeedGenerators(None, 3), SeedGenerators(random.Random(0), 3)
     assert [fallback(p, g).random() for p in range(3) for g in range(2)] == [
         zero(p, g).random() for p in range(3) for g in range(2)]
+
+
+# ---------------------------------------------------------------------------------------------- the iid base group
+def test_iid_base_group_is_the_first_g1_draws_with_the_seed_among_them():
+    (res,), sampler = run(Split(4, 1, 4), correct={0, 2, 3, 5, 7}, localizer=FixedLocalizer(2), base_group="iid")
+    assert [draw_of(r) for r in res.rows[:4]] == [0, 1, 2, 3]  # draw 1, the seed, stays a base row
+    assert res.phase1_draws == 4 and len(sampler.calls[0][0]) == 4  # G1 draws, no (G1 + k)-th
+    assert res.rows[4].completion_ids[:2] == [1001, 11] and res.unused_tokens == 0
+    assert (res.first_draws, res.first_draws_passed) == (4, 3)
+    assert choose_seeds([False, True, False, False, False], Split(4, 1, 4), iid_base=True) == ([1], [0, 1, 2, 3])
+
+
+def test_iid_base_group_draws_more_only_when_its_draws_hold_no_seed():
+    (res,), sampler = run(Split(4, 1, 4), correct={0, 1, 2, 3, 4}, localizer=FixedLocalizer(2), budget=8,
+                          base_group="iid")
+    assert [len(c) for c, _, _ in sampler.calls[:2]] == [4, 4]  # a second round of G1 draws finds draw 5
+    assert [draw_of(r) for r in res.rows[:4]] == [0, 1, 2, 3] and res.rows[4].completion_ids[:2] == [1005, 11]
+    assert res.phase1_draws == 8 and res.unused_tokens == 3 * 6 and res.fallbacks == 0
+    (res,), _ = run(Split(4, 1, 4), correct=set(range(100)), localizer=FixedLocalizer(2), budget=3, base_group="iid")
+    assert res.phase1_draws == 4 + 3 and res.fallbacks == 1  # the budget counts from the G1 draws
+
+
+def test_iid_base_group_with_two_seeds_and_without_a_base_group():
+    (res,), _ = run(Split(4, 2, 2), correct={0, 2, 3}, localizer=FixedLocalizer(2), budget=8, base_group="iid")
+    assert [draw_of(r) for r in res.rows[:4]] == [0, 1, 2, 3] and res.phase1_draws == 8  # seed 2 is draw 4
+    assert [r.completion_ids[:2] for r in res.rows[4::2]] == [[1001, 11], [1004, 11]]
+    for split in (Split(0, 2, 4), Split(0, 1, 8)):  # G1 = 0: nothing to change, the same rows as Algorithm 2
+        same = [run(split, correct={1}, localizer=FixedLocalizer(2), base_group=mode)[0] for mode in ("algorithm2",
+                                                                                                     "iid")]
+        assert same[0] == same[1]
+    with pytest.raises(ValueError, match="base_group='uniform'.*'iid'"):
+        ResetAlgorithm(Split(4, 1, 4), ThoughtFormat(), base_group="uniform")
+
+
+class BernoulliSampler(ScriptedSampler):
+    """Every draw passes with probability ``p`` (decided when it is drawn), three thoughts each."""
+
+    def __init__(self, p, rng):
+        super().__init__()
+        self.p, self.rng, self.passed = p, rng, set()
+
+    def sample(self, contexts, start_thoughts=None, token_budgets=None):
+        out = super().sample(contexts, start_thoughts, token_budgets)
+        self.passed |= {r.token_ids[0] - 1000 for r in out if self.rng.random() < self.p}
+        return out
+
+    def score(self, owners, completions):
+        return [[1.0 if c[-2] - 1000 in self.passed else 0.0] for c in completions]
+
+
+def algorithm2_base_pass_rate(p: float, base: int, prefixes: int) -> float:
+    """Algorithm 2's expected base-group pass rate for a per-draw pass rate p: with F ~ Binomial(G1 + k, 1 - p)
+    failures among the first G1 + k draws, the base group holds max(0, F - k) of them, so the rate is
+    1 - E[max(0, F - k)] / G1 (at 1x4: (5p - p^5) / 4)."""
+    n, q = base + prefixes, 1 - p
+    excess = sum(max(0, f - prefixes) * math.comb(n, f) * q**f * p ** (n - f) for f in range(n + 1))
+    return 1 - excess / base
+
+
+@pytest.mark.parametrize("split", [Split(4, 1, 4), Split(4, 2, 2), Split(2, 1, 6)], ids=["1x4", "4+2x2", "2+1x6"])
+@pytest.mark.parametrize("p", [0.35, 0.6])
+def test_base_group_pass_rate_algorithm2_is_biased_and_iid_is_not(split, p):
+    assert algorithm2_base_pass_rate(0.35, 4, 1) == pytest.approx((5 * 0.35 - 0.35**5) / 4)
+    prompts = 2000
+    rates = {}
+    for mode in ("algorithm2", "iid"):
+        sampler = BernoulliSampler(p, random.Random(f"{mode}/{split}/{p}"))
+        algo = ResetAlgorithm(split, ThoughtFormat(max_completion_tokens=100), seed_budget=4, base_group=mode)
+        results = algo.run([[7, i] for i in range(prompts)], ["q"] * prompts, sampler, sampler.score,
+                           FixedLocalizer(2), describe=lambda r: ["t"] * r.num_thoughts)
+        per_prompt = [sum(r.reward for r in g.rows if r.group == 0) / split.base for g in results]
+        mean = statistics.fmean(per_prompt)
+        rates[mode] = (mean, 4 * statistics.stdev(per_prompt) / math.sqrt(prompts))  # mean and 4 standard errors
+    expected = {"algorithm2": algorithm2_base_pass_rate(p, split.base, split.prefixes), "iid": p}
+    for mode, (mean, tolerance) in rates.items():
+        assert abs(mean - expected[mode]) < tolerance, (mode, mean, expected[mode], tolerance)
+    assert expected["algorithm2"] - p > 2 * rates["algorithm2"][1]  # the bias is far larger than the noise

@@ -123,8 +123,8 @@ LOCALIZERS = {
 }
 
 
-def _both(split, budget, salt, localizer, prompts=3, stream_seed=0):
-    algo = ResetAlgorithm(split, ThoughtFormat(max_completion_tokens=64), seed_budget=budget)
+def _both(split, budget, salt, localizer, prompts=3, stream_seed=0, base_group="algorithm2"):
+    algo = ResetAlgorithm(split, ThoughtFormat(max_completion_tokens=64), seed_budget=budget, base_group=base_group)
     contexts = [[7, 7 + p] for p in range(prompts)]
     questions = [f"q{p}" for p in range(prompts)]
     kwargs = {"describe": lambda r: ["t"] * r.num_thoughts, "policy": TextPolicy()}
@@ -151,6 +151,22 @@ def test_overlapped_groups_equal_the_phased_ones(split, localizer):
             seen["resets"] += sum(len(g.resets) for g in phased)
     if not split.is_grpo:  # the cases compared cover seed search, fallbacks and empty rollouts
         assert all(seen.values()), seen
+
+
+@pytest.mark.parametrize("localizer", sorted(LOCALIZERS))
+@pytest.mark.parametrize("split", [Split(4, 1, 4), Split(4, 2, 2), Split(2, 1, 6), Split(0, 2, 4)],
+                         ids=["1x4", "4+2x2", "2+1x6", "2x4"])
+def test_overlapped_groups_equal_the_phased_ones_with_the_iid_base_group(split, localizer):
+    seen = {"extra draws": 0, "fallbacks": 0, "seed in the first round": 0}
+    for salt in range(12):
+        for budget in (0, 4):
+            phased, overlapped, _ = _both(split, budget, salt, localizer, stream_seed=salt, base_group="iid")
+            assert _plain(overlapped) == _plain(phased), (salt, budget)
+            seen["extra draws"] += sum(g.phase1_draws > g.first_draws for g in phased)
+            seen["fallbacks"] += sum(g.fallbacks for g in phased)
+            seen["seed in the first round"] += sum(g.phase1_draws == g.first_draws and g.resets != [] for g in phased)
+            assert all(g.first_draws == max(split.base, split.prefixes) for g in phased)
+    assert all(seen.values()), seen
 
 
 def test_localization_and_suffixes_join_while_phase1_draws_decode():

@@ -49,6 +49,9 @@ def test_two_process_srpo_run(tmp_path, vllm_mode):
         assert all(len(r["prompts"]) % 8 == 0 for r in reports)
         assert all("resets/fallback_rate" in e for e in r["logs"])
     if vllm_mode is None:
+        # the compact decoder's steps, the larger of the two processes' (the same logged on both)
+        steps = [[e["resets/decode_steps"] for e in r["logs"]] for r in reports]
+        assert steps[0] == steps[1] and all(s >= 1 for s in steps[0])
         checkpoint = tmp_path / "checkpoint-2"
         assert checkpoints.is_complete(checkpoint)
         for name in ("generation_buffer_{}.pt", "rng_state_{}.pth"):

@@ -60,6 +60,13 @@ def test_srpo_card_names_method_paper_split_localizer_and_metrics(tmp_path, char
     assert (tmp_path / "README.md").read_text().count(SECTION_TITLE) == 1
 
 
+def test_card_names_the_iid_base_group(tmp_path, char_tokenizer):
+    trainer = _trainer(tmp_path, char_tokenizer, SRPOTrainer, SRPOConfig, base_group="iid")
+    trainer.create_model_card(model_name="srpo-tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "| group split | 1x4 with 4 base rollouts (8 per prompt), iid base group (the first G1 draws, " in card
+
+
 def test_card_names_a_local_base_model_instead_of_none(tmp_path, char_tokenizer):
     trainer = _trainer(tmp_path, char_tokenizer, SRPOTrainer, SRPOConfig)
     trainer.model.config._name_or_path = str(tmp_path)  # a local folder: TRL cannot link it

@@ -249,3 +249,53 @@ def test_lora_policy_samples_merged_and_its_base_weights_come_back_untouched(tmp
     params = dict(trainer.model.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in base.items())
     assert any(not torch.equal(params[n], p) for n, p in adapter.items())
+
+
+def test_srpo_trains_with_the_iid_base_group(tmp_path, char_tokenizer):
+    with pytest.raises(ValueError, match="base_group='first'.*'iid'"):
+        _args(tmp_path, SRPOConfig, base_group="first")
+    args = _args(tmp_path, SRPOConfig, base_group="iid")
+    model = make_tiny_llama(char_tokenizer)
+    trainer = SRPOTrainer(model=model, reward_funcs=contains_seven, args=args, train_dataset=_dataset(),
+                          processing_class=char_tokenizer)
+    assert trainer.reset_algorithm.base_group == "iid"
+    built, prompt_groups = [], trainer.reset_algorithm.prompt_groups
+    trainer.reset_algorithm.prompt_groups = lambda drawn, outcomes: built.append(
+        (drawn, prompt_groups(drawn, outcomes))) or built[-1][1]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    assert len(built) == 2  # two steps of one prompt x 8 rows
+    seeded_at_once = 0
+    for drawn, groups in built:
+        # the base group is the first G1 = 4 draws, whatever their rewards; a seed among them stays a base row
+        assert [r.completion_ids for r in groups.rows[:4]] == [list(d.rollout.token_ids) for d in drawn[:4]]
+        if any(trainer.reset_algorithm.is_seed_candidate(d) for d in drawn[:4]):
+            assert len(drawn) == 4 and trainer.reset_algorithm.seeds_of(drawn)[0] < 4 and len(groups.resets) == 1
+            seeded_at_once += 1
+    assert seeded_at_once  # a random tiny model fails nearly every draw
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(math.isfinite(e["loss"]) for e in logs)
+    assert any(not (p.detach() == before[n]).all() for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["grpo", "srpo"])
+def test_decode_steps_are_the_generations_sequential_decoding_steps(tmp_path, char_tokenizer, method):
+    split = {"num_base_generations": 8, "num_reset_prefixes": 0} if method == "grpo" else {}
+    args = _args(tmp_path, SRPOConfig, **split)
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven, args=args,
+                          train_dataset=_dataset(), processing_class=char_tokenizer)
+    rollouts, rollout = [], trainer._reset_rollout
+    trainer._reset_rollout = lambda prompts: rollouts.append(rollout(prompts)) or rollouts[-1]
+    trainer.train()
+    logged = [e[PREFIX + "decode_steps"] for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == len(rollouts) == 2
+    resets = 0
+    for steps, batch in zip(logged, rollouts):
+        longest = max(len(ids) for ids in batch["completion_ids"])
+        if method == "grpo":  # every rollout starts at once and draws one token per step: the longest one's length
+            assert steps == longest
+        else:  # a reset row's chain: its seed (at least its prefix), the localization reply, then its suffix
+            reset_rows = [ids for ids, mask in list(zip(batch["completion_ids"], batch["env_mask"]))[4:] if any(mask)]
+            assert steps >= longest and steps >= max(map(len, reset_rows), default=-1) + 1
+            resets += bool(reset_rows)
+    assert method == "grpo" or resets  # fillers (no seed found) have every token masked

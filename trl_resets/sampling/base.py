@@ -115,6 +115,24 @@ def decode(stream: DecodingStream, requests: list[DecodeRequest],
     return [done[h] for h in handles]
 
 
+class StepCounter:
+    """A `DecodingStream` that counts the ``step`` calls made on it (``steps``); everything else is the inner
+    stream's. On a stream that draws one token per running row and step (``one_token_per_step``, the compact
+    decoder) the count is the generation's sequential decoding steps."""
+
+    def __init__(self, inner: DecodingStream):
+        self.inner, self.steps = inner, 0
+
+    def step(self) -> list[tuple[int, Rollout | list[int]]]:
+        self.steps += 1
+        return self.inner.step()
+
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
 class PhasedStream:
     """A `DecodingStream` over any `ThoughtSampler`: each ``step`` samples everything queued so far in one
     ``sample`` call (rollouts) and one ``complete`` call per reply setting, so work found during a call joins the

@@ -449,6 +449,7 @@ class _CompactStream:
     """
 
     collective = False
+    one_token_per_step = True  # its steps are sequential decoding steps (see `base.StepCounter`)
 
     def __init__(self, sampler: TransformersThoughtSampler):
         self.sampler, self.model = sampler, sampler.model
