@@ -1,0 +1,305 @@
+"""Forward each shared prefix once: the rows of a group packed into one sequence.
+
+A reset group's rows share the prompt and the seed's prefix; a base group's rows share the prompt. Unpacked, every
+row forwards the shared tokens again. Packed, a group is one sequence: the shared tokens once, then each row's
+continuation, under a 4D attention mask in which a continuation sees the shared tokens and itself, never a sibling,
+with the position ids each token has in its own row. Each continuation begins with its own copy of the last shared
+token (same token, same position, same context, hence the same hidden state), so a head that scores one next token
+per position gives every row the log-probability of its own first token. `unpack` returns per-row values of the
+unpacked pass's shape, so the loss, the metrics and the importance weights see exactly what they saw before.
+
+Plain torch, no TRL: the caller supplies the forward (`logits_forward` for a plain causal LM; the trainer uses
+TRL's fused LM head). `packing_refusal` says why a model cannot take the packed mask (recurrent layers, sliding
+windows shorter than the rows, attention kernels that ignore a 4D mask); callers then forward the rows unpacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+
+IGNORE = -100  # label of a position whose next token is not scored
+
+# attention implementations that honour a 4D mask given with the inputs, and the mask each one takes
+_MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+
+
+@dataclass
+class PackedBatch:
+    """Packed sequences and the map back to the rows.
+
+    input_ids, position_ids, labels: (P, L), one packed sequence per row of P; ``labels[p, t]`` is the token that
+    follows position t in its own row when that token is scored, else `IGNORE`. attention_mask: (P, 1, L, L), bool
+    (True attends) or additive (0 or the dtype's minimum). index, valid: (B, K) for the B rows and the K scored
+    columns of the unpacked layout: the flat position in (P, L) whose output belongs there, and whether there is one
+    (False on padding)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the packed forward computes (padding of the packed batch included)."""
+        return self.input_ids.numel()
+
+
+def real_spans(attention_mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """(first, end) column of each row's real tokens, or None when some row's tokens are not one contiguous run
+    (only left and right padding can be packed)."""
+    spans = []
+    for row in attention_mask.bool().tolist():
+        ones = [i for i, on in enumerate(row) if on]
+        if not ones:
+            spans.append((0, 0))
+        elif ones[-1] - ones[0] + 1 != len(ones):
+            return None
+        else:
+            spans.append((ones[0], ones[-1] + 1))
+    return spans
+
+
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def groups_by_content(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """(group id, shared length) per row, found from the tokens alone (None when a row's tokens are not
+    contiguous). Rows whose real tokens start at the same column form a prefix tree; at each node, a subtree whose
+    rows share a longer prefix either packs on its own (recursively) or joins the node's group, whichever forwards
+    fewer tokens; rows that branch off at the node join its group. So a prompt's reset rows pack on the prompt and
+    the seed's prefix, and its base rows on the prompt, unless one pack of them all forwards fewer tokens."""
+    spans = real_spans(attention_mask)
+    if spans is None:
+        return None
+    ids = input_ids.tolist()
+    seqs = [ids[r][a:b] for r, (a, b) in enumerate(spans)]
+    buckets: dict[int, list[int]] = {}
+    for r in sorted(range(len(seqs)), key=lambda r: seqs[r]):
+        buckets.setdefault(spans[r][0], []).append(r)
+    groups: list[tuple[list[int], int]] = []
+    for rows in buckets.values():
+        depth = min([len(seqs[r]) for r in rows] + [shared_length(seqs[a], seqs[b]) for a, b in pairwise(rows)])
+        groups.extend(_partition(rows, seqs, depth)[1])
+    group_ids, shared = [0] * len(seqs), [0] * len(seqs)
+    for g, (rows, length) in enumerate(groups):
+        for r in rows:
+            group_ids[r], shared[r] = g, length
+    return group_ids, shared
+
+
+def _partition(rows: list[int], seqs: list[list[int]], depth: int) -> tuple[int, list[tuple[list[int], int]]]:
+    """(tokens saved, [(rows, shared length)]) for sorted rows that share ``depth`` tokens."""
+    kept = max(depth - 1, 0)  # positions a pack forwards once (its last shared token opens each continuation)
+    runs, run = [], [rows[0]]
+    for a, b in pairwise(rows):
+        if shared_length(seqs[a], seqs[b]) > depth:
+            run.append(b)
+        else:
+            runs.append(run)
+            run = [b]
+    runs.append(run)
+    members, groups, saved = [], [], 0
+    for run in runs:
+        if len(run) == 1:
+            members.extend(run)
+            continue
+        inner = min(shared_length(seqs[a], seqs[b]) for a, b in pairwise(run))
+        own_saved, own_groups = _partition(run, seqs, inner)
+        if own_saved >= len(run) * kept:
+            saved += own_saved
+            groups.extend(own_groups)
+        else:
+            members.extend(run)
+    if kept == 0:
+        groups.extend(([r], len(seqs[r])) for r in members)
+    elif members:
+        saved += (len(members) - 1) * kept
+        groups.append((members, depth))
+    return saved, groups
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, group_ids: Sequence[int],
+         shared_lens: Sequence[int], mask_kind: str = "bool", dtype: torch.dtype = torch.float32,
+         pad_token_id: int = 0) -> PackedBatch:
+    """Packs rows (B, T) whose last ``logits_to_keep`` columns are scored: one sequence per group, its rows'
+    first ``min(shared_lens)`` real tokens once (they must be the same tokens, starting at the same column). A
+    row's real tokens are one contiguous run (left and right padding). ``mask_kind``: "bool" (SDPA) or
+    "additive" (eager attention, in ``dtype``)."""
+    batch, width = input_ids.shape
+    if len(group_ids) != batch or len(shared_lens) != batch:
+        raise ValueError(f"group_ids ({len(group_ids)}) and shared_lens ({len(shared_lens)}) need one entry per row "
+                         f"of input_ids ({batch}).")
+    if not 0 < logits_to_keep < width:
+        raise ValueError(f"logits_to_keep={logits_to_keep} must be in [1, {width - 1}]: at least one column before "
+                         "the scored ones predicts the first of them.")
+    if mask_kind not in ("bool", "additive"):
+        raise ValueError(f"mask_kind={mask_kind!r}: use 'bool' (SDPA) or 'additive' (eager attention).")
+    spans = real_spans(attention_mask)
+    if spans is None:
+        raise ValueError("a row's real tokens are not contiguous in attention_mask; only left and right padding "
+                         "can be packed. Forward such rows unpacked.")
+    ids = input_ids.tolist()
+    members: dict[int, list[int]] = {}
+    for r, g in enumerate(group_ids):
+        members.setdefault(g, []).append(r)
+    first_scored = width - logits_to_keep
+    packs = []  # per pack: tokens, positions, segment (-1 shared, k continuation k), labels
+    where = {}  # (row, column) -> (pack, index) of the position that holds that column's token for the row
+    for rows in members.values():
+        start = spans[rows[0]][0]
+        shared = min(min(shared_lens[r] for r in rows), min(spans[r][1] - spans[r][0] for r in rows))
+        for r in rows:
+            if spans[r][0] != start or ids[r][start:start + shared] != ids[rows[0]][start:start + shared]:
+                raise ValueError(
+                    f"rows {rows[0]} and {r} are in group {group_ids[r]} but do not share their first {shared} "
+                    "tokens at the same columns; give them different group ids or a shorter shared length."
+                )
+        kept = max(shared - 1, 0)  # shared positions forwarded once; the last shared token opens each continuation
+        tokens, positions, segments = ids[rows[0]][start:start + kept], list(range(start, start + kept)), [-1] * kept
+        p = len(packs)
+        for r in rows:
+            for c in range(start, start + kept):
+                where[r, c] = (p, c - start)
+        for k, r in enumerate(rows):
+            for c in range(start + kept, spans[r][1]):
+                where[r, c] = (p, len(tokens))
+                tokens.append(ids[r][c])
+                positions.append(c)
+                segments.append(k)
+        labels = [IGNORE] * len(tokens)
+        for r in rows:
+            for c in range(max(start, first_scored - 1), spans[r][1] - 1):
+                labels[where[r, c][1]] = ids[r][c + 1]
+        packs.append((tokens, positions, segments, labels))
+
+    length = max(len(t) for t, _, _, _ in packs)
+    n = len(packs)
+    device = input_ids.device
+    packed_ids = torch.full((n, length), pad_token_id, dtype=input_ids.dtype)
+    packed_pos = torch.zeros((n, length), dtype=torch.long)
+    packed_labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    segment = torch.full((n, length), -2, dtype=torch.long)  # -2: padding of the packed batch
+    for p, (tokens, positions, segments, labels) in enumerate(packs):
+        m = len(tokens)
+        packed_ids[p, :m] = torch.tensor(tokens, dtype=input_ids.dtype)
+        packed_pos[p, :m] = torch.tensor(positions)
+        packed_labels[p, :m] = torch.tensor(labels)
+        segment[p, :m] = torch.tensor(segments)
+    q, k = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & ((k == -1) | (k == q)) & (q != -2)
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no row of the mask is empty
+    allowed = allowed.unsqueeze(1)
+    if mask_kind == "additive":
+        allowed = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    index = torch.zeros((batch, logits_to_keep), dtype=torch.long)
+    valid = torch.zeros((batch, logits_to_keep), dtype=torch.bool)
+    for r in range(batch):
+        a, b = spans[r]
+        for c in range(max(first_scored, a + 1), b):  # the token at column c is predicted at column c - 1
+            p, t = where[r, c - 1]
+            index[r, c - first_scored] = p * length + t
+            valid[r, c - first_scored] = True
+    return PackedBatch(packed_ids.to(device), packed_pos.to(device), allowed.to(device), packed_labels.to(device),
+                       index.to(device), valid.to(device))
+
+
+def unpack(values: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+    """Per-position values (P, L) of a packed forward as the rows' (B, K) values; 0 on padding. Shared positions
+    go to every row of their group (their gradients add up, as the unpacked rows' would)."""
+    flat = values.reshape(-1)[packed.index.reshape(-1)].view(packed.index.shape)
+    return torch.where(packed.valid, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+
+
+Forward = Callable[[PackedBatch], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def logits_forward(model, temperature: float = 1.0, compute_entropy: bool = True) -> Forward:
+    """A forward for a plain causal LM: per position, the log-probability of its label under
+    ``softmax(logits / temperature)`` (0 where the label is `IGNORE`) and the distribution's entropy."""
+
+    def forward(packed: PackedBatch):
+        logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                       position_ids=packed.position_ids, use_cache=False).logits.float() / temperature
+        logps_all = logits.log_softmax(-1)
+        scored = packed.labels != IGNORE
+        logps = logps_all.gather(-1, packed.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
+        entropy = -(logps_all.exp() * logps_all).sum(-1) * scored if compute_entropy else None
+        return logps, entropy
+
+    return forward
+
+
+def packed_logps_and_entropies(forward: Forward, packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs ``forward`` on a packed batch; per-row (B, K) log-probabilities and entropies (None if not computed)."""
+    logps, entropy = forward(packed)
+    return unpack(logps, packed), None if entropy is None else unpack(entropy, packed)
+
+
+def micro_batches(group_ids: Sequence[int], rows_per_batch: int) -> list[list[int]]:
+    """Row indices split into micro-batches of at most ``rows_per_batch`` rows that keep each group whole (a group
+    larger than that is a micro-batch of its own), groups in order of their first row."""
+    if rows_per_batch < 1:
+        raise ValueError(f"rows_per_batch={rows_per_batch}: a micro-batch holds at least one row.")
+    members: dict[int, list[int]] = {}
+    for r, g in enumerate(group_ids):
+        members.setdefault(g, []).append(r)
+    batches: list[list[int]] = []
+    for rows in members.values():
+        if batches and len(batches[-1]) + len(rows) <= rows_per_batch:
+            batches[-1].extend(rows)
+        else:
+            batches.append(list(rows))
+    return batches
+
+
+def mask_kind(model) -> str | None:
+    """The packed mask the model's attention takes ("bool" or "additive"), or None when it takes none."""
+    config = getattr(_base(model), "config", None)
+    return _MASK_KINDS.get(getattr(config, "_attn_implementation", None))
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def packing_refusal(model, max_length: int | None = None) -> str | None:
+    """Why ``model`` cannot forward packed groups exactly, or None when it can. ``max_length``: the longest row
+    (in positions) it will see, against which a sliding window is checked (None: any length)."""
+    base = _base(model)
+    config = getattr(base, "config", None)
+    if config is None:
+        return f"{type(base).__name__} has no transformers config to check its attention against"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(base, "_is_stateful", False):
+        return f"{type(base).__name__} has recurrent layers, whose state would carry one row into the next"
+    kinds = set(getattr(text, "layer_types", None) or [])
+    other = kinds - {"full_attention", "sliding_attention"}
+    if other:
+        return f"its layers include {sorted(other)}, which do not attend through a mask"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _MASK_KINDS:
+        return (f"attn_implementation={implementation!r} does not take a 4D attention mask; load the model with "
+                "attn_implementation='sdpa' or 'eager' to pack")
+    if not getattr(base, "_supports_attention_backend", False):
+        return f"{type(base).__name__} does not build its attention masks through transformers' mask interface"
+    window = getattr(text, "sliding_window", None)
+    windowed = "sliding_attention" in kinds or (window is not None and getattr(text, "use_sliding_window", True))
+    if windowed and window is not None and (max_length is None or max_length > window):
+        return (f"its sliding window ({window} tokens) is shorter than the rows ({max_length} positions), and the "
+                "packed mask replaces the window")
+    return None
