@@ -136,9 +136,23 @@ def test_one_pack_for_a_prompt_when_its_groups_share_little_beyond_it():
 
 def test_micro_batches_keep_groups_whole():
     assert packing.micro_batches([0, 0, 1, 1, 1, 2, 3, 3], 4) == [[0, 1], [2, 3, 4, 5], [6, 7]]
-    assert packing.micro_batches([5, 5, 5, 5, 5, 1], 2) == [[0, 1, 2, 3, 4], [5]]  # a big group stays whole
+    assert packing.micro_batches([5, 5, 5, 5, 5, 1], 2) == [[0, 1], [2, 3], [4, 5]]  # a big group is cut
     with pytest.raises(ValueError, match="rows_per_batch=0"):
         packing.micro_batches([0], 0)
+
+
+def test_regroup_lays_micro_batches_out_again_with_groups_whole():
+    rows = torch.arange(12)
+    batches = [{"x": rows[i:i + 4].unsqueeze(1), "names": [f"r{j}" for j in range(i, i + 4)], "n": torch.tensor(7),
+                "none": None} for i in (0, 4, 8)]
+    group_ids = [0, 1, 2, 1, 0, 3, 1, 0, 2, 3, 0, 1]  # as a shuffle leaves them
+    out = packing.regroup(batches, group_ids)
+    assert [b["x"].squeeze(1).tolist() for b in out] == [[0, 4, 7, 10], [1, 3, 6, 11], [2, 8, 5, 9]]
+    assert out[0]["names"] == ["r0", "r4", "r7", "r10"] and all(b["n"] == 7 and b["none"] is None for b in out)
+    spread = packing.regroup(batches, [0] * 6 + [1] * 6)  # groups larger than a micro-batch fill them in turn
+    assert [b["x"].squeeze(1).tolist() for b in spread] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match="covering the 5 group ids"):
+        packing.regroup(batches, [0] * 5)
 
 
 def test_pack_refuses_rows_that_do_not_share_what_they_claim():

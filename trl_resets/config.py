@@ -183,6 +183,17 @@ class ResetConfig(GRPOConfig):
         aggregation and on the same masks.
     loss_type (`str`, defaults to `"grpo"`):
         Only `"grpo"` (TRL's per-row mean, then the mean over rows) is accepted: it is the paper's aggregation.
+
+    > Forward passes
+
+    pack_shared_prefixes (`bool`, defaults to `False`):
+        Forward the tokens a group's rows share (the prompt; a reset group's prompt and prefix) once, in the
+        old-policy, reference and update passes: each group is one sequence under a 4D attention mask in which a
+        row's continuation sees the shared tokens and itself (`trl_resets.packing`), and each new generation's
+        micro-batches keep their groups whole. The log-probabilities, entropies and loss are those of the unpacked
+        rows (within float rounding). Needs `attn_implementation="sdpa"` or `"eager"`; models that cannot take the
+        mask (recurrent layers, sliding windows shorter than the rows, FlashAttention-2, MoE load-balancing loss,
+        multimodal inputs) are forwarded unpacked, with one warning naming why.
     """
 
     loss_type: str = field(
@@ -263,6 +274,9 @@ class ResetConfig(GRPOConfig):
     repair_temperature: float = field(default=0.0, metadata={"help": "Temperature of the repair reply (0: greedy)."})
     clip_surrogate: bool = field(
         default=False, metadata={"help": "Clip the importance ratio as PPO does (same masks, same aggregation)."}
+    )
+    pack_shared_prefixes: bool = field(
+        default=False, metadata={"help": "Forward each group's shared tokens once (prompt, reset prefix)."}
     )
 
     def __post_init__(self):

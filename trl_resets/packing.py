@@ -152,9 +152,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: 
         raise ValueError("a row's real tokens are not contiguous in attention_mask; only left and right padding "
                          "can be packed. Forward such rows unpacked.")
     ids = input_ids.tolist()
-    members: dict[int, list[int]] = {}
-    for r, g in enumerate(group_ids):
-        members.setdefault(g, []).append(r)
+    members = _members(group_ids)
     first_scored = width - logits_to_keep
     packs = []  # per pack: tokens, positions, segment (-1 shared, k continuation k), labels
     where = {}  # (row, column) -> (pack, index) of the position that holds that column's token for the row
@@ -185,7 +183,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: 
                 labels[where[r, c][1]] = ids[r][c + 1]
         packs.append((tokens, positions, segments, labels))
 
-    length = max(len(t) for t, _, _, _ in packs)
+    length = max(max(len(t) for t, _, _, _ in packs), 1)
     n = len(packs)
     device = input_ids.device
     packed_ids = torch.full((n, length), pad_token_id, dtype=input_ids.dtype)
@@ -251,19 +249,17 @@ def packed_logps_and_entropies(forward: Forward, packed: PackedBatch) -> tuple[t
 
 
 def micro_batches(group_ids: Sequence[int], rows_per_batch: int) -> list[list[int]]:
-    """Row indices split into micro-batches of at most ``rows_per_batch`` rows that keep each group whole (a group
-    larger than that is a micro-batch of its own), groups in order of their first row."""
+    """Row indices split into micro-batches of at most ``rows_per_batch`` rows that keep each group whole where it
+    fits (a larger group is cut into full micro-batches of its own, each still one pack), groups in order of their
+    first row."""
     if rows_per_batch < 1:
         raise ValueError(f"rows_per_batch={rows_per_batch}: a micro-batch holds at least one row.")
-    members: dict[int, list[int]] = {}
-    for r, g in enumerate(group_ids):
-        members.setdefault(g, []).append(r)
     batches: list[list[int]] = []
-    for rows in members.values():
+    for rows in _members(group_ids).values():
         if batches and len(batches[-1]) + len(rows) <= rows_per_batch:
             batches[-1].extend(rows)
         else:
-            batches.append(list(rows))
+            batches.extend(rows[i:i + rows_per_batch] for i in range(0, len(rows), rows_per_batch))
     return batches
 
 
@@ -303,3 +299,47 @@ def packing_refusal(model, max_length: int | None = None) -> str | None:
         return (f"its sliding window ({window} tokens) is shorter than the rows ({max_length} positions), and the "
                 "packed mask replaces the window")
     return None
+
+
+def regroup(batches: list[dict], group_ids: Sequence[int]) -> list[dict]:
+    """The rows of equal micro-batches (dicts of per-row tensors and lists; 0-dim tensors and None are shared, as
+    TRL splits a generation batch) laid out again in as many micro-batches of the same size, each group whole where
+    it fits: groups in the order their first row comes, each into the first micro-batch with room for it, else
+    spread over those with room. ``group_ids``: one per row of the batches, in order."""
+    sizes = {len(next(v for v in b.values() if isinstance(v, list) or (torch.is_tensor(v) and v.ndim > 0)))
+             for b in batches}
+    if len(sizes) != 1 or sum(sizes) * len(batches) != len(group_ids):
+        raise ValueError(f"regroup needs micro-batches of one size covering the {len(group_ids)} group ids; got "
+                         f"sizes {sorted(sizes)} x {len(batches)}.")
+    capacity = sizes.pop()
+    bins: list[list[int]] = [[] for _ in batches]
+    for rows in _members(group_ids).values():
+        room = next((b for b in bins if len(b) + len(rows) <= capacity), None)
+        if room is not None:
+            room.extend(rows)
+            continue
+        for b in bins:
+            take = capacity - len(b)
+            b.extend(rows[:take])
+            rows = rows[take:]
+    out = []
+    for rows in bins:
+        index = torch.tensor(rows, dtype=torch.long)
+        batch = {}
+        for key, first in batches[0].items():
+            if isinstance(first, list):
+                joined = [x for b in batches for x in b[key]]
+                batch[key] = [joined[r] for r in rows]
+            elif torch.is_tensor(first) and first.ndim > 0:
+                batch[key] = torch.cat([b[key] for b in batches])[index.to(first.device)]
+            else:
+                batch[key] = first
+        out.append(batch)
+    return out
+
+
+def _members(group_ids: Sequence[int]) -> dict[int, list[int]]:
+    members: dict[int, list[int]] = {}
+    for r, g in enumerate(group_ids):
+        members.setdefault(g, []).append(r)
+    return members

@@ -35,7 +35,7 @@ from trl.data_utils import apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.grpo_trainer import logger as _trl_logger
 
-from . import checkpoints
+from . import checkpoints, packing
 from . import metrics as reset_metrics
 from .advantages import group_advantages
 from .comparison import Repairer, Trajectory, batch_credit
@@ -869,6 +869,75 @@ class ResetTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
+
+    # ------------------------------------------------------------------ packed forward passes (pack_shared_prefixes)
+    _pack_warned = False  # see _pack_groups
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's micro-batches; with ``pack_shared_prefixes``, a new generation's micro-batches are laid out again
+        (same sizes, TRL's random order of groups) so that each keeps its groups whole, to pack them."""
+        buffered = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        batches = self._buffered_inputs
+        if not self.args.pack_shared_prefixes or batches is buffered or not self.model.training or len(batches) < 2:
+            return inputs
+        ids = torch.cat([torch.cat([b["prompt_ids"], b["completion_ids"]], 1) for b in batches])
+        mask = torch.cat([torch.cat([b["prompt_mask"], b["completion_mask"]], 1) for b in batches])
+        found = packing.groups_by_content(ids, mask)
+        if found is None:
+            return inputs
+        self._buffered_inputs = packing.regroup(batches, found[0])
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        """TRL's per-token log-probabilities and entropies (old policy, reference, update). With
+        ``pack_shared_prefixes``, each group's shared tokens are forwarded once (`packing`), through the same fused
+        LM head, into the same (rows, logits_to_keep) shape."""
+        found = (self._pack_groups(model, input_ids, attention_mask, compute_aux_loss, extra)
+                 if self.args.pack_shared_prefixes else None)
+        if found is None:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, compute_entropy, compute_aux_loss, **extra)
+        group_ids, shared = found
+        unwrapped = self.accelerator.unwrap_model(model)
+        kind, dtype = packing.mask_kind(unwrapped), next(unwrapped.parameters()).dtype
+        logps, entropies, order = [], [], []
+        for rows in packing.micro_batches(group_ids, batch_size or input_ids.size(0)):
+            index = torch.tensor(rows, device=input_ids.device)
+            batch = packing.pack(input_ids[index], attention_mask[index], logits_to_keep, [group_ids[r] for r in rows],
+                                 [shared[r] for r in rows], kind, dtype)
+            with self.accelerator.autocast():
+                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, shift_labels=batch.labels, fused_lm_head=True)
+            logps.append(packing.unpack(out.log_probs, batch))
+            if compute_entropy:
+                entropies.append(packing.unpack(out.entropy, batch))
+            order.extend(rows)
+        inverse = torch.argsort(torch.tensor(order, device=input_ids.device))
+        return torch.cat(logps)[inverse], torch.cat(entropies)[inverse] if compute_entropy else None, None
+
+    def _pack_groups(self, model, input_ids, attention_mask, compute_aux_loss, extra):
+        """(group id, shared length) per row to pack, or None: nothing to share, or the model cannot take the packed
+        mask (warned once per run, naming why; the rows are then forwarded as TRL does)."""
+        reason = None
+        if any(value is not None for value in extra.values()):
+            reason = "the batch carries multimodal inputs, which are laid out per row"
+        elif compute_aux_loss:
+            reason = "the MoE load-balancing loss is computed over the rows' 2D attention mask"
+        else:
+            reason = packing.packing_refusal(self.accelerator.unwrap_model(model), input_ids.size(1))
+        found = packing.groups_by_content(input_ids, attention_mask) if reason is None else None
+        if reason is None and found is None:
+            reason = "a row's tokens are not one contiguous run (only left and right padding can be packed)"
+        if reason is not None and not self._pack_warned:
+            self._pack_warned = True
+            warnings.warn(f"pack_shared_prefixes=True, but the rows are forwarded unpacked: {reason}. Training is "
+                          "unchanged, only slower; set pack_shared_prefixes=False to silence this (warned once per "
+                          "run).", stacklevel=3)
+        if found is None or len(set(found[0])) == input_ids.size(0):
+            return None
+        return found
 
     # ------------------------------------------------------------------ model card
     # ------------------------------------------------------------------ checkpoints
