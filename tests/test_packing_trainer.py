@@ -69,8 +69,8 @@ def test_packing_gives_the_unpacked_loss_gradients_and_reference_logps(tmp_path,
 
 def test_a_packed_run_logs_the_unpacked_runs_loss_gradient_norm_and_entropy(tmp_path, char_tokenizer,
                                                                            tiny_model_dir):
-    """Four micro-batches per generation (laid out again, groups whole), two per optimizer step, two steps; the
-    old-policy and reference passes packed too."""
+    """Four micro-batches per generation, two per optimizer step (laid out again within the step, groups whole),
+    two steps; the old-policy and reference passes packed too."""
     runs = {}
     for pack in (False, True):
         trainer = _trainer(tmp_path / str(pack), char_tokenizer, tiny_model_dir, per_device_train_batch_size=4,
@@ -91,10 +91,12 @@ def test_a_packed_run_logs_the_unpacked_runs_loss_gradient_norm_and_entropy(tmp_
             [torch.cat([m["prompt_mask"], m["completion_mask"]], 1) for m in micro])
 
     assert sorted(rows(on_micro)[0].tolist()) == sorted(rows(off_micro)[0].tolist())  # the same rows, laid out again
-    group_ids, _ = packing.groups_by_content(*rows(on_micro))
-    for group in set(group_ids):  # each group in as few micro-batches as its size allows (4 rows each)
-        members = [r for r, g in enumerate(group_ids) if g == group]
-        assert len({r // 4 for r in members}) == -(-len(members) // 4)
+    for step in (0, 2):  # an optimizer step trains the same rows, its groups in as few micro-batches as they allow
+        assert sorted(rows(on_micro[step:step + 2])[0].tolist()) == sorted(rows(off_micro[step:step + 2])[0].tolist())
+        group_ids, _ = packing.groups_by_content(*rows(on_micro[step:step + 2]))
+        for group in set(group_ids):
+            members = [r for r, g in enumerate(group_ids) if g == group]
+            assert len({r // 4 for r in members}) == -(-len(members) // 4)
 
 
 def test_a_model_that_cannot_take_the_mask_warns_once_and_trains_unpacked(tmp_path, char_tokenizer):

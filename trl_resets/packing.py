@@ -35,7 +35,7 @@ class PackedBatch:
     follows position t in its own row when that token is scored, else `IGNORE`. attention_mask: (P, 1, L, L), bool
     (True attends) or additive (0 or the dtype's minimum). index, valid: (B, K) for the B rows and the K scored
     columns of the unpacked layout: the flat position in (P, L) whose output belongs there, and whether there is one
-    (False on padding)."""
+    (False on padding). lengths: the tokens of each packed sequence, its padding left out."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -43,6 +43,7 @@ class PackedBatch:
     labels: torch.Tensor
     index: torch.Tensor
     valid: torch.Tensor
+    lengths: list[int]
 
     @property
     def num_tokens(self) -> int:
@@ -75,12 +76,17 @@ def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def groups_by_content(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[int]] | None:
+def groups_by_content(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pair_cost: float = 0.0) -> tuple[list[int], list[int]] | None:
     """(group id, shared length) per row, found from the tokens alone (None when a row's tokens are not
     contiguous). Rows whose real tokens start at the same column form a prefix tree; at each node, a subtree whose
-    rows share a longer prefix either packs on its own (recursively) or joins the node's group, whichever forwards
-    fewer tokens; rows that branch off at the node join its group. So a prompt's reset rows pack on the prompt and
-    the seed's prefix, and its base rows on the prompt, unless one pack of them all forwards fewer tokens."""
+    rows share a longer prefix either packs on its own (recursively) or joins the node's pack, whichever costs less;
+    rows that branch off at the node join its pack. So a prompt's reset rows pack on the prompt and the seed's
+    prefix, and its base rows on the prompt, unless one pack of them all costs less.
+
+    The cost of a pack: its tokens, plus ``pair_cost`` per (query, key) pair an attention kernel that computes the
+    whole masked square (SDPA or eager attention with a 4D mask) computes beyond the rows' own squares. With
+    ``pair_cost=0`` only tokens count; `pair_cost` estimates it for a model."""
     spans = real_spans(attention_mask)
     if spans is None:
         return None
@@ -92,7 +98,7 @@ def groups_by_content(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     groups: list[tuple[list[int], int]] = []
     for rows in buckets.values():
         depth = min([len(seqs[r]) for r in rows] + [shared_length(seqs[a], seqs[b]) for a, b in pairwise(rows)])
-        groups.extend(_partition(rows, seqs, depth)[1])
+        groups.extend(_partition(rows, seqs, depth, pair_cost)[1])
     group_ids, shared = [0] * len(seqs), [0] * len(seqs)
     for g, (rows, length) in enumerate(groups):
         for r in rows:
@@ -100,8 +106,50 @@ def groups_by_content(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return group_ids, shared
 
 
-def _partition(rows: list[int], seqs: list[list[int]], depth: int) -> tuple[int, list[tuple[list[int], int]]]:
-    """(tokens saved, [(rows, shared length)]) for sorted rows that share ``depth`` tokens."""
+def pair_cost(model) -> float:
+    """The cost of one attended (query, key) pair against one token's forward, for a dense-mask kernel: about
+    ``4 * layers * hidden`` operations against ``2 * parameters``."""
+    config = getattr(_base(model), "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, hidden = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    parameters = sum(p.numel() for p in model.parameters())
+    if not layers or not hidden or not parameters:
+        return 0.0
+    return 2.0 * layers * hidden / parameters
+
+
+def _gain(members: list[int], seqs: list[list[int]], kept: int, pair_cost: float) -> float:
+    """What packing ``members`` on their first ``kept`` tokens saves: tokens, less the extra attention pairs."""
+    lengths = [len(seqs[r]) for r in members]
+    packed = kept + sum(n - kept for n in lengths)
+    return (len(members) - 1) * kept - pair_cost * (packed * packed - sum(n * n for n in lengths))
+
+
+def _chunks(members: list[int], seqs: list[list[int]], kept: int, pair_cost: float) -> tuple[float, list[list[int]]]:
+    """The best way to pack ``members`` on their first ``kept`` tokens in chunks of one size (attention pairs grow
+    with the square of a pack's length, so several smaller packs can cost less than one): (gain, packs), a row
+    that is not worth packing a pack of its own."""
+    best: tuple[float, list[list[int]]] = (0.0, [[r] for r in members])
+    if kept == 0:
+        return best
+    for size in range(2, len(members) + 1):
+        gain, packs = 0.0, []
+        for i in range(0, len(members), size):
+            chunk = members[i:i + size]
+            chunk_gain = _gain(chunk, seqs, kept, pair_cost) if len(chunk) > 1 else 0.0
+            if chunk_gain > 0:
+                gain += chunk_gain
+                packs.append(chunk)
+            else:
+                packs.extend([r] for r in chunk)
+        if gain > best[0]:
+            best = (gain, packs)
+    return best
+
+
+def _partition(rows: list[int], seqs: list[list[int]], depth: int,
+               pair_cost: float) -> tuple[float, list[tuple[list[int], int]]]:
+    """(cost saved, [(rows, shared length)]) for sorted rows that share ``depth`` tokens."""
     kept = max(depth - 1, 0)  # positions a pack forwards once (its last shared token opens each continuation)
     runs, run = [], [rows[0]]
     for a, b in pairwise(rows):
@@ -111,24 +159,20 @@ def _partition(rows: list[int], seqs: list[list[int]], depth: int) -> tuple[int,
             runs.append(run)
             run = [b]
     runs.append(run)
-    members, groups, saved = [], [], 0
-    for run in runs:
-        if len(run) == 1:
-            members.extend(run)
-            continue
+    members = [r for run in runs if len(run) == 1 for r in run]
+    groups, saved = [], 0.0
+    for run in (run for run in runs if len(run) > 1):
         inner = min(shared_length(seqs[a], seqs[b]) for a, b in pairwise(run))
-        own_saved, own_groups = _partition(run, seqs, inner)
-        if own_saved >= len(run) * kept:
+        own_saved, own_groups = _partition(run, seqs, inner, pair_cost)
+        joined = _chunks(members + run, seqs, kept, pair_cost)[0] - _chunks(members, seqs, kept, pair_cost)[0]
+        if joined > own_saved:
+            members += run
+        else:
             saved += own_saved
             groups.extend(own_groups)
-        else:
-            members.extend(run)
-    if kept == 0:
-        groups.extend(([r], len(seqs[r])) for r in members)
-    elif members:
-        saved += (len(members) - 1) * kept
-        groups.append((members, depth))
-    return saved, groups
+    gain, packs = _chunks(members, seqs, kept, pair_cost)
+    groups.extend((chunk, depth if len(chunk) > 1 else len(seqs[chunk[0]])) for chunk in packs)
+    return saved + gain, groups
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, group_ids: Sequence[int],
@@ -213,7 +257,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: 
             index[r, c - first_scored] = p * length + t
             valid[r, c - first_scored] = True
     return PackedBatch(packed_ids.to(device), packed_pos.to(device), allowed.to(device), packed_labels.to(device),
-                       index.to(device), valid.to(device))
+                       index.to(device), valid.to(device), [len(t) for t, _, _, _ in packs])
 
 
 def unpack(values: torch.Tensor, packed: PackedBatch) -> torch.Tensor:

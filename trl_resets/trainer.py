@@ -874,20 +874,24 @@ class ResetTrainer(GRPOTrainer):
     _pack_warned = False  # see _pack_groups
 
     def _prepare_inputs(self, generation_batch):
-        """TRL's micro-batches; with ``pack_shared_prefixes``, a new generation's micro-batches are laid out again
-        (same sizes, TRL's random order of groups) so that each keeps its groups whole, to pack them."""
+        """TRL's micro-batches; with ``pack_shared_prefixes``, the micro-batches of each optimizer step of a new
+        generation are laid out again (same sizes, same rows per step, TRL's random order of groups) so that they
+        keep the groups that step holds whole, to pack them."""
         buffered = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
         batches = self._buffered_inputs
-        if not self.args.pack_shared_prefixes or batches is buffered or not self.model.training or len(batches) < 2:
+        if not self.args.pack_shared_prefixes or batches is buffered or not self.model.training:
             return inputs
-        ids = torch.cat([torch.cat([b["prompt_ids"], b["completion_ids"]], 1) for b in batches])
-        mask = torch.cat([torch.cat([b["prompt_mask"], b["completion_mask"]], 1) for b in batches])
-        found = packing.groups_by_content(ids, mask)
-        if found is None:
-            return inputs
-        self._buffered_inputs = packing.regroup(batches, found[0])
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+        per_step = self.args.gradient_accumulation_steps
+        regrouped = []
+        for start in range(0, len(batches), per_step):
+            step = batches[start:start + per_step]
+            ids = torch.cat([torch.cat([b["prompt_ids"], b["completion_ids"]], 1) for b in step])
+            mask = torch.cat([torch.cat([b["prompt_mask"], b["completion_mask"]], 1) for b in step])
+            found = packing.groups_by_content(ids, mask) if len(step) > 1 else None
+            regrouped += step if found is None else packing.regroup(step, found[0])
+        self._buffered_inputs = regrouped
+        return regrouped[self._step % self.args.steps_per_generation]
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **extra):
@@ -927,7 +931,10 @@ class ResetTrainer(GRPOTrainer):
             reason = "the MoE load-balancing loss is computed over the rows' 2D attention mask"
         else:
             reason = packing.packing_refusal(self.accelerator.unwrap_model(model), input_ids.size(1))
-        found = packing.groups_by_content(input_ids, attention_mask) if reason is None else None
+        found = None
+        if reason is None:  # packs that cost less than their rows, with SDPA's and eager's dense masked attention
+            found = packing.groups_by_content(input_ids, attention_mask,
+                                              packing.pair_cost(self.accelerator.unwrap_model(model)))
         if reason is None and found is None:
             reason = "a row's tokens are not one contiguous run (only left and right padding can be packed)"
         if reason is not None and not self._pack_warned:
