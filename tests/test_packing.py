@@ -112,6 +112,20 @@ def test_lora_and_gradient_checkpointing_give_the_unpacked_gradients(checkpointi
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_bf16_packed_pass_is_as_close_to_fp32_as_the_unpacked_one(implementation):
+    """In bf16 the two passes round differently; each must stay as close to the fp32 result as the other does."""
+    model = _llama(implementation)
+    ids, mask, keep = _batch(_rows("mixed"))
+    with torch.no_grad():
+        exact = _unpacked(model, ids, mask, keep)[0]
+        model.to(torch.bfloat16)
+        unpacked_error = (_unpacked(model, ids, mask, keep)[0] - exact).abs().max()
+        packed_error = (_packed(model, ids, mask, keep)[0][0] - exact).abs().max()
+    assert 0 < unpacked_error < 0.1
+    assert packed_error <= 2 * unpacked_error
+
+
 def test_groups_are_found_from_the_tokens():
     rows = _rows("mixed")
     ids, mask, _ = _batch(rows)
