@@ -193,7 +193,8 @@ class ResetConfig(GRPOConfig):
         micro-batches keep their groups whole. The log-probabilities, entropies and loss are those of the unpacked
         rows (within float rounding). Needs `attn_implementation="sdpa"` or `"eager"`; models that cannot take the
         mask (recurrent layers, sliding windows shorter than the rows, FlashAttention-2, MoE load-balancing loss,
-        multimodal inputs) are forwarded unpacked, with one warning naming why.
+        multimodal inputs), and runs with sharded weights (ZeRO-3, FSDP), are forwarded unpacked, with one warning
+        naming why.
     """
 
     loss_type: str = field(

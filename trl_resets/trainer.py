@@ -925,7 +925,10 @@ class ResetTrainer(GRPOTrainer):
         """(group id, shared length) per row to pack, or None: nothing to share, or the model cannot take the packed
         mask (warned once per run, naming why; the rows are then forwarded as TRL does)."""
         reason = None
-        if any(value is not None for value in extra.values()):
+        if self._zero3 or self.is_fsdp_enabled:
+            reason = ("the weights are sharded (ZeRO-3 or FSDP), so every process must make the same forward calls, "
+                      "and the packs of a batch differ between processes")
+        elif any(value is not None for value in extra.values()):
             reason = "the batch carries multimodal inputs, which are laid out per row"
         elif compute_aux_loss:
             reason = "the MoE load-balancing loss is computed over the rows' 2D attention mask"
