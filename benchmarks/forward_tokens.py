@@ -55,8 +55,7 @@ SCALE = 8  # part 2 divides the paper's lengths by this
 # `packing.pair_cost` of Qwen2.5-1.5B (28 layers, hidden 1536, 1.54B parameters): the grouping the trainer picks for
 # SDPA or eager attention, whose dense masked square grows with the square of a pack's length
 QWEN_1P5B_PAIR_COST = 2.0 * 28 * 1536 / 1.54e9
-VARIANTS = {"unpacked": None, "packed": "the trainer's grouping (pair_cost of the model)",
-            "packed, every prefix": "pair_cost=0: every shared prefix packed"}
+VARIANTS = ("unpacked", "packed", "packed, every prefix")  # packed: as the trainer plans it for the model
 
 
 def layout(prompt_len: int, response: int, prefix: int, suffix: int, split=SPLIT, seed: int = 0):
@@ -86,14 +85,21 @@ def padded(rows):
     return ids, mask, keep
 
 
-def count(rows, pair_cost: float = 0.0) -> dict:
-    """Real and padded tokens of one pass over the rows (one micro-batch), unpacked and packed as
-    `packing.groups_by_content` groups them at ``pair_cost``."""
+def count(rows, pair_cost: float | None = None) -> dict:
+    """Real and padded tokens of one pass over the rows (one micro-batch), unpacked and packed: every shared prefix
+    (``pair_cost=None``), or as the trainer packs them for a model of that `packing.pair_cost` (`packing.plan`,
+    which may leave them unpacked)."""
     ids, mask, keep = padded(rows)
-    group_ids, shared = packing.groups_by_content(ids, mask, pair_cost)
+    unpacked = {"rows": len(rows), "unpacked": int(mask.sum()), "unpacked_padded": ids.numel()}
+    if pair_cost is None:
+        group_ids, shared = packing.groups_by_content(ids, mask)
+    else:
+        found = packing.plan(ids, mask, len(rows), pair_cost)
+        if found is None:
+            return {**unpacked, "packs": 0, "packed": unpacked["unpacked"], "packed_padded": ids.numel()}
+        group_ids, shared, _ = found
     batch = packing.pack(ids, mask, keep, group_ids, shared)
-    return {"rows": len(rows), "packs": len(batch.lengths), "unpacked": int(mask.sum()),
-            "unpacked_padded": ids.numel(), "packed": sum(batch.lengths), "packed_padded": batch.num_tokens}
+    return {**unpacked, "packs": len(batch.lengths), "packed": sum(batch.lengths), "packed_padded": batch.num_tokens}
 
 
 def tokens_table() -> tuple[list[dict], str]:
@@ -143,8 +149,10 @@ def update_pass(model, ids, mask, keep, variant: str):
         out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
         logps, entropy = out.log_probs[:, -keep:], out.entropy[:, -keep:]
     else:
-        cost = packing.pair_cost(model) if variant == "packed" else 0.0
-        group_ids, shared = packing.groups_by_content(ids, mask, cost)
+        if variant == "packed":  # the trainer's plan; it packs here (checked by update_table)
+            group_ids, shared, _ = packing.plan(ids, mask, ids.size(0), packing.pair_cost(model))
+        else:
+            group_ids, shared = packing.groups_by_content(ids, mask)
         batch = packing.pack(ids, mask, keep, group_ids, shared, packing.mask_kind(model))
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                     shift_labels=batch.labels, fused_lm_head=True)
@@ -202,15 +210,18 @@ def update_table(repeats: int, vocab: int) -> tuple[list[dict], str]:
     for prompt_len in (300 // SCALE, 2048 // SCALE):
         rows = layout(prompt_len, response // SCALE, prefix // SCALE, suffix // SCALE)
         cost = packing.pair_cost(_model(vocab))
-        results = {v: run_worker(v, prompt_len, repeats, vocab) for v in VARIANTS}
+        ids, mask, _ = padded(rows)
+        variants = [v for v in VARIANTS if v != "packed" or packing.plan(ids, mask, len(rows), cost) is not None]
+        results = {v: run_worker(v, prompt_len, repeats, vocab) for v in variants}
         reference = torch.tensor(results["unpacked"].pop("logps"))
-        for variant in VARIANTS:
+        for variant in variants:
             if variant != "unpacked":
                 logps = torch.tensor(results[variant].pop("logps"))
                 results[variant]["max_abs_logp_diff"] = (logps - reference).abs().max().item()
         records.append({"prompt": prompt_len, "response": response // SCALE, "prefix": prefix // SCALE,
                         "suffix": suffix // SCALE, "pair_cost": cost,
-                        "tokens": {"packed": count(rows, cost), "packed, every prefix": count(rows)}, **results})
+                        "tokens": {"packed": count(rows, cost), "packed, every prefix": count(rows)},
+                        "variants": variants, **results})
     lines = [
         ("| shape: prompt / response / prefix + suffix, 8 rows | variant | tokens (padded) | update pass "
          "| / unpacked | peak RSS | max abs log-prob diff |"),
@@ -218,8 +229,11 @@ def update_table(repeats: int, vocab: int) -> tuple[list[dict], str]:
     ]
     for rec in records:
         base = rec["unpacked"]
-        for variant in VARIANTS:
-            t = rec["tokens"].get(variant, rec["tokens"]["packed"])
+        if "packed" not in rec["variants"]:
+            lines.append(f"| {rec['prompt']} / {rec['response']} / {rec['prefix']} + {rec['suffix']} | packed "
+                         "| the trainer's plan: unpacked (packing would cost more) | | | | |")
+        for variant in rec["variants"]:
+            t = rec["tokens"].get(variant, rec["tokens"]["packed"])  # "unpacked" reads the unpacked counts
             tokens = (f"{t['unpacked']:,} ({t['unpacked_padded']:,})" if variant == "unpacked"
                       else f"{t['packed']:,} ({t['packed_padded']:,})")
             r = rec[variant]
@@ -244,7 +258,7 @@ def main() -> None:
     parser.add_argument("--tokens-only", action="store_true", help="part 1 only")
     parser.add_argument("--repeats", type=int, default=3, help="timed update passes per variant (median)")
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary of the random model of part 2")
-    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--prompt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -159,6 +159,10 @@ def test_attention_pairs_cost_can_split_or_cancel_a_pack():
         group_ids, _ = packing.groups_by_content(ids, mask, cost)
         packs[cost] = sorted(group_ids.count(x) for x in set(group_ids))
     assert packs == {0.0: [4], 5e-4: [2, 2], 1e-2: [1, 1, 1, 1]}
+    group_ids, _, batches = packing.plan(ids, mask, 4, 5e-4)
+    assert sorted(group_ids.count(x) for x in set(group_ids)) == [2, 2] and batches == [[0, 1, 2, 3]]
+    assert packing.plan(ids, mask, 4, 1e-2) is None  # unpacked costs least
+    assert packing.plan(ids, mask, 1, 0.0) is None  # one row per micro-batch: nothing to share
     assert 0 < packing.pair_cost(_llama()) < 1e-2
 
 

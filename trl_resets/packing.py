@@ -307,6 +307,46 @@ def micro_batches(group_ids: Sequence[int], rows_per_batch: int) -> list[list[in
     return batches
 
 
+def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_per_batch: int,
+         pair_cost: float = 0.0) -> tuple[list[int], list[int], list[list[int]]] | None:
+    """How to forward a batch of rows in micro-batches of at most ``rows_per_batch`` rows: (group id, shared
+    length) per row and the micro-batches of `micro_batches`, or None when the rows cost least unpacked. Packs of
+    one micro-batch are padded to the longest, so the cost compared is the padded one: per micro-batch, its
+    sequences x the longest, plus ``pair_cost`` per pair of the dense masked squares. The candidates: the grouping
+    at ``pair_cost`` and the one with the fewest tokens (`groups_by_content`)."""
+    width = input_ids.size(1)
+    unpacked = sum(_padded_cost([width] * len(rows), pair_cost)
+                   for rows in micro_batches(list(range(input_ids.size(0))), rows_per_batch))
+    best, best_cost = None, unpacked
+    lengths = attention_mask.sum(1).tolist()
+    for cost in dict.fromkeys((pair_cost, 0.0)):
+        found = groups_by_content(input_ids, attention_mask, cost)
+        if found is None:
+            return None
+        group_ids, shared = found
+        batches = micro_batches(group_ids, rows_per_batch)
+        total = 0.0
+        for rows in batches:
+            packs: dict[int, list[int]] = {}
+            for r in rows:
+                packs.setdefault(group_ids[r], []).append(r)
+            total += _padded_cost([_pack_length([lengths[r] for r in members], min(shared[r] for r in members))
+                                   for members in packs.values()], pair_cost)
+        if total < best_cost:
+            best, best_cost = (group_ids, shared, batches), total
+    return best
+
+
+def _pack_length(lengths: list[int], shared: int) -> int:
+    kept = max(min([shared, *lengths]) - 1, 0)
+    return kept + sum(n - kept for n in lengths)
+
+
+def _padded_cost(lengths: list[int], pair_cost: float) -> float:
+    longest = max(lengths)
+    return len(lengths) * longest * (1 + pair_cost * longest)
+
+
 def mask_kind(model) -> str | None:
     """The packed mask the model's attention takes ("bool" or "additive"), or None when it takes none."""
     config = getattr(_base(model), "config", None)

@@ -898,16 +898,17 @@ class ResetTrainer(GRPOTrainer):
         """TRL's per-token log-probabilities and entropies (old policy, reference, update). With
         ``pack_shared_prefixes``, each group's shared tokens are forwarded once (`packing`), through the same fused
         LM head, into the same (rows, logits_to_keep) shape."""
-        found = (self._pack_groups(model, input_ids, attention_mask, compute_aux_loss, extra)
+        batch_size = batch_size or input_ids.size(0)
+        found = (self._pack_groups(model, input_ids, attention_mask, batch_size, compute_aux_loss, extra)
                  if self.args.pack_shared_prefixes else None)
         if found is None:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, compute_entropy, compute_aux_loss, **extra)
-        group_ids, shared = found
+        group_ids, shared, micro_batches = found
         unwrapped = self.accelerator.unwrap_model(model)
         kind, dtype = packing.mask_kind(unwrapped), next(unwrapped.parameters()).dtype
         logps, entropies, order = [], [], []
-        for rows in packing.micro_batches(group_ids, batch_size or input_ids.size(0)):
+        for rows in micro_batches:
             index = torch.tensor(rows, device=input_ids.device)
             batch = packing.pack(input_ids[index], attention_mask[index], logits_to_keep, [group_ids[r] for r in rows],
                                  [shared[r] for r in rows], kind, dtype)
@@ -921,9 +922,10 @@ class ResetTrainer(GRPOTrainer):
         inverse = torch.argsort(torch.tensor(order, device=input_ids.device))
         return torch.cat(logps)[inverse], torch.cat(entropies)[inverse] if compute_entropy else None, None
 
-    def _pack_groups(self, model, input_ids, attention_mask, compute_aux_loss, extra):
-        """(group id, shared length) per row to pack, or None: nothing to share, or the model cannot take the packed
-        mask (warned once per run, naming why; the rows are then forwarded as TRL does)."""
+    def _pack_groups(self, model, input_ids, attention_mask, batch_size, compute_aux_loss, extra):
+        """`packing.plan`'s (group id, shared length per row, micro-batches), or None: packing would not cost less,
+        or the model cannot take the packed mask (warned once per run, naming why; the rows are then forwarded as
+        TRL does)."""
         reason = None
         if self._zero3 or self.is_fsdp_enabled:
             reason = ("the weights are sharded (ZeRO-3 or FSDP), so every process must make the same forward calls, "
@@ -932,22 +934,20 @@ class ResetTrainer(GRPOTrainer):
             reason = "the batch carries multimodal inputs, which are laid out per row"
         elif compute_aux_loss:
             reason = "the MoE load-balancing loss is computed over the rows' 2D attention mask"
+        elif packing.real_spans(attention_mask) is None:
+            reason = "a row's tokens are not one contiguous run (only left and right padding can be packed)"
         else:
             reason = packing.packing_refusal(self.accelerator.unwrap_model(model), input_ids.size(1))
-        found = None
-        if reason is None:  # packs that cost less than their rows, with SDPA's and eager's dense masked attention
-            found = packing.groups_by_content(input_ids, attention_mask,
-                                              packing.pair_cost(self.accelerator.unwrap_model(model)))
-        if reason is None and found is None:
-            reason = "a row's tokens are not one contiguous run (only left and right padding can be packed)"
-        if reason is not None and not self._pack_warned:
-            self._pack_warned = True
-            warnings.warn(f"pack_shared_prefixes=True, but the rows are forwarded unpacked: {reason}. Training is "
-                          "unchanged, only slower; set pack_shared_prefixes=False to silence this (warned once per "
-                          "run).", stacklevel=3)
-        if found is None or len(set(found[0])) == input_ids.size(0):
+        if reason is not None:
+            if not self._pack_warned:
+                self._pack_warned = True
+                warnings.warn(f"pack_shared_prefixes=True, but the rows are forwarded unpacked: {reason}. Training "
+                              "is unchanged, only slower; set pack_shared_prefixes=False to silence this (warned "
+                              "once per run).", stacklevel=3)
             return None
-        return found
+        # packs that cost less than their rows, with SDPA's and eager's dense masked attention
+        cost = packing.pair_cost(self.accelerator.unwrap_model(model))
+        return packing.plan(input_ids, attention_mask, batch_size, cost)
 
     # ------------------------------------------------------------------ model card
     # ------------------------------------------------------------------ checkpoints
