@@ -17,10 +17,11 @@ or eager attention, whose masked square grows with the square of a pack's length
 
 Part 2, the update pass (forward and backward through TRL's fused LM head, as the trainer runs it) of one prompt's
 8 SRPO rows (1x4 split) on a small random Llama, at a scaled-down shape with the paper's length ratios: unpacked,
-packed as the trainer packs them (its grouping for this model), and with every shared prefix packed. Each variant
-runs in its own process (so that each peak resident memory is its own): one warm-up pass, then ``--repeats`` timed
-passes (median); the peak RSS over them minus the RSS before the first pass. The packed log-probabilities are
-checked against the unpacked ones.
+packed as the trainer packs them (`packing.plan` for this model), and with every shared prefix packed. Timing: the
+variants take turns in one process (one warm-up pass each, then ``--repeats`` rounds, each in a new order; the
+median), so that the load of a shared machine falls on all of them alike. Memory: each variant runs two passes in
+a fresh process; its peak resident memory (RSS) minus the RSS before the first pass. The packed log-probabilities
+are checked against the unpacked ones.
 """
 
 from __future__ import annotations
@@ -164,13 +165,17 @@ def update_pass(model, ids, mask, keep, variant: str):
     return logps.detach()
 
 
-def worker(variant: str, prompt_len: int, repeats: int, vocab: int) -> dict:
+def _shape_rows(prompt_len: int):
+    _, response, prefix, suffix = SETTINGS["paper, prompt 300"]
+    return layout(prompt_len, response // SCALE, prefix // SCALE, suffix // SCALE)
+
+
+def worker(variant: str, prompt_len: int, vocab: int) -> dict:
+    """Peak RSS of two update passes of one variant (a fresh process each), and its log-probabilities."""
     import psutil
 
     torch.set_num_threads(1)
-    _, response, prefix, suffix = SETTINGS["paper, prompt 300"]
-    rows = layout(prompt_len, response // SCALE, prefix // SCALE, suffix // SCALE)
-    ids, mask, keep = padded(rows)
+    ids, mask, keep = padded(_shape_rows(prompt_len))
     model = _model(vocab)
     process = psutil.Process()
     baseline = process.memory_info().rss
@@ -185,34 +190,47 @@ def worker(variant: str, prompt_len: int, repeats: int, vocab: int) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     logps = update_pass(model, ids, mask, keep, variant)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        update_pass(model, ids, mask, keep, variant)
-        seconds.append(time.perf_counter() - start)
+    update_pass(model, ids, mask, keep, variant)
     stop.set()
     thread.join()
-    return {"seconds": statistics.median(seconds), "all_seconds": seconds, "peak_mib": (peak[0] - baseline) / MIB,
-            "logps": logps.tolist()}
+    return {"peak_mib": (peak[0] - baseline) / MIB, "logps": logps.tolist()}
 
 
-def run_worker(variant: str, prompt_len: int, repeats: int, vocab: int) -> dict:
-    command = [sys.executable, __file__, "--worker", variant, "--prompt", str(prompt_len), "--repeats", str(repeats),
-               "--vocab", str(vocab)]
+def run_worker(variant: str, prompt_len: int, vocab: int) -> dict:
+    command = [sys.executable, __file__, "--worker", variant, "--prompt", str(prompt_len), "--vocab", str(vocab)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timings(prompt_len: int, variants: list[str], repeats: int, vocab: int) -> dict[str, list[float]]:
+    """Seconds per update pass of each variant, in this process, the variants taking turns (each round in a new
+    order) so that the load of the shared machine falls on all of them alike; one warm-up pass each first."""
+    torch.set_num_threads(1)
+    ids, mask, keep = padded(_shape_rows(prompt_len))
+    model = _model(vocab)
+    for variant in variants:
+        update_pass(model, ids, mask, keep, variant)
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    for round_ in range(repeats):
+        for variant in variants[round_ % len(variants):] + variants[:round_ % len(variants)]:
+            start = time.perf_counter()
+            update_pass(model, ids, mask, keep, variant)
+            seconds[variant].append(time.perf_counter() - start)
+    return seconds
 
 
 def update_table(repeats: int, vocab: int) -> tuple[list[dict], str]:
     _, response, prefix, suffix = SETTINGS["paper, prompt 300"]
     records = []
     for prompt_len in (300 // SCALE, 2048 // SCALE):
-        rows = layout(prompt_len, response // SCALE, prefix // SCALE, suffix // SCALE)
+        rows = _shape_rows(prompt_len)
         cost = packing.pair_cost(_model(vocab))
         ids, mask, _ = padded(rows)
         variants = [v for v in VARIANTS if v != "packed" or packing.plan(ids, mask, len(rows), cost) is not None]
-        results = {v: run_worker(v, prompt_len, repeats, vocab) for v in variants}
+        results = {v: run_worker(v, prompt_len, vocab) for v in variants}
+        for variant, seconds in timings(prompt_len, variants, repeats, vocab).items():
+            results[variant].update(seconds=statistics.median(seconds), all_seconds=seconds)
         reference = torch.tensor(results["unpacked"].pop("logps"))
         for variant in variants:
             if variant != "unpacked":
@@ -256,13 +274,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="folder for forward_tokens.{json,md} (default: a scratch folder)")
     parser.add_argument("--tokens-only", action="store_true", help="part 1 only")
-    parser.add_argument("--repeats", type=int, default=3, help="timed update passes per variant (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed update passes per variant (median)")
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary of the random model of part 2")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--prompt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.prompt, args.repeats, args.vocab)))
+        print(json.dumps(worker(args.worker, args.prompt, args.vocab)))
         return
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats}: time at least one pass.")
