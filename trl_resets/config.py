@@ -189,12 +189,14 @@ class ResetConfig(GRPOConfig):
     pack_shared_prefixes (`bool`, defaults to `False`):
         Forward the tokens a group's rows share (the prompt; a reset group's prompt and prefix) once, in the
         old-policy, reference and update passes: each group is one sequence under a 4D attention mask in which a
-        row's continuation sees the shared tokens and itself (`trl_resets.packing`), and each new generation's
-        micro-batches keep their groups whole. The log-probabilities, entropies and loss are those of the unpacked
-        rows (within float rounding). Needs `attn_implementation="sdpa"` or `"eager"`; models that cannot take the
-        mask (recurrent layers, sliding windows shorter than the rows, FlashAttention-2, MoE load-balancing loss,
-        multimodal inputs), and runs with sharded weights (ZeRO-3, FSDP), are forwarded unpacked, with one warning
-        naming why.
+        row's continuation sees the shared tokens and itself (`trl_resets.packing`), and the micro-batches of each
+        optimizer step keep its groups whole (each step trains the same rows). The log-probabilities, entropies and
+        loss are those of the unpacked rows (within float rounding). SDPA and eager attention compute a pack's
+        whole masked square, so a batch is packed only where that and its tokens cost less than the unpacked rows
+        (`trl_resets.packing.plan`), which can cut a group into smaller packs or leave it unpacked. Needs
+        `attn_implementation="sdpa"` or `"eager"`; models that cannot take the mask (recurrent layers, sliding
+        windows shorter than the rows, FlashAttention-2, MoE load-balancing loss, multimodal inputs), and runs with
+        sharded weights (ZeRO-3, FSDP), are forwarded unpacked, with one warning naming why.
     """
 
     loss_type: str = field(

@@ -6,7 +6,9 @@ continuation, under a 4D attention mask in which a continuation sees the shared 
 with the position ids each token has in its own row. Each continuation begins with its own copy of the last shared
 token (same token, same position, same context, hence the same hidden state), so a head that scores one next token
 per position gives every row the log-probability of its own first token. `unpack` returns per-row values of the
-unpacked pass's shape, so the loss, the metrics and the importance weights see exactly what they saw before.
+unpacked pass's shape, so the loss, the metrics and the importance weights see what they saw before (up to float
+rounding). `plan` decides whether and how to pack a batch, weighing the tokens saved against the attention work
+of the packed mask (`pair_cost`).
 
 Plain torch, no TRL: the caller supplies the forward (`logits_forward` for a plain causal LM; the trainer uses
 TRL's fused LM head). `packing_refusal` says why a model cannot take the packed mask (recurrent layers, sliding
