@@ -12,11 +12,12 @@ from trl_resets import SRPOConfig, SRPOTrainer, packing
 from .test_trainer import _args, _dataset, contains_seven
 
 
-def _trainer(tmp_path, tok, model, **overrides):
-    """One step of SRPO with a KL term (so a reference model, loaded from the model's folder, is forwarded too)."""
+def _trainer(tmp_path, tok, model, peft_config=None, **overrides):
+    """One step of SRPO with a KL term (so a reference model, loaded from the model's folder, or the policy without
+    its adapter, is forwarded too)."""
     args = _args(tmp_path, SRPOConfig, **{"max_steps": 1, "beta": 0.04, **overrides})
-    return SRPOTrainer(model=model, reward_funcs=contains_seven, args=args,
-                       train_dataset=_dataset(), processing_class=tok, localizer=lambda q, thoughts: len(thoughts))
+    return SRPOTrainer(model=model, reward_funcs=contains_seven, args=args, train_dataset=_dataset(),
+                       processing_class=tok, localizer=lambda q, thoughts: len(thoughts), peft_config=peft_config)
 
 
 def _captured_batch(trainer):
@@ -35,9 +36,23 @@ def _loss_and_grads(trainer, inputs):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
-def test_packing_gives_the_unpacked_loss_gradients_and_reference_logps(tmp_path, char_tokenizer, tiny_model_dir):
-    trainer = _trainer(tmp_path, char_tokenizer, tiny_model_dir)
-    (inputs,) = _captured_batch(trainer)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-checkpointing"])
+def test_packing_gives_the_unpacked_loss_gradients_and_reference_logps(tmp_path, char_tokenizer, tiny_model_dir,
+                                                                        lora):
+    from peft import LoraConfig
+
+    settings = {}
+    if lora:
+        settings = {"gradient_checkpointing": True, "peft_config": LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)}
+    trainer = _trainer(tmp_path, char_tokenizer, tiny_model_dir, **settings)
+    calls, pack = [], packing.pack
+    packing.pack = lambda *a, **k: calls.append(1) or pack(*a, **k)
+    try:
+        (inputs,) = _captured_batch(trainer)  # pack_shared_prefixes off: TRL's unpacked passes
+    finally:
+        packing.pack = pack
+    assert not calls
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     group_ids, shared = packing.groups_by_content(ids, mask)
@@ -61,7 +76,7 @@ def test_packing_gives_the_unpacked_loss_gradients_and_reference_logps(tmp_path,
         packing.pack = pack
     assert calls  # the packed path ran
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
-    assert grads.keys() == ref_grads.keys()
+    assert grads.keys() == ref_grads.keys() and (not lora or all("lora_" in n for n in grads))
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
     torch.testing.assert_close(logps, ref_logps, atol=1e-5, rtol=0)
