@@ -41,7 +41,7 @@ evaluate-format: setup
 	$(BIN)/python examples/evaluate_format.py $(ARGS)
 
 # Lint first (ruff at its pinned version, with pyproject.toml's settings), then the suite.
-LINTED := trl_resets tests examples benchmarks
+LINTED := trl_resets tests examples benchmarks experiments
 
 test: setup
 	$(BIN)/ruff check $(LINTED)

@@ -77,7 +77,7 @@ def main():
     if args.quick:
         args.prompts, args.tokens, args.repeats = 4, 48, 2
     if args.model is None:
-        from trl_resets.models import default_model_path
+        from trl_resets.app.models import default_model_path
 
         args.model = default_model_path()
     torch.manual_seed(0)

@@ -579,7 +579,7 @@ def main_job_setting(prompts: int):
     """(model path, dataset, config fields) of the CPU main job (`make train`): its format-warmed-up model
     (trained now if not cached, before any timing), its rollout and localization prompts, and its first
     ``prompts`` problems."""
-    from trl_resets import harness
+    from trl_resets.app import harness
 
     args, model_args, task, run = harness.parse("srpo", [])
     task.num_problems = prompts
@@ -681,7 +681,7 @@ def main():
         args.model, dataset, job_settings = main_job_setting(args.prompts)
         settings.update(job_settings)
     else:
-        from trl_resets.models import default_model_path
+        from trl_resets.app.models import default_model_path
 
         if args.shape is not None:
             args.model = shape_dir.name

@@ -16,8 +16,8 @@ import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from trl_resets import harness
-from trl_resets.warmup import measure_format, warm_up
+from trl_resets.app import harness
+from trl_resets.app.warmup import measure_format, warm_up
 
 ROWS = (
     ("answer accuracy", "answer_accuracy"),
@@ -45,7 +45,7 @@ def main():
     if cli.model:
         models = {path: path for path in cli.model}
     else:
-        from trl_resets.models import default_model_path
+        from trl_resets.app.models import default_model_path
 
         base = default_model_path()
         models = {"SmolLM2-135M-Instruct": base,

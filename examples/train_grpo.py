@@ -2,10 +2,10 @@
 the same thought sampler, LoRA and task, so the three methods are compared like for like.
 
     python examples/train_grpo.py
-    python examples/train_grpo.py --config examples/recipes/grpo_smollm2_cpu.yaml
+    python examples/train_grpo.py --config RECIPE.yaml --print-config   # the resolved settings, each with its source
 """
 
-from trl_resets.harness import main
+from trl_resets.app.harness import main
 
 if __name__ == "__main__":
     main("grpo")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trl_resets import cli
+from trl_resets.app import cli
 
 
 def test_each_method_answers_help_with_its_own_config_fields(capsys):

@@ -4,13 +4,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from trl_resets import SRPOConfig, config_reference
+from trl_resets import SRPOConfig
+from trl_resets.app import config_reference
 from trl_resets.config import ResetConfig
 
 
 def test_the_page_is_current():
     assert config_reference.PAGE.read_text() == config_reference.render(), (
-        "docs/configuration.md is stale: run `python -m trl_resets.config_reference`.")
+        "docs/configuration.md is stale: run `python -m trl_resets.app.config_reference`.")
     assert config_reference.main(["--check"]) == 0
 
 

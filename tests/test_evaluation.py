@@ -72,8 +72,9 @@ class AnswerBook:
     def __init__(self, answers: dict, num_samples: int = 1):
         self.answers, self.num_samples, self.asked = answers, num_samples, []
 
-    def complete(self, questions):
+    def complete(self, questions, answer_format="boxed"):
         self.asked += questions
+        self.formats = getattr(self, "formats", []) + [answer_format]
         return [[f"so \\boxed{{{self.answers.get(q, 'nothing')}}}"] * self.num_samples for q in questions]
 
 
@@ -122,7 +123,7 @@ def test_a_run_end_to_end_resumes_after_an_interruption(tmp_path, tiny_model_dir
     (out / "completions.jsonl").write_text("".join(lines[:3]) + lines[3][:20])
     asked = []
     real = gen.Completer.complete
-    monkeypatch.setattr(gen.Completer, "complete", lambda self, qs: asked.extend(qs) or real(self, qs))
+    monkeypatch.setattr(gen.Completer, "complete", lambda self, qs, fmt=None: asked.extend(qs) or real(self, qs, fmt))
     assert main(argv) == 0
     assert len(asked) == 3  # only the missing items were generated
     assert sorted(map(json.dumps, _records(out))) == sorted(map(json.dumps, full))  # greedy: the same completions

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trl_resets import harness
-from trl_resets.plots import plot_reset_index, plot_rewards
+from trl_resets.app import harness
+from trl_resets.app.plots import plot_reset_index, plot_rewards
 from trl_resets.rewards import CodeReward, boxed_answer_reward
 from trl_resets.tasks import make_arithmetic_dataset
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
+# every shipped recipe: the GPU ones in examples/, the main jobs inside the package
+ALL_RECIPES = sorted([*RECIPES.glob("*.yaml"), *harness.RECIPES.glob("*.yaml")])
+HARDWARE = {"bf16": False, "use_cpu": True}  # what this machine substitutes in a GPU recipe
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,15 +68,62 @@ def test_grpo_baseline_job_has_no_resets(tmp_path, tiny_model_dir):
     assert "| method | GRPO |" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
-def test_recipes_parse_with_their_script(recipe):
-    method = recipe.split("_")[0]
-    path = RECIPES / recipe
+def _hardware_argv(keys: dict) -> list[str]:
+    """Flags that put a GPU recipe on this CPU (none for a CPU recipe)."""
+    if not keys.get("bf16"):
+        return []
+    return [arg for name, value in HARDWARE.items() for arg in (f"--{name}", str(value).lower())]
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
+def test_a_recipe_resolves_to_its_file_plus_the_method_defaults(path):
+    """Key by key: a setting the recipe names has the recipe's value; every other one has the method's own default,
+    never the CPU main job's (a recipe does not inherit another recipe)."""
+    from dataclasses import fields
+
+    method = path.name.split("_")[0]
     keys = yaml.safe_load(path.read_text())
-    argv = ["--config", str(path)]
-    if keys.get("bf16"):  # a GPU recipe: check its keys here without a GPU
-        argv += ["--bf16", "false", "--use_cpu", "true"]
-    args, model_args, task, run = harness.parse(method, argv)
+    hardware = {k: v for k, v in HARDWARE.items() if _hardware_argv(keys)}
+    resolved = harness.parse(method, ["--config", str(path), *_hardware_argv(keys)])
+    classes = [type(part) for part in resolved]
+    known = {f.name for cls in classes for f in fields(cls)}
+    assert set(keys) <= known, f"{path.name} names keys no parser field takes: {set(keys) - known}"
+    for part in resolved:
+        names = {f.name for f in fields(part)}
+        given = {k: v for k, v in {**harness.METHOD_DEFAULTS[method], **keys, **hardware}.items() if k in names}
+        expected = type(part)(**given)
+        for f in fields(part):
+            assert getattr(part, f.name) == getattr(expected, f.name), (path.name, f.name)
+
+
+def test_no_config_runs_the_main_job_and_a_recipe_starts_from_the_method_defaults(tmp_path):
+    main_job, *_ = harness.parse("srpo", [])
+    assert main_job.rollout_template == yaml.safe_load(harness.default_recipe("srpo").read_text())["rollout_template"]
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("num_problems: 4\nlearning_rate: 1.0e-6\nuse_cpu: true\n")
+    args, model_args, task, run = harness.parse("srpo", ["--config", str(recipe), "--max_steps", "3"])
+    defaults = harness.SRPOConfig(output_dir="x", use_cpu=True)
+    assert args.rollout_template == defaults.rollout_template and args.learning_rate == 1e-6
+    assert args.max_completion_length == defaults.max_completion_length and args.bf16 == defaults.bf16
+    assert args.temperature == defaults.temperature and args.per_device_train_batch_size == 8
+    assert (args.max_steps, task.num_problems, run.warmup, model_args.use_peft) == (3, 4, False, False)
+
+
+def test_print_config_marks_each_source(capsys):
+    harness.main("grpo", ["--max_steps", "2", "--print-config"])
+    out = capsys.readouterr().out.splitlines()
+    marks = {line.split(":", 1)[0]: line.rsplit("# ", 1)[1] for line in out[1:]}
+    assert marks["max_steps"] == "command line" and marks["learning_rate"] == "recipe"
+    assert marks["num_reset_prefixes"] == "recipe" and marks["beta"] == "default"
+    assert yaml.safe_load("\n".join(out))["max_steps"] == 2
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
+def test_recipes_parse_with_their_script(path):
+    recipe = path.name
+    method = recipe.split("_")[0]
+    keys = yaml.safe_load(path.read_text())
+    args, model_args, task, run = harness.parse(method, ["--config", str(path), *_hardware_argv(keys)])
     assert args.num_generations == 8 and model_args.lora_r == 64 and model_args.lora_alpha == 64
     assert args.learning_rate == 5e-5 and args.temperature == 0.7 and args.top_p == 0.95
     assert args.num_reset_prefixes == (0 if method == "grpo" else 1)
@@ -117,7 +167,7 @@ def test_code_job_trains_on_training_tests_and_validates_on_held_out_tests(tmp_p
     out = tmp_path / "code"
     trainer = harness.main("srpo", _smoke_args(
         tiny_model_dir, out, "--dataset_name", "livecodebench/code_generation_lite", "--data_files", fixture,
-        "--code_max_workers", "2", "--validation_problems", "2"))
+        "--code_max_workers", "2", "--validation_problems", "2", "--answer_format", "code"))
     reward = trainer.reward_funcs[0]
     assert isinstance(reward, CodeReward) and reward.max_workers == 2
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -252,3 +302,51 @@ def test_gpu_recipe_stand_ins_have_the_recipe_model_shape_and_the_numina_data_sh
     expected = make_arithmetic_dataset(13, num_steps=[3, 4, 5, 6], seed=0)
     assert len(data) == 10  # the 3 rows of another source are dropped
     assert sorted(data["answer"]) == sorted(expected["answer"][:10])
+
+
+# What a run on this machine swaps in every recipe: the model (a tiny local one), the hardware, the rollout lengths a
+# real model needs, the batch geometry sized for a GPU's memory (two prompts per generation), hub data (fixtures),
+# the warm-up of the embedded model, checkpoints and validation. Everything else is the recipe's.
+_STAND_INS = ["--bf16", "false", "--use_cpu", "true", "--dtype", "float32", "--max_steps", "1",
+              "--max_completion_length", "24", "--max_thought_tokens", "6", "--max_thoughts", "4",
+              "--localization_max_tokens", "8", "--save_strategy", "no", "--validation_problems", "0",
+              "--warmup", "false"]
+_GPU_GEOMETRY = ["--per_device_train_batch_size", "4", "--steps_per_generation", "4",
+                 "--gradient_accumulation_steps", "4", "--num_problems", "4"]
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
+def test_every_recipe_trains_a_step_with_only_hardware_model_and_data_swapped(path, tmp_path, tiny_model_dir,
+                                                                                monkeypatch):
+    from . import fake_vllm
+
+    method = path.name.split("_")[0]
+    keys = yaml.safe_load(path.read_text())
+    engines = fake_vllm.install(monkeypatch) if keys.get("use_vllm") else []
+    argv = ["--config", str(path), "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"),
+            *_STAND_INS]
+    if keys.get("bf16"):
+        argv += _GPU_GEOMETRY
+    if keys.get("dataset_name") == "livecodebench/code_generation_lite":
+        argv += ["--data_files", str(Path(__file__).parent / "fixtures" / "livecodebench.jsonl"), "--num_problems",
+                 "2", "--code_max_workers", "2", "--vllm_max_model_length", "2048"]  # the tiny model's 1024
+    elif keys.get("dataset_name"):
+        folder = tmp_path / "numina"
+        folder.mkdir()
+        rows = [{"problem": f"{i}+1?", "solution": f"so \\boxed{{{i + 1}}}", "source": "olympiads"} for i in range(8)]
+        (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        argv += ["--dataset_name", str(folder)]
+    trainer = harness.main(method, argv)
+    assert trainer.state.global_step == 1
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    for name, value in keys.items():  # every recipe key not swapped above reached the trainer
+        if f"--{name}" in argv or name in ("model_name_or_path", "dataset_name"):
+            continue
+        for part in (trainer.args,):
+            if hasattr(part, name) and name not in ("report_to", "lr_scheduler_type", "save_strategy"):
+                assert getattr(part, name) == value, name
+    if keys.get("use_vllm"):
+        assert engines and engines[0].fake_llm.requests > 0
+    if keys.get("answer_format") == "code":
+        assert trainer.thought_format.answer == "code" and "program" in trainer.args.rollout_template

@@ -4,7 +4,7 @@ import importlib.metadata
 
 import pytest
 
-from trl_resets import models
+from trl_resets.app import models
 
 
 def _fake_convert(gguf_path, out_dir):
@@ -119,11 +119,11 @@ def half_then_die(staging, *args):
 
 target, which = Path(sys.argv[1]), sys.argv[2]
 if which == "warmup":  # the format warm-up's cache: killed in the middle of saving the trained model
-    from trl_resets import warmup
+    from trl_resets.app import warmup
     warmup._train = lambda model_path, settings, out_dir, *args: half_then_die(out_dir)
     warmup.warm_up(sys.argv[3], cache_dir=target, force=True, show_progress=False)
 else:  # models.py alone (stdlib only), without importing the package and its trainer
-    spec = importlib.util.spec_from_file_location("models", Path(os.environ["PYTHONPATH"], "trl_resets", "models.py"))
+    spec = importlib.util.spec_from_file_location("models", Path(os.environ["PYTHONPATH"], "trl_resets", "app", "models.py"))
     models = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(models)
     models.build_folder_atomically(target, half_then_die, lambda f: (f / "config.json").is_file(), replace=True)
@@ -156,7 +156,7 @@ def test_a_build_killed_with_sigkill_leaves_no_target_and_keeps_a_finished_one(t
 
 
 def test_a_warm_up_killed_with_sigkill_is_not_taken_from_the_cache(tmp_path):
-    from trl_resets import warmup
+    from trl_resets.app import warmup
 
     base = tmp_path / "base"
     base.mkdir()

@@ -5,22 +5,29 @@ import dataclasses
 import pytest
 from trl import GRPOConfig
 
-from trl_resets import SRPOConfig
-from trl_resets.config import HONOURED_OPTIONS, NO_LOSS_EFFECT, REFUSED_OPTIONS, loss_option_class
+from trl_resets import SRPOConfig, options
 
-# A value of each refused option that the reset trainers cannot honour (the fix is in the error message).
+# A value of each option that the reset trainers cannot honour, with what else the value needs to reach its rule.
 REFUSED_EXAMPLES = {
-    "loss_type": "dapo",
-    "importance_sampling_level": "sequence",
-    "use_adaptive_entropy": True,
-    "epsilon": 0.3,
-    "epsilon_high": 0.28,
-    "delta": 2.0,
-    "mask_truncated_completions": True,
-    "scale_rewards": "batch",
-    "multi_objective_aggregation": "normalize_then_sum",
-    "num_generations": 6,
+    "loss_type": {"loss_type": "dapo"},
+    "importance_sampling_level": {"importance_sampling_level": "sequence"},
+    "use_adaptive_entropy": {"use_adaptive_entropy": True},
+    "epsilon": {"epsilon": 0.3},
+    "epsilon_high": {"epsilon_high": 0.28},
+    "delta": {"delta": 2.0},
+    "mask_truncated_completions": {"mask_truncated_completions": True},
+    "scale_rewards": {"scale_rewards": "batch"},
+    "multi_objective_aggregation": {"multi_objective_aggregation": "normalize_then_sum"},
+    "generation_kwargs": {"generation_kwargs": {"num_beams": 4}},
+    "cache_implementation": {"cache_implementation": "static"},
+    "use_transformers_continuous_batching": {"use_transformers_continuous_batching": True},
+    "transformers_continuous_batching_config": {"transformers_continuous_batching_config": {"max_batch_tokens": 64}},
+    "use_transformers_paged": {"use_transformers_paged": True},
+    "vllm_enable_sleep_mode": {"use_vllm": True, "vllm_enable_sleep_mode": True},
+    "vllm_structured_outputs_regex": {"use_vllm": True, "vllm_structured_outputs_regex": "[0-9]+"},
+    "vllm_tensor_parallel_size": {"use_vllm": True, "vllm_mode": "colocate", "vllm_tensor_parallel_size": 2},
 }
+FIX_WORDS = ("Set ", "Use ", "Unset ", "Leave ", "Remove ", "unset ")
 
 
 def _config(tmp_path, **overrides):
@@ -29,21 +36,31 @@ def _config(tmp_path, **overrides):
 
 
 def test_every_grpo_config_field_is_classified():
-    """A TRL upgrade that adds an option fails here until someone says how the reset loss treats it."""
-    unclassified = [f.name for f in dataclasses.fields(GRPOConfig) if loss_option_class(f.name) is None]
-    assert not unclassified, f"GRPOConfig fields with no place in trl_resets.config's classification: {unclassified}"
-    assert not (HONOURED_OPTIONS & REFUSED_OPTIONS or HONOURED_OPTIONS & NO_LOSS_EFFECT
-                or REFUSED_OPTIONS & NO_LOSS_EFFECT)
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    assert (HONOURED_OPTIONS | REFUSED_OPTIONS | NO_LOSS_EFFECT) <= names  # no stale names either
+    """A TRL upgrade that adds an option fails here until someone says how the reset trainers treat it."""
+    unclassified = [f.name for f in dataclasses.fields(GRPOConfig) if options.stands(f.name) is None]
+    assert not unclassified, f"GRPOConfig fields with no place in trl_resets.options: {unclassified}"
+    assert set(options.OPTIONS) <= {f.name for f in dataclasses.fields(GRPOConfig)}  # no stale names either
+    assert {option.stands for option in options.OPTIONS.values()} == set(options.STANDS)
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED_OPTIONS))
-def test_refused_options_fail_at_construction_naming_the_option(tmp_path, name):
-    assert set(REFUSED_EXAMPLES) == REFUSED_OPTIONS
+def test_every_option_with_a_refusal_rule_has_an_example_here():
+    ruled = {name for name, option in options.OPTIONS.items() if option.refuse is not None}
+    assert ruled == set(REFUSED_EXAMPLES)
+    assert all(options.OPTIONS[name].refuse for name, o in options.OPTIONS.items() if o.stands == "refused")
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_EXAMPLES))
+def test_refused_options_fail_at_construction_naming_the_option_and_the_fix(tmp_path, name):
+    assert options.refusal(_config(tmp_path)) is None  # the defaults are all honoured
     with pytest.raises(ValueError) as error:
-        _config(tmp_path, **{name: REFUSED_EXAMPLES[name]})
-    assert name in str(error.value)
+        _config(tmp_path, **REFUSED_EXAMPLES[name])
+    message = str(error.value)
+    assert name in message and any(word in message for word in FIX_WORDS), message
+
+
+def test_the_cache_implementation_is_honoured_by_generate(tmp_path):
+    args = _config(tmp_path, cache_implementation="static", compact_decoding=False, share_prefill=False)
+    assert args.cache_implementation == "static"
 
 
 def test_clip_settings_are_accepted_with_the_clipped_surrogate(tmp_path):
@@ -62,4 +79,4 @@ def test_clip_settings_are_accepted_with_the_clipped_surrogate(tmp_path):
 def test_honoured_options_construct(tmp_path, overrides):
     args = _config(tmp_path, **overrides)
     assert all(getattr(args, k) == v for k, v in overrides.items())
-    assert set(overrides) <= HONOURED_OPTIONS
+    assert {options.stands(name) for name in overrides} <= {"loss", "sampler", "trl"}

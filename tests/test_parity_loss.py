@@ -142,6 +142,26 @@ def test_clipped_loss_is_grpo_per_row_mean(tmp_path, char_tokenizer):
     assert not torch.allclose(got, dapo, rtol=1e-3)
 
 
+def test_clipped_loss_logs_grpo_clip_ratios_with_grpo_definitions(tmp_path, char_tokenizer):
+    """Dashboards built for GRPO read clip_ratio/*: the clipped surrogate logs the same values GRPOTrainer logs."""
+    trainer = _trainer(tmp_path, char_tokenizer, clip_surrogate=True, epsilon=0.1)
+    inputs = _inputs(LENGTHS, [0, 0, 0, 0], ADVANTAGES)
+    with torch.no_grad():
+        current = _logps(trainer, inputs)
+    inputs["old_per_token_logps"] = current + torch.linspace(-0.3, 0.3, current.numel()).view_as(current)
+    trainer._metrics["train"].clear()
+    trainer._compute_loss(trainer.model, inputs)
+    ours = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("clip_ratio/")}
+    trainer._metrics["train"].clear()
+    trainer.loss_type = "grpo"
+    GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    theirs = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("clip_ratio/")}
+    assert set(ours) == set(theirs) == {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                                        "clip_ratio/low_min", "clip_ratio/high_max"}
+    assert ours == pytest.approx(theirs, abs=1e-7)
+    assert ours["clip_ratio/region_mean"] > 0  # the test clips something
+
+
 def test_filler_rows_neither_add_to_nor_dilute_the_mean(tmp_path, char_tokenizer):
     """An all-fallback step: base rows plus the zero-weight fillers of the empty seed slot train as GRPO would on
     the base rows alone."""

@@ -110,6 +110,32 @@ def test_reward_model_honours_chat_template_kwargs(tmp_path, char_tokenizer):
         assert abs(score - reward_model(**batch).logits[0, 0].item()) < 1e-5
 
 
+def test_reward_model_scores_under_inference_mode(tmp_path, char_tokenizer):
+    from .test_trainer import _tiny_reward_model
+
+    reward_model = _tiny_reward_model(char_tokenizer)
+    modes = []
+    reward_model.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=[reward_model],
+                          args=_args(tmp_path, SRPOConfig, max_steps=1), train_dataset=_dataset(),
+                          processing_class=char_tokenizer, reward_processing_classes=[char_tokenizer])
+    trainer._score([{"answer": "7"}], ["2+5?"], [char_tokenizer("so 7")["input_ids"]])
+    assert modes == [True]
+
+
+def test_image_prompts_are_refused_before_any_compute(tmp_path, char_tokenizer):
+    from datasets import Dataset
+
+    image_part = {"type": "image", "image": None}
+    rows = [[{"role": "user", "content": [image_part, {"type": "text", "text": "2+5?"}]}]] * 2
+    for data in (Dataset.from_dict({"prompt": ["2+5?"] * 2, "image": ["a.png"] * 2}),
+                 Dataset.from_list([{"prompt": p} for p in rows])):
+        with pytest.raises(ValueError, match="image.*GRPOTrainer"):
+            SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven,
+                        args=_args(tmp_path, SRPOConfig, max_steps=1), train_dataset=data,
+                        processing_class=char_tokenizer)
+
+
 def test_grpo_baseline_without_args_trains_grpo_as_grpo_trainer_would(tmp_path, char_tokenizer, monkeypatch):
     """With no args, GRPOBaselineTrainer builds GRPO's default (8 iid rows per prompt, no resets), not the reset
     trainers' default split."""

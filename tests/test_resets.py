@@ -60,6 +60,12 @@ def draw_of(row):
     return row.completion_ids[-2] - 1000
 
 
+@pytest.mark.parametrize("split", [(1, 1, 4), (4, 1, 1), (0, 0, 4), (1, 0, 4)])
+def test_a_split_with_a_group_of_one_row_or_no_rows_is_refused(split):
+    with pytest.raises(ValueError, match="num_base_generations|num_reset_generations|no rollouts"):
+        Split(*split)
+
+
 def test_choose_seeds_excludes_seed_from_base():
     assert choose_seeds([False, True, False, False, False], Split(4, 1, 4)) == ([1], [0, 2, 3, 4])
     assert choose_seeds([True, False, True, True], Split(2, 2, 4)) == ([0, 2], [1, 3])
@@ -169,9 +175,9 @@ def test_rows_reach_the_localizer_with_each_request():
 def test_split_validation():
     with pytest.raises(ValueError, match="G1"):
         Split(4, -1, 4)
-    with pytest.raises(ValueError, match=r"^split G1=1, k=0, G2=4 has no group of 2 or more rollouts, so every "
-                                         r"advantage would be zero; raise num_reset_generations or "
-                                         r"num_base_generations\.$"):
+    with pytest.raises(ValueError, match=r"^num_base_generations=1 makes a group of one row, whose advantage is always "
+                                         r"0: its rollouts cost compute and teach nothing\. Use 2 or more rows per "
+                                         r"group \(num_base_generations may be 0: no base group\)\.$"):
         Split(1, 0, 4)
     with pytest.raises(ValueError, match="advantage"):
         Split(1, 2, 1)

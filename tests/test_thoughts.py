@@ -37,6 +37,26 @@ def test_delimiter_spans_cover_each_thought(char_tokenizer):
     assert r.token_ids == ids[: r.thought_spans[-1][1]]  # the text after the answer thought is dropped
 
 
+def test_a_code_rollout_ends_at_its_closed_program_never_at_a_box(char_tokenizer):
+    """LiveCodeBench: a thought that boxes a number does not end the rollout; the closed fenced block does, even when
+    the thought token cap cuts the program across thoughts."""
+    fmt = ThoughtFormat(max_completion_tokens=500, max_thought_tokens=12, answer="code")
+    text = ("n is \\boxed{3}</thought> so loop</thought> ```python\nprint(3)\n```</thought> more")
+    ids, r = _segment(char_tokenizer, text, fmt)
+    decoded = char_tokenizer.decode(r.token_ids)
+    assert r.stop_reason == STOP_ANSWER and "print(3)\n```" in decoded and "more" not in decoded
+    assert r.num_thoughts > 3  # the cap cut the program into several thoughts; the rule still found its end
+    assert len(r.token_ids) < len(ids)  # what follows the program is not sampled
+    boxed = ThoughtFormat(max_completion_tokens=500, max_thought_tokens=40)
+    _, early = _segment(char_tokenizer, text, boxed)
+    early_text = char_tokenizer.decode(early.token_ids)  # the math rule stops at the box, before the program
+    assert early.stop_reason == STOP_ANSWER and "\\boxed{3}" in early_text and "print" not in early_text
+    _, open_block = _segment(char_tokenizer, "```python\nprint(3)</thought> x=1</thought>", fmt)
+    assert open_block.stop_reason != STOP_ANSWER  # an unclosed block is not a program yet
+    with pytest.raises(ValueError, match="answer format"):
+        ThoughtFormat(answer="latex")
+
+
 def test_thought_token_cap_cuts_and_continues(char_tokenizer):
     fmt = ThoughtFormat(max_thought_tokens=4, max_completion_tokens=500)
     _, r = _segment(char_tokenizer, "abcdefghij</thought>", fmt)

@@ -6,10 +6,7 @@ import pytest
 from datasets import Dataset
 
 from trl_resets import SRPOConfig, SRPOTrainer
-from trl_resets.localizers import LocalizationRequest, localization_prompt, parse_step_index
-from trl_resets.tasks import check_steps, make_arithmetic_dataset, parse_equations
-from trl_resets.thoughts import STOP_ANSWER, ThoughtFormat, segment_thoughts, strip_delimiter
-from trl_resets.warmup import (
+from trl_resets.app.warmup import (
     MARKER_FILE,
     WarmupSettings,
     inject_error,
@@ -19,6 +16,9 @@ from trl_resets.warmup import (
     warmup_key,
     warmup_path,
 )
+from trl_resets.localizers import LocalizationRequest, localization_prompt, parse_step_index
+from trl_resets.tasks import check_steps, make_arithmetic_dataset, parse_equations
+from trl_resets.thoughts import STOP_ANSWER, ThoughtFormat, segment_thoughts, strip_delimiter
 
 from .conftest import make_tiny_llama
 
@@ -120,7 +120,7 @@ def test_bad_settings_fail_clearly():
 def test_warm_up_trains_merges_caches_and_skips(tmp_path, char_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from trl_resets import warmup
+    from trl_resets.app import warmup
 
     base = tmp_path / "base"
     model = make_tiny_llama(char_tokenizer)

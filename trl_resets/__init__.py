@@ -1,5 +1,6 @@
 """trl-resets: reset-based credit assignment (SRPO, RRPO) for Hugging Face TRL."""
 
+from . import tasks  # noqa: F401  the shipped tasks register their oracle checker and state key
 from .advantages import group_advantages
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import CallableLocalizer, Localizer, OracleLocalizer, RandomLocalizer, SelfLocalizer

@@ -39,6 +39,17 @@ import torch
 
 from .localizers import TextPolicy, render_steps
 
+# `state_key` names -> a function from a thought's text to the key thoughts are compared by. A task adds its own
+# with `register_state_key` (the arithmetic task registers "arithmetic").
+STATE_KEYS: dict = {"text": str.strip}
+
+
+def register_state_key(name: str, key) -> None:
+    """Make ``state_key=name`` compare thoughts by ``key(thought_text)``."""
+    if not callable(key):
+        raise TypeError(f"state key {name!r} must be a callable (thought text -> hashable key).")
+    STATE_KEYS[name] = key
+
 
 @dataclass(frozen=True)
 class Trajectory:

@@ -2,68 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
 from trl import GRPOConfig
 
-from .comparison import DEFAULT_REPAIR_TEMPLATE, Repairer
-from .localizers import DEFAULT_LOCALIZATION_TEMPLATE
-from .thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
-
-# How each GRPOConfig option stands with the reset loss. Fields inherited from transformers' TrainingArguments
-# (optimizer, schedule, logging, ...) act as in any Trainer and are not loss options; every field GRPOConfig
-# adds is in exactly one of the three sets below (a test holds TRL's fields to it).
-HONOURED_OPTIONS = frozenset({
-    # acted on by the reset loss as GRPO's loss does
-    "beta", "use_bias_correction_kl", "router_aux_loss_coef", "top_entropy_quantile", "off_policy_mask_threshold",
-    "entropy_coef",
-    "num_iterations", "steps_per_generation", "generation_batch_size", "temperature",
-    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
-    "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
-    # acted on by TRL around the loss (reference model, reward weighting, log-probability computation)
-    "reward_weights", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "disable_dropout",
-    "cast_lm_head_to_fp32",
-})
-REFUSED_OPTIONS = frozenset({
-    # some or all values are refused at construction, with the fix (see ResetConfig.__post_init__)
-    "loss_type", "importance_sampling_level", "use_adaptive_entropy", "epsilon", "epsilon_high",
-    "delta", "mask_truncated_completions", "scale_rewards", "multi_objective_aggregation", "num_generations",
-})
-NO_LOSS_EFFECT = frozenset({
-    # read only by loss types or the adaptive entropy controller, which are refused
-    "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-    "vespo_lambda_neg", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
-    # generation, model loading, logging
-    "model_init_kwargs", "trust_remote_code", "num_generations_eval", "max_completion_length",
-    "ds3_gather_for_generation", "shuffle_dataset", "pad_to_multiple_of", "top_p", "top_k", "min_p",
-    "generation_kwargs", "chat_template_kwargs", "repetition_penalty", "cache_implementation", "use_vllm",
-    "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",
-    "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port",
-    "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_tensor_parallel_size",
-    "max_tool_calling_iterations", "log_completions", "log_multimodal", "num_completions_to_print",
-    "log_unique_prompts", "log_completions_hub_repo", "use_transformers_continuous_batching",
-    "transformers_continuous_batching_config", "use_transformers_paged",
-})
-
-
-def loss_option_class(name: str) -> str | None:
-    """'honoured', 'refused' (some values), 'no effect' or 'trainer' (TrainingArguments) for a GRPOConfig field;
-    None for a field the package has not classified."""
-    for label, names in (("honoured", HONOURED_OPTIONS), ("refused", REFUSED_OPTIONS), ("no effect", NO_LOSS_EFFECT)):
-        if name in names:
-            return label
-    if name in {f.name for f in fields(TrainingArguments)}:
-        return "trainer"
-    return None
-
+from . import options
+from .comparison import DEFAULT_REPAIR_TEMPLATE, STATE_KEYS, Repairer
+from .localizers import CODE_LOCALIZATION_TEMPLATE, DEFAULT_LOCALIZATION_TEMPLATE
+from .resets import Split
+from .thoughts import ANSWER_FORMATS, CODE_ROLLOUT_TEMPLATE, DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE
 
 CREDIT_CHOICES = ("uniform", "diff", "state", "repair")
-STATE_KEYS = ("text", "arithmetic")
-
-
-def _grpo_default(name: str):
-    return next(f.default for f in fields(GRPOConfig) if f.name == name)
 
 
 @dataclass
@@ -97,6 +46,11 @@ class ResetConfig(GRPOConfig):
     thought_split (`str`, defaults to `"delimiter"`):
         `"delimiter"`: thoughts end at `thought_delimiter`. `"paragraph"`: thoughts end at a blank line, for
         models that never write the delimiter.
+    answer_format (`str`, defaults to `"boxed"`):
+        What ends a rollout as answered. `"boxed"`: a thought that holds a closed `\\boxed{...}` (math).
+        `"code"`: a closed fenced code block, the program (LiveCodeBench); a box never ends it. With `"code"`,
+        `rollout_template` and `localization_template` left at the package's math instructions become its code
+        instructions (the program whole in the last step; a program that fails its tests).
     max_thoughts (`int`, defaults to `20`):
         Thoughts per rollout, a reset prefix's thoughts included.
     max_thought_tokens (`int`, defaults to `256`):
@@ -156,8 +110,9 @@ class ResetConfig(GRPOConfig):
         goes to the thoughts it edits (`"diff"` where the reply does not parse). Our own instantiation of IBPO's
         description; its exact estimator is not public.
     state_key (`str`, defaults to `"text"`):
-        The key thoughts are compared by. `"text"`: a thought's exact text. `"arithmetic"`: the value the thought
-        computes (`trl_resets.tasks.arithmetic.thought_value`). A `state_key=` callable (thought text -> hashable
+        The key thoughts are compared by. `"text"`: a thought's text with surrounding whitespace stripped. `"arithmetic"`: the value the thought
+        computes (`trl_resets.tasks.arithmetic.thought_value`, registered by that task); a task registers its own
+        with `trl_resets.comparison.register_state_key`. A `state_key=` callable (thought text -> hashable
         key) passed to the trainer takes precedence.
     shared_thought_weight (`float`, defaults to `0.0`):
         With `"diff"` and `"repair"`: the weight, in [0, 1], of the thoughts a reference shares (or a correction
@@ -182,7 +137,10 @@ class ResetConfig(GRPOConfig):
         over the rows that carry loss. `True`: PPO's clipped ratio (`epsilon`, `epsilon_high`, `delta`) in the same
         aggregation and on the same masks.
     loss_type (`str`, defaults to `"grpo"`):
-        Only `"grpo"` (TRL's per-row mean, then the mean over rows) is accepted: it is the paper's aggregation.
+        Only `"grpo"` is accepted: the paper's aggregation, each row's mean over its active tokens, then the mean
+        over the rows that carry loss in the whole generation batch (all processes and micro-batches of it, so a
+        micro-batch's share does not depend on how many of its rows are fallback fillers). TRL's `"grpo"` divides
+        by the rows of each micro-batch instead; the two agree when every row carries loss.
 
     > Forward passes
 
@@ -200,7 +158,7 @@ class ResetConfig(GRPOConfig):
     """
 
     loss_type: str = field(
-        default="grpo", metadata={"help": "Only 'grpo' (per-row mean, then mean over rows, as in the paper)."}
+        default="grpo", metadata={"help": "Only 'grpo' (per-row mean, then mean over the rows that carry loss)."}
     )
 
     num_generations: int | None = field(
@@ -220,6 +178,11 @@ class ResetConfig(GRPOConfig):
     thought_split: str = field(
         default="delimiter",
         metadata={"help": "'delimiter' or 'paragraph' (thoughts end at a blank line).", "choices": ["delimiter", "paragraph"]},
+    )
+    answer_format: str = field(
+        default="boxed",
+        metadata={"help": "'boxed' (math) or 'code' (a closed fenced code block ends a rollout).",
+                  "choices": list(ANSWER_FORMATS)},
     )
     max_thoughts: int = field(default=20, metadata={"help": "Thoughts per rollout, prefix included."})
     max_thought_tokens: int = field(default=256, metadata={"help": "Tokens per thought."})
@@ -260,7 +223,7 @@ class ResetConfig(GRPOConfig):
                   "choices": list(CREDIT_CHOICES)},
     )
     state_key: str = field(
-        default="text", metadata={"help": "Thought key: 'text' or 'arithmetic'.", "choices": list(STATE_KEYS)}
+        default="text", metadata={"help": "Thought key: 'text', 'arithmetic' or one a task registered."}
     )
     shared_thought_weight: float = field(
         default=0.0, metadata={"help": "Weight in [0, 1] of shared (diff) or unedited (repair) thoughts."}
@@ -283,20 +246,9 @@ class ResetConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        if self.num_reset_prefixes < 0 or self.num_base_generations < 0 or self.num_reset_generations < 1:
-            raise ValueError(
-                "num_base_generations and num_reset_prefixes must be >= 0 and num_reset_generations >= 1, got "
-                f"{self.num_base_generations}, {self.num_reset_prefixes}, {self.num_reset_generations}."
-            )
-        one_row = [f"num_base_generations={self.num_base_generations}"] if self.num_base_generations == 1 else []
-        if self.num_reset_prefixes > 0 and self.num_reset_generations == 1:
-            one_row.append(f"num_reset_generations={self.num_reset_generations}")
-        if one_row:
-            raise ValueError(
-                f"{' and '.join(one_row)} makes a group of one row, whose advantage is always 0: its rollouts cost "
-                "compute and teach nothing. Use 2 or more rows per group (num_base_generations may be 0: no base "
-                "group)."
-            )
+        Split(self.num_base_generations, self.num_reset_prefixes, self.num_reset_generations)  # the split's rules
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format={self.answer_format!r} is not one of {list(ANSWER_FORMATS)}.")
         split_sum = self.num_base_generations + self.num_reset_prefixes * self.num_reset_generations
         if self.num_generations is None:
             self.num_generations = split_sum
@@ -312,6 +264,11 @@ class ResetConfig(GRPOConfig):
         if self.code_max_workers is not None and self.code_max_workers < 1:
             raise ValueError(f"code_max_workers={self.code_max_workers}: at least one program must run at a time "
                              "(or leave it unset to keep the reward's own bound).")
+        if self.answer_format == "code":
+            if self.rollout_template == DEFAULT_ROLLOUT_TEMPLATE:
+                self.rollout_template = CODE_ROLLOUT_TEMPLATE
+            if self.localization_template == DEFAULT_LOCALIZATION_TEMPLATE:
+                self.localization_template = CODE_LOCALIZATION_TEMPLATE
         super().__post_init__()
         local_rows = self.per_device_train_batch_size * self.steps_per_generation
         if local_rows % self.num_generations != 0:
@@ -323,10 +280,8 @@ class ResetConfig(GRPOConfig):
                 "per_device_train_batch_size x steps_per_generation (or gradient_accumulation_steps) a multiple of "
                 f"{self.num_generations}."
             )
-        self._check_loss_options()
+        options.check(self)
         self._check_credit_options()
-        if not self.use_vllm:
-            self._check_generation_kwargs()
         if self.per_row_sampling_seed:
             self._check_per_row_sampling_seed()
 
@@ -350,30 +305,9 @@ class ResetConfig(GRPOConfig):
             raise ValueError(f"per_row_sampling_seed=True cannot be honoured with {refused}, or set "
                              "per_row_sampling_seed=False.")
 
-    def _check_generation_kwargs(self):
-        """Settings of transformers' generation that the thought sampler (one sampled token per row and step, a
-        thought at a time, its own token budgets) cannot honour fail here, not in the middle of a step."""
-        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
-        refused = {
-            "num_beams": "beam search keeps several hypotheses per row; rollouts are sampled one token at a time",
-            "num_beam_groups": "beam search keeps several hypotheses per row; rollouts are sampled one token at a time",
-            "num_return_sequences": "each row is one rollout; num_generations sets the rollouts per prompt",
-            "penalty_alpha": "contrastive search is not sampling; rollouts are sampled one token at a time",
-            "max_new_tokens": "the sampler sets each thought's budget (max_completion_length, max_thought_tokens)",
-            "max_length": "the sampler sets each thought's budget (max_completion_length, max_thought_tokens)",
-        }
-        for key, why in refused.items():
-            value = kwargs.get(key)
-            if value is None or (key in ("num_beams", "num_beam_groups", "num_return_sequences") and value == 1):
-                continue
-            raise ValueError(
-                f"generation_kwargs={{{key!r}: {value!r}}} cannot be honoured by the thought sampler: {why}. "
-                f"Remove {key!r} from generation_kwargs."
-            )
-
     def _check_credit_options(self):
         """Comparison-based credit settings that cannot work fail here, each naming the fix."""
-        choices = {"credit": CREDIT_CHOICES, "state_key": STATE_KEYS, "credit_groups": ("base", "all")}
+        choices = {"credit": CREDIT_CHOICES, "state_key": tuple(STATE_KEYS), "credit_groups": ("base", "all")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
@@ -392,48 +326,6 @@ class ResetConfig(GRPOConfig):
         if self.repair_temperature < 0:
             raise ValueError(f"repair_temperature={self.repair_temperature} is negative; use 0 (greedy) or more.")
         Repairer(self.repair_template, self.repair_max_tokens)  # a broken template or budget fails now
-
-    def _check_loss_options(self):
-        """GRPOConfig options the reset loss cannot honour fail here, each naming the fix."""
-        if self.loss_type != "grpo":
-            raise ValueError(
-                f"loss_type={self.loss_type!r} is not supported: the reset loss averages each row over its active "
-                "tokens, then over rows (TRL's 'grpo', the paper's aggregation). Set loss_type='grpo'; use "
-                "clip_surrogate=True for the clipped ratio."
-            )
-        if self.importance_sampling_level != "token":
-            raise ValueError(
-                f"importance_sampling_level={self.importance_sampling_level!r} is not supported: the reset loss "
-                "weights each token by its own ratio. Set importance_sampling_level='token'."
-            )
-        if self.use_adaptive_entropy:
-            raise ValueError(
-                "use_adaptive_entropy=True is not supported by the reset loss. Set use_adaptive_entropy=False; a "
-                "fixed entropy bonus (entropy_coef) works as in GRPO."
-            )
-        if not self.clip_surrogate:
-            for name in ("epsilon", "epsilon_high", "delta"):
-                if getattr(self, name) != _grpo_default(name):
-                    raise ValueError(
-                        f"{name}={getattr(self, name)} sets a clip, but clip_surrogate=False trains the unclipped "
-                        f"surrogate, which has none. Set clip_surrogate=True to clip, or leave {name} unset."
-                    )
-        if self.mask_truncated_completions:
-            raise ValueError(
-                "mask_truncated_completions is not supported: thought rollouts that stop at a final answer carry no "
-                "EOS and would all be masked. Leave it False."
-            )
-        if self.scale_rewards not in ("group", "none"):
-            raise ValueError(
-                f"scale_rewards={self.scale_rewards!r}: reset trainers normalize inside each group; use 'group' "
-                "or 'none'."
-            )
-        if self.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError(
-                f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not supported: reset trainers "
-                "sum the weighted rewards, then normalize in each group. Set "
-                "multi_objective_aggregation='sum_then_normalize'."
-            )
 
 
 @dataclass

@@ -28,6 +28,20 @@ DEFAULT_LOCALIZATION_TEMPLATE = (
     "as \\boxed{{N}} on its own line and write nothing after it."
 )
 
+# The same for a program that fails the problem's tests (answer_format="code").
+CODE_LOCALIZATION_TEMPLATE = (
+    "Below is a programming problem and your earlier step-by-step solution to it. The program in its last step "
+    "fails some of the problem's tests, so at least one step is wrong.\n\n"
+    "Problem: {question}\n\n"
+    "Your solution:\n{steps}\n\n"
+    "Find the step where the solution first went wrong: the step whose claim or code cannot be justified from the "
+    "problem and the steps before it. Look for the step where the mistake was made (a misread requirement or "
+    "input format, a wrong idea for the algorithm, a missed edge case, a bug in the code), not the later step "
+    "where its effect shows. Do not write the program again.\n"
+    "Answer with exactly one step number between 1 and {num_steps}. End your reply with that number "
+    "as \\boxed{{N}} on its own line and write nothing after it."
+)
+
 
 @dataclass
 class LocalizationRequest:
@@ -183,12 +197,24 @@ class CallableLocalizer:
         return [Localization(_as_index(self.fn(r.question, list(r.thoughts)))) for r in requests]
 
 
+_ORACLE_CHECKER: Callable[[Mapping, list[str]], int | None] | None = None
+
+
+def register_oracle_checker(checker: Callable[[Mapping, list[str]], int | None]) -> None:
+    """Make ``checker(row, thoughts) -> first wrong step`` the default of `OracleLocalizer` (``localizer="oracle"``)."""
+    global _ORACLE_CHECKER
+    if not callable(checker):
+        raise TypeError(f"checker must be callable, got {type(checker).__name__}.")
+    _ORACLE_CHECKER = checker
+
+
 class OracleLocalizer:
     """The credit-assignment oracle made real: h* is the first wrong thought according to an exact checker.
 
     ``checker(row, thoughts)`` gets the prompt's dataset columns and the seed's thoughts and returns the
-    1-based first wrong thought, or None when it finds none. The default is the arithmetic task's
-    step checker (:func:`trl_resets.tasks.check_steps`). A chain whose thoughts are all right but that
+    1-based first wrong thought, or None when it finds none. The default is the checker a task registered with
+    `register_oracle_checker` (the arithmetic task registers its step checker, :func:`trl_resets.tasks.check_steps`).
+    A chain whose thoughts are all right but that
     stops before the answer (the checker says ``H_s + 1``) resets at its last thought. When the checker
     finds no error the answer counts as a failure and the reset is random, like any unusable answer.
     """
@@ -204,9 +230,10 @@ class OracleLocalizer:
     def _first_wrong(self, row: Mapping, thoughts: list[str]) -> int | None:
         if self.checker is not None:
             return _as_index(self.checker(row, thoughts))
-        from .tasks.arithmetic import check_steps
-
-        return check_steps(row, thoughts).first_wrong
+        if _ORACLE_CHECKER is None:
+            raise ValueError("OracleLocalizer has no checker: pass checker=(row, thoughts) -> first wrong step, or "
+                             "import a task that registers one (trl_resets.tasks.arithmetic).")
+        return _as_index(_ORACLE_CHECKER(row, thoughts))
 
     def locate(self, requests, policy=None, rng=None) -> list[Localization]:
         answers = []

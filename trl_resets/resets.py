@@ -46,10 +46,19 @@ class Split:
             raise ValueError(
                 f"invalid split G1={self.base}, k={self.prefixes}, G2={self.per_prefix}: need G1 >= 0, k >= 0, G2 >= 1."
             )
-        if (self.per_prefix < 2 or self.prefixes == 0) and self.base < 2:
+        one_row = [f"num_base_generations={self.base}"] if self.base == 1 else []
+        if self.prefixes > 0 and self.per_prefix == 1:
+            one_row.append(f"num_reset_generations={self.per_prefix}")
+        if one_row:
             raise ValueError(
-                f"split G1={self.base}, k={self.prefixes}, G2={self.per_prefix} has no group of 2 or more rollouts, "
-                "so every advantage would be zero; raise num_reset_generations or num_base_generations."
+                f"{' and '.join(one_row)} makes a group of one row, whose advantage is always 0: its rollouts cost "
+                "compute and teach nothing. Use 2 or more rows per group (num_base_generations may be 0: no base "
+                "group)."
+            )
+        if self.num_generations == 0:
+            raise ValueError(
+                f"split G1={self.base}, k={self.prefixes}, G2={self.per_prefix} has no rollouts; raise "
+                "num_base_generations or num_reset_prefixes."
             )
 
     @property

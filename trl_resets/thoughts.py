@@ -2,8 +2,9 @@
 
 A rollout is a sequence of thoughts. A thought ends at the delimiter (``</thought>`` by
 default, or a blank line in paragraph mode) or when it reaches ``max_thought_tokens``.
-A rollout ends at EOS, after a thought that holds a final answer (``\\boxed{...}``), after
-``max_thoughts`` thoughts, or when it reaches its token budget.
+A rollout ends at EOS, after the thought that completes its final answer (a closed ``\\boxed{...}`` in that
+thought for math, ``answer="boxed"``; a closed fenced code block in the rollout for programs, ``answer="code"``),
+after ``max_thoughts`` thoughts, or when it reaches its token budget.
 
 `ThoughtTracker` makes these decisions one token at a time, so the same code runs inside a
 decoding loop (as a stopping criterion) and after the fact (`segment_thoughts`).
@@ -28,6 +29,18 @@ DEFAULT_ROLLOUT_TEMPLATE = (
     "Problem: {question}"
 )
 
+# The same instruction for programming problems: the program comes last, whole, in one fenced block (a rollout
+# ends at a closed code block, never at a box).
+CODE_ROLLOUT_TEMPLATE = (
+    "Solve the programming problem below one reasoning step at a time. Write only the next single step: one "
+    "observation about the problem, one idea for the algorithm, or one check of it on an example, that follows "
+    "from the steps before it and is more than filler. Close every step with {delimiter}.\n"
+    "In the last step, write the complete program in a single fenced Python code block (```python ... ```) and "
+    "close that step with {delimiter}.\n\n"
+    "Problem: {question}"
+)
+ANSWER_FORMATS = ("boxed", "code")
+
 # Why a rollout stopped.
 STOP_EOS = "eos"
 STOP_ANSWER = "answer"
@@ -47,6 +60,8 @@ class ThoughtFormat:
         max_thoughts: thoughts per rollout, counting those of a reset prefix.
         max_thought_tokens: tokens per thought; a longer thought is cut and the next begins.
         max_completion_tokens: tokens per response, counting those of a reset prefix.
+        answer: what ends a rollout as answered: ``"boxed"`` (a thought holding a closed ``\\boxed{...}``) or
+            ``"code"`` (a closed fenced code block, the program).
     """
 
     delimiter: str = DEFAULT_DELIMITER
@@ -54,10 +69,13 @@ class ThoughtFormat:
     max_thoughts: int = 20
     max_thought_tokens: int = 256
     max_completion_tokens: int = 4096
+    answer: str = "boxed"
 
     def __post_init__(self):
         if self.split not in ("delimiter", "paragraph"):
             raise ValueError(f"thought split must be 'delimiter' or 'paragraph', got {self.split!r}.")
+        if self.answer not in ANSWER_FORMATS:
+            raise ValueError(f"answer format must be one of {list(ANSWER_FORMATS)}, got {self.answer!r}.")
         if self.split == "delimiter" and not self.delimiter:
             raise ValueError("thought_delimiter is empty; give a delimiter or use thought_split='paragraph'.")
         for name in ("max_thoughts", "max_thought_tokens", "max_completion_tokens"):
@@ -81,6 +99,12 @@ def wrap_question(question: str, template: str = DEFAULT_ROLLOUT_TEMPLATE, delim
 
 
 _BOXED = re.compile(r"\\boxed\s*\{")
+_CODE_BLOCK = re.compile(r"```[^\n`]*\n.*?```", re.DOTALL)
+
+
+def contains_code_block(text: str) -> bool:
+    """True when ``text`` holds a fenced code block that is closed (an opening fence line, then a closing fence)."""
+    return _CODE_BLOCK.search(text) is not None
 
 
 def contains_final_answer(text: str) -> bool:
@@ -152,7 +176,7 @@ class ThoughtTracker:
         at_thought_cap = len(self.tokens) - self._thought_start >= self.fmt.max_thought_tokens
         if at_boundary or at_thought_cap:
             text = self._close_thought()
-            if contains_final_answer(text):
+            if self._answered(text):
                 self.stop_reason = STOP_ANSWER
             elif self.start_thoughts + len(self.spans) >= self.fmt.max_thoughts:
                 self.stop_reason = STOP_MAX_THOUGHTS
@@ -160,6 +184,11 @@ class ThoughtTracker:
             self._close_thought()
             self.stop_reason = STOP_MAX_TOKENS
         return self.done
+
+    def _answered(self, thought: str) -> bool:
+        if self.fmt.answer == "code":  # a long program may span thoughts cut at max_thought_tokens
+            return contains_code_block(self.decode(self.tokens))
+        return contains_final_answer(thought)
 
     def finish(self) -> None:
         """Close an unfinished rollout (the decoder stopped before the tracker did)."""

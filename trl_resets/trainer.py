@@ -34,11 +34,12 @@ from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.grpo_trainer import logger as _trl_logger
+from trl.trainer.utils import nanmax, nanmin
 
 from . import checkpoints, packing
 from . import metrics as reset_metrics
 from .advantages import group_advantages
-from .comparison import Repairer, Trajectory, batch_credit
+from .comparison import STATE_KEYS, Repairer, Trajectory, batch_credit
 from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
 from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_loss
@@ -46,9 +47,7 @@ from .resets import PromptGroups, ResetAlgorithm, Split
 from .rewards import bound_code_rewards
 from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
 from .sampling.base import DecodeRequest, decode, derive_seed
-from .sampling.vllm_backend import check_vllm_generation_kwargs
 from .scheduler import can_overlap, run_overlapped
-from .tasks.arithmetic import thought_value
 from .thoughts import STOP_ANSWER, STOP_EOS, Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 _PAPER = {
@@ -72,6 +71,15 @@ def _is_conversational(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
 
 
+def _has_image(prompt) -> bool:
+    """Whether a conversational prompt carries an image part (TRL's multimodal message format)."""
+    return _is_conversational(prompt) and any(
+        isinstance(message.get("content"), list)
+        and any(isinstance(part, dict) and part.get("type") == "image" for part in message["content"])
+        for message in prompt
+    )
+
+
 def _question_text(prompt) -> str:
     return prompt[-1]["content"] if _is_conversational(prompt) else prompt
 
@@ -83,28 +91,6 @@ def _logprobs_or_none(per_row: list) -> list | None:
     return [list(lps) for lps in per_row]
 
 
-def _check_vllm_settings(args) -> None:
-    """Settings the per-thought vLLM sampler cannot honour fail here, before the engine starts."""
-    if args.vllm_enable_sleep_mode:
-        raise ValueError(
-            "vllm_enable_sleep_mode=True is not supported: a reset step makes several vLLM calls (seed search, "
-            "localization, suffixes, per-thought rounds) and sleep mode would reload the weights before each one. "
-            "Set vllm_enable_sleep_mode=False."
-        )
-    if args.vllm_structured_outputs_regex is not None:
-        raise ValueError(
-            "vllm_structured_outputs_regex is not supported: thoughts are sampled in rounds, and a regex would be "
-            "applied to each round separately. Unset it."
-        )
-    if args.vllm_mode == "colocate" and args.vllm_tensor_parallel_size > 1:
-        raise ValueError(
-            "vllm_tensor_parallel_size > 1 in colocate mode is not supported yet (processes have different numbers "
-            "of unfinished rollouts per round). Use vllm_mode='server' for tensor parallelism."
-        )
-    check_vllm_generation_kwargs(args.generation_kwargs, args.vllm_mode)
-
-
-_STATE_KEYS = {"text": str.strip, "arithmetic": thought_value}  # config's state_key -> thought text to key
 
 # keywords the trainer itself passes to every reward function (besides the dataset's columns)
 _REWARD_KEYWORDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra"}
@@ -154,6 +140,15 @@ def check_dataset(dataset, reward_funcs, reward_names) -> None:
     columns = getattr(dataset, "column_names", None)
     if not columns:
         return
+    images = [column for column in ("image", "images") if column in columns]
+    if not images and "prompt" in columns and size:
+        images = ["prompt (image parts in its messages)"] if _has_image(dataset[0]["prompt"]) else []
+    if images:
+        raise ValueError(
+            f"train_dataset has the image column(s) {images}, but the reset trainers sample and score text only: the "
+            "images would be dropped from generation and from the loss. Train vision-language prompts with TRL's "
+            "GRPOTrainer, or remove the image columns to train on the text alone."
+        )
     for func, name in zip(reward_funcs, reward_names):
         if isinstance(func, nn.Module):
             continue
@@ -310,8 +305,6 @@ class ResetTrainer(GRPOTrainer):
         for name in ("rollout_func", "tools", "environment_factory"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}: it owns generation itself.")
-        if args.use_vllm:
-            _check_vllm_settings(args)
         reward_funcs = bound_code_rewards(reward_funcs, args.code_max_workers)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*rollout_func.*experimental.*")
@@ -332,6 +325,7 @@ class ResetTrainer(GRPOTrainer):
             max_thoughts=args.max_thoughts,
             max_thought_tokens=args.max_thought_tokens,
             max_completion_tokens=args.max_completion_length,
+            answer=args.answer_format,
         )
         if args.rollout_template is not None:
             wrap_question("probe", args.rollout_template, args.thought_delimiter)  # fail now on a broken template
@@ -347,7 +341,7 @@ class ResetTrainer(GRPOTrainer):
         )
         if state_key is not None and not callable(state_key):
             raise TypeError(f"state_key must be a callable (thought text -> hashable key), got {type(state_key).__name__}.")
-        self.state_key = state_key or _STATE_KEYS[args.state_key]
+        self.state_key = state_key or STATE_KEYS[args.state_key]
         self.repairer = (Repairer(args.repair_template, args.repair_max_tokens, args.repair_temperature)
                          if args.credit == "repair" else None)
         self.reset_algorithm = ResetAlgorithm(
@@ -549,7 +543,6 @@ class ResetTrainer(GRPOTrainer):
             self._log_completion_extra(
                 column, [values.get(tuple(row.completion_ids)) if row.weight > 0 else None for row in rows])
 
-    @torch.no_grad()
     def _warn_overlong_prompts(self, prompt_ids: list[list[int]]) -> None:
         """Warns, once per run, with the count, when prompts leave the model's positions no room for
         `max_completion_length` (TRL 1.16 has no `max_prompt_length` that would cut them): past its context a model
@@ -571,6 +564,7 @@ class ResetTrainer(GRPOTrainer):
                 stacklevel=2,
             )
 
+    @torch.inference_mode()
     def _score_with_model(self, model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
         """A reward model's score (its first logit) for each prompt + completion, in the reward tokenizer's format."""
         if _is_conversational(prompts[0]):
@@ -587,6 +581,9 @@ class ResetTrainer(GRPOTrainer):
         return scores
 
     def _reset_rollout(self, prompts: list) -> dict:
+        if any(_has_image(p) for p in prompts):  # a streamed dataset is not checked at construction
+            raise ValueError("a prompt carries an image part, but the reset trainers sample and score text only: "
+                             "the image would be dropped. Train vision-language prompts with TRL's GRPOTrainer.")
         wrapped = [self._wrap(p) for p in prompts]
         prompt_ids, _, _ = self._tokenize_prompts(wrapped)
         prompt_ids = [list(ids) for ids in prompt_ids]
@@ -860,6 +857,8 @@ class ResetTrainer(GRPOTrainer):
             self._metrics[mode]["kl"].append(masked_mean(terms.kl))
         self._metrics[mode]["entropy"].append(masked_mean(entropies))
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(terms.policy_loss).mean().item())
+        if self.args.clip_surrogate:
+            self._log_clip_ratios(mode, logps, old_logps, inputs.get("token_advantages", advantages), mask)
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         if self.entropy_coef != 0.0:  # GRPO's static entropy bonus (the adaptive one is refused by the config)
             loss = loss - self.entropy_coef * entropy_bonus(entropies, acted_on) / accumulation
@@ -869,6 +868,28 @@ class ResetTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
+
+    def _log_clip_ratios(self, mode, logps, old_logps, advantages, mask) -> None:
+        """GRPO's ``clip_ratio/*`` metrics (same definitions as TRL 1.16's ``_compute_loss``): the share of active
+        tokens whose ratio is clipped below (negative advantage) or above (positive), over all processes, and the
+        extreme per-row shares."""
+        ratio = torch.exp(logps.detach() - (logps.detach() if old_logps is None else old_logps))
+        advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+
+        def share(flags):
+            totals = self.accelerator.reduce(torch.stack([(flags * mask).sum(), mask.sum().float()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def per_row(flags):
+            return self.accelerator.gather((flags * mask).sum(-1) / mask.sum(-1))
+
+        self._metrics[mode]["clip_ratio/low_mean"].append(share(low))
+        self._metrics[mode]["clip_ratio/high_mean"].append(share(high))
+        self._metrics[mode]["clip_ratio/region_mean"].append(share(torch.maximum(low, high)))
+        self._metrics[mode]["clip_ratio/low_min"].append(nanmin(per_row(low)).item())
+        self._metrics[mode]["clip_ratio/high_max"].append(nanmax(per_row(high)).item())
 
     # ------------------------------------------------------------------ packed forward passes (pack_shared_prefixes)
     _pack_warned = False  # see _pack_groups

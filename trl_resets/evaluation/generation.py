@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE, ThoughtFormat, wrap_question
+from ..thoughts import CODE_ROLLOUT_TEMPLATE, DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE, ThoughtFormat, wrap_question
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "transformers", "vllm")
@@ -29,6 +29,8 @@ class GenerationSettings:
         top_p: nucleus sampling when ``temperature > 0``.
         num_samples: completions per item (more than one needs ``temperature > 0``).
         template, delimiter: the rollout prompt and the thought delimiter (``template=None``: prompts as they are).
+        answer_format: what ends a completion as answered (``"boxed"`` or ``"code"``, see `ThoughtFormat`); with
+            ``"code"`` the package's math template becomes its code template.
         max_thoughts, max_thought_tokens, max_completion_tokens: the thought caps.
         batch_size: items decoded together.
         seed: seeds the sampling (``temperature > 0``).
@@ -39,6 +41,7 @@ class GenerationSettings:
     num_samples: int = 1
     template: str | None = DEFAULT_ROLLOUT_TEMPLATE
     delimiter: str = DEFAULT_DELIMITER
+    answer_format: str = "boxed"
     max_thoughts: int = 20
     max_thought_tokens: int = 256
     max_completion_tokens: int = 2048
@@ -46,6 +49,8 @@ class GenerationSettings:
     seed: int = 0
 
     def __post_init__(self):
+        if self.answer_format == "code" and self.template == DEFAULT_ROLLOUT_TEMPLATE:
+            object.__setattr__(self, "template", CODE_ROLLOUT_TEMPLATE)
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}: use 0 (greedy) or a positive temperature.")
         if self.num_samples < 1:
@@ -62,7 +67,15 @@ class GenerationSettings:
     def thought_format(self) -> ThoughtFormat:
         return ThoughtFormat(delimiter=self.delimiter, max_thoughts=self.max_thoughts,
                              max_thought_tokens=self.max_thought_tokens,
-                             max_completion_tokens=self.max_completion_tokens)
+                             max_completion_tokens=self.max_completion_tokens, answer=self.answer_format)
+
+    def for_answer_format(self, answer_format: str) -> GenerationSettings:
+        """These settings for a benchmark whose answers have ``answer_format`` (the template follows it when it is
+        the package's own)."""
+        if answer_format == self.answer_format:
+            return self
+        template = DEFAULT_ROLLOUT_TEMPLATE if self.template == CODE_ROLLOUT_TEMPLATE else self.template
+        return replace(self, answer_format=answer_format, template=template)
 
 
 def prompt_ids(tokenizer, question, settings: GenerationSettings) -> list[int]:
@@ -95,11 +108,17 @@ class Completer:
         self.tokenizer = tokenizer
         self.settings = settings
 
-    def complete(self, questions: list[str]) -> list[list[str]]:
-        """``settings.num_samples`` completion texts per question."""
-        n = self.settings.num_samples
-        contexts = [prompt_ids(self.tokenizer, q, self.settings) for q in questions for _ in range(n)]
-        rollouts = self.sampler.sample(contexts)
+    def complete(self, questions: list[str], answer_format: str | None = None) -> list[list[str]]:
+        """``settings.num_samples`` completion texts per question (``answer_format``: the benchmark's, when it differs
+        from the settings')."""
+        settings = self.settings if answer_format is None else self.settings.for_answer_format(answer_format)
+        n = settings.num_samples
+        contexts = [prompt_ids(self.tokenizer, q, settings) for q in questions for _ in range(n)]
+        kept, self.sampler.fmt = self.sampler.fmt, settings.thought_format()
+        try:
+            rollouts = self.sampler.sample(contexts)
+        finally:
+            self.sampler.fmt = kept
         texts = [self.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
         return [texts[i * n:(i + 1) * n] for i in range(len(questions))]
 

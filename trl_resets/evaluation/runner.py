@@ -130,7 +130,7 @@ def evaluate_model(settings: RunSettings, output_dir: str | Path, completer=None
                    dtype: str = "auto", progress: bool = True) -> dict:
     """Generate, score and report a run in ``output_dir`` (resuming it when it exists); returns the results.
 
-    ``completer`` (an object with ``complete(questions) -> samples per question``) replaces the model loading,
+    ``completer`` (an object with ``complete(questions, answer_format) -> samples per question``) replaces the model loading,
     e.g. to reuse a loaded model.
     """
     from tqdm.auto import tqdm
@@ -156,7 +156,7 @@ def evaluate_model(settings: RunSettings, output_dir: str | Path, completer=None
                    unit="item")
         for start in range(0, len(rows), step):
             batch = rows[start:start + step]
-            samples = completer.complete([row["prompt"] for row in batch])
+            samples = completer.complete([row["prompt"] for row in batch], benchmark.answer_format)
             flat_rows = [row for row, texts in zip(batch, samples) for _ in texts]
             flat_texts = [text for texts in samples for text in texts]
             scores = score_completions(benchmark, flat_texts, flat_rows)

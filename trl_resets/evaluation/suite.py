@@ -32,6 +32,7 @@ class Benchmark:
         columns: the dataset columns the reward reads.
         data_file: the file name that holds its rows in a ``--data-dir`` folder (the source's schema).
         id_column: the column that names each item.
+        answer_format: ``"boxed"`` or ``"code"`` (programs): what ends a completion, and the template it gets.
     """
 
     name: str
@@ -41,6 +42,7 @@ class Benchmark:
     columns: tuple[str, ...]
     data_file: str
     id_column: str = "id"
+    answer_format: str = "boxed"
 
 
 def _math(name: str, column: str) -> Benchmark:
@@ -67,7 +69,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     _sciknoweval("materials", "mat"),
     _sciknoweval("physics", "phys"),
     Benchmark("livecodebench", "lcb", partial(load_livecodebench, "eval"), code_reward, ("tests",),
-              "livecodebench.jsonl", id_column="question_id"),
+              "livecodebench.jsonl", id_column="question_id", answer_format="code"),
 )}
 PAPER_SUITE = tuple(list(BENCHMARKS)[:10])
 """The ten benchmarks of the paper's Table 3."""

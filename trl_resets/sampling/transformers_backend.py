@@ -1,31 +1,27 @@
-"""Thought-level sampling with transformers' ``generate``: one decoding pass per rollout.
+"""Thought-level sampling with transformers models: one decoding pass per rollout, every cap enforced while decoding.
 
-The KV cache runs across thoughts and every cap is enforced while decoding by a stopping
-criterion that follows each row with a `ThoughtTracker`, so a rollout is sampled exactly as
-thought-by-thought prompting would sample it, at the cost of plain generation. Rows stop
-independently; nothing is re-encoded between thoughts.
+Compact decoding (the default) is the sampler's own decoding loop, a `DecodingStream`
+(`TransformersThoughtSampler.stream`). The KV cache runs across thoughts and a `ThoughtTracker` follows each row, so
+a rollout is sampled exactly as thought-by-thought prompting would sample it, with nothing re-encoded between
+thoughts. A row, and its slice of the KV cache, leaves the batch as soon as it stops, so the work follows the tokens
+actually drawn, not rows x the longest row; this matters most where a decoding step costs in proportion to its rows
+(a CPU) and where rollout lengths vary (a group's failures stop early; suffixes are shorter than rollouts).
+Requests may join while others decode: their contexts are prefilled together and their KV cache is merged into the
+running batch's, so the reset algorithm's localization replies and suffixes (`scheduler.run_overlapped`) decode in
+the same forward passes as the rollouts still running. ``sample`` and ``complete`` submit their rows at once and
+step the stream until it is done. The logits processors are the ones ``generate`` builds for the same config, and
+the tokens are drawn the same way (softmax then one ``multinomial`` per step, or argmax), so until a row stops the
+draws equal ``generate``'s.
 
-Rows that share a context (a group's rollouts of one prompt, the suffixes of one reset prefix) share
-its prefill: each distinct context is encoded once and its KV cache is copied to its rows before
-decoding, as vLLM's prefix caching does. Decoding is unchanged; only the duplicate prefill goes. (A
-model sampled in training mode with dropout draws one dropout mask for a shared prefill instead of one
-per row; the trainer samples in eval mode, see `sampling_weights`.)
+Rows that share a context (a group's rollouts of one prompt, the suffixes of one reset prefix) share its prefill:
+each distinct context is encoded once and its KV cache is copied to its rows, as vLLM's prefix caching does. (A
+model sampled in training mode with dropout draws one dropout mask for a shared prefill instead of one per row; the
+trainer samples in eval mode, see `sampling_weights`.)
 
-Compact decoding (the default): rather than ``generate``, which computes every row of a batch until the
-last one stops, the sampler runs its own decoding loop that drops a row, and its slice of the KV cache,
-as soon as it stops. The work then follows the tokens actually drawn, not rows x the longest row, which
-matters most where a decoding step costs in proportion to its rows (a CPU) and where rollout lengths
-vary (a group's failures stop early; suffixes are shorter than rollouts). The logits processors are the
-ones ``generate`` builds for the same config, and the tokens are drawn the same way (softmax then one
-``multinomial`` per step, or argmax), so until a row stops the draws equal ``generate``'s. Configs whose
-processors keep per-row state (repetition penalty, minimum lengths, ...), prompt-learning adapters and models with
-recurrent layers (linear attention, state-space: NemotronH, ...) use ``generate``, with a warning.
-
-The decoding loop is a `DecodingStream` (`TransformersThoughtSampler.stream`): requests may join while others
-decode. Their contexts are prefilled together and their KV cache is merged into the running batch's, so the
-reset algorithm's localization replies and suffixes (`scheduler.run_overlapped`) decode in the same forward
-passes as the rollouts still running. ``sample`` and ``complete`` submit their rows at once and step the stream
-until it is done.
+With ``compact_decoding=False``, and for configs whose processors keep per-row state (repetition penalty, minimum
+lengths, ...), prompt-learning adapters and models with recurrent layers (linear attention, state-space: NemotronH,
+...), rollouts are decoded by transformers' ``generate`` with a stopping criterion per row (with a warning where the
+compact loop was asked for); ``generate`` computes every row of a batch until the last one stops.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ from fractions import Fraction
 
 import datasets
 
+from ..comparison import register_state_key
+from ..localizers import register_oracle_checker
 from ..rewards.math import answers_match, extract_boxed
 
 OPERATIONS = ("+", "-", "*", "/")
@@ -381,3 +383,12 @@ def thought_value(thought: str) -> tuple:
     if boxed is not None:
         return ("boxed", boxed.strip())
     return ("text", thought.strip())
+
+
+def _first_wrong_step(row: Mapping, thoughts: list[str]) -> int | None:
+    return check_steps(row, thoughts).first_wrong
+
+
+# The task's pieces for the library: the oracle localizer's default checker and the "arithmetic" state key.
+register_oracle_checker(_first_wrong_step)
+register_state_key("arithmetic", thought_value)

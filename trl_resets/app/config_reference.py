@@ -5,7 +5,7 @@
 
 Each field the package adds is documented once, in `ResetConfig`'s docstring (TRL's style: a ``> Heading``, then
 ``name (`type`, defaults to ...):`` and an indented description); this module lays those entries out with the
-field's real defaults, and lists how each option of TRL's GRPOConfig stands with the reset loss (`config.py`).
+field's real defaults, and lists how each option of TRL's GRPOConfig stands (`options.py`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 
 from trl import GRPOConfig
 
-from . import config as reset_config
+from .. import config as reset_config
+from .. import options
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 _HEADING = re.compile(r"^ {4}> (.+)$")
 _ENTRY = re.compile(r"^ {4}(\w+) \(`([^`]+)`(?: or `([^`]+)`)?, defaults to (.+)\):$")
 
@@ -81,25 +82,26 @@ def render() -> str:
             lines.append(f"| `{name}` | {_cell(_default(srpo, name))} | {_cell(_default(rrpo, name))} | {_cell(text)} |")
         lines.append("")
     lines += [
-        "## GRPOConfig options and the reset loss",
+        "## How each GRPOConfig option stands",
         "",
-        ("Every other field is `GRPOConfig`'s, with TRL's meaning. How each option that GRPOConfig adds to "
-        "transformers' `TrainingArguments` stands with the reset trainers (the fields of `TrainingArguments` "
-        "itself, optimizer, schedule, logging and saving, act as in any Trainer):"),
+        ("Every other field is `GRPOConfig`'s, with TRL's meaning. The fields of transformers' `TrainingArguments` "
+         "(optimizer, schedule, logging, saving) act as in any Trainer; each option that `GRPOConfig` adds stands in "
+         "one of these ways (`trl_resets.options`, which the config and the trainers check when they are built):"),
         "",
-        "| status | meaning | options |",
-        "|---|---|---|",
+        "| stands | meaning |",
+        "|---|---|",
+        *(f"| {label} | {meaning} |" for label, meaning in options.STANDS.items()),
+        "",
+        ("A value that cannot be honoured raises a `ValueError` naming the option and the fix when the config is "
+         "built, before any compute."),
+        "",
+        "| option | stands | values refused | notes |",
+        "|---|---|---|---|",
     ]
-    meanings = {
-        "honoured": ("the reset loss or TRL around it acts on it as GRPO does", reset_config.HONOURED_OPTIONS),
-        "refused": ("some or all values are refused at construction, with the fix in the message",
-                    reset_config.REFUSED_OPTIONS),
-        "no effect": ("does not change the loss (generation, loading, logging, or read only by refused options)",
-                      reset_config.NO_LOSS_EFFECT),
-    }
-    for status, (meaning, names) in meanings.items():
-        listed = ", ".join(f"`{n}`" for n in sorted(names & grpo_fields))
-        lines.append(f"| {status} | {meaning} | {listed} |")
+    for name in sorted(options.OPTIONS):
+        option = options.OPTIONS[name]
+        refused = "all but the default" if option.stands == "refused" else ("some" if option.refuse else "none")
+        lines.append(f"| `{name}` | {option.stands} | {refused} | {_cell(option.note)} |")
     return "\n".join(lines) + "\n"
 
 

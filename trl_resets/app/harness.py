@@ -1,8 +1,8 @@
 """The main job: one harness behind ``examples/train_srpo.py``, ``train_rrpo.py`` and ``train_grpo.py``.
 
-With no arguments a script loads the embedded SmolLM2-135M-Instruct, gives it the format warm-up
-(:mod:`trl_resets.warmup`, cached), trains a LoRA adapter (rank 64, alpha 64) for a few steps on
-the arithmetic task on the CPU, and writes an output folder::
+With no ``--config`` a script runs its method's main job, the recipe ``trl_resets/app/recipes/<method>_smollm2_cpu.yaml``:
+it loads the embedded SmolLM2-135M-Instruct, gives it the format warm-up (:mod:`trl_resets.warmup`, cached), trains
+a LoRA adapter (rank 64, alpha 64) for a few steps on the arithmetic task on the CPU, and writes an output folder::
 
     adapter_model.safetensors, adapter_config.json, tokenizer files   the trained adapter
     metrics.jsonl      every log line of the run (one JSON object per line)
@@ -13,8 +13,8 @@ the arithmetic task on the CPU, and writes an output folder::
     validation.png     greedy pass rate on held-out problems (`trl_resets.evaluation.ValidationCallback`)
     README.md          the model card (TRL's card plus the reset section, see `trl_resets.model_card`)
 
-Every setting comes from the command line or a YAML recipe (``--config``) through ``TrlParser``:
-the method's config (`SRPOConfig` / `RRPOConfig` / `ResetConfig`), TRL's ``ModelConfig``,
+Every setting comes from the command line, else the recipe, else the method's own defaults (never another
+recipe's), through ``TrlParser``; ``--print-config`` prints them with their sources. The parsed classes: the method's config (`SRPOConfig` / `RRPOConfig` / `ResetConfig`), TRL's ``ModelConfig``,
 `TaskArguments` and `RunArguments`. A recipe that names a hub dataset (``dataset_name``) trains on
 its problems with the boxed-answer reward instead of the arithmetic task; LiveCodeBench
 (``livecodebench/code_generation_lite``) trains with the sandboxed code reward on each problem's
@@ -25,19 +25,22 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
+import yaml
 from transformers import TrainerCallback
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from .config import ResetConfig, RRPOConfig, SRPOConfig
-from .evaluation.callback import ValidationCallback
-from .rewards import bound_code_rewards, boxed_answer_reward, code_reward
-from .tasks import livecodebench, make_arithmetic_dataset
-from .tasks.math_benchmarks import load_boxed_problems
-from .trainer import GRPOBaselineTrainer, RRPOTrainer, SRPOTrainer
+from ..config import ResetConfig, RRPOConfig, SRPOConfig
+from ..evaluation.callback import ValidationCallback
+from ..rewards import bound_code_rewards, boxed_answer_reward, code_reward
+from ..tasks import livecodebench, make_arithmetic_dataset
+from ..tasks.math_benchmarks import load_boxed_problems
+from ..trainer import GRPOBaselineTrainer, RRPOTrainer, SRPOTrainer
 
 METHODS = {
     "srpo": (SRPOConfig, SRPOTrainer),
@@ -45,49 +48,15 @@ METHODS = {
     "grpo": (ResetConfig, GRPOBaselineTrainer),
 }
 
-# Short prompts for the CPU job: the prompt is most of every sequence a 135M model reads, and both the
-# warm-up and the RL loss pay for each of its tokens. The GPU recipes keep the package's full prompts.
-COMPACT_ROLLOUT_TEMPLATE = (
-    "Solve the problem one step at a time. End each step with {delimiter}. In the last step, write the "
-    "final answer as \\boxed{{answer}}.\n\nProblem: {question}"
-)
-COMPACT_LOCALIZATION_TEMPLATE = (
-    "Problem: {question}\n\nA solution whose final answer is wrong:\n{steps}\n\n"
-    "Which step is the first wrong one? Reply with its number (1 to {num_steps}) as \\boxed{{N}}."
-)
+# The main job of each method: a recipe shipped with the package, run when no --config is given.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+# What the GRPO baseline changes in the reset config's defaults (k = 0: eight iid rollouts per prompt).
+METHOD_DEFAULTS = {"srpo": {}, "rrpo": {}, "grpo": {"num_base_generations": 8, "num_reset_prefixes": 0}}
 
-# The CPU main job. A recipe for other hardware sets every one of these keys it wants changed.
-CPU_DEFAULTS = {
-    "rollout_template": COMPACT_ROLLOUT_TEMPLATE,
-    "localization_template": COMPACT_LOCALIZATION_TEMPLATE,
-    "per_device_train_batch_size": 16,
-    "max_steps": 6,
-    "learning_rate": 5e-5,
-    "lr_scheduler_type": "constant",
-    "weight_decay": 0.01,
-    "max_grad_norm": 1.0,
-    "gradient_checkpointing": False,  # recomputing activations costs a third more compute; memory is not short here
-    "max_completion_length": 128,
-    "max_thought_tokens": 48,
-    "max_thoughts": 6,
-    "temperature": 0.7,
-    "top_p": 0.95,
-    "seed_budget": 4,
-    "logging_steps": 1,
-    "save_strategy": "no",
-    "report_to": "none",
-    "use_cpu": True,
-    "bf16": False,
-    "use_peft": True,
-    "lora_r": 64,
-    "lora_alpha": 64,
-    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-METHOD_DEFAULTS = {
-    "srpo": {"output_dir": "outputs/srpo-smollm2-arithmetic"},
-    "rrpo": {"output_dir": "outputs/rrpo-smollm2-arithmetic"},
-    "grpo": {"output_dir": "outputs/grpo-smollm2-arithmetic", "num_base_generations": 8, "num_reset_prefixes": 0},
-}
+
+def default_recipe(method: str) -> Path:
+    """The main job's recipe of ``method`` (the CPU job on the embedded model)."""
+    return RECIPES / f"{method}_smollm2_cpu.yaml"
 
 
 @dataclass
@@ -128,7 +97,7 @@ class RunArguments:
     """The format warm-up and the run's outputs."""
 
     warmup: bool = field(
-        default=True, metadata={"help": "Run the cached format warm-up (trl_resets.warmup) before RL training."}
+        default=False, metadata={"help": "Run the cached format warm-up (trl_resets.warmup) before RL training."}
     )
     warmup_epochs: float = field(default=1.0, metadata={"help": "Warm-up SFT epochs."})
     warmup_learning_rate: float = field(default=2e-3, metadata={"help": "Warm-up SFT learning rate."})
@@ -148,24 +117,77 @@ class RunArguments:
 
 
 def build_parser(method: str) -> TrlParser:
-    """The parser of one method, with the CPU main job as defaults (a recipe or flags override them)."""
+    """The parser of one method: its config's own defaults (a recipe or flags override them)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {sorted(METHODS)}.")
     config_cls, _ = METHODS[method]
     parser = TrlParser((config_cls, ModelConfig, TaskArguments, RunArguments))
-    parser.set_defaults(**CPU_DEFAULTS, **METHOD_DEFAULTS[method])
+    parser.set_defaults(**METHOD_DEFAULTS[method])
     return parser
 
 
+def _recipe_argv(method: str, argv: list[str] | None) -> list[str]:
+    """``argv`` with the main job's recipe in front when it names no ``--config``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+        return argv
+    return ["--config", str(default_recipe(method)), *argv]
+
+
 def parse(method: str, argv: list[str] | None = None):
-    """(config, model_args, task, run) from ``argv`` (default: sys.argv) and an optional ``--config`` recipe."""
-    args, model_args, task, run = build_parser(method).parse_args_and_config(argv)
+    """(config, model_args, task, run) from ``argv`` (default: sys.argv): a ``--config`` recipe over the method's
+    defaults, or with no ``--config`` the method's main job (`default_recipe`); flags override either."""
+    args, model_args, task, run = build_parser(method).parse_args_and_config(_recipe_argv(method, argv))
     if method == "grpo" and args.num_reset_prefixes != 0:
         raise ValueError(
             f"train_grpo runs the GRPO baseline, which needs num_reset_prefixes=0 (got {args.num_reset_prefixes}); "
             "use train_srpo.py or train_rrpo.py for reset groups."
         )
+    if is_code_task(task) and args.answer_format != "code":
+        raise ValueError(
+            f"dataset_name={task.dataset_name!r} asks for programs, but answer_format={args.answer_format!r} ends a "
+            "rollout at a boxed answer and prompts for one. Set answer_format: code."
+        )
     return args, model_args, task, run
+
+
+def resolved_settings(method: str, argv: list[str] | None = None) -> list[tuple[str, object, str]]:
+    """Every setting a run of ``method`` with ``argv`` resolves to, as (name, value, source) with source
+    ``"command line"``, ``"recipe"`` or ``"default"`` (the method's own)."""
+    argv = _recipe_argv(method, argv)
+    recipe_path = argv[argv.index("--config") + 1] if "--config" in argv else next(
+        a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+    recipe = yaml.safe_load(Path(recipe_path).read_text()) or {}
+    flags = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")} - {"config"}
+    settings = []
+    for part in parse(method, argv):
+        for f in fields(part):
+            source = "command line" if f.name in flags else "recipe" if f.name in recipe else "default"
+            settings.append((f.name, getattr(part, f.name), source))
+    return settings
+
+
+def _plain(value):
+    """A setting as YAML can write it: enums by their value, other objects by their text."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def print_config(method: str, argv: list[str] | None = None) -> None:
+    """Prints the resolved settings as a recipe, each line marked with where its value came from."""
+    print(f"# {method}: resolved settings (# recipe, # command line, or # default: the method's own)")
+    for name, value, source in resolved_settings(method, argv):
+        value = _plain(value)
+        if isinstance(value, str) and "\n" in value:  # one line per setting: a JSON string is a YAML scalar too
+            text = f"{name}: {json.dumps(value)}"
+        else:
+            text = yaml.safe_dump({name: value}, default_flow_style=True, width=10**6).strip()[1:-1]
+        print(f"{text}  # {source}")
 
 
 # --------------------------------------------------------------------------- data
@@ -327,7 +349,7 @@ def dataset_label(task: TaskArguments) -> str:
 
 def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, model_path: str, seconds: float) -> dict:
     """metrics summary, resets, plots and the model card, in ``out`` (main process)."""
-    from .model_card import headline_metrics
+    from ..model_card import headline_metrics
 
     resets = gathered_resets(trainer)
     if not trainer.accelerator.is_main_process:
@@ -345,11 +367,10 @@ def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, mo
         "resets": len(resets),
         "task": asdict(task),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     validation = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
     if validation:
         summary["validation"] = validation[0].history
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if run.plots:
         from .plots import plot_reset_index, plot_rewards, plot_validation
 
@@ -405,6 +426,9 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
 
 
 def main(method: str, argv: list[str] | None = None):
-    """Entry point of the example scripts."""
+    """Entry point of the example scripts; ``--print-config`` prints the resolved settings and trains nothing."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--print-config" in argv:
+        return print_config(method, [a for a in argv if a != "--print-config"])
     args, model_args, task, run = parse(method, argv)
     return train(method, args, model_args, task, run)

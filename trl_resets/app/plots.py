@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .metrics import PREFIX
-from .model_card import finite_number
+from ..metrics import PREFIX
+from ..model_card import finite_number
 
 CURVES = (
     ("reward", "reward (mean over rows)"),

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="trl-resets", description="Train with reset-based credit assignment on Hugging Face TRL.",
-        epilog="Example: trl-resets srpo --config examples/recipes/srpo_smollm2_cpu.yaml --max_steps 10",
+        epilog="Examples: trl-resets srpo --max_steps 10 (the CPU main job); trl-resets srpo --config RECIPE.yaml --print-config",
     )
     sub = parser.add_subparsers(dest="method", required=True, metavar="{" + ",".join(METHODS) + "}")
     for name, text in METHODS.items():

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import datasets
 
-from .localizers import DEFAULT_LOCALIZATION_TEMPLATE, LocalizationRequest, localization_prompt
+from ..localizers import DEFAULT_LOCALIZATION_TEMPLATE, LocalizationRequest, localization_prompt
+from ..tasks.arithmetic import ArithmeticProblem, apply_operation, check_steps, make_arithmetic_dataset
+from ..thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE, wrap_question
 from .models import build_folder_atomically, model_cache_folder
-from .tasks.arithmetic import ArithmeticProblem, apply_operation, check_steps, make_arithmetic_dataset
-from .thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE, wrap_question
 
 MARKER_FILE = "trl_resets_warmup.json"
 THOUGHT_SEPARATOR = "\n"
@@ -412,10 +412,10 @@ def measure_format(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from .localizers import parse_step_index
-    from .rewards.math import answers_match, extract_boxed
-    from .sampling import TransformersThoughtSampler
-    from .thoughts import ThoughtFormat, strip_delimiter
+    from ..localizers import parse_step_index
+    from ..rewards.math import answers_match, extract_boxed
+    from ..sampling import TransformersThoughtSampler
+    from ..thoughts import ThoughtFormat, strip_delimiter
 
     if num_problems < 1 or rollouts_per_problem < 1:
         raise ValueError(f"need num_problems >= 1 and rollouts_per_problem >= 1, got {num_problems}, "
