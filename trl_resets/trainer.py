@@ -897,13 +897,15 @@ class ResetTrainer(GRPOTrainer):
     def _prepare_inputs(self, generation_batch):
         """TRL's micro-batches; with ``pack_shared_prefixes``, the micro-batches of each optimizer step of a new
         generation are laid out again (same sizes, same rows per step, TRL's random order of groups) so that they
-        keep the groups that step holds whole, to pack them."""
+        keep the groups that step holds whole, to pack them. (Only where a generation spans whole optimizer steps:
+        ``steps_per_generation`` a multiple of ``gradient_accumulation_steps``.)"""
         buffered = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
         batches = self._buffered_inputs
-        if not self.args.pack_shared_prefixes or batches is buffered or not self.model.training:
-            return inputs
         per_step = self.args.gradient_accumulation_steps
+        if (not self.args.pack_shared_prefixes or batches is buffered or not self.model.training
+                or len(batches) % per_step != 0):
+            return inputs
         regrouped = []
         for start in range(0, len(batches), per_step):
             step = batches[start:start + per_step]
