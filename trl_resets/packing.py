@@ -200,7 +200,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: 
     ids = input_ids.tolist()
     members = _members(group_ids)
     first_scored = width - logits_to_keep
-    packs = []  # per pack: tokens, positions, segment (-1 shared, k continuation k), labels
+    packs = []  # per pack: tokens, positions, its shared positions, (start, end) of each continuation, labels
     where = {}  # (row, column) -> (pack, index) of the position that holds that column's token for the row
     for rows in members.values():
         start = spans[rows[0]][0]
@@ -212,54 +212,64 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: 
                     "tokens at the same columns; give them different group ids or a shorter shared length."
                 )
         kept = max(shared - 1, 0)  # shared positions forwarded once; the last shared token opens each continuation
-        tokens, positions, segments = ids[rows[0]][start:start + kept], list(range(start, start + kept)), [-1] * kept
-        p = len(packs)
+        tokens, positions = ids[rows[0]][start:start + kept], list(range(start, start + kept))
+        p, continuations = len(packs), []
         for r in rows:
             for c in range(start, start + kept):
                 where[r, c] = (p, c - start)
-        for k, r in enumerate(rows):
+        for r in rows:
+            first = len(tokens)
             for c in range(start + kept, spans[r][1]):
-                where[r, c] = (p, len(tokens))
-                tokens.append(ids[r][c])
-                positions.append(c)
-                segments.append(k)
+                where[r, c] = (p, first + c - start - kept)
+            tokens += ids[r][start + kept:spans[r][1]]
+            positions += range(start + kept, spans[r][1])
+            continuations.append((first, len(tokens)))
         labels = [IGNORE] * len(tokens)
         for r in rows:
             for c in range(max(start, first_scored - 1), spans[r][1] - 1):
                 labels[where[r, c][1]] = ids[r][c + 1]
-        packs.append((tokens, positions, segments, labels))
+        packs.append((tokens, positions, kept, continuations, labels))
 
-    length = max(max(len(t) for t, _, _, _ in packs), 1)
+    length = max(max(len(pack[0]) for pack in packs), 1)
     n = len(packs)
     device = input_ids.device
     packed_ids = torch.full((n, length), pad_token_id, dtype=input_ids.dtype)
     packed_pos = torch.zeros((n, length), dtype=torch.long)
     packed_labels = torch.full((n, length), IGNORE, dtype=torch.long)
-    segment = torch.full((n, length), -2, dtype=torch.long)  # -2: padding of the packed batch
-    for p, (tokens, positions, segments, labels) in enumerate(packs):
+    # True where a query (row) attends a key (column): the shared positions causally among themselves, each
+    # continuation the shared positions and itself causally, padding of the packed batch itself only (no row of the
+    # mask is empty)
+    allowed = torch.zeros((n, length, length), dtype=torch.bool)
+    for p, (tokens, positions, kept, continuations, labels) in enumerate(packs):
         m = len(tokens)
         packed_ids[p, :m] = torch.tensor(tokens, dtype=input_ids.dtype)
         packed_pos[p, :m] = torch.tensor(positions)
         packed_labels[p, :m] = torch.tensor(labels)
-        segment[p, :m] = torch.tensor(segments)
-    q, k = segment.unsqueeze(2), segment.unsqueeze(1)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = causal & ((k == -1) | (k == q)) & (q != -2)
-    allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no row of the mask is empty
+        allowed[p, :kept, :kept] = torch.ones(kept, kept, dtype=torch.bool).tril()
+        for a, b in continuations:
+            allowed[p, a:b, :kept] = True
+            allowed[p, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        pad = torch.arange(m, length)
+        allowed[p, pad, pad] = True
     allowed = allowed.unsqueeze(1)
     if mask_kind == "additive":
         allowed = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    index = torch.zeros((batch, logits_to_keep), dtype=torch.long)
-    valid = torch.zeros((batch, logits_to_keep), dtype=torch.bool)
+    flat, cells = [], []  # the token at column c is predicted at column c - 1
     for r in range(batch):
         a, b = spans[r]
-        for c in range(max(first_scored, a + 1), b):  # the token at column c is predicted at column c - 1
+        for c in range(max(first_scored, a + 1), b):
             p, t = where[r, c - 1]
-            index[r, c - first_scored] = p * length + t
-            valid[r, c - first_scored] = True
+            flat.append(p * length + t)
+            cells.append(r * logits_to_keep + c - first_scored)
+    index = torch.zeros(batch * logits_to_keep, dtype=torch.long)
+    valid = torch.zeros(batch * logits_to_keep, dtype=torch.bool)
+    cells = torch.tensor(cells, dtype=torch.long)
+    index[cells] = torch.tensor(flat, dtype=torch.long)
+    valid[cells] = True
     return PackedBatch(packed_ids.to(device), packed_pos.to(device), allowed.to(device), packed_labels.to(device),
-                       index.to(device), valid.to(device), [len(t) for t, _, _, _ in packs])
+                       index.view(batch, logits_to_keep).to(device), valid.view(batch, logits_to_keep).to(device),
+                       [len(pack[0]) for pack in packs])
 
 
 def unpack(values: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
