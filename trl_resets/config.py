@@ -139,6 +139,20 @@ class ResetConfig(GRPOConfig):
         over the rows that carry loss in the whole generation batch (all processes and micro-batches of it, so a
         micro-batch's share does not depend on how many of its rows are fallback fillers). TRL's `"grpo"` divides
         by the rows of each micro-batch instead; the two agree when every row carries loss.
+
+    > Forward passes
+
+    pack_shared_prefixes (`bool`, defaults to `False`):
+        Forward the tokens a group's rows share (the prompt; a reset group's prompt and prefix) once, in the
+        old-policy, reference and update passes: each group is one sequence under a 4D attention mask in which a
+        row's continuation sees the shared tokens and itself (`trl_resets.packing`), and the micro-batches of each
+        optimizer step keep its groups whole (each step trains the same rows). The log-probabilities, entropies and
+        loss are those of the unpacked rows (within float rounding). SDPA and eager attention compute a pack's
+        whole masked square, so a batch is packed only where that and its tokens cost less than the unpacked rows
+        (`trl_resets.packing.plan`), which can cut a group into smaller packs or leave it unpacked. Needs
+        `attn_implementation="sdpa"` or `"eager"`; models that cannot take the mask (recurrent layers, sliding
+        windows shorter than the rows, FlashAttention-2, MoE load-balancing loss, multimodal inputs), and runs with
+        sharded weights (ZeRO-3, FSDP), are forwarded unpacked, with one warning naming why.
     """
 
     loss_type: str = field(
@@ -226,6 +240,9 @@ class ResetConfig(GRPOConfig):
     repair_temperature: float = field(default=0.0, metadata={"help": "Temperature of the repair reply (0: greedy)."})
     clip_surrogate: bool = field(
         default=False, metadata={"help": "Clip the importance ratio as PPO does (same masks, same aggregation)."}
+    )
+    pack_shared_prefixes: bool = field(
+        default=False, metadata={"help": "Forward each group's shared tokens once (prompt, reset prefix)."}
     )
 
     def __post_init__(self):

@@ -35,7 +35,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.grpo_trainer import logger as _trl_logger
 from trl.trainer.utils import nanmax, nanmin
 
-from . import batch, checkpoints, seeding
+from . import batch, checkpoints, packing, seeding
 from . import metrics as reset_metrics
 from .checks import (
     check_dataset,
@@ -628,6 +628,87 @@ class ResetTrainer(GRPOTrainer):
         self._metrics[mode]["clip_ratio/region_mean"].append(share(torch.maximum(low, high)))
         self._metrics[mode]["clip_ratio/low_min"].append(nanmin(per_row(low)).item())
         self._metrics[mode]["clip_ratio/high_max"].append(nanmax(per_row(high)).item())
+
+    # ------------------------------------------------------------------ packed forward passes (pack_shared_prefixes)
+    _pack_warned = False  # see _pack_groups
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's micro-batches; with ``pack_shared_prefixes``, the micro-batches of each optimizer step of a new
+        generation are laid out again (same sizes, same rows per step, TRL's random order of groups) so that they
+        keep the groups that step holds whole, to pack them. (Only where a generation spans whole optimizer steps:
+        ``steps_per_generation`` a multiple of ``gradient_accumulation_steps``.)"""
+        buffered = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        batches = self._buffered_inputs
+        per_step = self.args.gradient_accumulation_steps
+        if (not self.args.pack_shared_prefixes or batches is buffered or not self.model.training
+                or len(batches) % per_step != 0):
+            return inputs
+        regrouped = []
+        for start in range(0, len(batches), per_step):
+            step = batches[start:start + per_step]
+            ids = torch.cat([torch.cat([b["prompt_ids"], b["completion_ids"]], 1) for b in step])
+            mask = torch.cat([torch.cat([b["prompt_mask"], b["completion_mask"]], 1) for b in step])
+            found = packing.groups_by_content(ids, mask) if len(step) > 1 else None
+            regrouped += step if found is None else packing.regroup(step, found[0])
+        self._buffered_inputs = regrouped
+        return regrouped[self._step % self.args.steps_per_generation]
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        """TRL's per-token log-probabilities and entropies (old policy, reference, update). With
+        ``pack_shared_prefixes``, each group's shared tokens are forwarded once (`packing`), through the same fused
+        LM head, into the same (rows, logits_to_keep) shape."""
+        batch_size = batch_size or input_ids.size(0)
+        found = (self._pack_groups(model, input_ids, attention_mask, batch_size, compute_aux_loss, extra)
+                 if self.args.pack_shared_prefixes else None)
+        if found is None:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, compute_entropy, compute_aux_loss, **extra)
+        group_ids, shared, micro_batches = found
+        unwrapped = self.accelerator.unwrap_model(model)
+        kind, dtype = packing.mask_kind(unwrapped), next(unwrapped.parameters()).dtype
+        logps, entropies, order = [], [], []
+        for rows in micro_batches:
+            index = torch.tensor(rows, device=input_ids.device)
+            batch = packing.pack(input_ids[index], attention_mask[index], logits_to_keep, [group_ids[r] for r in rows],
+                                 [shared[r] for r in rows], kind, dtype)
+            with self.accelerator.autocast():
+                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, shift_labels=batch.labels, fused_lm_head=True)
+            logps.append(packing.unpack(out.log_probs, batch))
+            if compute_entropy:
+                entropies.append(packing.unpack(out.entropy, batch))
+            order.extend(rows)
+        inverse = torch.argsort(torch.tensor(order, device=input_ids.device))
+        return torch.cat(logps)[inverse], torch.cat(entropies)[inverse] if compute_entropy else None, None
+
+    def _pack_groups(self, model, input_ids, attention_mask, batch_size, compute_aux_loss, extra):
+        """`packing.plan`'s (group id, shared length per row, micro-batches), or None: packing would not cost less,
+        or the model cannot take the packed mask (warned once per run, naming why; the rows are then forwarded as
+        TRL does)."""
+        reason = None
+        if self._zero3 or self.is_fsdp_enabled:
+            reason = ("the weights are sharded (ZeRO-3 or FSDP), so every process must make the same forward calls, "
+                      "and the packs of a batch differ between processes")
+        elif any(value is not None for value in extra.values()):
+            reason = "the batch carries multimodal inputs, which are laid out per row"
+        elif compute_aux_loss:
+            reason = "the MoE load-balancing loss is computed over the rows' 2D attention mask"
+        elif packing.real_spans(attention_mask) is None:
+            reason = "a row's tokens are not one contiguous run (only left and right padding can be packed)"
+        else:
+            reason = packing.packing_refusal(self.accelerator.unwrap_model(model), input_ids.size(1))
+        if reason is not None:
+            if not self._pack_warned:
+                self._pack_warned = True
+                warnings.warn(f"pack_shared_prefixes=True, but the rows are forwarded unpacked: {reason}. Training "
+                              "is unchanged, only slower; set pack_shared_prefixes=False to silence this (warned "
+                              "once per run).", stacklevel=3)
+            return None
+        # packs that cost less than their rows, with SDPA's and eager's dense masked attention
+        cost = packing.pair_cost(self.accelerator.unwrap_model(model))
+        return packing.plan(input_ids, attention_mask, batch_size, cost)
 
     # ------------------------------------------------------------------ model card
     # ------------------------------------------------------------------ checkpoints
