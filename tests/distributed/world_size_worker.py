@@ -18,7 +18,7 @@ from trl_resets import trainer as trainer_module
 
 sys.path.insert(0, __file__.rsplit("/", 3)[0])
 from tests.conftest import ScriptedLlama, make_char_tokenizer
-from tests.distributed_worker import exit_at_once, write_report
+from tests.distributed.distributed_worker import exit_at_once, write_report
 
 GLOBAL_ROWS = 32  # 4 prompts x 8 rows (split 0 x 2 x 4)
 
