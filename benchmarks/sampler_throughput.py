@@ -1,7 +1,7 @@
 """Thought-level sampling against plain generation: same backend, model, prompts and token budget.
 
     python -m benchmarks.sampler_throughput            # embedded SmolLM2-135M-Instruct
-    python -m benchmarks.sampler_throughput --quick    # fewer prompts and tokens (under two minutes)
+    python -m benchmarks.sampler_throughput --quick    # fewer prompts and tokens (under two minutes), to a temp folder
 
 Prints tokens per second for both and, as its last line, the ratio (thought sampler / plain).
 Writes benchmarks/results/sampler_throughput.{json,md,png} (the plot needs matplotlib; without it, no PNG).
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,17 +119,19 @@ def main():
     machine += f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the end"
     result = {"model": args.model, "prompts": args.prompts, "tokens": args.tokens, "repeats": args.repeats,
               "tokens_per_s": best, "runs_tokens_per_s": rates, "ratio": ratio, "machine": machine}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sampler_throughput.json").write_text(json.dumps(result, indent=2))
+    results = Path(tempfile.mkdtemp(prefix="trl-resets-sampler-")) if args.quick else RESULTS  # smoke: scratch
+    results.mkdir(exist_ok=True)
+    (results / "sampler_throughput.json").write_text(json.dumps(result, indent=2))
     table = (
         "| sampler | tokens/s (best of runs) |\n|---|---|\n"
         f"| plain generate | {best['plain']:.1f} |\n| thought sampler | {best['thought']:.1f} |\n"
     )
-    (RESULTS / "sampler_throughput.md").write_text(
+    (results / "sampler_throughput.md").write_text(
         f"{table}\nratio {ratio:.3f}; {args.prompts} prompts x {args.tokens} tokens; {machine}\n"
     )
-    plot(rates, ratio, RESULTS / "sampler_throughput.png",
+    plot(rates, ratio, results / "sampler_throughput.png",
          f"{Path(args.model).name}: {args.prompts} prompts x {args.tokens} tokens\n{machine}")
+    print(f"results in {results}")
     print(table)
     print(f"thought/plain throughput ratio: {ratio:.3f}")
 
