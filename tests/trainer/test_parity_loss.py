@@ -126,12 +126,18 @@ def test_trl_hands_the_sampling_policy_to_later_steps_of_a_generation(tmp_path, 
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_clipped_loss_is_grpo_per_row_mean(tmp_path, char_tokenizer):
-    trainer = _trainer(tmp_path, char_tokenizer, clip_surrogate=True, epsilon=0.1)
+def _clipped_step(tmp_path, tok):
+    """A clipped-surrogate trainer and a batch sampled by a policy that has moved since (ratios spread around 1)."""
+    trainer = _trainer(tmp_path, tok, clip_surrogate=True, epsilon=0.1)
     inputs = _inputs(LENGTHS, [0, 0, 0, 0], ADVANTAGES)
     with torch.no_grad():
         current = _logps(trainer, inputs)
     inputs["old_per_token_logps"] = current + torch.linspace(-0.3, 0.3, current.numel()).view_as(current)
+    return trainer, inputs
+
+
+def test_clipped_loss_is_grpo_per_row_mean(tmp_path, char_tokenizer):
+    trainer, inputs = _clipped_step(tmp_path, char_tokenizer)
     got = _grads(trainer, trainer._compute_loss(trainer.model, inputs))
     trainer.loss_type = "grpo"  # GRPOConfig's per-row mean, then mean over rows
     grpo = _grads(trainer, GRPOTrainer._compute_loss(trainer, trainer.model, inputs))
@@ -143,11 +149,7 @@ def test_clipped_loss_is_grpo_per_row_mean(tmp_path, char_tokenizer):
 
 def test_clipped_loss_logs_grpo_clip_ratios_with_grpo_definitions(tmp_path, char_tokenizer):
     """Dashboards built for GRPO read clip_ratio/*: the clipped surrogate logs the same values GRPOTrainer logs."""
-    trainer = _trainer(tmp_path, char_tokenizer, clip_surrogate=True, epsilon=0.1)
-    inputs = _inputs(LENGTHS, [0, 0, 0, 0], ADVANTAGES)
-    with torch.no_grad():
-        current = _logps(trainer, inputs)
-    inputs["old_per_token_logps"] = current + torch.linspace(-0.3, 0.3, current.numel()).view_as(current)
+    trainer, inputs = _clipped_step(tmp_path, char_tokenizer)
     trainer._metrics["train"].clear()
     trainer._compute_loss(trainer.model, inputs)
     ours = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("clip_ratio/")}
