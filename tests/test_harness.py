@@ -138,6 +138,9 @@ def test_bad_settings_fail_clearly(tmp_path):
     train = harness.load_problems(harness.TaskArguments(num_problems=4))
     with pytest.raises(ValueError, match="validation_steps=0"):
         harness.load_validation(harness.TaskArguments(num_problems=4), harness.RunArguments(validation_steps=0), train)
+    with pytest.raises(ValueError, match="validation_batch_size=0"):
+        harness.load_validation(harness.TaskArguments(num_problems=4), harness.RunArguments(validation_batch_size=0),
+                                train)
     args, model_args, task, run = harness.parse("srpo", ["--dataset_name", "some/hub-set", "--model_name_or_path",
                                                          str(tmp_path), "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="warmup: false"):
