@@ -5,7 +5,7 @@
                                                          # warm-up run in the job's process, as in a fresh clone
     python benchmarks/main_job.py --quick                # 1 step, 8 held-out problems (a smoke test)
 
-Two child processes, each with a thread that reads its resident memory (RSS) every 5 ms:
+Two child processes, each with a thread that reads its resident memory (RSS) every 20 ms:
 
 * ``job``: the main job as ``examples/train_srpo.py`` runs it (the harness's defaults, ``--max_steps`` and
   ``--validation_problems`` from the flags), in phases: the embedded model's conversion from the GGUF file
@@ -40,7 +40,7 @@ MIB = 2**20
 class RssSampler(threading.Thread):
     """Reads this process's RSS every ``interval`` seconds; ``peak`` is the highest value seen."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.02):
         import psutil
 
         super().__init__(daemon=True)

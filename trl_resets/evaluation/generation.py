@@ -105,7 +105,8 @@ class Completer:
 
 
 def transformers_completer(model, tokenizer, settings: GenerationSettings) -> Completer:
-    """A completer over a loaded transformers model (a PEFT model too)."""
+    """A completer over a loaded transformers model (a PEFT model too). The evaluation's prompts share the template's
+    opening, so the sampler encodes it once per batch (``share_prompt_prefix``)."""
     from transformers import GenerationConfig
 
     from ..sampling import TransformersThoughtSampler
@@ -116,7 +117,8 @@ def transformers_completer(model, tokenizer, settings: GenerationSettings) -> Co
         config = GenerationConfig(do_sample=False, temperature=None, top_p=None, top_k=None)
     sampler = TransformersThoughtSampler(model, tokenizer, settings.thought_format(), generation_config=config,
                                          eos_ids=eos_ids(model.generation_config, tokenizer),
-                                         batch_size=settings.batch_size * settings.num_samples)
+                                         batch_size=settings.batch_size * settings.num_samples,
+                                         share_prompt_prefix=True)
     return Completer(sampler, tokenizer, settings)
 
 
