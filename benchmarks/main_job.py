@@ -4,6 +4,7 @@
     python benchmarks/main_job.py --cache /tmp/fresh     # the same from an empty cache: GGUF conversion and
                                                          # warm-up run in the job's process, as in a fresh clone
     python benchmarks/main_job.py --quick                # 1 step, 8 held-out problems (a smoke test)
+    python benchmarks/main_job.py --cache /tmp/fresh --steps 0 --skip validation   # conversion + warm-up only
 
 Two child processes, each with a thread that reads its resident memory (RSS) every 20 ms:
 
@@ -102,11 +103,13 @@ def run_job(opts) -> dict:
         tic = time.perf_counter()
         harness.prepare_model(args, model_args, task, run)
         phases.append(rss.mark("format warm-up (cached after the first run)", time.perf_counter() - tic))
-        tic = time.perf_counter()
-        harness.train("srpo", args, model_args, task, run)
-        phases.append(rss.mark(f"training, {opts.steps} step(s) with validation", time.perf_counter() - tic))
+        summary = {}
+        if opts.steps:
+            tic = time.perf_counter()
+            harness.train("srpo", args, model_args, task, run)
+            phases.append(rss.mark(f"training, {opts.steps} step(s) with validation", time.perf_counter() - tic))
+            summary = json.loads((Path(out) / "summary.json").read_text())
         rss.running = False
-        summary = json.loads((Path(out) / "summary.json").read_text())
     return {"phases": phases, "peak_rss_mib": max(p["peak_rss_mib"] for p in phases),
             "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "validation": summary.get("validation", [])}
@@ -165,7 +168,8 @@ def child(phase: str, opts) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=2, help="SRPO steps of the main job")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="SRPO steps of the main job (0: stop after the conversion and the warm-up)")
     parser.add_argument("--validation_problems", type=int, default=64)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64],
                         help="validation batch sizes to time (the first is the reference for the answers)")
@@ -179,9 +183,9 @@ def main():
     parser.add_argument("--phase", choices=["job", "validation"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--record", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts.steps < 1 or opts.validation_problems < 1 or min(opts.batch_sizes) < 1:
+    if opts.steps < 0 or opts.validation_problems < 1 or min(opts.batch_sizes) < 1:
         raise ValueError(f"steps={opts.steps}, validation_problems={opts.validation_problems}, batch_sizes="
-                         f"{opts.batch_sizes}: each must be at least 1.")
+                         f"{opts.batch_sizes}: need steps >= 0 and the others at least 1.")
     if opts.quick:
         opts.steps, opts.validation_problems = 1, 8
     if opts.phase is not None:
