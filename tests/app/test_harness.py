@@ -21,7 +21,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _smoke_args(model_dir, out, *extra):
     return ["--model_name_or_path", model_dir, "--output_dir", str(out), "--warmup", "false", "--max_steps", "1",
-            "--num_problems", "2", "--per_device_train_batch_size", "8", "--max_completion_length", "24",
+            "--num_problems", "2", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+            "--max_completion_length", "24",
             "--max_thought_tokens", "6", "--max_thoughts", "4", "--localization_max_tokens", "8",
             "--seed_budget", "2", "--temperature", "1.0", "--lora_r", "4", "--lora_alpha", "8",
             "--lora_target_modules", "q_proj", "v_proj", "--learning_rate", "1e-3", *extra]
@@ -54,7 +55,7 @@ def test_srpo_main_job_one_step_writes_adapter_metrics_plots_and_card(tmp_path, 
     assert _png(out / "reward.png") and _png(out / "reset_index.png")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["headline"]["reward"]["last"] == pytest.approx(step[0]["reward"])
-    assert [v["step"] for v in summary["validation"]] == [0, 1]
+    assert [v["step"] for v in summary["validation"]] == [0, 1] and summary["validation_problems"] == 8
     card = (out / "README.md").read_text()
     assert "| method | SRPO |" in card and "| localizer | self |" in card and "generated arithmetic task" in card
 
@@ -150,6 +151,10 @@ def test_recipes_parse_with_their_script(path):
         assert args.per_device_train_batch_size <= 4
     else:
         assert task.dataset_name is None and run.warmup and args.use_cpu
+        # 2 prompts x 8 rows per optimizer step, through the loss 2 rows at a time (the memory of the backward pass)
+        assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
+        assert args.per_device_train_batch_size == 2 and args.steps_per_generation == 8
+        assert run.validation_batch_size == 64
 
 
 def test_code_job_trains_on_training_tests_and_validates_on_held_out_tests(tmp_path, tiny_model_dir):
@@ -188,6 +193,9 @@ def test_bad_settings_fail_clearly(tmp_path):
     train = harness.load_problems(harness.TaskArguments(num_problems=4))
     with pytest.raises(ValueError, match="validation_steps=0"):
         harness.load_validation(harness.TaskArguments(num_problems=4), harness.RunArguments(validation_steps=0), train)
+    with pytest.raises(ValueError, match="validation_batch_size=0"):
+        harness.load_validation(harness.TaskArguments(num_problems=4), harness.RunArguments(validation_batch_size=0),
+                                train)
     args, model_args, task, run = harness.parse("srpo", ["--dataset_name", "some/hub-set", "--model_name_or_path",
                                                          str(tmp_path), "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="warmup: false"):

@@ -165,3 +165,25 @@ def test_a_warm_up_killed_with_sigkill_is_not_taken_from_the_cache(tmp_path):
     target = warmup.warmup_path(str(base), cache_dir=tmp_path / "cache")
     assert not target.exists() and not warmup.is_warmed_up(target)
     assert list(target.parent.iterdir())  # the killed build's staging folder is all it left
+
+
+def test_release_host_memory_frees_objects_held_only_by_reference_cycles():
+    import gc
+    import weakref
+
+    from trl_resets.app.models import release_host_memory
+
+    class Node:
+        pass
+
+    gc.disable()  # no automatic collection in between: only the call can free the cycle
+    try:
+        node = Node()
+        node.self = node  # a cycle: reference counting alone never frees it
+        alive = weakref.ref(node)
+        del node
+        assert alive() is not None
+        release_host_memory()
+        assert alive() is None
+    finally:
+        gc.enable()

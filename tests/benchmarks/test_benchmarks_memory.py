@@ -1,6 +1,7 @@
 """benchmarks/memory.py: the leak ratio, the non-finite count and the RSS sampler."""
 
 import math
+import mmap
 import time
 
 from benchmarks.memory import RssSampler, leak_ratio, non_finite
@@ -23,12 +24,13 @@ def test_rss_sampler_sees_a_step_that_allocates_and_frees():
     with RssSampler(interval=0.001) as rss:
         rss.reset()
         before = rss.now()
-        block = bytearray(64 * 2**20)
-        block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page so it is resident
+        block = mmap.mmap(-1, 64 * 2**20)  # fresh pages, whatever the allocator kept from earlier tests
+        for page in range(0, len(block), mmap.PAGESIZE):  # touch every page so it is resident
+            block[page] = 1
         deadline = time.monotonic() + 10  # on a loaded machine the sampling thread may wait for a core
         while rss._peak - before < 60 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del block
+        block.close()
         assert rss.peak() - before >= 60 * 2**20  # the thread saw the block while it was resident
 
 

@@ -438,3 +438,34 @@ def test_a_delimiter_split_into_one_token_per_byte_still_closes_the_thought():
         tracker.push(byte)
     tracker.finish()
     assert [utf8(tracker.tokens[a:b]) for a, b in tracker.spans] == ["1+1=2。。", "2+2=4"]
+
+
+def test_a_shared_prompt_prefix_is_encoded_once_and_changes_no_greedy_token(char_tokenizer):
+    tok = char_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    model = make_tiny_llama(tok, seed=3).eval()
+    with torch.no_grad():  # larger weights: each context's greedy continuation is its own
+        for name, weight in model.named_parameters():
+            if "norm" not in name:
+                weight.mul_(10)
+    fmt = ThoughtFormat(max_thought_tokens=6, max_completion_tokens=14)
+    template = "Solve step by step. Q: "
+    contexts = [enc(template + q) for q in ("12+7?", "3*4, then 5?", "1?", "12+7?", "100-99+1?")]
+    runs = {}
+    for share in (False, True):
+        sampler = TransformersThoughtSampler(model, tok, fmt, GenerationConfig(do_sample=False), [tok.eos_token_id],
+                                             share_prompt_prefix=share)
+        seen = []
+        hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out, seen=seen: seen.append(a[0].shape))
+        rollouts = sampler.sample(contexts)
+        hook.remove()
+        runs[share] = ([r.token_ids for r in rollouts], seen)
+    assert runs[True][0] == runs[False][0]
+    assert len({tuple(ids) for ids in runs[True][0]}) >= 3  # the contexts' continuations differ
+    prefix = len(enc(template))
+    width = max(len(c) for c in contexts)
+    assert runs[False][1][0] == torch.Size([4, width])  # the 4 distinct contexts, whole
+    # shared: the template once, then the 4 questions (left-padded), then every row decodes from the copied cache
+    assert runs[True][1][:3] == [torch.Size([1, prefix]), torch.Size([4, width - prefix]), torch.Size([5, 1])]
+    with pytest.raises(ValueError, match="share_prompt_prefix=True needs share_prefill=True"):
+        TransformersThoughtSampler(model, tok, fmt, share_prefill=False, share_prompt_prefix=True)

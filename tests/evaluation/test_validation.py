@@ -4,6 +4,7 @@ sees it (inside a TRL trainer's step line, or through a plain Trainer's log)."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerControl, TrainingArguments
 
@@ -77,3 +78,31 @@ def test_settings_it_cannot_honour_are_refused(tmp_path, char_tokenizer):
     for sharded in (zero3, fsdp):
         with pytest.raises(ValueError, match="ZeRO-3 or FSDP"):
             ValidationCallback(sharded, _held_out(["1"]), boxed_answer_reward, every_steps=1)
+
+
+def test_batched_validation_gives_the_unbatched_greedy_answers(tmp_path, char_tokenizer):
+    model = make_tiny_llama(char_tokenizer, seed=3)
+    with torch.no_grad():  # larger weights: the greedy answer depends on the question, not on the template only
+        for name, weight in model.named_parameters():
+            if "norm" not in name:
+                weight.mul_(10)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = Trainer(model=model, args=args, processing_class=char_tokenizer)
+    questions = ["1+1?", "12+30-7?", "5?", "100-1+2+3?", "7-3?"]  # different lengths: the batch is left-padded
+    held_out = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in questions],
+                                  "answer": ["2", "35", "5", "104", "4"]})
+    seen = {}
+
+    def recording_reward(completions, answer, **kwargs):
+        seen.setdefault(batch, []).extend(completions)
+        return [0.0] * len(completions)
+
+    for batch in (1, 2, 5):
+        callback = ValidationCallback(trainer, held_out, recording_reward, every_steps=1, max_completion_tokens=12,
+                                      batch_size=batch)
+        assert callback.settings.batch_size == batch
+        callback.evaluate()
+    assert len(seen[1]) == len(questions) and len(set(seen[1])) > 1  # distinct answers, not one repeated row
+    assert seen[2] == seen[1] and seen[5] == seen[1]
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ValidationCallback(trainer, held_out, recording_reward, every_steps=1, batch_size=0)

@@ -117,6 +117,9 @@ class RunArguments:
     validation_steps: int = field(
         default=6, metadata={"help": "Evaluate the held-out problems every this many steps (and at 0 and the end)."}
     )
+    validation_batch_size: int = field(
+        default=64, metadata={"help": "Held-out problems decoded together (greedy answers do not depend on it)."}
+    )
 
 
 def build_parser(method: str) -> TrlParser:
@@ -250,9 +253,10 @@ def task_reward(task: TaskArguments):
 def load_validation(task: TaskArguments, run: RunArguments, train_dataset):
     """The held-out problems (none when ``validation_problems`` is 0): the rows after the training ones, less any
     that repeats a training question; for LiveCodeBench, training problems with their held-out tests."""
-    if run.validation_problems < 0 or run.validation_steps < 1:
-        raise ValueError(f"validation_problems={run.validation_problems}, validation_steps={run.validation_steps}: "
-                         "need validation_problems >= 0 (0 turns validation off) and validation_steps >= 1.")
+    if run.validation_problems < 0 or run.validation_steps < 1 or run.validation_batch_size < 1:
+        raise ValueError(f"validation_problems={run.validation_problems}, validation_steps={run.validation_steps}, "
+                         f"validation_batch_size={run.validation_batch_size}: need validation_problems >= 0 (0 turns "
+                         "validation off), validation_steps >= 1 and validation_batch_size >= 1.")
     if run.validation_problems == 0:
         return None
     if is_code_task(task):  # the training problems with their held-out tests, as in Section 5.3
@@ -375,6 +379,7 @@ def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, mo
     }
     validation = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
     if validation:
+        summary["validation_problems"] = len(validation[0].dataset)  # what each pass rate is over
         summary["validation"] = validation[0].history
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if run.plots:
@@ -391,9 +396,9 @@ def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, mo
 def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: RunArguments):
     """Build the trainer, train, and write the output folder; returns the trainer."""
     _, trainer_cls = METHODS[method]
-    model_path = prepare_model(args, model_args, task, run)
     dataset = load_problems(task)
-    held_out = load_validation(task, run, dataset)
+    held_out = load_validation(task, run, dataset)  # its settings are checked before the warm-up's compute
+    model_path = prepare_model(args, model_args, task, run)
     reward = task_reward(task)
     if args.model_init_kwargs is None:
         args.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
@@ -411,7 +416,8 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
         callbacks=[JsonlMetrics(out / "metrics.jsonl")],
     )
     if held_out is not None:
-        trainer.add_callback(ValidationCallback(trainer, held_out, reward, run.validation_steps))
+        trainer.add_callback(ValidationCallback(trainer, held_out, reward, run.validation_steps,
+                                                batch_size=run.validation_batch_size))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

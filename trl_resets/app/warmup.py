@@ -35,7 +35,7 @@ import datasets
 from ..localizers import DEFAULT_LOCALIZATION_TEMPLATE, LocalizationRequest, localization_prompt
 from ..tasks.arithmetic import ArithmeticProblem, apply_operation, check_steps, make_arithmetic_dataset
 from ..thoughts import DEFAULT_DELIMITER, DEFAULT_ROLLOUT_TEMPLATE, wrap_question
-from .models import build_folder_atomically, model_cache_folder
+from .models import build_folder_atomically, model_cache_folder, release_host_memory
 
 MARKER_FILE = "trl_resets_warmup.json"
 THOUGHT_SEPARATOR = "\n"
@@ -281,6 +281,7 @@ def warm_up(
         ) + "\n")
 
     build_folder_atomically(target, build, is_complete=is_warmed_up, replace=True)
+    release_host_memory()  # the SFT trainer's memory, before the run that follows in this process
     return str(target)
 
 

@@ -221,6 +221,10 @@ class TransformersThoughtSampler(ThoughtDecoding):
         share_prefill: encode each distinct context once and copy its cache to the rows that repeat it.
         compact: decode with the sampler's own loop, which drops each row from the batch (and the KV cache)
             as soon as it stops; ``False`` uses ``generate``. Off for collective decoding.
+        share_prompt_prefix: in the compact decoder, encode the tokens that every distinct context of a prefill
+            starts with (a system prompt, an instruction template) once, and only each context's remainder per
+            row; the rows' padding then sits between the prefix and the remainder, masked. Off by default: the
+            rows' logits equal the unshared ones only up to float rounding. Needs ``share_prefill``.
     """
 
     def __init__(
@@ -234,6 +238,7 @@ class TransformersThoughtSampler(ThoughtDecoding):
         collective: bool = False,
         share_prefill: bool = True,
         compact: bool = True,
+        share_prompt_prefix: bool = False,
     ):
         super().__init__(tokenizer, fmt, eos_ids)
         self.model = model
@@ -243,11 +248,16 @@ class TransformersThoughtSampler(ThoughtDecoding):
         self.collective = collective
         self.share_prefill = share_prefill and not collective
         self.compact = compact and not collective
+        if share_prompt_prefix and not share_prefill:
+            raise ValueError("share_prompt_prefix=True needs share_prefill=True (a shared prefix is a shared prefill);"
+                             " turn both on or both off.")
+        self.share_prompt_prefix = share_prompt_prefix
         if (self.share_prefill or self.compact) and _holds_recurrent_state(model):
             _warn_once("compact decoding and prefill sharing are off for a model with recurrent layers (linear "
                        "attention or state-space: their cache cannot give up or copy single rows); sampling with "
                        "transformers' generate instead.")
-            self.share_prefill = self.compact = False
+            self.share_prefill = self.compact = self.share_prompt_prefix = False
+        self.share_prompt_prefix = self.share_prompt_prefix and self.share_prefill
         self.generate_calls = 0  # calls that went to `generate` although compact decoding was asked for
 
     def _chunks(self, n: int):
@@ -573,23 +583,38 @@ class _CompactStream:
             self._prefill(joining, kinds)
         return done
 
+    def _encode_prefix(self, contexts: list[list[int]], prefix: int, cache: DynamicCache):
+        """Fills ``cache`` with the shared first ``prefix`` tokens of ``contexts``, encoded once and copied to every
+        row; returns the rows' (ids, mask): the prefix, then each remainder left-padded (padding masked)."""
+        device = self.model.device
+        head = torch.tensor([contexts[0][:prefix]], dtype=torch.long, device=device)
+        self.model(input_ids=head, use_cache=True, **{self.cache_name: cache}, **self.extra)
+        cache.batch_select_indices(torch.zeros(len(contexts), dtype=torch.long, device=device))
+        tail_ids, tail_mask = _left_pad([c[prefix:] for c in contexts], self.sampler.pad_id, device)
+        ids = torch.cat([head.expand(len(contexts), -1), tail_ids], dim=1)
+        mask = torch.cat([torch.ones_like(ids[:, :prefix]), tail_mask], dim=1)
+        return ids, mask
+
     def _prefill(self, joining: list[tuple[int, DecodeRequest]], kinds: list[tuple]) -> None:
         sampler, device = self.sampler, self.model.device
         contexts = [request.context for _, request in joining]
-        ids, mask = _left_pad(contexts, sampler.pad_id, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         leaders, rows = _distinct(contexts) if sampler.share_prefill else (list(range(len(contexts))), None)
-        shared = len(leaders) < len(contexts)
-        index = torch.tensor(leaders, device=device) if shared else slice(None)
+        distinct = [contexts[i] for i in leaders]
+        prefix = _common_prefix_length(distinct) if sampler.share_prompt_prefix and len(distinct) > 1 else 0
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids[index], attention_mask=mask[index], position_ids=positions[index],
+        if prefix:
+            ids, mask = self._encode_prefix(distinct, prefix, cache)
+        else:
+            ids, mask = _left_pad(distinct, sampler.pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions[:, prefix:],
                          use_cache=True, **{self.cache_name: cache}, **self.extra)
         logits = out.logits[:, -1].to(dtype=torch.float32)
         del out
-        if shared:
+        if len(leaders) < len(contexts):
             select = torch.tensor(rows, device=device)
             cache.batch_select_indices(select)
-            logits = logits[select]
+            ids, mask, positions, logits = ids[select], mask[select], positions[select], logits[select]
         states = [_RowState(handle, request, sampler) for handle, request in joining]
         next_position = positions[:, -1] + 1
         if self.cache is None:
@@ -605,6 +630,16 @@ class _CompactStream:
             self.logits = torch.cat([self.logits, logits])
         self.rows += states
         self.kinds += kinds
+
+
+def _common_prefix_length(contexts: list[list[int]]) -> int:
+    """How many leading tokens every context shares, leaving each at least one token of its own (the token whose
+    logits start its decoding)."""
+    shortest = min(len(c) for c in contexts) - 1
+    length = 0
+    while length < shortest and all(c[length] == contexts[0][length] for c in contexts):
+        length += 1
+    return length
 
 
 def _pad_left(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
