@@ -9,6 +9,7 @@ import yaml
 
 from trl_resets.app import harness
 from trl_resets.app.plots import plot_reset_index, plot_rewards
+from trl_resets.evaluation.callback import ValidationCallback
 from trl_resets.rewards import CodeReward, boxed_answer_reward
 from trl_resets.tasks import make_arithmetic_dataset
 
@@ -358,3 +359,7 @@ def test_every_recipe_trains_a_step_with_only_hardware_model_and_data_swapped(pa
         assert engines and engines[0].fake_llm.requests > 0
     if keys.get("answer_format") == "code":
         assert trainer.thought_format.answer == "code" and "program" in trainer.args.rollout_template
+        validation = ValidationCallback(trainer, harness.load_problems(harness.TaskArguments(
+            dataset_name=keys["dataset_name"], data_files=argv[argv.index("--data_files") + 1], num_problems=1)),
+            boxed_answer_reward, every_steps=1)
+        assert validation.settings.thought_format().answer == "code"  # held-out programs end as training's do

@@ -24,6 +24,7 @@ def _trainer_settings(args, max_completion_tokens: int | None, batch_size: int |
     defaults = GenerationSettings()
     return GenerationSettings(
         template=getattr(args, "rollout_template", defaults.template),
+        answer_format=getattr(args, "answer_format", defaults.answer_format),
         delimiter=getattr(args, "thought_delimiter", defaults.delimiter),
         max_thoughts=getattr(args, "max_thoughts", defaults.max_thoughts),
         max_thought_tokens=getattr(args, "max_thought_tokens", defaults.max_thought_tokens),
