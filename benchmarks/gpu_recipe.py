@@ -25,7 +25,8 @@ parses: the worst case of the recipe for time and memory. It shows that the reci
 fits; it says nothing about learning (the CPU main job and ``learning_speed.py`` do).
 
 The GPU memory peak is polled with ``nvidia-smi`` (memory in use on the device, so it includes PyTorch's
-cache). Writes benchmarks/results/gpu_recipe_<shape>.{json,md}; the last line printed is the headline:
+cache). Writes benchmarks/results/gpu_recipe_<shape>.{json,md} (the tiny smoke shape: a new temporary folder;
+``--results_dir``: any folder); the last line printed is the headline:
 steps done, wall-clock and the memory peak.
 """
 
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probe_train_tokens", type=int, default=4096, help="completion tokens per row in the "
                         "update probe (the recipe's max_completion_length)")
     parser.add_argument("--skip_run", action="store_true", help="only the probe, no training run")
+    parser.add_argument("--results_dir", default=None, help="where gpu_recipe_<shape>.{json,md} go (default: "
+                        "benchmarks/results; the tiny smoke shape: a new temporary folder)")
     parser.add_argument("extra", nargs="*", help="more recipe overrides for the training run, after --")
     opts = parser.parse_args(argv)
 
@@ -315,16 +318,19 @@ def main(argv: list[str] | None = None) -> dict:
         "resets": len(resets), "adapter_written": (out_dir / "adapter_model.safetensors").exists(),
         "card_written": (out_dir / "README.md").exists(), **probed,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(opts.results_dir or (tempfile.mkdtemp(prefix="trl-resets-gpu-recipe-") if opts.shape == "tiny"
+                                        else RESULTS))
+    results.mkdir(parents=True, exist_ok=True)
     name = f"gpu_recipe_{opts.shape}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [f"| {k} | {v} |" for k, v in result.items() if k not in ("overrides",)]
-    (RESULTS / f"{name}.md").write_text(
+    (results / f"{name}.md").write_text(
         f"# The GPU recipe on {result['device']}, {opts.shape} shape, random weights\n\n"
         f"`python -m benchmarks.gpu_recipe --tokenizer DIR --shape {opts.shape} --max_steps {opts.max_steps}"
         + (" -- " + " ".join(opts.extra) if opts.extra else "") + "`\n\n| | |\n|---|---|\n" + "\n".join(rows) + "\n")
     for row in rows:
         print(row)
+    print(f"results in {results}")
     peak = f"{memory.peak_mib / 1024:.1f} GiB" if memory.peak_mib is not None else "not measured"
     print(f"gpu recipe ({opts.shape}): rc={rc}, {len(steps)}/{opts.max_steps} steps, {wall:.0f} s, "
           f"GPU memory peak {peak}")
