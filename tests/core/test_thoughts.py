@@ -31,6 +31,17 @@ def _texts(tok, rollout):
     return [tok.decode(rollout.thought_ids(h)) for h in range(rollout.num_thoughts)]
 
 
+def _tokens_and_forward_shapes(model, sampler, contexts):
+    """The rollouts' token ids and the input shape of every forward pass the sampler made for them."""
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+    try:
+        rollouts = sampler.sample(contexts)
+    finally:
+        hook.remove()
+    return [r.token_ids for r in rollouts], seen
+
+
 def test_delimiter_spans_cover_each_thought(char_tokenizer):
     fmt = ThoughtFormat(max_completion_tokens=500)
     ids, r = _segment(char_tokenizer, "a=1</thought> b=2</thought> so \\boxed{3}</thought> extra", fmt)
@@ -211,15 +222,9 @@ def test_shared_prefill_samples_what_each_row_own_prefill_samples(char_tokenizer
     fmt = ThoughtFormat(max_thought_tokens=6, max_completion_tokens=14)
     config = GenerationConfig(do_sample=False)
     contexts = [enc("Q: 12+7?")] * 3 + [enc("Q: 3*4, then 5?")] * 2 + [enc("Q: 1?")]
-    runs = {}
-    for share in (False, True):
-        sampler = TransformersThoughtSampler(model, tok, fmt, config, [tok.eos_token_id], share_prefill=share,
-                                             compact=compact)
-        seen = []
-        hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out, seen=seen: seen.append(a[0].shape))
-        rollouts = sampler.sample(contexts)
-        hook.remove()
-        runs[share] = ([r.token_ids for r in rollouts], seen)
+    runs = {share: _tokens_and_forward_shapes(
+        model, TransformersThoughtSampler(model, tok, fmt, config, [tok.eos_token_id], share_prefill=share,
+                                          compact=compact), contexts) for share in (False, True)}
     assert runs[True][0] == runs[False][0]
     assert all(len(ids) > 0 for ids in runs[True][0])
     width = max(len(c) for c in contexts)
@@ -451,15 +456,9 @@ def test_a_shared_prompt_prefix_is_encoded_once_and_changes_no_greedy_token(char
     fmt = ThoughtFormat(max_thought_tokens=6, max_completion_tokens=14)
     template = "Solve step by step. Q: "
     contexts = [enc(template + q) for q in ("12+7?", "3*4, then 5?", "1?", "12+7?", "100-99+1?")]
-    runs = {}
-    for share in (False, True):
-        sampler = TransformersThoughtSampler(model, tok, fmt, GenerationConfig(do_sample=False), [tok.eos_token_id],
-                                             share_prompt_prefix=share)
-        seen = []
-        hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out, seen=seen: seen.append(a[0].shape))
-        rollouts = sampler.sample(contexts)
-        hook.remove()
-        runs[share] = ([r.token_ids for r in rollouts], seen)
+    runs = {share: _tokens_and_forward_shapes(
+        model, TransformersThoughtSampler(model, tok, fmt, GenerationConfig(do_sample=False), [tok.eos_token_id],
+                                          share_prompt_prefix=share), contexts) for share in (False, True)}
     assert runs[True][0] == runs[False][0]
     assert len({tuple(ids) for ids in runs[True][0]}) >= 3  # the contexts' continuations differ
     prefix = len(enc(template))
