@@ -44,7 +44,7 @@ def stats_of_rows(rows, device) -> torch.Tensor:
 def summarize(groups, split, args, unscored: tuple[int, int], device, credit=None) -> dict:
     """Rewards, per-group advantages and metric sums of one process's rows; with ``credit(rows, group_ids,
     advantages) -> BatchCredit`` also per-token advantages and the credit metric sums."""
-    groups_per_prompt = split.prefixes + 1
+    groups_per_prompt = split.num_reset_prefixes + 1
     rows = [(p, row) for p, g in enumerate(groups) for row in g.rows]
     rewards = torch.tensor([row.reward for _, row in rows], dtype=torch.float32)
     group_ids = torch.tensor([p * groups_per_prompt + row.group for p, row in rows])

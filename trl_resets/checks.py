@@ -98,12 +98,12 @@ def check_dataset(dataset, reward_funcs, reward_names) -> None:
 
 
 def no_loss_message(split, args, first_round: int) -> str:
-    """Why a step in which no row carries loss did not train (G1 = 0 and every seed slot fell back), and the fix."""
+    """Why a step in which no row carries loss did not train (num_base_generations=0 and every seed slot fell back), and the fix."""
     return (
         f"no row of this step carries loss, so it does not train: no prompt found a seed (a phase-1 rollout whose "
         f"reward is below success_threshold={args.success_threshold}, with a thought to reset to) within its "
         f"{first_round} draws and seed_budget={args.seed_budget} more, and the split "
-        f"{split.base} + {split.prefixes}x{split.per_prefix} has no base group (num_base_generations=0) to "
+        f"{split.num_base_generations} + {split.num_reset_prefixes}x{split.num_reset_generations} has no base group (num_base_generations=0) to "
         "train on instead. If a correct rollout's reward is not success_threshold or more (rewards on another "
         "scale), set success_threshold to the reward that marks a correct rollout; to train such steps as GRPO, "
         "set num_base_generations >= 2. resets/fallback_rate logs the share of seed slots left empty per step "

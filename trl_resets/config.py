@@ -22,26 +22,29 @@ class ResetConfig(GRPOConfig):
     > Group split (Algorithm 2)
 
     num_base_generations (`int`, defaults to `4`):
-        G1: iid rollouts from the prompt in the base group. May be 0 (the 1x8 split), not 1 (a group of one
-        teaches nothing).
+        iid rollouts from the prompt in the base group (the paper's G1). May be 0 (the 1x8 split), not 1 (a
+        group of one teaches nothing).
     num_reset_prefixes (`int`, defaults to `1`):
-        k: seeds (failed rollouts) per prompt, each giving one reset state. 0 turns resets off: plain GRPO on
-        the G1 base rollouts with the same thought sampler, the like-for-like baseline.
+        seeds (failed rollouts) per prompt, each giving one reset state (the paper's k). 0 turns resets off:
+        plain GRPO on the base rollouts with the same thought sampler, the like-for-like baseline.
     num_reset_generations (`int`, defaults to `4`):
-        G2: suffixes sampled from each reset state; at least 2 when k > 0.
+        suffixes sampled from each reset state (the paper's G2); at least 2 when `num_reset_prefixes > 0`. A
+        split is named `{num_reset_prefixes}x{num_reset_generations}`, e.g. 1x4.
     num_generations (`int` or `None`, defaults to `None`):
-        Rows per prompt. Derived as G1 + k * G2 when unset; when set it must equal that sum.
+        Rows per prompt. Derived as `num_base_generations + num_reset_prefixes * num_reset_generations` when
+        unset; when set it must equal that sum.
     seed_budget (`int`, defaults to `8`):
-        Extra iid rollouts per prompt that may be drawn to find the k seeds. A prompt that still lacks a seed
+        Extra iid rollouts per prompt that may be drawn to find the `num_reset_prefixes` seeds. A prompt that still lacks a seed
         falls back to GRPO on its base group (counted in `resets/fallback_rate`).
     success_threshold (`float`, defaults to `1.0`):
         A rollout is incorrect (a seed candidate) when its summed, weighted reward is below this value.
     base_group (`str`, defaults to `"algorithm2"`):
-        `"algorithm2"`: the paper's base group, the first G1 phase-1 draws that are not seeds (its expected pass
-        rate sits above the policy's; see docs/concepts.md). `"iid"`: the first G1 draws in sampling order, an iid
-        sample; the seed is the first failure among them and stays a base row too, and more draws (within
-        `seed_budget`) are made only when they hold fewer than k failures: phase 1 starts with max(G1, k) draws, not
-        G1 + k.
+        `"algorithm2"`: the paper's base group, the first `num_base_generations` phase-1 draws that are not seeds
+        (its expected pass rate sits above the policy's; see docs/concepts.md). `"iid"`: the first
+        `num_base_generations` draws in sampling order, an iid sample; the seed is the first failure among them
+        and stays a base row too, and more draws (within `seed_budget`) are made only when they hold fewer than
+        `num_reset_prefixes` failures: phase 1 starts with max(num_base_generations, num_reset_prefixes) draws, not
+        their sum.
 
     > Thought MDP
 
@@ -161,11 +164,11 @@ class ResetConfig(GRPOConfig):
 
     num_generations: int | None = field(
         default=None,
-        metadata={"help": "Rows per prompt; derived as G1 + k * G2 when unset, checked against it when set."},
+        metadata={"help": "Rows per prompt; derived from the split when unset, checked against it when set."},
     )
-    num_base_generations: int = field(default=4, metadata={"help": "G1: iid rollouts in the base group (may be 0)."})
-    num_reset_prefixes: int = field(default=1, metadata={"help": "k: seeds, hence reset states, per prompt."})
-    num_reset_generations: int = field(default=4, metadata={"help": "G2: suffixes sampled from each reset state."})
+    num_base_generations: int = field(default=4, metadata={"help": "iid rollouts in the base group (may be 0)."})
+    num_reset_prefixes: int = field(default=1, metadata={"help": "Seeds, hence reset states, per prompt."})
+    num_reset_generations: int = field(default=4, metadata={"help": "Suffixes sampled from each reset state."})
     seed_budget: int = field(
         default=8, metadata={"help": "Extra iid rollouts per prompt that may be drawn to find the seeds."}
     )
@@ -174,7 +177,7 @@ class ResetConfig(GRPOConfig):
     )
     base_group: str = field(
         default="algorithm2",
-        metadata={"help": "'algorithm2' (first G1 non-seed draws) or 'iid' (first G1 draws, the seed included).",
+        metadata={"help": "'algorithm2' (the first non-seed draws) or 'iid' (the first draws, the seed included).",
                   "choices": list(BASE_GROUP_MODES)},
     )
     thought_delimiter: str = field(default=DEFAULT_DELIMITER, metadata={"help": "Text that closes a thought."})
@@ -268,7 +271,7 @@ class ResetConfig(GRPOConfig):
                 self.localization_template = CODE_LOCALIZATION_TEMPLATE
         if self.base_group not in BASE_GROUP_MODES:
             raise ValueError(f"base_group={self.base_group!r} is not one of {list(BASE_GROUP_MODES)}: use "
-                             "'algorithm2' (the paper's base group) or 'iid' (the first G1 draws, the seed included).")
+                             "'algorithm2' (the paper's base group) or 'iid' (the first draws, the seed included).")
         super().__post_init__()
         local_rows = self.per_device_train_batch_size * self.steps_per_generation
         if local_rows % self.num_generations != 0:

@@ -144,7 +144,7 @@ def add_reset_section(card_path: str | Path, trainer, dataset_name: str | None =
     method = method_name(trainer._name, args.num_reset_prefixes)
     split = split_name(args.num_base_generations, args.num_reset_prefixes, args.num_reset_generations)
     if getattr(args, "base_group", "algorithm2") == "iid" and args.num_base_generations and args.num_reset_prefixes:
-        split += ", iid base group (the first G1 draws, the seed among them)"
+        split += ", iid base group (the first draws, the seed among them)"
     localizer = getattr(trainer.localizer, "name", type(trainer.localizer).__name__)
     section = reset_card_section(
         method, split, localizer, headline_metrics(trainer.state.log_history), trainer._paper,

@@ -1,6 +1,7 @@
 """Algorithm 2 (RRPO / SRPO rollout construction) as plain functions.
 
-Per prompt, with split G1 / k / G2:
+Per prompt, with the split G1 / k / G2 (the paper's symbols for ``Split.num_base_generations``, ``num_reset_prefixes``,
+``num_reset_generations``, used below for brevity):
 
 1. Phase 1: draw iid rollouts from the prompt. The first k incorrect ones, in sampling order, are
    the seeds; they never enter the base group, which is the first G1 of the remaining rollouts.
@@ -41,20 +42,23 @@ BASE_GROUP_MODES = ("algorithm2", "iid")
 
 @dataclass(frozen=True)
 class Split:
-    """How one prompt's ``num_generations`` rows are spent: G1 base rollouts + k prefixes x G2 suffixes."""
+    """How one prompt's ``num_generations`` rows are spent: ``num_base_generations`` base rollouts plus
+    ``num_reset_prefixes`` reset states x ``num_reset_generations`` suffixes each (the paper's G1 + k x G2; the
+    config's fields of the same names). Named ``{num_reset_prefixes}x{num_reset_generations}``, e.g. the 1x4 split."""
 
-    base: int = 4
-    prefixes: int = 1
-    per_prefix: int = 4
+    num_base_generations: int = 4
+    num_reset_prefixes: int = 1
+    num_reset_generations: int = 4
 
     def __post_init__(self):
-        if self.base < 0 or self.prefixes < 0 or self.per_prefix < 1:
+        if self.num_base_generations < 0 or self.num_reset_prefixes < 0 or self.num_reset_generations < 1:
             raise ValueError(
-                f"invalid split G1={self.base}, k={self.prefixes}, G2={self.per_prefix}: need G1 >= 0, k >= 0, G2 >= 1."
+                f"invalid split {self}: need num_base_generations >= 0, num_reset_prefixes >= 0, "
+                "num_reset_generations >= 1."
             )
-        one_row = [f"num_base_generations={self.base}"] if self.base == 1 else []
-        if self.prefixes > 0 and self.per_prefix == 1:
-            one_row.append(f"num_reset_generations={self.per_prefix}")
+        one_row = [f"num_base_generations={self.num_base_generations}"] if self.num_base_generations == 1 else []
+        if self.num_reset_prefixes > 0 and self.num_reset_generations == 1:
+            one_row.append(f"num_reset_generations={self.num_reset_generations}")
         if one_row:
             raise ValueError(
                 f"{' and '.join(one_row)} makes a group of one row, whose advantage is always 0: its rollouts cost "
@@ -63,18 +67,17 @@ class Split:
             )
         if self.num_generations == 0:
             raise ValueError(
-                f"split G1={self.base}, k={self.prefixes}, G2={self.per_prefix} has no rollouts; raise "
-                "num_base_generations or num_reset_prefixes."
+                f"split {self} has no rollouts; raise num_base_generations or num_reset_prefixes."
             )
 
     @property
     def num_generations(self) -> int:
-        return self.base + self.prefixes * self.per_prefix
+        return self.num_base_generations + self.num_reset_prefixes * self.num_reset_generations
 
     @property
     def is_grpo(self) -> bool:
-        """k=0: no resets, plain GRPO on G1 rollouts (the like-for-like baseline)."""
-        return self.prefixes == 0
+        """``num_reset_prefixes=0``: no resets, plain GRPO on the base rollouts (the like-for-like baseline)."""
+        return self.num_reset_prefixes == 0
 
 
 @dataclass
@@ -153,11 +156,11 @@ class PromptGroups:
 def choose_seeds(incorrect: Sequence[bool], split: Split, iid_base: bool = False) -> tuple[list[int], list[int]]:
     """Seeds = the first k incorrect rollouts in sampling order; base = the first G1 of the others (Algorithm 2),
     or with ``iid_base`` the first G1 rollouts, seeds among them included."""
-    seeds = [i for i, bad in enumerate(incorrect) if bad][: split.prefixes]
+    seeds = [i for i, bad in enumerate(incorrect) if bad][: split.num_reset_prefixes]
     if iid_base:
-        return seeds, list(range(min(split.base, len(incorrect))))
+        return seeds, list(range(min(split.num_base_generations, len(incorrect))))
     rest = [i for i in range(len(incorrect)) if i not in seeds]
-    return seeds, rest[: split.base]
+    return seeds, rest[: split.num_base_generations]
 
 
 def reset_prefix(rollout: Rollout, reset_index: int) -> list[int]:
@@ -263,8 +266,8 @@ class ResetAlgorithm:
         """Rollouts phase 1 draws per prompt whatever their rewards (and per round of the seed search): G1 + k,
         or max(G1, k) with the iid base group."""
         if self.base_group == "iid":
-            return max(self.split.base, self.split.prefixes)
-        return self.split.base + self.split.prefixes
+            return max(self.split.num_base_generations, self.split.num_reset_prefixes)
+        return self.split.num_base_generations + self.split.num_reset_prefixes
 
     def _aggregate(self, rewards: list[float]) -> float:
         if self.aggregate is not None:
@@ -283,7 +286,7 @@ class ResetAlgorithm:
 
     def phase1(self, contexts: list[list[int]], sampler: ThoughtSampler, score: ScoreFn) -> list[list[Scored]]:
         """Draws each prompt's iid rollouts: the first round at once, then more (within the budget) until k seeds."""
-        k, first = self.split.prefixes, self.first_round
+        k, first = self.split.num_reset_prefixes, self.first_round
         draws: list[list[Scored]] = [[] for _ in contexts]
         wanted = {i: first for i in range(len(contexts))}
         while self.sync_any(bool(wanted)):
@@ -341,12 +344,12 @@ class ResetAlgorithm:
                            for request in self.suffix_requests(contexts[i], outcome)]
         suffixes = sampler.sample([r.context for r in suffix_requests], [r.start_thoughts for r in suffix_requests],
                                   [r.token_budget for r in suffix_requests])
-        owners = [i for i, per in enumerate(outcomes) for o in per for _ in range(split.per_prefix)]
-        prefixes = [o.prefix for per in outcomes for o in per for _ in range(split.per_prefix)]
+        owners = [i for i, per in enumerate(outcomes) for o in per for _ in range(split.num_reset_generations)]
+        prefixes = [o.prefix for per in outcomes for o in per for _ in range(split.num_reset_generations)]
         scored = iter(self._score(score, owners, suffixes, prefixes))
         for per in outcomes:
             for outcome in per:
-                outcome.suffixes = [next(scored) for _ in range(split.per_prefix)]
+                outcome.suffixes = [next(scored) for _ in range(split.num_reset_generations)]
         return [self.prompt_groups(drawn, per) for drawn, per in zip(draws, outcomes)]
 
     # ------------------------------------------------------------------ the steps, shared with the scheduler
@@ -380,7 +383,7 @@ class ResetAlgorithm:
         """The G2 suffixes of one reset state (the prompt plus the reset prefix)."""
         budget = self.fmt.max_completion_tokens - len(outcome.prefix)
         return [DecodeRequest(context + outcome.prefix, outcome.record.reset_index - 1, budget)
-                for _ in range(self.split.per_prefix)]
+                for _ in range(self.split.num_reset_generations)]
 
     def prompt_groups(self, drawn: list[Scored], outcomes: list[SeedOutcome]) -> PromptGroups:
         """One prompt's rows from its phase-1 draws and its seeds' resets: the base group, then each seed's
@@ -411,10 +414,10 @@ class ResetAlgorithm:
                 else:
                     row.logprobs = None
                 rows.append(row)
-        missing = split.prefixes - len(outcomes)
+        missing = split.num_reset_prefixes - len(outcomes)
         if missing:
             result.fallbacks = missing
             num_rewards = len(drawn[0].rewards)  # a prompt always has its phase-1 draws
-            for group in range(len(outcomes) + 1, split.prefixes + 1):
-                rows.extend(_filler_rows(drawn, split.per_prefix, group, num_rewards))
+            for group in range(len(outcomes) + 1, split.num_reset_prefixes + 1):
+                rows.extend(_filler_rows(drawn, split.num_reset_generations, group, num_rewards))
         return result

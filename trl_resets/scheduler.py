@@ -8,7 +8,7 @@ from a `DecodingStream`, into which work joins while other rows are still decodi
   candidate (incorrect, with a thought to reset to); later draws need not be waited for, and the seeds are the
   ones `ResetAlgorithm.run` picks (nothing is biased toward rollouts that finish early);
 * the seed's localization reply joins the stream at once (a self-localizer's prompt is decoded with the rollouts;
-  a localizer that does not query the policy answers on the spot), then its G2 suffixes;
+  a localizer that does not query the policy answers on the spot), then its suffixes;
 * extra seed-search draws join as soon as a prompt is sure to need them: when even its unfinished draws could no
   longer bring it k seed candidates. They are the draws `ResetAlgorithm.run` would draw in its later rounds.
 
@@ -171,7 +171,7 @@ class _Run:
     def _advance(self, p: int) -> None:
         """Confirms the seeds that the finished draws settle, localizes them, and draws more when needed."""
         prompt, algo = self.prompts[p], self.algo
-        k = algo.split.prefixes
+        k = algo.split.num_reset_prefixes
         while prompt.frontier < len(prompt.draws) and prompt.draws[prompt.frontier] is not None:
             scored = prompt.draws[prompt.frontier]
             if len(prompt.seeds) < k and algo.is_seed_candidate(scored):

@@ -473,7 +473,7 @@ class ResetTrainer(GRPOTrainer):
             # replies, unused draws, repairs
             untrained_tokens += values[reset_metrics.PREFIX + "generated_tokens"] - sum(
                 values[reset_metrics.PREFIX + key] for key in ("tokens_base", "tokens_suffix"))
-            if self.split.base == 0 and values[reset_metrics.PREFIX + "fallback_rate"] == 1.0:
+            if self.split.num_base_generations == 0 and values[reset_metrics.PREFIX + "fallback_rate"] == 1.0:
                 self._warn_no_loss()
         row_stats, self._row_stats = self._row_stats, None
         self._restate_trl_logs(state, group_sums, untrained_tokens, row_stats)
@@ -522,7 +522,7 @@ class ResetTrainer(GRPOTrainer):
                 metrics[name][-1] = value
 
     def _warn_no_loss(self) -> None:
-        """Once per run: a step in which no row carries loss (G1 = 0 and every seed slot fell back)."""
+        """Once per run: a step in which no row carries loss (num_base_generations=0 and every seed slot fell back)."""
         if not self._warned_no_loss:
             self._warned_no_loss = True
             warnings.warn(no_loss_message(self.split, self.args, self.reset_algorithm.first_round), stacklevel=2)

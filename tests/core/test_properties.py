@@ -146,13 +146,13 @@ def test_algorithm_2_builds_well_formed_groups_for_any_policy_and_localizer(
         describe=lambda r: [decode(r.thought_ids(h)) for h in range(r.num_thoughts)], rng=random.Random(seed))
     assert len(results) == prompts
     for result in results:
-        assert result.phase1_draws <= split.base + split.prefixes + budget
+        assert result.phase1_draws <= split.num_base_generations + split.num_reset_prefixes + budget
         base = [row for row in result.rows if row.group == BASE_GROUP]
         assert all(row.prefix_len == 0 and row.weight == 1.0 for row in base)
-        assert len(result.resets) + result.fallbacks == split.prefixes
-        for group in range(1, split.prefixes + 1):
+        assert len(result.resets) + result.fallbacks == split.num_reset_prefixes
+        for group in range(1, split.num_reset_prefixes + 1):
             rows = [row for row in result.rows if row.group == group]
-            assert len(rows) == split.per_prefix
+            assert len(rows) == split.num_reset_generations
             if group <= len(result.resets):
                 record = result.resets[group - 1]
                 assert 1 <= record.reset_index <= record.num_thoughts

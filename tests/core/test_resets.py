@@ -175,7 +175,8 @@ def test_rows_reach_the_localizer_with_each_request():
 
 
 def test_split_validation():
-    with pytest.raises(ValueError, match="G1"):
+    with pytest.raises(ValueError, match=r"invalid split Split\(num_base_generations=4, num_reset_prefixes=-1, "
+                                         r"num_reset_generations=4\): need num_base_generations >= 0"):
         Split(4, -1, 4)
     with pytest.raises(ValueError, match=r"^num_base_generations=1 makes a group of one row, whose advantage is always "
                                          r"0: its rollouts cost compute and teach nothing\. Use 2 or more rows per "
@@ -353,10 +354,10 @@ def test_base_group_pass_rate_algorithm2_is_biased_and_iid_is_not(split, p):
         algo = ResetAlgorithm(split, ThoughtFormat(max_completion_tokens=100), seed_budget=4, base_group=mode)
         results = algo.run([[7, i] for i in range(prompts)], ["q"] * prompts, sampler, sampler.score,
                            FixedLocalizer(2), describe=lambda r: ["t"] * r.num_thoughts)
-        per_prompt = [sum(r.reward for r in g.rows if r.group == 0) / split.base for g in results]
+        per_prompt = [sum(r.reward for r in g.rows if r.group == 0) / split.num_base_generations for g in results]
         mean = statistics.fmean(per_prompt)
         rates[mode] = (mean, 4 * statistics.stdev(per_prompt) / math.sqrt(prompts))  # mean and 4 standard errors
-    expected = {"algorithm2": algorithm2_base_pass_rate(p, split.base, split.prefixes), "iid": p}
+    expected = {"algorithm2": algorithm2_base_pass_rate(p, split.num_base_generations, split.num_reset_prefixes), "iid": p}
     for mode, (mean, tolerance) in rates.items():
         assert abs(mean - expected[mode]) < tolerance, (mode, mean, expected[mode], tolerance)
     assert expected["algorithm2"] - p > 2 * rates["algorithm2"][1]  # the bias is far larger than the noise

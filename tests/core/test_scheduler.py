@@ -165,7 +165,7 @@ def test_overlapped_groups_equal_the_phased_ones_with_the_iid_base_group(split, 
             seen["extra draws"] += sum(g.phase1_draws > g.first_draws for g in phased)
             seen["fallbacks"] += sum(g.fallbacks for g in phased)
             seen["seed in the first round"] += sum(g.phase1_draws == g.first_draws and g.resets != [] for g in phased)
-            assert all(g.first_draws == max(split.base, split.prefixes) for g in phased)
+            assert all(g.first_draws == max(split.num_base_generations, split.num_reset_prefixes) for g in phased)
     assert all(seen.values()), seen
 
 

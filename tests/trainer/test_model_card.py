@@ -64,7 +64,7 @@ def test_card_names_the_iid_base_group(tmp_path, char_tokenizer):
     trainer = _trainer(tmp_path, char_tokenizer, SRPOTrainer, SRPOConfig, base_group="iid")
     trainer.create_model_card(model_name="srpo-tiny")
     card = (tmp_path / "README.md").read_text()
-    assert "| group split | 1x4 with 4 base rollouts (8 per prompt), iid base group (the first G1 draws, " in card
+    assert "| group split | 1x4 with 4 base rollouts (8 per prompt), iid base group (the first draws, " in card
 
 
 def test_card_names_a_local_base_model_instead_of_none(tmp_path, char_tokenizer):

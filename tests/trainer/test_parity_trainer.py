@@ -151,4 +151,4 @@ def test_grpo_baseline_without_args_trains_grpo_as_grpo_trainer_would(tmp_path, 
     trainer = GRPOBaselineTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=contains_seven,
                                   train_dataset=_dataset(), processing_class=char_tokenizer)
     assert (trainer.args.num_reset_prefixes, trainer.args.num_base_generations) == (0, 8)
-    assert trainer.split.prefixes == 0 and trainer.num_generations == 8
+    assert trainer.split.num_reset_prefixes == 0 and trainer.num_generations == 8
