@@ -27,6 +27,7 @@ then all localizations, then all suffixes); `scheduler.run_overlapped` builds th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -89,6 +90,15 @@ class Scored:
     reward: float
 
 
+@dataclass(frozen=True, order=True)
+class Origin:
+    """Where a carried reset state was found (pipelined resets): the generation, and its prompt's index in that
+    generation's global batch."""
+
+    generation: int
+    prompt: int
+
+
 @dataclass
 class TrainingRow:
     """One row of the training batch.
@@ -108,6 +118,8 @@ class TrainingRow:
     stop_reason: str = ""
     logprobs: list[float] | None = None  # sampling logprob of each completion token, when the backend reports them
     thought_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each thought, prefix's too
+    origin: Origin | None = None  # a reset row whose state was carried from an earlier generation (pipelined resets)
+    context: list[int] | None = None  # ...and its origin prompt's ids, which differ from this batch prompt's
 
     @property
     def active_tokens(self) -> int:
@@ -124,6 +136,7 @@ class ResetRecord:
     localization_tokens: int = 0
     reply: str | None = None
     seed_tokens: int = 0  # the seed's length; its first h*-1 thoughts are the reset prefix
+    origin: Origin | None = None  # set on a reset carried from an earlier generation (pipelined resets)
 
 
 @dataclass
@@ -136,6 +149,85 @@ class SeedOutcome:
     prefix_logprobs: list[float] | None
     prefix_spans: list[tuple[int, int]] = field(default_factory=list)
     suffixes: list[Scored] = field(default_factory=list)
+    context: list[int] | None = None  # a carried reset state's origin prompt ids (None: the batch prompt's own)
+
+
+@dataclass
+class ResetState:
+    """A seed handed to a later generation (pipelined resets, `LagStep`): found from prompt ``origin.prompt`` of
+    generation ``origin.generation`` as its ``seed_number``-th seed. Localized (``outcome`` set: the reset prefix,
+    its sampling logprobs and thought spans, the record with h*) or, under a two-generation lag, not yet (``seed``
+    kept for the localizer). Carries what its rows need wherever they are sampled: the origin prompt's ids, question
+    and dataset columns (its suffixes are scored with them), the seed's random generator (``rng_key``) and the
+    origin prompt's sampling seed."""
+
+    origin: Origin
+    seed_number: int
+    context: list[int]
+    question: str
+    columns: Mapping | None
+    rng_key: str
+    sampling_seed: int | None = None
+    seed: Scored | None = None
+    outcome: SeedOutcome | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.outcome is not None
+
+    def localized(self, outcome: SeedOutcome) -> ResetState:
+        """This state with its reset: the record names the origin, the seed itself is no longer kept."""
+        outcome.record.origin = self.origin
+        outcome.context = list(self.context)
+        return ResetState(self.origin, self.seed_number, self.context, self.question, self.columns, self.rng_key,
+                          self.sampling_seed, None, outcome)
+
+
+@dataclass
+class LagStep:
+    """One generation of pipelined resets: a seed's suffixes are sampled ``lag`` generations after it was found
+    (``lag`` 1: it is localized in its own generation; 2: localized in the next one's first wave).
+
+    Inputs: ``ready``, the localized states that fill this process's reset slots in order (prompt p's slot g takes
+    ``ready[p * k + g]``; slots beyond it get zero-weight fillers); ``seeds`` (lag 2), the previous generation's
+    unlocalized seeds, localized now; ``prompt_indices``, each prompt's global batch index (default 0, 1, ...);
+    ``generations_left``, how many generations follow this one (None: unknown): a state that would only be ready
+    after the last generation is neither localized nor kept, and counted in ``discarded``.
+
+    Outputs, written by the run in a fixed order: ``localized``, the states made ready in this generation (lag 2's
+    carried seeds first, in their order, then this generation's seeds by prompt and seed number); ``found`` (lag 2),
+    this generation's seeds, unlocalized."""
+
+    lag: int
+    generation: int
+    ready: list[ResetState] = field(default_factory=list)
+    seeds: list[ResetState] = field(default_factory=list)
+    prompt_indices: Sequence[int] | None = None
+    generations_left: int | None = None
+    localized: list[ResetState] = field(default_factory=list)
+    found: list[ResetState] = field(default_factory=list)
+    discarded: int = 0
+
+    def __post_init__(self):
+        if self.lag not in (1, 2):
+            raise ValueError(f"lag={self.lag}: a pipelined run lags its resets by 1 or 2 generations.")
+        if any(not s.ready for s in self.ready) or any(s.ready for s in self.seeds):
+            raise ValueError("LagStep.ready takes localized reset states, LagStep.seeds unlocalized ones.")
+        if self.seeds and self.lag != 2:
+            raise ValueError("only a two-generation lag carries unlocalized seeds.")
+
+    def keeps_new(self) -> bool:
+        """Whether this generation's seeds will be used: their suffixes fall ``lag`` generations later."""
+        return self.generations_left is None or self.generations_left >= self.lag
+
+    def localizes_carried(self) -> bool:
+        return self.generations_left is None or self.generations_left >= 1
+
+    def slots(self, p: int, k: int) -> list[ResetState]:
+        return self.ready[p * k: (p + 1) * k]
+
+    def prompt_index(self, p: int) -> int:
+        return p if self.prompt_indices is None else self.prompt_indices[p]
 
 
 @dataclass
@@ -151,6 +243,8 @@ class PromptGroups:
     first_draws: int = 0  # phase 1's first round of iid draws (`ResetAlgorithm.first_round`), seeds included
     first_draws_passed: int = 0
     phase1_draws_passed: int = 0  # of all phase1_draws (the seed search's extra draws too)
+    seeds_found: int = 0  # pipelined resets: this prompt's seeds, handed to a later generation
+    searches_ended: int = 0  # pipelined resets: seeds this prompt's first draws did not hold (no further search)
 
 
 def choose_seeds(incorrect: Sequence[bool], split: Split, iid_base: bool = False) -> tuple[list[int], list[int]]:
@@ -222,14 +316,20 @@ class SeedGenerators:
         self.bases = [r.getrandbits(64) for r in rngs]
         self.made: dict[tuple[int, int], random.Random] = {}
 
+    def key(self, prompt: int, seed: int) -> str:
+        """What the seed's generator is seeded with (a carried seed is localized with ``random.Random(key)``)."""
+        return f"{self.bases[prompt]}/{seed}"
+
     def __call__(self, prompt: int, seed: int) -> random.Random:
         if (prompt, seed) not in self.made:
-            self.made[(prompt, seed)] = random.Random(f"{self.bases[prompt]}/{seed}")
+            self.made[(prompt, seed)] = random.Random(self.key(prompt, seed))
         return self.made[(prompt, seed)]
 
 
-ScoreFn = Callable[[list[int], list[list[int]]], list[list[float]]]
-"""score(prompt_indices, completion_ids) -> rewards per reward function, one list per completion."""
+ScoreFn = Callable[[list, list[list[int]]], list[list[float]]]
+"""score(owners, completion_ids) -> rewards per reward function, one list per completion. An owner is the index of
+a prompt of the batch, or, for a suffix of a carried reset state (pipelined resets), that `ResetState`: its rows are
+scored with its origin prompt's columns."""
 
 
 @dataclass
@@ -313,8 +413,12 @@ class ResetAlgorithm:
         policy: TextPolicy | None = None,
         rng: random.Random | Sequence[random.Random] | None = None,
         rows: Sequence[Mapping] | None = None,
+        lag: LagStep | None = None,
     ) -> list[PromptGroups]:
         """Algorithm 2 for every prompt; ``describe`` turns a seed into its thoughts' text for the localizer.
+
+        ``lag`` (pipelined resets): the reset slots take the carried states of ``lag.ready`` instead of this
+        generation's seeds, which are handed on through ``lag`` (see `LagStep`); None: Algorithm 2 exactly.
 
         ``rows`` (optional, one per prompt) are the prompts' dataset columns, handed to the localizer with
         each request (an oracle localizer grades the seed against them).
@@ -325,7 +429,11 @@ class ResetAlgorithm:
         """
         seed_rng = SeedGenerators(rng, len(contexts))
         split = self.split
+        self.check_lag(lag, len(contexts))
         draws = self.phase1(contexts, sampler, score)
+        if lag is not None:
+            return self._run_lagged(lag, draws, contexts, questions, sampler, score, localizer, describe, policy,
+                                    seed_rng, rows)
         seeds = [(i, drawn[j]) for i, drawn in enumerate(draws) for j in self.seeds_of(drawn)]
         outcomes: list[list[SeedOutcome]] = [[] for _ in contexts]
         if split.is_grpo:
@@ -352,7 +460,75 @@ class ResetAlgorithm:
                 outcome.suffixes = [next(scored) for _ in range(split.num_reset_generations)]
         return [self.prompt_groups(drawn, per) for drawn, per in zip(draws, outcomes)]
 
+    def _run_lagged(self, lag, draws, contexts, questions, sampler, score, localizer, describe, policy, seed_rng,
+                    rows) -> list[PromptGroups]:
+        """`run` under a lag, phase by phase: one localization call (lag 2's carried seeds, then lag 1's new seeds),
+        then the carried states' suffixes."""
+        k, g2 = self.split.num_reset_prefixes, self.split.num_reset_generations
+        targets = self.carried_seed_targets(lag)
+        for p, drawn in enumerate(draws):
+            for g, j in enumerate(self.seeds_of(drawn)):
+                state = self.new_state(lag, p, g, drawn[j], contexts[p], questions[p], None if rows is None else
+                                       rows[p], seed_rng.key(p, g), None)
+                if not lag.keeps_new():
+                    lag.discarded += 1
+                elif lag.lag == 1:
+                    targets.append((state, seed_rng(p, g)))
+                else:
+                    lag.found.append(state)
+        requests = [self.localization_request(s.question, s.seed, describe, s.columns, r) for s, r in targets]
+        answers = localizer.locate(requests, policy, requests[0].rng) if requests else []
+        if len(answers) != len(requests):
+            raise ValueError(f"localizer {localizer.name!r} answered {len(answers)} of {len(requests)} requests.")
+        lag.localized.extend(s.localized(self.reset_of(s.seed, a, r)) for (s, r), a in zip(targets, answers))
+        outcomes = [[self.carried_outcome(s) for s in lag.slots(p, k)] for p in range(len(contexts))]
+        carried = [(s, o) for p in range(len(contexts)) for s, o in zip(lag.slots(p, k), outcomes[p])]
+        requests = [r for s, o in carried for r in self.suffix_requests(s.context, o)]
+        suffixes = sampler.sample([r.context for r in requests], [r.start_thoughts for r in requests],
+                                  [r.token_budget for r in requests])
+        scored = iter(self._score(score, [s for s, _ in carried for _ in range(g2)], suffixes,
+                                  [o.prefix for _, o in carried for _ in range(g2)]))
+        for _, outcome in carried:
+            outcome.suffixes = [next(scored) for _ in range(g2)]
+        return [self.prompt_groups(drawn, per, lagged=True) for drawn, per in zip(draws, outcomes)]
+
     # ------------------------------------------------------------------ the steps, shared with the scheduler
+    def check_lag(self, lag: LagStep | None, num_prompts: int) -> None:
+        if lag is None:
+            return
+        if self.split.is_grpo:
+            raise ValueError("pipelined resets with num_reset_prefixes=0: GRPO has no resets to carry. Use "
+                             "num_reset_prefixes >= 1, or no lag.")
+        if self.seed_budget:
+            raise ValueError(f"seed_budget={self.seed_budget} with pipelined resets: a lagged run draws no seed-search "
+                             "rounds (a prompt whose first draws hold no failure hands on no seed). Set seed_budget=0.")
+        if len(lag.ready) > num_prompts * self.split.num_reset_prefixes:
+            raise ValueError(f"{len(lag.ready)} carried reset states for {num_prompts} prompts x "
+                             f"{self.split.num_reset_prefixes} reset slots: hand a process no more than its slots.")
+
+    @staticmethod
+    def new_state(lag: LagStep, p: int, g: int, seed: Scored, context, question, row, rng_key: str,
+                  sampling_seed: int | None) -> ResetState:
+        """Prompt p's g-th seed of this generation, to be handed on."""
+        return ResetState(Origin(lag.generation, lag.prompt_index(p)), g, list(context), question, row, rng_key,
+                          sampling_seed, seed)
+
+    @staticmethod
+    def carried_seed_targets(lag: LagStep) -> list[tuple[ResetState, random.Random]]:
+        """Lag 2's carried seeds to localize now, each with its own generator (none in the last generation)."""
+        if lag.localizes_carried():
+            return [(s, random.Random(s.rng_key)) for s in lag.seeds]
+        lag.discarded += len(lag.seeds)
+        return []
+
+    @staticmethod
+    def carried_outcome(state: ResetState) -> SeedOutcome:
+        """A fresh outcome (no suffixes yet) for a carried, localized state; the state itself is left unchanged."""
+        o = state.outcome
+        record = dataclasses.replace(o.record)
+        return SeedOutcome(record, list(o.prefix), None if o.prefix_logprobs is None else list(o.prefix_logprobs),
+                           list(o.prefix_spans), [], list(state.context))
+
     def seeds_of(self, drawn: list[Scored]) -> list[int]:
         """The seeds' positions among a prompt's phase-1 draws (the first k seed candidates in sampling order)."""
         return self._seeds_and_base(drawn)[0]
@@ -385,9 +561,10 @@ class ResetAlgorithm:
         return [DecodeRequest(context + outcome.prefix, outcome.record.reset_index - 1, budget)
                 for _ in range(self.split.num_reset_generations)]
 
-    def prompt_groups(self, drawn: list[Scored], outcomes: list[SeedOutcome]) -> PromptGroups:
+    def prompt_groups(self, drawn: list[Scored], outcomes: list[SeedOutcome], lagged: bool = False) -> PromptGroups:
         """One prompt's rows from its phase-1 draws and its seeds' resets: the base group, then each seed's
-        shared-prefix group, then zero-weight filler groups for the seed slots left empty."""
+        shared-prefix group, then zero-weight filler groups for the seed slots left empty. ``lagged``: the resets
+        are carried states (their rows name their origin), and this prompt's own seeds are counted as handed on."""
         split = self.split
         seed_idx, base_idx = self._seeds_and_base(drawn)
         rows = [_row(drawn[j], 0, BASE_GROUP) for j in base_idx]
@@ -401,6 +578,9 @@ class ResetAlgorithm:
                               phase1_draws_passed=sum(s.reward >= self.success_threshold for s in drawn))
         if split.is_grpo:
             return result
+        if lagged:
+            result.seeds_found = len(seed_idx)
+            result.searches_ended = split.num_reset_prefixes - len(seed_idx)
         for group, outcome in enumerate(outcomes, start=1):
             result.resets.append(outcome.record)
             for suffix in outcome.suffixes:
@@ -413,6 +593,8 @@ class ResetAlgorithm:
                     row.logprobs = outcome.prefix_logprobs + row.logprobs
                 else:
                     row.logprobs = None
+                if outcome.context is not None:
+                    row.origin, row.context = outcome.record.origin, list(outcome.context)
                 rows.append(row)
         missing = split.num_reset_prefixes - len(outcomes)
         if missing:

@@ -21,6 +21,11 @@ With ``sampling_seeds`` (one per prompt), every request carries a seed of its ow
 from its prompt's and its role there: phase-1 draw j, the localization reply of seed g, suffix j of seed g's reset
 state. A stream that draws each request from its own generator then samples a row's tokens whatever else is
 decoded beside it, and on whichever process.
+
+Under a lag (`resets.LagStep`, pipelined resets) the first wave holds, beside the new prompts' first draws, the
+carried states' suffixes and (lag 2) the carried seeds' localization replies; a seed found now is localized as soon
+as it is confirmed (lag 1) or only handed on (lag 2). A carried request keeps the seed it would have had in its
+origin generation (its origin prompt's sampling seed and its role there), so it samples the same tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .localizers import Localization, Localizer
-from .resets import PromptGroups, ResetAlgorithm, Scored, ScoreFn, SeedGenerators, SeedOutcome
+from .resets import LagStep, PromptGroups, ResetAlgorithm, ResetState, Scored, ScoreFn, SeedGenerators, SeedOutcome
 from .sampling.base import DecodeRequest, DecodingStream, derive_seed
 from .thoughts import Rollout
 
@@ -72,6 +77,7 @@ def run_overlapped(
     rng: random.Random | Sequence[random.Random] | None = None,
     rows: Sequence[Mapping] | None = None,
     sampling_seeds: Sequence[int] | None = None,
+    lag: LagStep | None = None,
 ) -> list[PromptGroups]:
     """Algorithm 2 for every prompt, as `ResetAlgorithm.run` (same arguments, a stream for the sampler).
 
@@ -84,13 +90,14 @@ def run_overlapped(
             "use ResetAlgorithm.run for it.")
     if sampling_seeds is not None and len(sampling_seeds) != len(contexts):
         raise ValueError(f"{len(sampling_seeds)} sampling seeds for {len(contexts)} prompts: pass one per prompt.")
+    algorithm.check_lag(lag, len(contexts))
     return _Run(algorithm, contexts, questions, stream, score, localizer, describe, policy,
-                SeedGenerators(rng, len(contexts)), rows, sampling_seeds).run()
+                SeedGenerators(rng, len(contexts)), rows, sampling_seeds, lag).run()
 
 
 class _Run:
     def __init__(self, algorithm, contexts, questions, stream, score, localizer, describe, policy, seed_rng, rows,
-                 sampling_seeds):
+                 sampling_seeds, lag):
         self.algo, self.stream, self.score, self.localizer = algorithm, stream, score, localizer
         self.questions, self.describe, self.policy, self._seed_rng, self.rows = questions, describe, policy, \
             seed_rng, rows
@@ -100,19 +107,33 @@ class _Run:
         self.jobs: dict[int, tuple] = {}  # stream handle -> what it is for
         self.outbox: list[tuple[DecodeRequest, tuple]] = []
         self.first = algorithm.first_round
+        self.lag = lag
+        self.carried: list[list[SeedOutcome]] = [[] for _ in contexts]  # lag: each prompt's slots, carried states
+        self.targets: dict[tuple, tuple[ResetState, random.Random]] = {}  # lag: seeds being localized
+        self.localized: dict[tuple, ResetState] = {}
+        self.found: dict[tuple, ResetState] = {}
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> list[PromptGroups]:
         for p in range(len(self.prompts)):
             self._draw(p, self.first)
+        if self.lag is not None:
+            self._carry()
         self._flush()
         while self._busy():
             self._collect(self.stream.step())
             self._flush()
         for p, prompt in enumerate(self.prompts):
-            if prompt.pending or any(o is None or None in o.suffixes for o in prompt.outcomes):
+            if prompt.pending or any(o is None or None in o.suffixes for o in prompt.outcomes + self.carried[p]):
                 raise RuntimeError(f"the decoding stream went idle with prompt {p}'s work unfinished.")
-        return [self.algo.prompt_groups(list(prompt.draws), list(prompt.outcomes)) for prompt in self.prompts]
+        if self.lag is None:
+            return [self.algo.prompt_groups(list(prompt.draws), list(prompt.outcomes)) for prompt in self.prompts]
+        if len(self.localized) != len(self.targets):
+            raise RuntimeError("the decoding stream went idle with localization replies unfinished.")
+        self.lag.localized.extend(self.localized[t] for t in sorted(self.localized))
+        self.lag.found.extend(self.found[t] for t in sorted(self.found))
+        return [self.algo.prompt_groups(list(prompt.draws), per, lagged=True)
+                for prompt, per in zip(self.prompts, self.carried)]
 
     def _busy(self) -> bool:
         """Whether to step again: while this stream is busy, or, for a collective stream, while any process's is."""
@@ -123,9 +144,28 @@ class _Run:
     def _seeded(self, request: DecodeRequest, p: int, *role) -> DecodeRequest:
         """The request with its own seed, from prompt ``p``'s and the request's ``role`` there (unchanged without
         sampling seeds)."""
-        if self.sampling_seeds is None:
+        return self._seeded_by(request, None if self.sampling_seeds is None else self.sampling_seeds[p], *role)
+
+    @staticmethod
+    def _seeded_by(request: DecodeRequest, sampling_seed: int | None, *role) -> DecodeRequest:
+        if sampling_seed is None:
             return request
-        return dataclasses.replace(request, seed=derive_seed(self.sampling_seeds[p], *role))
+        return dataclasses.replace(request, seed=derive_seed(sampling_seed, *role))
+
+    def _carry(self) -> None:
+        """The first wave's carried work: each slot's suffixes, and (lag 2) the carried seeds' localizations."""
+        k = self.algo.split.num_reset_prefixes
+        for p in range(len(self.prompts)):
+            for slot, state in enumerate(self.lag.slots(p, k)):
+                outcome = self.algo.carried_outcome(state)
+                requests = self.algo.suffix_requests(state.context, outcome)
+                outcome.suffixes = [None] * len(requests)
+                self.carried[p].append(outcome)
+                for j, request in enumerate(requests):
+                    request = self._seeded_by(request, state.sampling_seed, "suffix", state.seed_number, j)
+                    self.outbox.append((request, ("carried", p, slot, j)))
+        for i, (state, rng) in enumerate(self.algo.carried_seed_targets(self.lag)):
+            self._ask(("carried", i), state, rng)
 
     def _flush(self) -> None:
         if self.outbox:
@@ -143,10 +183,10 @@ class _Run:
             prompt.pending += 1
 
     def _collect(self, finished) -> None:
-        draws, suffixes, replies = [], [], []
+        draws, suffixes, replies, carried = [], [], [], []
         for handle, result in finished:
             job = self.jobs.pop(handle)
-            {"draw": draws, "suffix": suffixes, "reply": replies}[job[0]].append((job, result))
+            {"draw": draws, "suffix": suffixes, "reply": replies, "carried": carried}[job[0]].append((job, result))
         touched = []
         if draws:
             owners = [p for (_, p, _), _ in draws]
@@ -160,10 +200,17 @@ class _Run:
             scored = self.algo._score(self.score, owners, [r for _, r in suffixes], prefixes)
             for ((_, p, g, j), _), s in zip(suffixes, scored):
                 self.prompts[p].outcomes[g].suffixes[j] = s
-        for (_, p, g, request), ids in replies:
+        if carried:
+            k = self.algo.split.num_reset_prefixes
+            owners = [self.lag.slots(p, k)[slot] for (_, p, slot, _), _ in carried]
+            prefixes = [self.carried[p][slot].prefix for (_, p, slot, _), _ in carried]
+            scored = self.algo._score(self.score, owners, [r for _, r in carried], prefixes)
+            for ((_, p, slot, j), _), s in zip(carried, scored):
+                self.carried[p][slot].suffixes[j] = s
+        for (_, target, request), ids in replies:
             text = self.policy.decode(ids)
             (answer,) = self.localizer.read([request], [(text, len(ids))])
-            self._reset(p, g, answer)
+            self._answered(target, answer)
         for p in dict.fromkeys(touched):
             self._advance(p)
 
@@ -176,8 +223,11 @@ class _Run:
             scored = prompt.draws[prompt.frontier]
             if len(prompt.seeds) < k and algo.is_seed_candidate(scored):
                 prompt.seeds.append(prompt.frontier)
-                prompt.outcomes.append(None)
-                self._localize(p, len(prompt.seeds) - 1)
+                if self.lag is None:
+                    prompt.outcomes.append(None)
+                    self._localize(p, len(prompt.seeds) - 1)
+                else:
+                    self._hand_on(p, len(prompt.seeds) - 1)
             prompt.frontier += 1
         found = sum(algo.is_seed_candidate(s) for s in prompt.draws if s is not None)
         left = self.first + algo.seed_budget - len(prompt.draws)
@@ -186,19 +236,48 @@ class _Run:
 
     def _localize(self, p: int, g: int) -> None:
         prompt = self.prompts[p]
-        seed = prompt.draws[prompt.seeds[g]]
-        request = self.algo.localization_request(self.questions[p], seed, self.describe,
-                                                 None if self.rows is None else self.rows[p], self._seed_rng(p, g))
+        self._request(("own", p, g), self.questions[p], prompt.draws[prompt.seeds[g]],
+                      None if self.rows is None else self.rows[p], self._seed_rng(p, g),
+                      None if self.sampling_seeds is None else self.sampling_seeds[p], g)
+
+    def _hand_on(self, p: int, g: int) -> None:
+        """Under a lag: prompt p's g-th seed becomes a state for a later generation, localized now under lag 1."""
+        prompt, lag = self.prompts[p], self.lag
+        state = self.algo.new_state(lag, p, g, prompt.draws[prompt.seeds[g]], prompt.context, self.questions[p],
+                                    None if self.rows is None else self.rows[p], self._seed_rng.key(p, g),
+                                    None if self.sampling_seeds is None else self.sampling_seeds[p])
+        if not lag.keeps_new():
+            lag.discarded += 1
+        elif lag.lag == 1:
+            self._ask(("new", p, g), state, self._seed_rng(p, g))
+        else:
+            self.found[(p, g)] = state
+
+    def _ask(self, target: tuple, state: ResetState, rng: random.Random) -> None:
+        self.targets[target] = (state, rng)
+        self._request(target, state.question, state.seed, state.columns, rng, state.sampling_seed,
+                      state.seed_number)
+
+    def _request(self, target: tuple, question, seed: Scored, row, rng, sampling_seed, g: int) -> None:
+        """Asks the localizer about a seed: its reply joins the stream, or its answer comes at once."""
+        request = self.algo.localization_request(question, seed, self.describe, row, rng)
         if self.streamed:
             (ids,) = self.policy.encode(self.localizer.prompts([request]), [request])
-            reply = self._seeded(DecodeRequest(list(ids), reply_tokens=self.localizer.max_new_tokens,
-                                               temperature=self.localizer.temperature), p, "reply", g)
-            self.outbox.append((reply, ("reply", p, g, request)))
+            reply = self._seeded_by(DecodeRequest(list(ids), reply_tokens=self.localizer.max_new_tokens,
+                                                  temperature=self.localizer.temperature), sampling_seed, "reply", g)
+            self.outbox.append((reply, ("reply", target, request)))
             return
-        answers = self.localizer.locate([request], self.policy, self._seed_rng(p, g))
+        answers = self.localizer.locate([request], self.policy, rng)
         if len(answers) != 1:
             raise ValueError(f"localizer {self.localizer.name!r} answered {len(answers)} of 1 requests.")
-        self._reset(p, g, answers[0])
+        self._answered(target, answers[0])
+
+    def _answered(self, target: tuple, answer: Localization | None) -> None:
+        if target[0] == "own":
+            self._reset(target[1], target[2], answer)
+            return
+        state, rng = self.targets[target]
+        self.localized[target] = state.localized(self.algo.reset_of(state.seed, answer, rng))
 
     def _reset(self, p: int, g: int, answer: Localization | None) -> None:
         prompt = self.prompts[p]

@@ -1,0 +1,224 @@
+"""Pipelined resets on the scripted policy of test_scheduler: a lagged run builds Algorithm 2's groups, one or two
+generations later (same seeds, h*, suffix contexts, rewards and advantages), phased or overlapped; the queue keeps
+its order, drops old states, survives a checkpoint, and refuses what it cannot do."""
+
+import copy
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from tests.core.test_scheduler import LOCALIZERS, DelayedStream, Policy, Sampler, TextPolicy, _plain, score
+from trl_resets.advantages import group_advantages
+from trl_resets.localizers import RandomLocalizer
+from trl_resets.pipeline import ResetQueue, process_slice
+from trl_resets.resets import LagStep, Origin, ResetAlgorithm, Split
+from trl_resets.scheduler import run_overlapped
+from trl_resets.thoughts import ThoughtFormat
+
+LOCALIZERS = {**LOCALIZERS, "random": RandomLocalizer}
+PROMPTS = 4
+
+
+def _contexts(generation):
+    return [[7 + generation, 7 + p] for p in range(PROMPTS)]
+
+
+def _algo(split, base_group="algorithm2"):
+    return ResetAlgorithm(split, ThoughtFormat(max_completion_tokens=64), seed_budget=0, base_group=base_group)
+
+
+def _run(algo, generation, policy, localizer, lag=None, overlapped=True, stream_seed=0):
+    contexts = _contexts(generation)
+    kwargs = {"describe": lambda r: ["t"] * r.num_thoughts, "policy": TextPolicy(),
+              "rng": [random.Random(f"{generation}/{p}") for p in range(PROMPTS)],
+              "rows": [{"answer": f"a{generation}/{p}"} for p in range(PROMPTS)], "lag": lag}
+    questions = [f"q{generation}/{p}" for p in range(PROMPTS)]
+    if overlapped:
+        return run_overlapped(algo, contexts, questions, DelayedStream(policy, stream_seed), score,
+                              LOCALIZERS[localizer](), **kwargs)
+    return algo.run(contexts, questions, Sampler(policy), score, LOCALIZERS[localizer](), **kwargs)
+
+
+def _lagged(algo, lag, generations, salt, localizer, overlapped=True, queue=None, max_age=2, policy=None):
+    """A lagged run over ``generations``, all sampled by one scripted policy; returns each generation's groups, its
+    LagStep and the queue."""
+    policy, queue = policy or Policy(salt), queue or ResetQueue(lag, max_age)
+    out = []
+    for t in generations:
+        step, _ = queue.step(t, PROMPTS * algo.split.num_reset_prefixes, generations_left=None)
+        groups = _run(algo, t, policy, localizer, step, overlapped, stream_seed=salt + t)
+        queue.put(step.localized, step.found, step.discarded)
+        out.append((groups, step))
+    return out, queue
+
+
+def _reset_groups(groups):
+    """The trained reset groups of a batch, in order: (rows without their origin fields, rewards, advantages)."""
+    out = []
+    for g in groups:
+        rows = g.rows
+        ids = torch.tensor([r.group for r in rows])
+        rewards = torch.tensor([r.reward for r in rows])
+        advantages = group_advantages(rewards, ids) * torch.tensor([r.weight for r in rows])
+        for group in sorted({r.group for r in rows if r.group and r.weight}):
+            members = [i for i, r in enumerate(rows) if r.group == group]
+            plain = [dataclasses.replace(rows[i], origin=None, context=None, group=0) for i in members]  # any slot
+            out.append((_plain([type(g)(plain)]), [advantages[i].item() for i in members], rows[members[0]].origin,
+                        rows[members[0]].context))
+    return out
+
+
+def _base_rows(groups):
+    return [_plain([type(g)([r for r in g.rows if r.group == 0])]) for g in groups]
+
+
+@pytest.mark.parametrize("localizer", sorted(LOCALIZERS))
+@pytest.mark.parametrize("split", [Split(4, 1, 4), Split(0, 2, 4), Split(0, 1, 8)], ids=["1x4", "2x4", "1x8"])
+@pytest.mark.parametrize("lag", [1, 2])
+def test_a_lagged_run_builds_algorithm_2s_groups_lag_generations_later(split, localizer, lag):
+    algo = _algo(split)
+    seen = {"resets": 0, "ended searches": 0}
+    for salt in range(4):
+        reference = _run(algo, 0, Policy(salt), localizer)  # Algorithm 2 on generation 0, suffixes included
+        runs, _ = _lagged(algo, lag, range(lag + 1), salt, localizer)
+        (first, _), (later, _) = runs[0], runs[lag]
+        assert _base_rows(first) == _base_rows(reference)  # the same draws, the same base groups
+        assert all(r.weight == 0 for g in first for r in g.rows if r.group)  # no state yet: zero-weight fillers
+        assert all(g.fallbacks == split.num_reset_prefixes and not g.resets for g in first)
+        expected = _reset_groups(reference)
+        carried = _reset_groups(later)
+        assert [c[:2] for c in carried] == [e[:2] for e in expected]  # rows, rewards, advantages
+        origins = [(p, g) for p, groups in enumerate(reference) for g in range(len(groups.resets))]
+        assert [c[2] for c in carried] == [Origin(0, p) for p, _ in origins]
+        assert [c[3] for c in carried] == [_contexts(0)[p] for p, _ in origins]
+        records = [dataclasses.replace(r, origin=None) for g in reference for r in g.resets]
+        assert [dataclasses.replace(r, origin=None) for g in later for r in g.resets] == records
+        assert all(r.origin is not None for g in later for r in g.resets)
+        assert [g.seeds_found for g in first] == [len(g.resets) for g in reference]
+        seen["resets"] += len(records)
+        seen["ended searches"] += sum(g.searches_ended for g in first)
+    assert seen["resets"] and (seen["ended searches"] or split.num_base_generations), seen  # 1x4's 5 draws: seeds
+
+
+@pytest.mark.parametrize("localizer", sorted(LOCALIZERS))
+@pytest.mark.parametrize("lag", [1, 2])
+def test_the_phased_and_the_overlapped_lagged_runs_agree(localizer, lag):
+    algo = _algo(Split(2, 2, 2))
+    for salt in range(3):
+        phased, _ = _lagged(algo, lag, range(3), salt, localizer, overlapped=False)
+        overlapped, _ = _lagged(algo, lag, range(3), salt, localizer)
+        for (pg, ps), (og, os_) in zip(phased, overlapped):
+            assert _plain(pg) == _plain(og)
+            assert _plain(ps.localized) == _plain(os_.localized) and _plain(ps.found) == _plain(os_.found)
+        assert any(step.localized for _, step in phased)
+
+
+class FirstWave(DelayedStream):
+    def submit(self, requests):
+        if not hasattr(self, "first"):
+            self.first = [("reply" if r.is_reply else "rollout") for r in requests]
+        return super().submit(requests)
+
+
+def test_carried_suffixes_and_replies_join_the_first_wave():
+    """Under a lag, the carried suffixes (and lag 2's localization replies) are submitted with the first draws."""
+    algo = _algo(Split(4, 1, 4))
+    for lag in (1, 2):
+        queue, policy = ResetQueue(lag, 2), Policy(1)
+        for t in range(4):
+            step, _ = queue.step(t, PROMPTS)
+            stream = FirstWave(policy, t)
+            run_overlapped(algo, _contexts(t), ["q"] * PROMPTS, stream, score, LOCALIZERS["self"](),
+                           describe=lambda r: ["t"] * r.num_thoughts, policy=TextPolicy(), lag=step)
+            queue.put(step.localized, step.found)
+            assert stream.first.count("rollout") == PROMPTS * algo.first_round + 4 * len(step.ready)
+            assert stream.first.count("reply") == len(step.seeds)
+            if t >= lag:
+                assert step.ready and (lag == 1 or step.seeds)
+
+
+def test_the_queue_is_ordered_drops_old_states_and_counts_the_last_generations():
+    algo = _algo(Split(4, 1, 4))
+    queue = ResetQueue(1, 1)
+    _lagged(algo, 1, range(1), 2, "callable", queue=queue)
+    states = list(queue.ready)
+    assert states and [s.origin for s in states] == sorted(s.origin for s in states)
+    queue.put(list(reversed(states)), [])  # gathered in another order: put in the fixed order
+    assert queue.ready == states + states
+    step, dropped = queue.step(2, 1)  # age 2 > max_age 1: all dropped, counted
+    assert dropped == 2 * len(states) and step.ready == [] and queue.dropped == dropped
+    last = LagStep(1, 3, generations_left=0)  # the last generation localizes nothing
+    _run(algo, 3, Policy(2), "self", last)
+    assert last.localized == [] and last.discarded > 0
+    two = LagStep(2, 3, seeds=[], generations_left=1)  # lag 2, one generation left: new seeds are not kept
+    _run(algo, 3, Policy(2), "self", two)
+    assert two.found == [] and two.discarded == last.discarded
+
+
+def test_a_queue_saved_at_a_generation_boundary_resumes_the_same_run():
+    algo = _algo(Split(0, 2, 4))
+    for lag in (1, 2):
+        whole, _ = _lagged(algo, lag, range(4), 5, "random")
+        policy = Policy(5)
+        first, queue = _lagged(algo, lag, range(2), 5, "random", policy=policy)
+        saved = torch.load(_saved(queue.state_dict()), weights_only=False)
+        resumed_queue = ResetQueue(lag, 2)
+        resumed_queue.load_state_dict(saved)
+        assert resumed_queue.ready or resumed_queue.seeds
+        # the scripted policy is restored as it was (a real run restores its model from the checkpoint)
+        rest, _ = _lagged(algo, lag, range(2, 4), 5, "random", queue=resumed_queue, policy=copy.deepcopy(policy))
+        assert [_plain(g) for g, _ in first + rest] == [_plain(g) for g, _ in whole]
+    with pytest.raises(ValueError, match="resume with the same values"):
+        ResetQueue(1, 3).load_state_dict(queue.state_dict())
+
+
+def _saved(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_two_processes_build_the_rows_of_one():
+    """The batch on one process, or split in halves over two with each half's new states gathered into both
+    queues: the same rows, the same queue."""
+    algo, k = _algo(Split(0, 2, 4)), 2
+    for lag in (1, 2):
+        one, one_queue = _lagged(algo, lag, range(3), 7, "self")
+        queues, policy = [ResetQueue(lag, 2), ResetQueue(lag, 2)], Policy(7)
+        for t in range(3):
+            steps = [q.step(t, PROMPTS * k)[0] for q in queues]
+            halves, localized, found = [], [], []
+            for rank in (0, 1):
+                part = process_slice(steps[rank], rank, PROMPTS // 2, k)
+                prompts = list(part.prompt_indices)
+                halves += run_overlapped(
+                    algo, [_contexts(t)[p] for p in prompts], [f"q{t}/{p}" for p in prompts],
+                    DelayedStream(policy, rank), score, LOCALIZERS["self"](),
+                    describe=lambda r: ["t"] * r.num_thoughts, policy=TextPolicy(),
+                    rng=[random.Random(f"{t}/{p}") for p in prompts],
+                    rows=[{"answer": f"a{t}/{p}"} for p in prompts], lag=part)
+                localized, found = localized + part.localized, found + part.found
+            for q in queues:
+                q.put(list(reversed(localized)), list(reversed(found)))  # gathered in either order
+            assert _plain(halves) == _plain(one[t][0])
+            assert queues[0].state_dict() == queues[1].state_dict()
+        assert _plain(queues[0].ready + queues[0].seeds) == _plain(one_queue.ready + one_queue.seeds)
+        assert one_queue.ready or one_queue.seeds
+
+
+def test_refusals_name_the_fix():
+    with pytest.raises(ValueError, match="Set seed_budget=0"):
+        run_overlapped(ResetAlgorithm(Split(4, 1, 4), ThoughtFormat(max_completion_tokens=64)), [[7]], ["q"],
+                       DelayedStream(Policy(0), 0), score, LOCALIZERS["callable"](), describe=len, lag=LagStep(1, 0))
+    with pytest.raises(ValueError, match="num_reset_prefixes >= 1"):
+        _algo(Split(8, 0, 1)).run([[7]], ["q"], Sampler(Policy(0)), score, RandomLocalizer(), describe=len,
+                                  lag=LagStep(1, 0))
+    with pytest.raises(ValueError, match="Set reset_max_age >= 2"):
+        ResetQueue(2, 1)
+    with pytest.raises(ValueError, match="1 or 2"):
+        LagStep(3, 0)
