@@ -46,6 +46,18 @@ class ResetConfig(GRPOConfig):
         `num_reset_prefixes` failures: phase 1 starts with max(num_base_generations, num_reset_prefixes) draws, not
         their sum.
 
+    > Pipelined resets
+
+    reset_lag (`int`, defaults to `0`):
+        Generations between finding a seed and sampling its suffixes. `0`: Algorithm 2 exactly. `1`: a seed is
+        found and localized in its generation, and its suffixes are sampled in the next one, by the updated policy,
+        in the same decoding wave as that generation's new prompts. `2`: the localization moves to the next
+        generation's first wave too, and the suffixes to the one after. The first generations' reset slots are
+        zero-weight fillers; there is no seed search (`seed_budget=0`); see docs/concepts.md.
+    reset_max_age (`int`, defaults to `2`):
+        With `reset_lag > 0`: a carried reset state older than this many generations when its slot comes is
+        dropped (counted in `resets/dropped_states`). At least `reset_lag`.
+
     > Thought MDP
 
     thought_delimiter (`str`, defaults to `"</thought>"`):
@@ -180,6 +192,13 @@ class ResetConfig(GRPOConfig):
         metadata={"help": "'algorithm2' (the first non-seed draws) or 'iid' (the first draws, the seed included).",
                   "choices": list(BASE_GROUP_MODES)},
     )
+    reset_lag: int = field(
+        default=0, metadata={"help": "Generations between a seed and its suffixes: 0 (Algorithm 2), 1 or 2.",
+                             "choices": [0, 1, 2]},
+    )
+    reset_max_age: int = field(
+        default=2, metadata={"help": "With reset_lag > 0: drop carried reset states older than this (generations)."}
+    )
     thought_delimiter: str = field(default=DEFAULT_DELIMITER, metadata={"help": "Text that closes a thought."})
     thought_split: str = field(
         default="delimiter",
@@ -284,6 +303,7 @@ class ResetConfig(GRPOConfig):
                 f"{self.num_generations}."
             )
         options.check(self)
+        self._check_reset_lag()
         self._check_credit_options()
         if self.per_row_sampling_seed:
             self._check_per_row_sampling_seed()
@@ -307,6 +327,39 @@ class ResetConfig(GRPOConfig):
         if refused:
             raise ValueError(f"per_row_sampling_seed=True cannot be honoured with {refused}, or set "
                              "per_row_sampling_seed=False.")
+
+    def _check_reset_lag(self):
+        """Pipelined resets: the combinations that are built and tested pass; every other one fails here, naming
+        the fix."""
+        if self.reset_lag not in (0, 1, 2):
+            raise ValueError(f"reset_lag={self.reset_lag!r} is not one of [0, 1, 2]: 0 is Algorithm 2, 1 and 2 lag "
+                             "the resets by that many generations.")
+        if self.reset_lag == 0:
+            return
+        lag = f"reset_lag={self.reset_lag}"
+        rules = [
+            (self.num_reset_prefixes == 0, ("num_reset_prefixes=0: GRPO has no resets to carry. Set reset_lag=0, or "
+             "num_reset_prefixes >= 1")),
+            (self.reset_max_age < self.reset_lag, (f"reset_max_age={self.reset_max_age}: every carried state would be "
+             f"dropped before its slot comes. Set reset_max_age >= {self.reset_lag}")),
+            (self.seed_budget != 0, (f"seed_budget={self.seed_budget}: a lagged run draws no seed-search rounds (a "
+             "prompt whose first draws hold no failure hands on no seed). Set seed_budget=0")),
+            (self.use_vllm, ("use_vllm=True: pipelined resets are built for the transformers sampler only. Set "
+             "use_vllm=False, or reset_lag=0")),
+            (self.credit != "uniform", (f"credit={self.credit!r}: comparison-based credit reads each row's question "
+             "from its batch prompt, which a carried row does not share. Set credit='uniform', or reset_lag=0")),
+            (self.pack_shared_prefixes, ("pack_shared_prefixes=True: packing assumes a prompt's rows share its "
+             "prompt, which a carried row does not. Set pack_shared_prefixes=False, or reset_lag=0")),
+            (self.num_iterations != 1, (f"num_iterations={self.num_iterations}: pipelined resets are built and tested "
+             "with one optimization pass per generation. Set num_iterations=1, or reset_lag=0")),
+            (self.steps_per_generation != self.gradient_accumulation_steps,
+             (f"steps_per_generation={self.steps_per_generation} (gradient_accumulation_steps="
+             f"{self.gradient_accumulation_steps}): pipelined resets are built and tested with one optimizer step "
+             "per generation. Leave steps_per_generation unset, or set reset_lag=0")),
+        ]
+        for refused, why in rules:
+            if refused:
+                raise ValueError(f"{lag} cannot be honoured with {why}.")
 
     def _check_credit_options(self):
         """Comparison-based credit settings that cannot work fail here, each naming the fix."""

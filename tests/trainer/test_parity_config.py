@@ -85,3 +85,30 @@ def test_honoured_options_construct(tmp_path, overrides):
 def test_an_unknown_localizer_name_is_refused_by_the_config(tmp_path):
     with pytest.raises(ValueError, match=r"localizer='prm' is not one of \['self', 'random', 'oracle'\]"):
         _config(tmp_path, localizer="prm")
+
+
+LAG_REFUSALS = [  # (settings beside reset_lag=1, what the message names)
+    ({"num_base_generations": 8, "num_reset_prefixes": 0}, "Set reset_lag=0, or num_reset_prefixes >= 1"),
+    ({"reset_max_age": 0}, "Set reset_max_age >= 1"),
+    ({"seed_budget": 8}, "Set seed_budget=0"),
+    ({"seed_budget": 0, "use_vllm": True}, "Set use_vllm=False"),
+    ({"seed_budget": 0, "credit": "diff"}, "Set credit='uniform'"),
+    ({"seed_budget": 0, "pack_shared_prefixes": True}, "Set pack_shared_prefixes=False"),
+    ({"seed_budget": 0, "num_iterations": 2}, "Set num_iterations=1"),
+    ({"seed_budget": 0, "steps_per_generation": 2},
+     "Leave steps_per_generation unset"),
+]
+
+
+@pytest.mark.parametrize("overrides, fix", LAG_REFUSALS)
+def test_pipelined_resets_refuse_what_they_do_not_honour_naming_the_fix(tmp_path, overrides, fix):
+    with pytest.raises(ValueError, match="reset_lag=1 cannot be honoured") as error:
+        _config(tmp_path, **{"reset_lag": 1, **overrides})
+    assert fix in str(error.value)
+
+
+def test_pipelined_resets_construct_and_an_unknown_lag_is_refused(tmp_path):
+    args = _config(tmp_path, reset_lag=2, seed_budget=0)
+    assert (args.reset_lag, args.reset_max_age) == (2, 2)
+    with pytest.raises(ValueError, match=r"reset_lag=3 is not one of \[0, 1, 2\]"):
+        _config(tmp_path, reset_lag=3, seed_budget=0)
