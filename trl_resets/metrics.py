@@ -64,8 +64,12 @@ def step_sums(
             num["parse_failure_rate"] += record.localizer_failed
             num["reset_index_mean"] += record.reset_index
             num["reset_depth_mean"] += record.reset_index / record.num_thoughts
-            tot["tokens_localization"] += record.localization_tokens
-            tot["tokens_seed"] += record.seed_tokens
+            if result.seed_tokens is None:  # a carried reset's seed and reply were generated (counted) before
+                tot["tokens_localization"] += record.localization_tokens
+                tot["tokens_seed"] += record.seed_tokens
+        if result.seed_tokens is not None:
+            tot["tokens_seed"] += result.seed_tokens
+            tot["tokens_localization"] += result.localization_tokens
         for key in ("parse_failure_rate", "reset_index_mean", "reset_depth_mean"):
             den[key] += len(result.resets)
         tot["tokens_unused"] += result.unused_tokens

@@ -245,6 +245,10 @@ class PromptGroups:
     phase1_draws_passed: int = 0  # of all phase1_draws (the seed search's extra draws too)
     seeds_found: int = 0  # pipelined resets: this prompt's seeds, handed to a later generation
     searches_ended: int = 0  # pipelined resets: seeds this prompt's first draws did not hold (no further search)
+    # pipelined resets: tokens generated in this generation (this prompt's own seeds, the localization replies it
+    # asked for); None without a lag, where the resets' records hold them
+    seed_tokens: int | None = None
+    localization_tokens: int | None = None
 
 
 def choose_seeds(incorrect: Sequence[bool], split: Split, iid_base: bool = False) -> tuple[list[int], list[int]]:
@@ -490,7 +494,8 @@ class ResetAlgorithm:
                                   [o.prefix for _, o in carried for _ in range(g2)]))
         for _, outcome in carried:
             outcome.suffixes = [next(scored) for _ in range(g2)]
-        return [self.prompt_groups(drawn, per, lagged=True) for drawn, per in zip(draws, outcomes)]
+        return self.count_localizations(lag, [self.prompt_groups(drawn, per, lagged=True)
+                                              for drawn, per in zip(draws, outcomes)])
 
     # ------------------------------------------------------------------ the steps, shared with the scheduler
     def check_lag(self, lag: LagStep | None, num_prompts: int) -> None:
@@ -520,6 +525,16 @@ class ResetAlgorithm:
             return [(s, random.Random(s.rng_key)) for s in lag.seeds]
         lag.discarded += len(lag.seeds)
         return []
+
+    @staticmethod
+    def count_localizations(lag: LagStep, groups: list[PromptGroups]) -> list[PromptGroups]:
+        """Under a lag, each localization reply decoded in this generation counts toward the prompt at its origin
+        prompt's place in this process's block (lag 2's carried seeds come from the same block)."""
+        first = lag.prompt_index(0) if groups else 0
+        for state in lag.localized:
+            groups[(state.origin.prompt - first) % len(groups)].localization_tokens += \
+                state.outcome.record.localization_tokens
+        return groups
 
     @staticmethod
     def carried_outcome(state: ResetState) -> SeedOutcome:
@@ -581,6 +596,8 @@ class ResetAlgorithm:
         if lagged:
             result.seeds_found = len(seed_idx)
             result.searches_ended = split.num_reset_prefixes - len(seed_idx)
+            result.seed_tokens = sum(len(drawn[j].rollout.token_ids) for j in seed_idx)
+            result.localization_tokens = 0
         for group, outcome in enumerate(outcomes, start=1):
             result.resets.append(outcome.record)
             for suffix in outcome.suffixes:

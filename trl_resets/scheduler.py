@@ -132,8 +132,8 @@ class _Run:
             raise RuntimeError("the decoding stream went idle with localization replies unfinished.")
         self.lag.localized.extend(self.localized[t] for t in sorted(self.localized))
         self.lag.found.extend(self.found[t] for t in sorted(self.found))
-        return [self.algo.prompt_groups(list(prompt.draws), per, lagged=True)
-                for prompt, per in zip(self.prompts, self.carried)]
+        return self.algo.count_localizations(self.lag, [self.algo.prompt_groups(list(prompt.draws), per, lagged=True)
+                                                        for prompt, per in zip(self.prompts, self.carried)])
 
     def _busy(self) -> bool:
         """Whether to step again: while this stream is busy, or, for a collective stream, while any process's is."""

@@ -130,9 +130,14 @@ def test_carried_suffixes_and_replies_join_the_first_wave():
         for t in range(4):
             step, _ = queue.step(t, PROMPTS)
             stream = FirstWave(policy, t)
-            run_overlapped(algo, _contexts(t), ["q"] * PROMPTS, stream, score, LOCALIZERS["self"](),
-                           describe=lambda r: ["t"] * r.num_thoughts, policy=TextPolicy(), lag=step)
+            groups = run_overlapped(algo, _contexts(t), ["q"] * PROMPTS, stream, score, LOCALIZERS["self"](),
+                                    describe=lambda r: ["t"] * r.num_thoughts, policy=TextPolicy(), lag=step)
             queue.put(step.localized, step.found)
+            # the tokens generated now: this generation's seeds and localization replies, not the carried ones'
+            replies = sum(s.outcome.record.localization_tokens for s in step.localized)
+            assert sum(g.localization_tokens for g in groups) == replies and (replies > 0) == bool(step.localized)
+            assert sum(g.seed_tokens for g in groups) == sum(len(s.seed.rollout.token_ids) for s in step.found) \
+                if lag == 2 else sum(g.seed_tokens for g in groups) > 0
             assert stream.first.count("rollout") == PROMPTS * algo.first_round + 4 * len(step.ready)
             assert stream.first.count("reply") == len(step.seeds)
             if t >= lag:
