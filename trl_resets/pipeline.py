@@ -11,6 +11,7 @@ it would be used is dropped and counted. It is saved with each checkpoint (`stat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .resets import LagStep, ResetState
@@ -88,3 +89,46 @@ def process_slice(step: LagStep, process: int, num_prompts: int, k: int) -> LagS
     indices = range(process * num_prompts, (process + 1) * num_prompts)
     return LagStep(step.lag, step.generation, step.ready[first: first + num_prompts * k],
                    [s for s in step.seeds if s.origin.prompt in indices], indices, step.generations_left)
+
+
+class Pipeline:
+    """A trainer's pipelined resets: the queue, and what each generation takes from it and gives back.
+
+    Args:
+        lag, max_age: as `ResetQueue`.
+        num_reset_prefixes: reset slots per prompt.
+        process, num_processes: this process and how many there are; each holds the same number of prompts.
+        gather: ``list -> the concatenation of every process's list, in process order`` (identity on one process).
+    """
+
+    def __init__(self, lag: int, max_age: int, num_reset_prefixes: int, process: int = 0, num_processes: int = 1,
+                 gather=lambda items: list(items)):
+        self.queue = ResetQueue(lag, max_age)
+        self.k, self.process, self.num_processes, self.gather = num_reset_prefixes, process, num_processes, gather
+        self._ages: list[int] = []
+        self._dropped = 0
+
+    def begin(self, generation: int, num_prompts: int, generations_left: int | None) -> LagStep:
+        """This process's `LagStep` for a generation of ``num_prompts`` prompts per process."""
+        slots = num_prompts * self.num_processes * self.k
+        whole, self._dropped = self.queue.step(generation, slots, generations_left)
+        self._ages = [generation - s.origin.generation for s in whole.ready]
+        return process_slice(whole, self.process, num_prompts, self.k)
+
+    def end(self, step: LagStep, groups) -> dict[str, float]:
+        """Puts every process's new states into the queue; returns the generation's pipeline metrics (the same on
+        every process): the mean age of the carried states used, the ready states waiting, the states dropped for
+        their age, the seed searches ended without a seed, and the states made that no later generation uses."""
+        localized, found = self.gather(step.localized), self.gather(step.found)
+        counts = self.gather([[step.discarded, sum(g.searches_ended for g in groups)]])
+        discarded, ended = (sum(c[i] for c in counts) for i in range(2))
+        self.queue.put(localized, found, discarded)
+        last = step.generations_left == 0
+        return {
+            "resets/reset_age": sum(self._ages) / len(self._ages) if self._ages else math.nan,
+            "resets/queue_fill": float(self.queue.fill),
+            "resets/dropped_states": float(self._dropped),
+            "resets/searches_ended": float(ended),
+            # at the last generation: every state still queued, and those never made, go unused
+            "resets/unused_states": float(discarded + (self.queue.fill + len(self.queue.seeds) if last else 0)),
+        }

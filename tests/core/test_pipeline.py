@@ -4,6 +4,7 @@ its order, drops old states, survives a checkpoint, and refuses what it cannot d
 
 import copy
 import dataclasses
+import math
 import random
 
 import pytest
@@ -227,3 +228,22 @@ def test_refusals_name_the_fix():
         ResetQueue(2, 1)
     with pytest.raises(ValueError, match="1 or 2"):
         LagStep(3, 0)
+
+
+def test_the_trainers_pipeline_metrics_over_a_run_of_known_length():
+    """Three generations at lag 1: ages, queue fill, and at the last generation no localization, and the seeds
+    found there counted unused."""
+    from trl_resets.pipeline import Pipeline
+
+    algo, policy, pipeline = _algo(Split(0, 2, 4)), Policy(3), Pipeline(1, 1, 2)
+    logged, found = [], []
+    for t in range(3):
+        step = pipeline.begin(t, PROMPTS, generations_left=2 - t)
+        groups = _run(algo, t, policy, "callable", step)
+        logged.append(pipeline.end(step, groups))
+        found.append(sum(g.seeds_found for g in groups))
+        assert sum(len(g.resets) for g in groups) == (found[t - 1] if t else 0)  # every state of t-1 is used
+    assert math.isnan(logged[0]["resets/reset_age"]) and logged[1]["resets/reset_age"] == 1.0
+    assert [m["resets/queue_fill"] for m in logged] == [found[0], found[1], 0] and found[2] > 0
+    assert logged[2]["resets/unused_states"] == found[2] and step.localized == []
+    assert sum(m["resets/searches_ended"] for m in logged) > 0
