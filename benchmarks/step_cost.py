@@ -9,6 +9,8 @@
                                               # one round, light warm-up (a smoke test, written to a
                                               # temporary folder unless --results-dir is given)
     python -m benchmarks.step_cost --paper-caps --with-iid   # adds SRPO-iid: SRPO with base_group="iid"
+    python -m benchmarks.step_cost --lag 1,2 --with-iid   # adds SRPO-lag1, SRPO-lag2 and RRPO-lag1 (pipelined
+                                              # resets), every method timed in steady state (its second step)
     python -m benchmarks.step_cost --model path/to/model   # any model, the package's default prompts
     python -m benchmarks.step_cost --shape qwen2.5-1.5b --bf16 --prompts 4 --tokens 1024   # on a GPU: a
                                               # random-weight model of a named shape (gpu_recipe.SHAPES), in bf16
@@ -18,6 +20,10 @@ thought sampler); RRPO and SRPO use the 4 + 1x4 split (G1=4 base rollouts, one s
 ``--with-iid`` adds SRPO-iid, SRPO with ``base_group="iid"`` (the base group is the first 4 draws, the seed the
 first failure among them, so phase 1 draws 4 rollouts, not 5), judged against its own target: generated tokens
 at most 0.90x GRPO's. ``--methods`` picks the methods compared (GRPO and SRPO always among them).
+``--lag 1,2`` adds SRPO with ``reset_lag`` 1 and 2 (``SRPO-lag1``, ``SRPO-lag2``; a lagged run has no seed search:
+``seed_budget=0``) and, with lag 1 and RRPO among the methods, ``RRPO-lag1``. A lagged run's first generation has
+empty reset slots, so with ``--lag`` every method runs one untimed step first and is measured from its second step
+on (steady state); the lag variants are judged against their target: sequential decoding steps at most 1.10x GRPO's.
 Everything is measured from outside the trainers:
 
 * a callback marks the step boundaries (``on_step_begin`` .. ``on_step_end``, optimizer step included);
@@ -61,8 +67,10 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ("GRPO", "RRPO", "SRPO")
 PHASED = "SRPO-phased"  # SRPO sampled phase by phase (the scheduler's reference path), with --with-phased
 IID = "SRPO-iid"  # SRPO with base_group="iid", with --with-iid
-VARIANTS = {PHASED: "SRPO", IID: "SRPO"}  # each variant's trainer
+VARIANTS = {PHASED: "SRPO", IID: "SRPO", "SRPO-lag1": "SRPO", "SRPO-lag2": "SRPO", "RRPO-lag1": "RRPO"}
+LAGS = {"SRPO-lag1": 1, "SRPO-lag2": 2, "RRPO-lag1": 1}  # each lagged variant's reset_lag
 IID_TARGETS = {"tokens": 0.90}  # SRPO-iid over GRPO: at most
+LAG_TARGETS = {"decode_steps": 1.10}  # a lagged variant over GRPO: at most
 PARTS = ("generation", "update")
 # SRPO over GRPO: at most (at least, for throughput) these.
 TARGETS = {"wall_clock": 1.05, "generation": 1.10, "gen_throughput": 0.90, "forward_passes": 1.10, "tokens": 1.08}
@@ -77,15 +85,20 @@ class Probe:
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
+        self.active = True  # False while an untimed step runs (steady-state runs skip the first)
         self.seconds: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         self.calls: dict[str, int] = {}
 
     def add_time(self, key: str, seconds: float) -> None:
+        if not self.active:
+            return
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
         self.calls[key] = self.calls.get(key, 0) + 1
 
     def add_tokens(self, key: str, count: int) -> None:
+        if not self.active:
+            return
         self.tokens[key] = self.tokens.get(key, 0) + int(count)
 
     def timed(self, key: str, fn):
@@ -160,7 +173,8 @@ class CountingStream:
             waited = max(0, self._steps - self._submitted.pop(handle) - tokens)
             self._probe.add_tokens("stream_wait_steps", waited)
             self._probe.add_tokens("stream_requests", 1)
-            self._probe.tokens["stream_max_wait"] = max(self._probe.tokens.get("stream_max_wait", 0), waited)
+            if self._probe.active:
+                self._probe.tokens["stream_max_wait"] = max(self._probe.tokens.get("stream_max_wait", 0), waited)
         return done
 
     def __getattr__(self, name):
@@ -323,6 +337,24 @@ def render_iid_line(ratios) -> str:
             f"{srpo['forward_passes']:.2f}x.\n")
 
 
+def render_lag_line(ratios) -> str:
+    """Each lagged variant's sequential decoding steps and tokens over GRPO's, with its target; nothing where none
+    ran."""
+    parts = []
+    for method in (m for m in LAGS if m in ratios):
+        r = ratios[method]
+        met = "met" if r["decode_steps"] <= LAG_TARGETS["decode_steps"] else "missed"
+        parts.append(f"{method} / GRPO: sequential decoding steps {r['decode_steps']:.2f}x (target <= "
+                     f"{LAG_TARGETS['decode_steps']:.2f}x, {met}), forward passes {r['forward_passes']:.2f}x, "
+                     f"generated tokens {r['tokens']:.2f}x ({r['tokens_with_localization']:.2f}x with localization), "
+                     f"generation time {r['generation']:.2f}x")
+    if not parts:
+        return ""
+    srpo = ratios["SRPO"]
+    return ("; ".join(parts) + f". SRPO / GRPO for comparison: decoding steps {srpo['decode_steps']:.2f}x, tokens "
+            f"{srpo['tokens']:.2f}x.\n")
+
+
 def render_mean_line(runs) -> str:
     """The same ratios from means over the rounds (a second estimator; with few rounds the two can differ)."""
     r = ratios_to(summarize(runs, statistics.fmean))["SRPO"]
@@ -418,6 +450,8 @@ def build_trainer(method: str, model: str, dataset, settings: dict, lora_r: int,
     from trl_resets.rewards import boxed_answer_reward
 
     overrides = {"base_group": "iid"} if method == IID else {}
+    if method in LAGS:
+        overrides = {"reset_lag": LAGS[method], "seed_budget": 0}
     method = VARIANTS.get(method, method)
     if method == "GRPO":
         config_cls, trainer_cls, split = SRPOConfig, SRPOTrainer, {"num_base_generations": 8, "num_reset_prefixes": 0}
@@ -445,9 +479,9 @@ class _BatchOnly:
         self.inner, self.name, self.locate = inner, inner.name, inner.locate
 
 
-def instrument(trainer, probe: Probe, phased: bool = False):
+def instrument(trainer, probe: Probe, phased: bool = False, skip: int = 0):
     """Attaches the probes to a trainer instance (nothing in the trainer's code changes); ``phased``: hide the
-    localizer's streaming interface, so SRPO samples phase by phase."""
+    localizer's streaming interface, so SRPO samples phase by phase; ``skip``: the first steps are not measured."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
@@ -456,6 +490,7 @@ def instrument(trainer, probe: Probe, phased: bool = False):
             self.logs = []
 
         def on_step_begin(self, args, state, control, **kwargs):
+            probe.active = state.global_step >= skip
             self.start = probe.clock()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -520,7 +555,8 @@ def light_warm_up(model_path: str) -> None:
     del model
 
 
-def measure(method, model, dataset, settings, lora_r, prompts, output_dir) -> dict:
+def measure(method, model, dataset, settings, lora_r, prompts, output_dir, skip: int = 0) -> dict:
+    """One method's run of ``settings["max_steps"]`` steps, the first ``skip`` of them untimed."""
     import gc
 
     import torch
@@ -529,15 +565,15 @@ def measure(method, model, dataset, settings, lora_r, prompts, output_dir) -> di
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer = build_trainer(method, model, dataset, settings, lora_r, output_dir)
-    clock = instrument(trainer, probe, phased=method == PHASED)
+    clock = instrument(trainer, probe, phased=method == PHASED, skip=skip)
     trainer.train()
-    steps = trainer.state.global_step
+    steps = trainer.state.global_step - skip
     record = step_record(probe, prompts * steps, generations=probe.calls.get("rollout", 0) or 1)
     if torch.cuda.is_available():
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     for key in ("step", "generation", "localization", "update"):
         record[key] /= steps
-    record["trainer_logged"] = logged_metrics(clock.logs, prompts * steps)
+    record["trainer_logged"] = logged_metrics(clock.logs[skip:], prompts * steps)
     record["steps"] = steps
     del trainer
     gc.collect()
@@ -580,7 +616,7 @@ def write_outputs(result: dict, name: str, write_json: bool = True, folder: Path
     if write_json:
         (folder / f"{name}.json").write_text(json.dumps(result, indent=2))
     summary, ratios = result["summary"], result["ratios_to_grpo"]
-    iid_line = render_iid_line(ratios)
+    iid_line = render_iid_line(ratios) + render_lag_line(ratios)
     (folder / f"{name}.md").write_text(
         f"# Step cost: {', '.join(summary)}\n\n{result['setup']}.\n\n{render_table(summary, ratios)}\n"
         f"{render_memory_line(summary, ratios)}{render_targets(ratios)}\n" + (f"{iid_line}\n" if iid_line else "")
@@ -672,6 +708,9 @@ def main():
                              "replies, then all suffixes), for comparison")
     parser.add_argument("--with-iid", action="store_true",
                         help=f"add {IID}: SRPO with base_group='iid' (the first G1 draws are the base group)")
+    parser.add_argument("--lag", default="",
+                        help="comma-separated reset lags (1, 2) to add as SRPO-lag<n> (and RRPO-lag1 with lag 1 and "
+                             "RRPO among the methods); every method is then timed from its second step on")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated methods before the --with-* variants (default {','.join(METHODS)}; "
                              "GRPO and SRPO must be among them)")
@@ -693,6 +732,11 @@ def main():
     if not {"GRPO", "SRPO"} <= set(base_methods) or not set(base_methods) <= set(METHODS):
         parser.error(f"--methods {args.methods!r}: name methods among {','.join(METHODS)}, GRPO and SRPO included "
                      "(the ratios are over GRPO, the targets SRPO's).")
+    lags = sorted({int(v) for v in args.lag.split(",") if v.strip()})
+    if not set(lags) <= {1, 2}:
+        parser.error(f"--lag {args.lag!r}: name lags among 1 and 2.")
+    lagged = tuple(f"SRPO-lag{n}" for n in lags) + (("RRPO-lag1",) if 1 in lags and "RRPO" in base_methods else ())
+    skip = 1 if lags else 0  # steady state: a lagged run's first generation has no carried resets
     results_dir = results_folder(args.results_dir, args.quick and not args.replot)
     if args.replot:
         result = json.loads((results_dir / f"{name}.json").read_text())
@@ -711,7 +755,7 @@ def main():
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     settings = {
-        "per_device_train_batch_size": 8 * args.prompts, "max_steps": args.steps, "learning_rate": 5e-5,
+        "per_device_train_batch_size": 8 * args.prompts, "max_steps": args.steps + skip, "learning_rate": 5e-5,
         "max_completion_length": args.tokens, "max_thought_tokens": args.thought_tokens,
         "max_thoughts": args.thoughts, "temperature": 0.7, "top_p": 0.95, "seed_budget": 4, "logging_steps": 1,
         "save_strategy": "no", "report_to": "none", "use_cpu": not torch.cuda.is_available(), "bf16": args.bf16,
@@ -751,13 +795,13 @@ def main():
                         localization_max_tokens=2)
             measure("SRPO", args.model, dataset, warm, args.lora_r, args.prompts, tmp)
         print(f"warm-up done after {time.perf_counter() - started:.0f} s", flush=True)
-        methods = base_methods + ((PHASED,) if args.with_phased else ()) + ((IID,) if args.with_iid else ())
+        methods = base_methods + ((PHASED,) if args.with_phased else ()) + ((IID,) if args.with_iid else ()) + lagged
         runs = {m: [] for m in methods}
         for rnd in range(args.rounds):
             order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
             for method in order:
                 record = measure(method, args.model, dataset, dict(settings, seed=args.seed + rnd), args.lora_r,
-                                 args.prompts, tmp)
+                                 args.prompts, tmp, skip=skip)
                 record["round"] = rnd
                 runs[method].append(record)
                 print(f"round {rnd} {method}: step {record['step']:.1f} s (generation {record['generation']:.1f}, "
@@ -781,7 +825,9 @@ def main():
         f"LoRA r{args.lora_r}" if args.lora_r else "full fine-tune")
     setup += (f"; {args.prompts} prompt(s) x 8 rollouts per step, {args.tokens} tokens max "
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO"
-              + ("; SRPO-iid: SRPO with base_group='iid'" if args.with_iid else "") + "; "
+              + ("; SRPO-iid: SRPO with base_group='iid'" if args.with_iid else "")
+              + (f"; {', '.join(lagged)}: reset_lag as named, seed_budget=0 (SRPO/RRPO: seed_budget=4); steady state: "
+                 "each run's first step untimed" if lagged else "") + "; "
               f"median of {args.rounds} round(s) x {args.steps} step(s); "
               + ("shared prefill" if args.share_prefill else "no prefill sharing")
               + ("; compact decoding" if args.compact else "; generate (no compaction)")
@@ -803,6 +849,7 @@ def main():
     print(render_memory_line(summary, ratios), end="")
     print(targets)
     print(render_iid_line(ratios), end="")
+    print(render_lag_line(ratios), end="")
     print(render_mean_line(runs))
     print(render_pooled_line(runs))
     print(wait_note(runs))

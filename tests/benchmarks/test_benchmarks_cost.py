@@ -337,3 +337,23 @@ def test_the_pooled_line_names_whichever_methods_ran():
     runs = {m: [{"generation": g, "update": 1.0}] for m, g in (("GRPO", 1.0), ("SRPO", 2.0), (step_cost.IID, 1.5))}
     line = step_cost.render_pooled_line(runs)
     assert "SRPO / GRPO wall-clock: 1.50x (SRPO-iid 1.25x)." in line and "RRPO" not in line
+
+
+def test_the_lag_line_judges_decoding_steps_against_its_target():
+    assert step_cost.render_lag_line({"GRPO": _ratios(1, 1), "SRPO": _ratios(1, 1)}) == ""
+    met, missed = _ratios(1.0, 1.1), _ratios(1.0, 1.1)
+    met["decode_steps"], missed["decode_steps"] = 1.05, 1.2
+    line = step_cost.render_lag_line({"SRPO": _ratios(1, 1), "SRPO-lag1": met, "SRPO-lag2": missed})
+    assert "SRPO-lag1 / GRPO: sequential decoding steps 1.05x (target <= 1.10x, met)" in line
+    assert "SRPO-lag2 / GRPO: sequential decoding steps 1.20x (target <= 1.10x, missed)" in line
+
+
+def test_a_steady_state_run_leaves_its_first_steps_out():
+    clock = FakeClock()
+    probe = step_cost.Probe(clock)
+    probe.active = False  # the untimed first step
+    probe.add_tokens("rollout", 5)
+    probe.add_time("rollout", 1.0)
+    probe.active = True
+    probe.add_tokens("rollout", 3)
+    assert probe.tokens == {"rollout": 3} and probe.seconds == {}
