@@ -6,6 +6,7 @@
     python tests/trainer/resume_worker.py OUT kill-in-files    # SIGKILLs itself while checkpoint-4's files are written
     python tests/trainer/resume_worker.py OUT kill-before-marker   # ... once they are all written, before the marker
     python tests/trainer/resume_worker.py OUT resume-latest    # resume_from_checkpoint=True
+    python tests/trainer/resume_worker.py OUT full lag=1       # any mode with pipelined resets (reset_lag=1)
 
 At most one checkpoint is kept (save_total_limit=1).
 
@@ -67,7 +68,7 @@ def _kill_during_save(mode):
         checkpoints.mark_complete = die_before_marker
 
 
-def main(out_dir, mode, steps_per_generation=None):
+def main(out_dir, mode, steps_per_generation=None, reset_lag=0):
     if mode.startswith("kill-"):
         _kill_during_save(mode)
     torch.use_deterministic_algorithms(True)
@@ -75,11 +76,13 @@ def main(out_dir, mode, steps_per_generation=None):
     tok = make_char_tokenizer()
     data = Dataset.from_dict({"prompt": [f"{i}+{7 - i}?" for i in range(8)], "answer": ["7"] * 8})
     extra = {} if steps_per_generation is None else {"steps_per_generation": steps_per_generation}
+    if reset_lag:
+        extra.update(reset_lag=reset_lag, seed_budget=0)
     args = SRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=8, max_steps=4, max_completion_length=16,
         max_thought_tokens=5, max_thoughts=4, learning_rate=1e-2, logging_steps=1, report_to="none",
-        use_cpu=True, bf16=False, save_strategy="steps", save_steps=2, save_total_limit=1, seed_budget=2, temperature=1.0, seed=3,
-        localization_max_tokens=6, disable_tqdm=True, **extra,
+        use_cpu=True, bf16=False, save_strategy="steps", save_steps=2, save_total_limit=1, temperature=1.0, seed=3,
+        localization_max_tokens=6, disable_tqdm=True, **{"seed_budget": 2, **extra},
     )
     trainer = SRPOTrainer(model=make_tiny_llama(tok), reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=tok, localizer="random",
@@ -89,4 +92,6 @@ def main(out_dir, mode, steps_per_generation=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))
+    numbers = [int(a) for a in sys.argv[3:] if not a.startswith("lag=")]
+    lags = [int(a.split("=")[1]) for a in sys.argv[3:] if a.startswith("lag=")]
+    main(sys.argv[1], sys.argv[2], steps_per_generation=numbers[0] if numbers else None, reset_lag=lags[0] if lags else 0)

@@ -58,8 +58,9 @@ def _assert_same_run(expected, logged):
                 assert got[key] == pytest.approx(value, abs=1e-6), (step, key, value, got[key])
 
 
-@pytest.mark.parametrize("steps_per_generation", [None, 4])  # 4: the checkpoint falls inside one generation
+@pytest.mark.parametrize("steps_per_generation", [None, 4, "lag=1", "lag=2"])  # 4: the checkpoint falls inside
 def test_a_run_killed_after_a_checkpoint_resumes_as_the_same_run(tmp_path, full_run, steps_per_generation):
+    """... one generation; lag=N: pipelined resets, whose queue of reset states the checkpoint holds."""
     extra = () if steps_per_generation is None else (steps_per_generation,)
     broken = tmp_path / "broken"
     killed = _run(broken, "kill", *extra)
@@ -70,7 +71,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_as_the_same_run(tmp_path, full_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, before, after = full_run(*extra), _logs(broken, "kill"), _logs(broken, "resume")
     assert sorted(before) == [1, 2] and sorted(after) == [3, 4]
-    assert any(k.startswith("resets/") for k in expected[3 if steps_per_generation is None else 1])
+    assert any(k.startswith("resets/") for k in expected[1 if steps_per_generation == 4 else 3])
+    if isinstance(steps_per_generation, str):  # the resumed generation uses states the checkpoint carried
+        assert expected[3]["resets/reset_age"] == int(steps_per_generation[-1])
+        assert expected[3]["resets/fallback_rate"] < 1.0 and expected[2]["resets/queue_fill"] > 0
     _assert_same_run(expected, {**before, **after})
 
 

@@ -1,0 +1,51 @@
+"""Pipelined resets in the trainer (reset_lag=1): on a tiny model, the second generation's reset slots hold the
+first generation's reset states, shown and scored with their origin prompt; the queue's metrics are logged."""
+
+import math
+
+from tests.conftest import make_tiny_llama
+from tests.trainer.test_trainer import _args, _dataset
+from trl_resets import SRPOConfig, SRPOTrainer
+
+
+def test_a_lagged_run_trains_the_previous_generations_resets_with_their_origin(tmp_path, char_tokenizer):
+    args = _args(tmp_path, SRPOConfig, max_steps=3, reset_lag=1, seed_budget=0, log_completions=True)
+    answers = []  # the answer column of each reward call
+
+    def reward(completions, answer, **kwargs):  # every rollout fails: every prompt has a seed
+        answers.append(list(answer))
+        return [0.0] * len(completions)
+
+    data = _dataset().map(lambda row, i: {"answer": f"a{i}"}, with_indices=True)  # one answer per prompt
+    answer_of = dict(zip(data["prompt"], data["answer"]))
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=char_tokenizer, localizer=lambda q, thoughts: len(thoughts))
+    outputs, prompts, calls = [], [], []
+    rollout = trainer._reset_rollout
+
+    def recorded(batch):
+        prompts.append(batch[0])
+        outputs.append(rollout(batch))
+        calls.append(len(answers))
+        return outputs[-1]
+
+    trainer._reset_rollout = recorded
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and len(set(prompts)) == 3
+    first, second, last = logs
+    assert first["resets/fallback_rate"] == 1.0 and math.isnan(first["resets/reset_age"])  # no state yet
+    assert first["resets/queue_fill"] == 1.0  # the first prompt's seed, localized
+    assert second["resets/reset_age"] == 1.0 and second["resets/fallback_rate"] == 0.0
+    assert last["resets/unused_states"] == 1.0 and last["resets/queue_fill"] == 0.0  # the last seed: not localized
+    assert all(entry["resets/dropped_states"] == 0.0 for entry in logs)
+    # generation 2's reset rows (4-7): generation 1's prompt, scored with generation 1's answer
+    out1, out2 = outputs[0], outputs[1]
+    assert all(out2["prompt_ids"][i] == out1["prompt_ids"][0] for i in range(4, 8))
+    assert out2["prompt_ids"][0] != out1["prompt_ids"][0]
+    scored = {a for call in answers[calls[0]:calls[1]] for a in call}
+    assert scored == {answer_of[prompts[0]], answer_of[prompts[1]]}
+    assert trainer.reset_history[1]["resets"][0][3:] == (0, 0)  # origin: generation 0, prompt 0
+    assert trainer.reset_history[0]["resets"] == []
+    shown = list(trainer._logs["prompt"])[-8:]  # the completions table (the last generation): each row's prompt
+    assert shown == [prompts[2]] * 4 + [prompts[1]] * 4
