@@ -75,6 +75,18 @@ def test_with_per_row_sampling_seeds_sampled_runs_on_one_process_and_two_are_the
     assert unseeded["eval"] != unseeded_two["eval"]
 
 
+def test_pipelined_resets_build_the_same_rows_on_one_process_and_two(sampled_runs):
+    """reset_lag=1 with per-row sampling seeds: the second generation's reset slots take the first generation's
+    states from a queue gathered from every process; 4 prompts of 2 seeds each over 2 processes."""
+    one, two = sampled_runs
+    lagged, lagged_two = _joined(one, "transformers/lagged"), _joined(two, "transformers/lagged")
+    assert lagged == lagged_two and any(lagged["advantages"])
+    origins = [tuple(r[3:]) for r in lagged["resets"]]
+    assert len(origins) >= 4 and {g for g, _ in origins} == {0} and len({p for _, p in origins}) > 1
+    queues = [r["transformers/lagged"]["queue"] for r in one + two]
+    assert all(q == queues[0] for q in queues) and queues[0]  # the second generation's states, on every process
+
+
 def test_per_row_sampling_seeds_are_refused_where_the_transformers_backend_cannot_honour_them(tmp_path,
                                                                                               char_tokenizer):
     from datasets import Dataset

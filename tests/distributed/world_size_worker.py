@@ -27,9 +27,9 @@ def reward(completions, answer, **kwargs):
     return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
 
 
-def generation(trainer) -> dict:
+def generation(trainer, batches=None) -> dict:
     """One generation step of ``trainer``: the prompts it sampled for, its resets and localization replies, and the
-    rows and advantages TRL received."""
+    rows and advantages TRL received (``batches``: an iterator over the train dataloader, for a later generation)."""
     seen, generated, replies = [], [], []
     rollout, score, summarize = trainer._reset_rollout, trainer._generate_and_score_completions, trainer._summarize
     trainer._reset_rollout = lambda prompts: seen.extend(prompts) or rollout(prompts)
@@ -37,7 +37,8 @@ def generation(trainer) -> dict:
     trainer._summarize = lambda groups, *a: replies.extend(r.reply for g in groups for r in g.resets) or summarize(
         groups, *a)
     trainer.model.train()
-    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # TRL shuffles its rows after this
+    trainer._prepare_inputs(next(batches or iter(trainer.get_train_dataloader())))  # TRL shuffles its rows after this
+    trainer._reset_rollout, trainer._generate_and_score_completions, trainer._summarize = rollout, score, summarize
     (output,) = generated
     return {
         "prompts": list(seen),
@@ -85,8 +86,28 @@ def sampled(out_dir, model_dir):
                                   processing_class=tok)
             report[f"{backend}/{'seeded' if seeded else 'unseeded'}"] = generation(trainer) | {
                 "eval": evaluation(trainer)}
+    report["transformers/lagged"] = lagged(out_dir, model_dir, tok, data, world)
     report["num_processes"] = trainer.accelerator.num_processes
     write_report(trainer, out_dir, report)
+
+
+def lagged(out_dir, model_dir, tok, data, world) -> dict:
+    """Pipelined resets (reset_lag=1, per-row sampling seeds): the second generation, whose reset slots hold the
+    first generation's reset states, gathered from every process."""
+    args = SRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=16 // world, max_steps=2, report_to="none", use_cpu=True,
+        bf16=False, save_strategy="no", num_base_generations=0, num_reset_prefixes=2, num_reset_generations=2,
+        max_thought_tokens=5, max_thoughts=3, max_completion_length=15, seed_budget=0, temperature=1.0,
+        localization_max_tokens=4, localization_temperature=1.0, per_row_sampling_seed=True, reset_lag=1,
+    )
+    trainer = SRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=distinct_characters,
+                          args=args, train_dataset=data, processing_class=tok)
+    batches = iter(trainer.get_train_dataloader())
+    first = generation(trainer, batches)
+    trainer._step += args.steps_per_generation  # the next generation
+    second = generation(trainer, batches)
+    return second | {"first_prompts": first["prompts"], "queue": [
+        (s.origin.generation, s.origin.prompt, s.seed_number, s.outcome.prefix) for s in trainer.pipeline.queue.ready]}
 
 
 def main(out_dir):
