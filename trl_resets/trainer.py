@@ -30,7 +30,6 @@ from accelerate.utils import gather
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
-from trl.trainer.grpo_trainer import logger as _trl_logger
 from trl.trainer.utils import nanmax, nanmin
 
 from . import batch, checkpoints, packing, seeding
@@ -54,8 +53,7 @@ from .resets import PromptGroups, ResetAlgorithm, Split
 from .sampling import from_trainer
 from .sampling.base import DecodeRequest, StepCounter, decode
 from .scheduler import can_overlap, run_overlapped
-from .scoring import call_reward_functions
-from .scoring import unscored as unscored_rows
+from .scoring import TrajectoryScorer
 from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 
@@ -158,8 +156,7 @@ class ResetTrainer(GRPOTrainer):
         self._batch_state = None
         self._overlong_warned = False
         self._row_stats = None  # per row of the batch being generated: length, terminated, trained
-        self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
-        self._unscored = [0, 0]  # completions with no reward from any function, completions scored (this step)
+        self._scorer = TrajectoryScorer(self)
         self._warned_no_loss = False  # see _warn_no_loss
         self._eval_batches = (-1, -1)  # (training step, evaluation batches at it): see _eval_sampling_seeds
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
@@ -225,45 +222,8 @@ class ResetTrainer(GRPOTrainer):
         return sum(terms) if terms else math.nan
 
     def _score(self, rows_inputs: list[dict], prompts: list, completion_ids: list[list[int]]) -> list[list[float]]:
-        """Calls the reward functions on full trajectories, with the dataset columns as keyword arguments."""
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        if is_conversational(prompts[0]):
-            completions = [[{"role": "assistant", "content": t}] for t in texts]
-        else:
-            completions = texts
-        keys = [k for k in rows_inputs[0] if k not in ("prompt", "completion", "completion_ids")]
-        columns = {k: [row[k] for row in rows_inputs] for k in keys}
-        columns["trainer_state"] = self.state
-        columns["log_metric"] = self._log_metric
-        columns["log_extra"] = lambda column, values: self._pending_row_extras.append(
-            (column, [tuple(ids) for ids in completion_ids], list(values)))
-        rows = call_reward_functions(self.reward_funcs, self.reward_func_names, self.reward_processing_classes,
-                                     prompts, completions, completion_ids, columns, self.accelerator.device,
-                                     self.chat_template_kwargs, is_conversational(prompts[0]),
-                                     getattr(self, "async_loop", None))
-        unscored = unscored_rows(rows)
-        self._unscored[0] += len(unscored)
-        self._unscored[1] += len(rows)
-        if unscored:
-            i = unscored[0]
-            row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
-            _trl_logger.warning(  # on TRL's logger, where GRPOTrainer's own warning of this goes
-                f"No reward function gave a reward to {len(unscored)} of {len(rows)} completions (their rows get no "
-                f"reward and no advantage); the first: {dict(row, prompt=prompts[i], completion=completions[i])}. "
-                "Make at least one reward function return a reward for every completion."
-            )
-        return rows
-
-    def _log_row_extras(self, rows) -> None:
-        """Hands TRL's completions table the columns reward functions logged with ``log_extra``, one value per
-        training row (the value logged when its trajectory was scored; None for filler rows)."""
-        pending, self._pending_row_extras = self._pending_row_extras, []
-        by_column: dict[str, dict[tuple, object]] = {}
-        for column, keys, values in pending:
-            by_column.setdefault(column, {}).update(zip(keys, values))
-        for column, values in by_column.items():
-            self._log_completion_extra(
-                column, [values.get(tuple(row.completion_ids)) if row.weight > 0 else None for row in rows])
+        """The reward functions on full trajectories, with the dataset columns as keyword arguments (`scoring`)."""
+        return self._scorer(rows_inputs, prompts, completion_ids)
 
     def _warn_overlong_prompts(self, prompt_ids: list[list[int]]) -> None:
         """Once per run, with the count, when prompts leave the model's positions no room for the rollout (TRL 1.16
@@ -303,7 +263,7 @@ class ResetTrainer(GRPOTrainer):
         n = self.num_generations
         firsts = list(range(0, len(prompts), n))
         inputs = self._batch_inputs
-        self._unscored = [0, 0]
+        self._scorer.unscored = [0, 0]
 
         def score(owners, completion_ids):
             rows = [firsts[u] for u in owners]
@@ -329,7 +289,7 @@ class ResetTrainer(GRPOTrainer):
         rows = [row for g in groups for row in g.rows]
         self._row_stats = batch.stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],
                                      self.accelerator.device)
-        self._log_row_extras(rows)
+        self._scorer.log_row_extras(rows)
         return {
             "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
             "completion_ids": [row.completion_ids for row in rows],
@@ -352,7 +312,7 @@ class ResetTrainer(GRPOTrainer):
                 return batch.token_credit(rows, group_ids, advantages, texts, questions, self.args, self.state_key,
                                           self.repairer, policy)
 
-        return batch.summarize(groups, self.split, self.args, tuple(self._unscored), self.accelerator.device, credit)
+        return batch.summarize(groups, self.split, self.args, tuple(self._scorer.unscored), self.accelerator.device, credit)
 
     def _global_prompts(self, num_prompts: int) -> tuple[int, range]:
         """(the generation, the global batch indices of this process's prompts): TRL hands each process a contiguous
