@@ -160,9 +160,12 @@ class ResetConfig(GRPOConfig):
     pack_shared_prefixes (`bool`, defaults to `False`):
         Forward the tokens a group's rows share (the prompt; a reset group's prompt and prefix) once, in the
         old-policy, reference and update passes: each group is one sequence under a 4D attention mask in which a
-        row's continuation sees the shared tokens and itself (`trl_resets.packing`), and the micro-batches of each
-        optimizer step keep its groups whole (each step trains the same rows). The log-probabilities, entropies and
-        loss are those of the unpacked rows (within float rounding). SDPA and eager attention compute a pack's
+        row's continuation sees the shared tokens and itself (`trl_resets.packing`). A generation's micro-batches
+        keep each group whole where it fits: where a generation spans several optimizer steps
+        (`steps_per_generation` > `gradient_accumulation_steps`), TRL's shuffle of rows becomes a shuffle of groups,
+        so a step trains other rows than the unpacked run's (the same rows when a generation is one step). The
+        log-probabilities, entropies and loss of a micro-batch are those of its unpacked rows (within float
+        rounding). SDPA and eager attention compute a pack's
         whole masked square, so a batch is packed only where that and its tokens cost less than the unpacked rows
         (`trl_resets.packing.plan`), which can cut a group into smaller packs or leave it unpacked. Needs
         `attn_implementation="sdpa"` or `"eager"`; models that cannot take the mask (recurrent layers, sliding

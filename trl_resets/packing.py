@@ -434,6 +434,56 @@ def regroup(batches: list[dict], group_ids: Sequence[int]) -> list[dict]:
     return out
 
 
+def regroup_generation(batches: list[dict]) -> list[dict]:
+    """A generation's micro-batches (TRL's, its rows shuffled) laid out again with every group whole in one
+    micro-batch where it fits (`regroup`), the groups found from the tokens; unchanged when there is one micro-batch
+    or a row's tokens are not contiguous."""
+    if len(batches) < 2:
+        return batches
+    ids = torch.cat([torch.cat([b["prompt_ids"], b["completion_ids"]], 1) for b in batches])
+    mask = torch.cat([torch.cat([b["prompt_mask"], b["completion_mask"]], 1) for b in batches])
+    found = groups_by_content(ids, mask)
+    return batches if found is None else regroup(batches, found[0])
+
+
+def forward_refusal(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sharded: bool,
+                    compute_aux_loss: bool, extra: dict) -> str | None:
+    """Why a batch must be forwarded unpacked, or None: sharded weights, multimodal inputs, the MoE auxiliary loss,
+    rows that are not one contiguous run of tokens, or a model that cannot take the mask (`packing_refusal`)."""
+    if sharded:
+        return ("the weights are sharded (ZeRO-3 or FSDP), so every process must make the same forward calls, and "
+                "the packs of a batch differ between processes")
+    if any(value is not None for value in extra.values()):
+        return "the batch carries multimodal inputs, which are laid out per row"
+    if compute_aux_loss:
+        return "the MoE load-balancing loss is computed over the rows' 2D attention mask"
+    if real_spans(attention_mask) is None:
+        return "a row's tokens are not one contiguous run (only left and right padding can be packed)"
+    return packing_refusal(model, input_ids.size(1))
+
+
+def packed_forward(model, unwrapped, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                   found: tuple, compute_entropy: bool, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row log-probs (and entropies) of shape (rows, logits_to_keep), the rows forwarded as `plan`'s packs
+    (``found``) through the model's fused LM head (TRL's ``fused_lm_head=True`` forward)."""
+    group_ids, shared, batches = found
+    kind, dtype = mask_kind(unwrapped), next(unwrapped.parameters()).dtype
+    logps, entropies, order = [], [], []
+    for rows in batches:
+        index = torch.tensor(rows, device=input_ids.device)
+        packed = pack(input_ids[index], attention_mask[index], logits_to_keep, [group_ids[r] for r in rows],
+                      [shared[r] for r in rows], kind, dtype)
+        with autocast():
+            out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                        position_ids=packed.position_ids, shift_labels=packed.labels, fused_lm_head=True)
+        logps.append(unpack(out.log_probs, packed))
+        if compute_entropy:
+            entropies.append(unpack(out.entropy, packed))
+        order.extend(rows)
+    inverse = torch.argsort(torch.tensor(order, device=input_ids.device))
+    return torch.cat(logps)[inverse], torch.cat(entropies)[inverse] if compute_entropy else None
+
+
 def _members(group_ids: Sequence[int]) -> dict[int, list[int]]:
     members: dict[int, list[int]] = {}
     for r, g in enumerate(group_ids):

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 from trl.data_utils import apply_chat_template
+from trl.trainer.grpo_trainer import logger as _trl_logger
 
 # keywords the trainer itself passes to every reward function (besides the dataset's columns)
 REWARD_KEYWORDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra"}
@@ -95,3 +96,55 @@ def call_reward_functions(funcs, names, tokenizers, prompts: list, completions: 
 def unscored(rows: list[list[float]]) -> list[int]:
     """The completions no reward function scored."""
     return [i for i, values in enumerate(rows) if values and all(math.isnan(v) for v in values)]
+
+
+class TrajectoryScorer:
+    """A trainer's reward functions called on whole trajectories while it generates: the dataset columns as keyword
+    arguments, plus ``trainer_state``, ``log_metric`` and ``log_extra`` (columns for the completions table, handed
+    to TRL one value per training row by `log_row_extras`); counts the completions no function scored (this
+    generation's ``unscored``: (unscored, scored)) and warns on TRL's logger with the first of them."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.unscored = [0, 0]
+        self._pending: list = []  # (column, completion ids, values) logged by reward functions
+
+    def __call__(self, rows_inputs: list[dict], prompts: list, completion_ids: list[list[int]]) -> list[list[float]]:
+        from .checks import is_conversational  # (checks imports this module's REWARD_KEYWORDS)
+
+        t = self.trainer
+        texts = t.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        conversational = is_conversational(prompts[0])
+        completions = [[{"role": "assistant", "content": text}] for text in texts] if conversational else texts
+        keys = [k for k in rows_inputs[0] if k not in ("prompt", "completion", "completion_ids")]
+        columns = {k: [row[k] for row in rows_inputs] for k in keys}
+        columns["trainer_state"] = t.state
+        columns["log_metric"] = t._log_metric
+        columns["log_extra"] = lambda column, values: self._pending.append(
+            (column, [tuple(ids) for ids in completion_ids], list(values)))
+        rows = call_reward_functions(t.reward_funcs, t.reward_func_names, t.reward_processing_classes, prompts,
+                                     completions, completion_ids, columns, t.accelerator.device,
+                                     t.chat_template_kwargs, conversational, getattr(t, "async_loop", None))
+        missing = unscored(rows)
+        self.unscored[0] += len(missing)
+        self.unscored[1] += len(rows)
+        if missing:
+            i = missing[0]
+            row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
+            _trl_logger.warning(  # on TRL's logger, where GRPOTrainer's own warning of this goes
+                f"No reward function gave a reward to {len(missing)} of {len(rows)} completions (their rows get no "
+                f"reward and no advantage); the first: {dict(row, prompt=prompts[i], completion=completions[i])}. "
+                "Make at least one reward function return a reward for every completion."
+            )
+        return rows
+
+    def log_row_extras(self, rows) -> None:
+        """Hands TRL's completions table the columns reward functions logged with ``log_extra``, one value per
+        training row (the value logged when its trajectory was scored; None for filler rows)."""
+        pending, self._pending = self._pending, []
+        by_column: dict[str, dict[tuple, object]] = {}
+        for column, keys, values in pending:
+            by_column.setdefault(column, {}).update(zip(keys, values))
+        for column, values in by_column.items():
+            self.trainer._log_completion_extra(
+                column, [values.get(tuple(row.completion_ids)) if row.weight > 0 else None for row in rows])

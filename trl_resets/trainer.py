@@ -23,16 +23,13 @@ import math
 import os
 import random
 import warnings
-from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
-from accelerate.utils import broadcast_object_list, gather, gather_object
+from accelerate.utils import gather
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
-from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.grpo_trainer import logger as _trl_logger
 from trl.trainer.utils import nanmax, nanmin
 
 from . import batch, checkpoints, packing, seeding
@@ -53,11 +50,10 @@ from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_
 from .model_card import PAPER
 from .policy_text import PolicyText, SystemMessages
 from .resets import PromptGroups, ResetAlgorithm, Split
-from .sampling import TransformersThoughtSampler, VLLMThoughtSampler, prefix_caching_enabled, sampling_weights
+from .sampling import from_trainer
 from .sampling.base import DecodeRequest, StepCounter, decode
 from .scheduler import can_overlap, run_overlapped
-from .scoring import call_reward_functions
-from .scoring import unscored as unscored_rows
+from .scoring import TrajectoryScorer
 from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
 
 
@@ -155,13 +151,12 @@ class ResetTrainer(GRPOTrainer):
             )
         if args.per_row_sampling_seed:
             self._check_per_row_sampling_seed()
-        self._vllm_per_thought = self._probe_prefix_caching() if self.use_vllm else False
+        self._vllm_per_thought = from_trainer.probe_prefix_caching(self) if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
         self._overlong_warned = False
         self._row_stats = None  # per row of the batch being generated: length, terminated, trained
-        self._pending_row_extras: list = []  # (column, completion ids, values) logged by reward functions
-        self._unscored = [0, 0]  # completions with no reward from any function, completions scored (this step)
+        self._scorer = TrajectoryScorer(self)
         self._warned_no_loss = False  # see _warn_no_loss
         self._eval_batches = (-1, -1)  # (training step, evaluation batches at it): see _eval_sampling_seeds
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
@@ -199,78 +194,16 @@ class ResetTrainer(GRPOTrainer):
             return prompt[:-1] + [{**last, "content": wrap_question(last["content"], template, self.args.thought_delimiter)}]
         return wrap_question(prompt, template, self.args.thought_delimiter)
 
-    def _probe_prefix_caching(self) -> bool:
-        """Per-thought vLLM rounds only with prefix caching on; otherwise one pass per rollout (see vllm_backend)."""
-        found = [prefix_caching_enabled(self.vllm_generation)]
-        if self.args.vllm_mode == "server":
-            broadcast_object_list(found, from_process=0)
-        if not found[0]:
-            warnings.warn(
-                "vLLM prefix caching is off or could not be confirmed, so thoughts are not sampled in per-thought "
-                "rounds: each rollout is one request for its whole budget, cut at its stop point afterwards (same "
-                "distribution, some tokens discarded). To sample thought by thought, turn prefix caching on: "
-                "`trl vllm-serve --enable_prefix_caching`, or plain `vllm serve --enable-prefix-caching`. vLLM turns "
-                "it on by default for plain decoder models and off for hybrid and attention-free ones; it caches "
-                "whole 16-token blocks, so each round re-encodes up to one block (docs/vllm.md).",
-                stacklevel=3,
-            )
-        return bool(found[0])
-
-    def _vllm_sampler(self) -> VLLMThoughtSampler:
-        def broadcast(obj):
-            box = [obj]
-            broadcast_object_list(box, from_process=0)
-            return box[0]
-
-        return VLLMThoughtSampler(
-            self.vllm_generation,
-            self.processing_class,
-            self.thought_format,
-            eos_ids=list(self.eos_token_ids),
-            per_thought=self._vllm_per_thought,
-            sync_any=self._any_process,
-            gather=lambda items: gather_object([items]),
-            broadcast=broadcast,
-            is_main_process=self.accelerator.is_main_process,
-            process_index=self.accelerator.process_index,
-        )
-
     @property
     def _zero3(self) -> bool:
-        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return from_trainer.is_zero3(self)
 
-    def _transformers_sampler(self, model) -> TransformersThoughtSampler:
-        return TransformersThoughtSampler(
-            model,
-            self.processing_class,
-            self.thought_format,
-            generation_config=self.generation_config,
-            eos_ids=list(self.eos_token_ids),
-            collective=self._zero3,
-            share_prefill=self.args.share_prefill,
-            compact=self.args.compact_decoding,
-        )
+    def _transformers_sampler(self, model):
+        return from_trainer.transformers_sampler(self, model)
 
-    @contextmanager
     def _sampler(self):
-        if self.use_vllm:  # TRL has synced the weights into the engine before calling the rollout function
-            yield self._vllm_sampler()
-            return
-        zero3 = self._zero3
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as model,
-            torch.no_grad(),
-            self._dist.summon_full_params(self.model_wrapped, recurse=False),
-            sampling_weights(model, merge=self.args.merge_adapter_for_sampling and not zero3
-                             and not self.is_fsdp_enabled),
-        ):
-            yield self._transformers_sampler(model)
+        """This generation's thought sampler (`sampling.from_trainer`)."""
+        return from_trainer.open_sampler(self, self._vllm_per_thought)
 
     def _tokenized(self, prompts: list) -> list:
         return self._tokenize_prompts(prompts)[0]
@@ -289,45 +222,8 @@ class ResetTrainer(GRPOTrainer):
         return sum(terms) if terms else math.nan
 
     def _score(self, rows_inputs: list[dict], prompts: list, completion_ids: list[list[int]]) -> list[list[float]]:
-        """Calls the reward functions on full trajectories, with the dataset columns as keyword arguments."""
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        if is_conversational(prompts[0]):
-            completions = [[{"role": "assistant", "content": t}] for t in texts]
-        else:
-            completions = texts
-        keys = [k for k in rows_inputs[0] if k not in ("prompt", "completion", "completion_ids")]
-        columns = {k: [row[k] for row in rows_inputs] for k in keys}
-        columns["trainer_state"] = self.state
-        columns["log_metric"] = self._log_metric
-        columns["log_extra"] = lambda column, values: self._pending_row_extras.append(
-            (column, [tuple(ids) for ids in completion_ids], list(values)))
-        rows = call_reward_functions(self.reward_funcs, self.reward_func_names, self.reward_processing_classes,
-                                     prompts, completions, completion_ids, columns, self.accelerator.device,
-                                     self.chat_template_kwargs, is_conversational(prompts[0]),
-                                     getattr(self, "async_loop", None))
-        unscored = unscored_rows(rows)
-        self._unscored[0] += len(unscored)
-        self._unscored[1] += len(rows)
-        if unscored:
-            i = unscored[0]
-            row = {k: v[i] for k, v in columns.items() if isinstance(v, list)}
-            _trl_logger.warning(  # on TRL's logger, where GRPOTrainer's own warning of this goes
-                f"No reward function gave a reward to {len(unscored)} of {len(rows)} completions (their rows get no "
-                f"reward and no advantage); the first: {dict(row, prompt=prompts[i], completion=completions[i])}. "
-                "Make at least one reward function return a reward for every completion."
-            )
-        return rows
-
-    def _log_row_extras(self, rows) -> None:
-        """Hands TRL's completions table the columns reward functions logged with ``log_extra``, one value per
-        training row (the value logged when its trajectory was scored; None for filler rows)."""
-        pending, self._pending_row_extras = self._pending_row_extras, []
-        by_column: dict[str, dict[tuple, object]] = {}
-        for column, keys, values in pending:
-            by_column.setdefault(column, {}).update(zip(keys, values))
-        for column, values in by_column.items():
-            self._log_completion_extra(
-                column, [values.get(tuple(row.completion_ids)) if row.weight > 0 else None for row in rows])
+        """The reward functions on full trajectories, with the dataset columns as keyword arguments (`scoring`)."""
+        return self._scorer(rows_inputs, prompts, completion_ids)
 
     def _warn_overlong_prompts(self, prompt_ids: list[list[int]]) -> None:
         """Once per run, with the count, when prompts leave the model's positions no room for the rollout (TRL 1.16
@@ -367,7 +263,7 @@ class ResetTrainer(GRPOTrainer):
         n = self.num_generations
         firsts = list(range(0, len(prompts), n))
         inputs = self._batch_inputs
-        self._unscored = [0, 0]
+        self._scorer.unscored = [0, 0]
 
         def score(owners, completion_ids):
             rows = [firsts[u] for u in owners]
@@ -393,7 +289,7 @@ class ResetTrainer(GRPOTrainer):
         rows = [row for g in groups for row in g.rows]
         self._row_stats = batch.stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],
                                      self.accelerator.device)
-        self._log_row_extras(rows)
+        self._scorer.log_row_extras(rows)
         return {
             "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
             "completion_ids": [row.completion_ids for row in rows],
@@ -416,7 +312,7 @@ class ResetTrainer(GRPOTrainer):
                 return batch.token_credit(rows, group_ids, advantages, texts, questions, self.args, self.state_key,
                                           self.repairer, policy)
 
-        return batch.summarize(groups, self.split, self.args, tuple(self._unscored), self.accelerator.device, credit)
+        return batch.summarize(groups, self.split, self.args, tuple(self._scorer.unscored), self.accelerator.device, credit)
 
     def _global_prompts(self, num_prompts: int) -> tuple[int, range]:
         """(the generation, the global batch indices of this process's prompts): TRL hands each process a contiguous
@@ -633,26 +529,15 @@ class ResetTrainer(GRPOTrainer):
     _pack_warned = False  # see _pack_groups
 
     def _prepare_inputs(self, generation_batch):
-        """TRL's micro-batches; with ``pack_shared_prefixes``, the micro-batches of each optimizer step of a new
-        generation are laid out again (same sizes, same rows per step, TRL's random order of groups) so that they
-        keep the groups that step holds whole, to pack them. (Only where a generation spans whole optimizer steps:
-        ``steps_per_generation`` a multiple of ``gradient_accumulation_steps``.)"""
+        """TRL's micro-batches; with ``pack_shared_prefixes``, a new generation's micro-batches are laid out again
+        (same sizes, TRL's random order of groups) with every group whole in one micro-batch where it fits, so that
+        packing finds it (`packing.regroup_generation`)."""
         buffered = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
-        batches = self._buffered_inputs
-        per_step = self.args.gradient_accumulation_steps
-        if (not self.args.pack_shared_prefixes or batches is buffered or not self.model.training
-                or len(batches) % per_step != 0):
+        if not self.args.pack_shared_prefixes or self._buffered_inputs is buffered or not self.model.training:
             return inputs
-        regrouped = []
-        for start in range(0, len(batches), per_step):
-            step = batches[start:start + per_step]
-            ids = torch.cat([torch.cat([b["prompt_ids"], b["completion_ids"]], 1) for b in step])
-            mask = torch.cat([torch.cat([b["prompt_mask"], b["completion_mask"]], 1) for b in step])
-            found = packing.groups_by_content(ids, mask) if len(step) > 1 else None
-            regrouped += step if found is None else packing.regroup(step, found[0])
-        self._buffered_inputs = regrouped
-        return regrouped[self._step % self.args.steps_per_generation]
+        self._buffered_inputs = packing.regroup_generation(self._buffered_inputs)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **extra):
@@ -665,40 +550,18 @@ class ResetTrainer(GRPOTrainer):
         if found is None:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, compute_entropy, compute_aux_loss, **extra)
-        group_ids, shared, micro_batches = found
-        unwrapped = self.accelerator.unwrap_model(model)
-        kind, dtype = packing.mask_kind(unwrapped), next(unwrapped.parameters()).dtype
-        logps, entropies, order = [], [], []
-        for rows in micro_batches:
-            index = torch.tensor(rows, device=input_ids.device)
-            batch = packing.pack(input_ids[index], attention_mask[index], logits_to_keep, [group_ids[r] for r in rows],
-                                 [shared[r] for r in rows], kind, dtype)
-            with self.accelerator.autocast():
-                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, shift_labels=batch.labels, fused_lm_head=True)
-            logps.append(packing.unpack(out.log_probs, batch))
-            if compute_entropy:
-                entropies.append(packing.unpack(out.entropy, batch))
-            order.extend(rows)
-        inverse = torch.argsort(torch.tensor(order, device=input_ids.device))
-        return torch.cat(logps)[inverse], torch.cat(entropies)[inverse] if compute_entropy else None, None
+        logps, entropies = packing.packed_forward(model, self.accelerator.unwrap_model(model), input_ids,
+                                                  attention_mask, logits_to_keep, found, compute_entropy,
+                                                  self.accelerator.autocast)
+        return logps, entropies, None
 
     def _pack_groups(self, model, input_ids, attention_mask, batch_size, compute_aux_loss, extra):
         """`packing.plan`'s (group id, shared length per row, micro-batches), or None: packing would not cost less,
-        or the model cannot take the packed mask (warned once per run, naming why; the rows are then forwarded as
-        TRL does)."""
-        reason = None
-        if self._zero3 or self.is_fsdp_enabled:
-            reason = ("the weights are sharded (ZeRO-3 or FSDP), so every process must make the same forward calls, "
-                      "and the packs of a batch differ between processes")
-        elif any(value is not None for value in extra.values()):
-            reason = "the batch carries multimodal inputs, which are laid out per row"
-        elif compute_aux_loss:
-            reason = "the MoE load-balancing loss is computed over the rows' 2D attention mask"
-        elif packing.real_spans(attention_mask) is None:
-            reason = "a row's tokens are not one contiguous run (only left and right padding can be packed)"
-        else:
-            reason = packing.packing_refusal(self.accelerator.unwrap_model(model), input_ids.size(1))
+        or the batch cannot be packed (`packing.forward_refusal`, warned once per run; the rows are then forwarded
+        as TRL does)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        reason = packing.forward_refusal(unwrapped, input_ids, attention_mask, self._zero3 or self.is_fsdp_enabled,
+                                         compute_aux_loss, extra)
         if reason is not None:
             if not self._pack_warned:
                 self._pack_warned = True
@@ -707,8 +570,7 @@ class ResetTrainer(GRPOTrainer):
                               "once per run).", stacklevel=3)
             return None
         # packs that cost less than their rows, with SDPA's and eager's dense masked attention
-        cost = packing.pair_cost(self.accelerator.unwrap_model(model))
-        return packing.plan(input_ids, attention_mask, batch_size, cost)
+        return packing.plan(input_ids, attention_mask, batch_size, packing.pair_cost(unwrapped))
 
     # ------------------------------------------------------------------ model card
     # ------------------------------------------------------------------ checkpoints

@@ -81,36 +81,55 @@ def test_packing_gives_the_unpacked_loss_gradients_and_reference_logps(tmp_path,
     torch.testing.assert_close(logps, ref_logps, atol=1e-5, rtol=0)
 
 
-def test_a_packed_run_logs_the_unpacked_runs_loss_gradient_norm_and_entropy(tmp_path, char_tokenizer,
-                                                                           tiny_model_dir):
-    """Four micro-batches per generation, two per optimizer step (laid out again within the step, groups whole),
-    two steps; the old-policy and reference passes packed too."""
+def _rows(micro):
+    return torch.cat([torch.cat([m["prompt_ids"], m["completion_ids"]], 1) for m in micro]), torch.cat(
+        [torch.cat([m["prompt_mask"], m["completion_mask"]], 1) for m in micro])
+
+
+def _assert_groups_whole(micro, rows_per_batch=4):
+    """Every group of these micro-batches lies in as few of them as its size allows."""
+    group_ids, _ = packing.groups_by_content(*_rows(micro))
+    for group in set(group_ids):
+        members = [r for r, g in enumerate(group_ids) if g == group]
+        assert len({r // rows_per_batch for r in members}) == -(-len(members) // rows_per_batch)
+
+
+def _packed_and_unpacked(tmp_path, char_tokenizer, tiny_model_dir, **geometry):
     runs = {}
     for pack in (False, True):
         trainer = _trainer(tmp_path / str(pack), char_tokenizer, tiny_model_dir, per_device_train_batch_size=4,
-                           steps_per_generation=4, gradient_accumulation_steps=2, max_steps=2,
-                           pack_shared_prefixes=pack)
+                           max_steps=2, pack_shared_prefixes=pack, **geometry)
         micro = _captured_batch(trainer)
         runs[pack] = ([e for e in trainer.state.log_history if "loss" in e], micro)
-    (off_logs, off_micro), (on_logs, on_micro) = runs[False], runs[True]
+    return runs[False], runs[True]
+
+
+def test_a_packed_run_logs_the_unpacked_runs_loss_gradient_norm_and_entropy(tmp_path, char_tokenizer,
+                                                                           tiny_model_dir):
+    """Two micro-batches per generation and per optimizer step (laid out again, groups whole), one generation
+    trained twice (``num_iterations=2``); the old-policy and reference passes packed too."""
+    (off_logs, off_micro), (on_logs, on_micro) = _packed_and_unpacked(
+        tmp_path, char_tokenizer, tiny_model_dir, steps_per_generation=2, gradient_accumulation_steps=2,
+        num_iterations=2)
     assert len(on_logs) == len(off_logs) == 2 and len(on_micro) == 4
     for on, off in zip(on_logs, off_logs):
         for key in ("loss", "grad_norm", "entropy", "kl"):
             assert on[key] == pytest.approx(off[key], abs=1e-5, rel=1e-4), key
     assert on_logs[0]["grad_norm"] > 0 and on_logs[1]["kl"] > 0
     assert on_micro[0]["old_per_token_logps"] is not None and on_micro[0]["ref_per_token_logps"] is not None
-
-    def rows(micro):
-        return torch.cat([torch.cat([m["prompt_ids"], m["completion_ids"]], 1) for m in micro]), torch.cat(
-            [torch.cat([m["prompt_mask"], m["completion_mask"]], 1) for m in micro])
-
-    assert sorted(rows(on_micro)[0].tolist()) == sorted(rows(off_micro)[0].tolist())  # the same rows, laid out again
     for step in (0, 2):  # an optimizer step trains the same rows, its groups in as few micro-batches as they allow
-        assert sorted(rows(on_micro[step:step + 2])[0].tolist()) == sorted(rows(off_micro[step:step + 2])[0].tolist())
-        group_ids, _ = packing.groups_by_content(*rows(on_micro[step:step + 2]))
-        for group in set(group_ids):
-            members = [r for r, g in enumerate(group_ids) if g == group]
-            assert len({r // 4 for r in members}) == -(-len(members) // 4)
+        assert sorted(_rows(on_micro[step:step + 2])[0].tolist()) == sorted(_rows(off_micro[step:step + 2])[0].tolist())
+        _assert_groups_whole(on_micro[step:step + 2])
+
+
+def test_groups_stay_whole_across_the_optimizer_steps_of_a_generation(tmp_path, char_tokenizer, tiny_model_dir):
+    """Four micro-batches per generation, two per optimizer step: TRL's row shuffle scatters a group over both
+    steps; packed, each group is whole in one micro-batch of the generation where it fits."""
+    (_, off_micro), (on_logs, on_micro) = _packed_and_unpacked(
+        tmp_path, char_tokenizer, tiny_model_dir, steps_per_generation=4, gradient_accumulation_steps=2)
+    assert len(on_logs) == 2 and len(on_micro) == 4
+    assert sorted(_rows(on_micro)[0].tolist()) == sorted(_rows(off_micro)[0].tolist())  # the generation's rows
+    _assert_groups_whole(on_micro)
 
 
 def test_a_model_that_cannot_take_the_mask_warns_once_and_trains_unpacked(tmp_path, char_tokenizer):
