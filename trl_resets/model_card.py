@@ -42,6 +42,8 @@ HEADLINE_KEYS = (
     PREFIX + "parse_failure_rate",
     PREFIX + "fallback_rate",
     PREFIX + "grad_signal_ratio",
+    PREFIX + "reset_age",  # pipelined resets only
+    PREFIX + "dropped_states",
 )
 
 
@@ -145,6 +147,10 @@ def add_reset_section(card_path: str | Path, trainer, dataset_name: str | None =
     split = split_name(args.num_base_generations, args.num_reset_prefixes, args.num_reset_generations)
     if getattr(args, "base_group", "algorithm2") == "iid" and args.num_base_generations and args.num_reset_prefixes:
         split += ", iid base group (the first draws, the seed among them)"
+    lag = getattr(args, "reset_lag", 0)
+    if lag and args.num_reset_prefixes:
+        split += (f", pipelined resets: suffixes sampled {lag} generation(s) after their seed, from the queue's "
+                  f"oldest states (dropped after {args.reset_max_age})")
     localizer = getattr(trainer.localizer, "name", type(trainer.localizer).__name__)
     section = reset_card_section(
         method, split, localizer, headline_metrics(trainer.state.log_history), trainer._paper,

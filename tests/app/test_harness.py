@@ -363,3 +363,16 @@ def test_every_recipe_trains_a_step_with_only_hardware_model_and_data_swapped(pa
             dataset_name=keys["dataset_name"], data_files=argv[argv.index("--data_files") + 1], num_problems=1)),
             boxed_answer_reward, every_steps=1)
         assert validation.settings.thought_format().answer == "code"  # held-out programs end as training's do
+
+
+def test_resets_jsonl_rows_name_a_carried_resets_origin():
+    from types import SimpleNamespace
+
+    from trl_resets.app.harness import gathered_resets
+
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1), reset_history=[
+        {"step": 2, "resets": [(3, 5, False, 0, 1)]}, {"step": 1, "resets": [(2, 4, True)]}])
+    assert gathered_resets(trainer) == [
+        {"step": 1, "reset_index": 2, "num_thoughts": 4, "localizer_failed": True},
+        {"step": 2, "reset_index": 3, "num_thoughts": 5, "localizer_failed": False, "origin_generation": 0,
+         "origin_prompt": 1}]

@@ -67,6 +67,15 @@ def test_card_names_the_iid_base_group(tmp_path, char_tokenizer):
     assert "| group split | 1x4 with 4 base rollouts (8 per prompt), iid base group (the first draws, " in card
 
 
+def test_card_names_pipelined_resets_and_their_age(tmp_path, char_tokenizer):
+    trainer = _trainer(tmp_path, char_tokenizer, SRPOTrainer, SRPOConfig, reset_lag=1, seed_budget=0)
+    trainer.state.log_history[1]["resets/reset_age"] = 1.0
+    trainer.create_model_card(model_name="srpo-tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "(8 per prompt), pipelined resets: suffixes sampled 1 generation(s) after their seed" in card
+    assert "| `resets/reset_age` | 1 | 1 |" in card
+
+
 def test_card_names_a_local_base_model_instead_of_none(tmp_path, char_tokenizer):
     trainer = _trainer(tmp_path, char_tokenizer, SRPOTrainer, SRPOConfig)
     trainer.model.config._name_or_path = str(tmp_path)  # a local folder: TRL cannot link it

@@ -6,7 +6,8 @@ a LoRA adapter (rank 64, alpha 64) for a few steps on the arithmetic task on the
 
     adapter_model.safetensors, adapter_config.json, tokenizer files   the trained adapter
     metrics.jsonl      every log line of the run (one JSON object per line)
-    resets.jsonl       every reset of the run: step, h*, the seed's length, whether the localizer failed
+    resets.jsonl       every reset of the run: step, h*, the seed's length, whether the localizer failed (with
+                       pipelined resets, the generation and global prompt index the reset state came from)
     summary.json       settings, headline metrics, wall time
     reward.png         reward and base / shared-prefix pass rates per step
     reset_index.png    histogram of the reset index h*
@@ -342,8 +343,9 @@ def gathered_resets(trainer) -> list[dict]:
     """Every reset of the run, from all processes (call on all processes)."""
     from accelerate.utils import gather_object
 
-    local = [{"step": entry["step"], "reset_index": h, "num_thoughts": n, "localizer_failed": bool(failed)}
-             for entry in getattr(trainer, "reset_history", []) for h, n, failed in entry["resets"]]
+    local = [{"step": entry["step"], "reset_index": h, "num_thoughts": n, "localizer_failed": bool(failed),
+              **dict(zip(("origin_generation", "origin_prompt"), origin))}  # a reset carried from an earlier one
+             for entry in getattr(trainer, "reset_history", []) for h, n, failed, *origin in entry["resets"]]
     if trainer.accelerator.num_processes > 1:
         local = gather_object(local)
     return sorted(local, key=lambda r: r["step"])
