@@ -171,3 +171,24 @@ def test_a_model_with_recurrent_layers_samples_with_generate(char_tokenizer):
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     rollouts = sampler.sample([enc("Q: 12+7?"), enc("Q: 12+7?"), enc("Q: 1?")])
     assert len(rollouts) == 3 and all(0 < len(r.token_ids) <= FMT.max_completion_tokens for r in rollouts)
+
+
+def test_recorded_logprobs_are_the_policys_at_the_sampling_temperature(char_tokenizer):
+    """With ``record_logprobs``, each sampled token's logprob equals log-softmax(logits / temperature) of a forward
+    pass over the context and the tokens before it; without it, rollouts carry none."""
+    tok = char_tokenizer
+    context = tok("Q: 12+7?", add_special_tokens=False)["input_ids"]
+    model = make_tiny_llama(tok, seed=3).eval()
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0)
+    sampler = TransformersThoughtSampler(model, tok, FMT, config, [tok.eos_token_id], record_logprobs=True)
+    torch.manual_seed(0)
+    rollouts = sampler.sample([context, context[:5]])
+    for ctx, rollout in zip([context, context[:5]], rollouts):
+        assert rollout.logprobs is not None and len(rollout.logprobs) == len(rollout.token_ids) > 0
+        ids = torch.tensor([ctx + rollout.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(ctx) - 1:-1] / 0.7
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(rollout.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(rollout.logprobs), expected, atol=1e-4)
+    plain = TransformersThoughtSampler(model, tok, FMT, config, [tok.eos_token_id])
+    assert plain.sample([context])[0].logprobs is None

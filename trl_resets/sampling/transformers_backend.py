@@ -239,8 +239,12 @@ class TransformersThoughtSampler(ThoughtDecoding):
         share_prefill: bool = True,
         compact: bool = True,
         share_prompt_prefix: bool = False,
+        record_logprobs: bool = False,
     ):
         super().__init__(tokenizer, fmt, eos_ids)
+        # the compact decoder's rollouts then carry each token's log-probability under the sampling policy, as the
+        # loss computes it (log-softmax of the logits over the temperature; no top-p/top-k truncation)
+        self.record_logprobs = record_logprobs
         self.model = model
         self.generation_config = generation_config or GenerationConfig(do_sample=True)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
@@ -424,6 +428,7 @@ class _RowState:
         else:
             self.tracker = sampler._tracker(request.start_thoughts, request.token_budget)
             self.tokens, self.max_new = self.tracker.tokens, self.tracker.token_budget
+        self.logprobs = [] if sampler.record_logprobs and self.tracker is not None else None
         self.generator = None  # the row's own, for a request with a seed
         if request.seed is not None:
             self.generator = torch.Generator(device=sampler.model.device).manual_seed(request.seed)
@@ -440,7 +445,9 @@ class _RowState:
         if self.tracker is None:
             return list(self.tokens)
         self.tracker.finish()
-        return Rollout(list(self.tracker.tokens), list(self.tracker.spans), self.tracker.stop_reason)
+        logprobs = None if self.logprobs is None or len(self.logprobs) != len(self.tracker.tokens) else self.logprobs
+        return Rollout(list(self.tracker.tokens), list(self.tracker.spans), self.tracker.stop_reason,
+                       logprobs=logprobs)
 
 
 class _CompactStream:
@@ -498,6 +505,8 @@ class _CompactStream:
         if not self.rows:
             return finished
         tokens = self._draw()
+        if self.sampler.record_logprobs:
+            self._record_logprobs(tokens)
         keep = []
         for b, token in enumerate(tokens.tolist()):
             if self.rows[b].push(token):
@@ -522,6 +531,15 @@ class _CompactStream:
         self.logits = out.logits[:, -1].to(dtype=torch.float32)
         self.next_position = self.next_position + 1
         return finished
+
+    def _record_logprobs(self, tokens: torch.Tensor) -> None:
+        """Each rollout row's log-probability of its drawn token: log-softmax of the logits over the sampling
+        temperature (as the loss computes the policy's)."""
+        temperature = self.sampler.generation_config.temperature or 1.0
+        values = torch.log_softmax(self.logits / temperature, dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
+        for row, value in zip(self.rows, values):
+            if row.logprobs is not None:
+                row.logprobs.append(value)
 
     def _draw(self) -> torch.Tensor:
         """The next token of every running row, each kind with its own processors (softmax then one multinomial
