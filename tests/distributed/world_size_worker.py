@@ -95,7 +95,7 @@ def lagged(out_dir, model_dir, tok, data, world) -> dict:
     """Pipelined resets (reset_lag=1, per-row sampling seeds): the second generation, whose reset slots hold the
     first generation's reset states, gathered from every process."""
     args = SRPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=16 // world, max_steps=2, report_to="none", use_cpu=True,
+        output_dir=out_dir, per_device_train_batch_size=16 // world, max_steps=3, report_to="none", use_cpu=True,
         bf16=False, save_strategy="no", num_base_generations=0, num_reset_prefixes=2, num_reset_generations=2,
         max_thought_tokens=5, max_thoughts=3, max_completion_length=15, seed_budget=0, temperature=1.0,
         localization_max_tokens=4, localization_temperature=1.0, per_row_sampling_seed=True, reset_lag=1,

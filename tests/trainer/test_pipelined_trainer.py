@@ -9,12 +9,12 @@ from trl_resets import SRPOConfig, SRPOTrainer
 
 
 def test_a_lagged_run_trains_the_previous_generations_resets_with_their_origin(tmp_path, char_tokenizer):
-    args = _args(tmp_path, SRPOConfig, max_steps=3, reset_lag=1, seed_budget=0, log_completions=True)
+    args = _args(tmp_path, SRPOConfig, max_steps=3, reset_lag=1, seed_budget=0)
     answers = []  # the answer column of each reward call
 
-    def reward(completions, answer, **kwargs):  # every rollout fails: every prompt has a seed
+    def reward(completions, answer, **kwargs):  # passes by length parity: advantages, and seeds in 5 draws
         answers.append(list(answer))
-        return [0.0] * len(completions)
+        return [float(len(c) % 2) for c in completions]
 
     data = _dataset().map(lambda row, i: {"answer": f"a{i}"}, with_indices=True)  # one answer per prompt
     answer_of = dict(zip(data["prompt"], data["answer"]))
@@ -34,11 +34,14 @@ def test_a_lagged_run_trains_the_previous_generations_resets_with_their_origin(t
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3 and len(set(prompts)) == 3
     first, second, last = logs
-    assert first["resets/fallback_rate"] == 1.0 and math.isnan(first["resets/reset_age"])  # no state yet
+    assert first["resets/fallback_rate"] == 1.0 and _missing(first["resets/reset_age"])  # no state yet
     assert first["resets/queue_fill"] == 1.0  # the first prompt's seed, localized
     assert second["resets/reset_age"] == 1.0 and second["resets/fallback_rate"] == 0.0
     assert last["resets/unused_states"] == 1.0 and last["resets/queue_fill"] == 0.0  # the last seed: not localized
     assert all(entry["resets/dropped_states"] == 0.0 for entry in logs)
+    # the carried prefix was sampled by generation 1's policy; one update later its log-ratio has moved
+    assert _missing(first["resets/carried_prefix_drift"]) and abs(second["resets/carried_prefix_drift"]) > 1e-3
+    assert math.isfinite(second["resets/carried_prefix_drift"])
     # generation 2's reset rows (4-7): generation 1's prompt, scored with generation 1's answer
     out1, out2 = outputs[0], outputs[1]
     assert all(out2["prompt_ids"][i] == out1["prompt_ids"][0] for i in range(4, 8))
@@ -49,3 +52,8 @@ def test_a_lagged_run_trains_the_previous_generations_resets_with_their_origin(t
     assert trainer.reset_history[0]["resets"] == []
     shown = list(trainer._logs["prompt"])[-8:]  # the completions table (the last generation): each row's prompt
     assert shown == [prompts[2]] * 4 + [prompts[1]] * 4
+
+
+def _missing(value) -> bool:
+    """A metric with nothing counted: NaN, which TRL may log as None."""
+    return value is None or math.isnan(value)
