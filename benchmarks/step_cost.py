@@ -461,7 +461,7 @@ def build_trainer(method: str, model: str, dataset, settings: dict, lora_r: int,
         config_cls, trainer_cls, split = SRPOConfig, SRPOTrainer, {}
     else:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS + tuple(VARIANTS)}.")
-    args = config_cls(output_dir=output_dir, **split, **settings, **overrides)
+    args = config_cls(output_dir=output_dir, **split, **{**settings, **overrides})
     peft_config = None
     if lora_r > 0:
         peft_config = LoraConfig(r=lora_r, lora_alpha=lora_r, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
