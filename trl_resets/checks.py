@@ -122,3 +122,41 @@ def overlong_prompts_message(prompt_ids: list[list[int]], room: int, limit: int)
             f"context: prompt tokens + max_completion_length={room} > max_position_embeddings={limit} (the "
             f"longest prompt has {max(overlong)} tokens). Filter long prompts out of the dataset or lower "
             "max_completion_length. (Warned once per run.)")
+
+
+def check_trainer(trainer, train_dataset) -> None:
+    """The checks a `ResetTrainer` runs once TRL's GRPOTrainer is built: the rollout template, the tokenizer, the
+    dataset, reward models under ZeRO-3, and what ``per_row_sampling_seed`` needs beyond the config (the localizer
+    and the sampler as the trainer builds it)."""
+    from .scheduler import can_overlap
+    from .thoughts import wrap_question
+
+    args, name = trainer.args, type(trainer).__name__
+    if args.rollout_template is not None:
+        wrap_question("probe", args.rollout_template, args.thought_delimiter)  # fail now on a broken template
+    check_pad_token(trainer.processing_class)
+    check_delimiter(trainer.processing_class, trainer.thought_format)
+    check_dataset(train_dataset, trainer.reward_funcs, trainer.reward_func_names)
+    if trainer._zero3 and any(isinstance(f, nn.Module) for f in trainer.reward_funcs):
+        raise ValueError(
+            f"reward models under DeepSpeed ZeRO-3 are not supported by {name}: processes score different numbers "
+            "of rollouts per round, and a sharded reward model needs them in step. Use ZeRO-2, or wrap the reward "
+            "model in a function that runs an unsharded copy."
+        )
+    if not args.per_row_sampling_seed:
+        return
+    from .policy_text import PolicyText
+
+    refused = None
+    # the trainer's policy always encodes and decodes text: whether a localizer streams is the localizer's say
+    if not trainer.split.is_grpo and not can_overlap(trainer.localizer, PolicyText):
+        refused = (f"localizer {trainer.localizer.name!r}, which needs the policy for a whole batch at once and so "
+                   "decodes its replies outside the per-row stream. Use a localizer that streams its prompts "
+                   "(prompts/read) or answers without the policy (uses_policy = False)")
+    elif not trainer.use_vllm:
+        reason = trainer._transformers_sampler(trainer.model).row_seed_refusal()
+        if reason is not None:
+            refused = f"this trainer's sampling (the settings the compact decoder hands to `generate`): {reason}"
+    if refused:
+        raise ValueError(f"per_row_sampling_seed=True cannot be honoured with {refused}; or set "
+                         "per_row_sampling_seed=False.")

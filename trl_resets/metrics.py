@@ -7,7 +7,10 @@ run adds the pieces from all processes first and divides once (`finalize`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
+from trl.trainer.utils import nanmax, nanmin
 
 from .resets import BASE_GROUP, PromptGroups, TrainingRow
 
@@ -179,3 +182,29 @@ def finalize_credit(sums: Sequence[float]) -> dict[str, float]:
     for i, key in enumerate(CREDIT_TOTALS):
         out[CREDIT_PREFIX + key] = float(sums[2 * n + i])
     return out
+
+
+def clip_ratios(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
+                epsilon_low: float, epsilon_high: float, reduce_sum: Callable, gather: Callable) -> dict[str, float]:
+    """GRPO's ``clip_ratio/*`` metrics (the definitions of TRL 1.16's ``_compute_loss``): the share of active tokens
+    whose ratio is clipped below (negative advantage) or above (positive), summed over processes by ``reduce_sum``,
+    and the extreme per-row shares over the rows ``gather`` collects."""
+    ratio = torch.exp(logps.detach() - (logps.detach() if old_logps is None else old_logps))
+    advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+    low = ((ratio < 1 - epsilon_low) & (advantages < 0)).float()
+    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).float()
+
+    def share(flags):
+        totals = reduce_sum(torch.stack([(flags * mask).sum(), mask.sum().float()]))
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def per_row(flags):
+        return gather((flags * mask).sum(-1) / mask.sum(-1))
+
+    return {
+        "clip_ratio/low_mean": share(low),
+        "clip_ratio/high_mean": share(high),
+        "clip_ratio/region_mean": share(torch.maximum(low, high)),
+        "clip_ratio/low_min": nanmin(per_row(low)).item(),
+        "clip_ratio/high_max": nanmax(per_row(high)).item(),
+    }

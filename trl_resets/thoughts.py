@@ -98,6 +98,17 @@ def wrap_question(question: str, template: str = DEFAULT_ROLLOUT_TEMPLATE, delim
         ) from None
 
 
+def wrap_prompt(prompt, template: str | None, delimiter: str = DEFAULT_DELIMITER):
+    """A dataset prompt (text, or a conversation whose last message is the question) in the rollout template;
+    unchanged with no template."""
+    if template is None:
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        last = prompt[-1]
+        return prompt[:-1] + [{**last, "content": wrap_question(last["content"], template, delimiter)}]
+    return wrap_question(prompt, template, delimiter)
+
+
 _BOXED = re.compile(r"\\boxed\s*\{")
 _CODE_BLOCK = re.compile(r"```[^\n`]*\n.*?```", re.DOTALL)
 

@@ -21,23 +21,18 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import warnings
 from typing import ClassVar
 
 import torch
 from accelerate.utils import gather
-from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
 
 from . import batch, checkpoints, packing, seeding
 from . import metrics as reset_metrics
 from .checks import (
-    check_dataset,
-    check_delimiter,
-    check_pad_token,
+    check_trainer,
     has_image,
     is_conversational,
     no_loss_message,
@@ -54,7 +49,7 @@ from .sampling import from_trainer
 from .sampling.base import DecodeRequest, StepCounter, decode
 from .scheduler import can_overlap, run_overlapped
 from .scoring import TrajectoryScorer
-from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_question
+from .thoughts import Rollout, ThoughtFormat, strip_delimiter, wrap_prompt
 
 
 def _reset_rollout(prompts, trainer):
@@ -115,11 +110,6 @@ class ResetTrainer(GRPOTrainer):
             max_completion_tokens=args.max_completion_length,
             answer=args.answer_format,
         )
-        if args.rollout_template is not None:
-            wrap_question("probe", args.rollout_template, args.thought_delimiter)  # fail now on a broken template
-        check_pad_token(self.processing_class)
-        check_delimiter(self.processing_class, self.thought_format)
-        check_dataset(train_dataset, self.reward_funcs, self.reward_func_names)
         self.localizer = as_localizer(
             localizer,
             default=args.localizer,
@@ -141,16 +131,7 @@ class ResetTrainer(GRPOTrainer):
             sync_any=self._any_process,
             base_group=args.base_group,
         )
-        if self._zero3 and any(
-            isinstance(f, nn.Module) for f in self.reward_funcs
-        ):
-            raise ValueError(
-                f"reward models under DeepSpeed ZeRO-3 are not supported by {type(self).__name__}: processes score "
-                "different numbers of rollouts per round, and a sharded reward model needs them in step. Use ZeRO-2, "
-                "or wrap the reward model in a function that runs an unsharded copy."
-            )
-        if args.per_row_sampling_seed:
-            self._check_per_row_sampling_seed()
+        check_trainer(self, train_dataset)
         self._vllm_per_thought = from_trainer.probe_prefix_caching(self) if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
@@ -158,25 +139,8 @@ class ResetTrainer(GRPOTrainer):
         self._row_stats = None  # per row of the batch being generated: length, terminated, trained
         self._scorer = TrajectoryScorer(self)
         self._warned_no_loss = False  # see _warn_no_loss
-        self._eval_batches = (-1, -1)  # (training step, evaluation batches at it): see _eval_sampling_seeds
+        self._keys = seeding.TrainerKeys(self)  # the keys of the generation's randomness
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
-
-    def _check_per_row_sampling_seed(self) -> None:
-        """What the config cannot see: the localizer, ZeRO-3 and the generation settings as the sampler builds them
-        (settings the compact decoder hands to `generate`)."""
-        refused = None
-        # the trainer's policy always encodes and decodes text: whether a localizer streams is the localizer's say
-        if not self.split.is_grpo and not can_overlap(self.localizer, PolicyText):
-            refused = (f"localizer {self.localizer.name!r}, which needs the policy for a whole batch at once and so "
-                       "decodes its replies outside the per-row stream. Use a localizer that streams its prompts "
-                       "(prompts/read) or answers without the policy (uses_policy = False)")
-        elif not self.use_vllm:
-            reason = self._transformers_sampler(self.model).row_seed_refusal()
-            if reason is not None:
-                refused = f"this trainer's sampling: {reason}"
-        if refused:
-            raise ValueError(f"per_row_sampling_seed=True cannot be honoured with {refused}; or set "
-                             "per_row_sampling_seed=False.")
 
     # ------------------------------------------------------------------ generation
     def _any_process(self, flag: bool) -> bool:
@@ -186,13 +150,8 @@ class ResetTrainer(GRPOTrainer):
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def _wrap(self, prompt):
-        template = self.args.rollout_template
-        if template is None:
-            return prompt
-        if is_conversational(prompt):
-            last = prompt[-1]
-            return prompt[:-1] + [{**last, "content": wrap_question(last["content"], template, self.args.thought_delimiter)}]
-        return wrap_question(prompt, template, self.args.thought_delimiter)
+        """A dataset prompt in this trainer's rollout template."""
+        return wrap_prompt(prompt, self.args.rollout_template, self.args.thought_delimiter)
 
     @property
     def _zero3(self) -> bool:
@@ -246,7 +205,7 @@ class ResetTrainer(GRPOTrainer):
         self._warn_overlong_prompts(prompt_ids)
         if not self.model.training:
             with self._sampler() as sampler:
-                seeds = self._eval_sampling_seeds(len(prompt_ids))
+                seeds = self._keys.eval_sampling_seeds(len(prompt_ids))
                 if seeds is None:
                     rollouts = sampler.sample(prompt_ids)
                 else:
@@ -275,11 +234,11 @@ class ResetTrainer(GRPOTrainer):
             policy = PolicyText(sampler, self._tokenized, self._decode_text, is_conversational(prompts[0]))
             common = {"contexts": [prompt_ids[i] for i in firsts], "questions": questions, "score": score,
                       "localizer": localizer, "describe": self._describe, "policy": policy,
-                      "rng": self._prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts]}
+                      "rng": self._keys.prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts]}
             if can_overlap(localizer, policy) or self.split.is_grpo:  # no barriers between the phases
                 stream = StepCounter(sampler.stream())
                 groups = run_overlapped(self.reset_algorithm, stream=stream, **common,
-                                        sampling_seeds=self._prompt_sampling_seeds(len(firsts)))
+                                        sampling_seeds=self._keys.prompt_sampling_seeds(len(firsts)))
                 if getattr(stream.inner, "one_token_per_step", False):  # the same on every process (the settings')
                     steps = self.accelerator.gather(torch.tensor([float(stream.steps)], device=self.accelerator.device))
                     self._metrics["train"][reset_metrics.PREFIX + "decode_steps"].append(steps.max().item())
@@ -313,34 +272,6 @@ class ResetTrainer(GRPOTrainer):
                                           self.repairer, policy)
 
         return batch.summarize(groups, self.split, self.args, tuple(self._scorer.unscored), self.accelerator.device, credit)
-
-    def _global_prompts(self, num_prompts: int) -> tuple[int, range]:
-        """(the generation, the global batch indices of this process's prompts): TRL hands each process a contiguous
-        block of the global batch."""
-        generation = self._step // (self.args.steps_per_generation * self.num_iterations)
-        first = self.accelerator.process_index * num_prompts
-        return generation, range(first, first + num_prompts)
-
-    def _prompt_generators(self, num_prompts: int) -> list[random.Random]:
-        """One generator per prompt of this process's generation batch (`seeding.prompt_generators`)."""
-        return seeding.prompt_generators(self.args.seed, *self._global_prompts(num_prompts))
-
-    def _prompt_sampling_seeds(self, num_prompts: int) -> list[int] | None:
-        """With ``per_row_sampling_seed``, one token seed per prompt (`seeding.prompt_sampling_seeds`); else None."""
-        if not self.args.per_row_sampling_seed:
-            return None
-        return seeding.prompt_sampling_seeds(self.args.seed, *self._global_prompts(num_prompts))
-
-    def _eval_sampling_seeds(self, num_rows: int) -> list[int] | None:
-        """With ``per_row_sampling_seed``, one seed per evaluation rollout (`seeding.eval_sampling_seeds`), counting
-        the evaluation batches of a training step; else None."""
-        if not self.args.per_row_sampling_seed:
-            return None
-        step = self.state.global_step
-        batch = self._eval_batches[1] + 1 if self._eval_batches[0] == step else 0
-        self._eval_batches = (step, batch)
-        first = self.accelerator.process_index * num_rows
-        return seeding.eval_sampling_seeds(self.args.seed, step, batch, range(first, first + num_rows))
 
     # ------------------------------------------------------------------ rewards and advantages
     def _generate_and_score_completions(self, inputs):
@@ -504,26 +435,12 @@ class ResetTrainer(GRPOTrainer):
         return loss
 
     def _log_clip_ratios(self, mode, logps, old_logps, advantages, mask) -> None:
-        """GRPO's ``clip_ratio/*`` metrics (same definitions as TRL 1.16's ``_compute_loss``): the share of active
-        tokens whose ratio is clipped below (negative advantage) or above (positive), over all processes, and the
-        extreme per-row shares."""
-        ratio = torch.exp(logps.detach() - (logps.detach() if old_logps is None else old_logps))
-        advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
-        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
-        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
-
-        def share(flags):
-            totals = self.accelerator.reduce(torch.stack([(flags * mask).sum(), mask.sum().float()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        def per_row(flags):
-            return self.accelerator.gather((flags * mask).sum(-1) / mask.sum(-1))
-
-        self._metrics[mode]["clip_ratio/low_mean"].append(share(low))
-        self._metrics[mode]["clip_ratio/high_mean"].append(share(high))
-        self._metrics[mode]["clip_ratio/region_mean"].append(share(torch.maximum(low, high)))
-        self._metrics[mode]["clip_ratio/low_min"].append(nanmin(per_row(low)).item())
-        self._metrics[mode]["clip_ratio/high_max"].append(nanmax(per_row(high)).item())
+        """GRPO's ``clip_ratio/*`` metrics, over all processes (`metrics.clip_ratios`)."""
+        values = reset_metrics.clip_ratios(logps, old_logps, advantages, mask, self.epsilon_low, self.epsilon_high,
+                                           lambda t: self.accelerator.reduce(t, reduction="sum"),
+                                           self.accelerator.gather)
+        for name, value in values.items():
+            self._metrics[mode][name].append(value)
 
     # ------------------------------------------------------------------ packed forward passes (pack_shared_prefixes)
     _pack_warned = False  # see _pack_groups
@@ -606,7 +523,7 @@ class ResetTrainer(GRPOTrainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         """TRL's RNG states, plus this process's generation buffer. (The reset choices need no saved state:
-        their generators are keyed by the generation, see `_prompt_generators`.)"""
+        their generators are keyed by the generation, see `seeding.TrainerKeys`.)"""
         super()._save_rng_state(output_dir)
         # A checkpoint between the optimizer steps of one generation (steps_per_generation >
         # gradient_accumulation_steps): keep the generation's rows, or the resumed run would sample new ones.
