@@ -505,8 +505,9 @@ class ResetAlgorithm:
             raise ValueError("pipelined resets with num_reset_prefixes=0: GRPO has no resets to carry. Use "
                              "num_reset_prefixes >= 1, or no lag.")
         if self.seed_budget:
-            raise ValueError(f"seed_budget={self.seed_budget} with pipelined resets: a lagged run draws no seed-search "
-                             "rounds (a prompt whose first draws hold no failure hands on no seed). Set seed_budget=0.")
+            raise ValueError(f"seed_budget={self.seed_budget} with pipelined resets: a lagged run draws no "
+                             "seed-search rounds (a prompt whose first draws hold no failure hands on no seed). Set "
+                             "seed_budget=0.")
         if len(lag.ready) > num_prompts * self.split.num_reset_prefixes:
             raise ValueError(f"{len(lag.ready)} carried reset states for {num_prompts} prompts x "
                              f"{self.split.num_reset_prefixes} reset slots: hand a process no more than its slots.")

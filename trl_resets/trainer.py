@@ -25,7 +25,7 @@ import warnings
 from typing import ClassVar
 
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, gather_object
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
@@ -43,8 +43,9 @@ from .config import ResetConfig, RRPOConfig, SRPOConfig
 from .localizers import as_localizer
 from .loss import entropy_bonus, reset_pg_loss, rows_per_micro_batch, rows_with_loss
 from .model_card import PAPER
+from .pipeline import Pipeline
 from .policy_text import PolicyText, SystemMessages
-from .resets import PromptGroups, ResetAlgorithm, Split
+from .resets import PromptGroups, ResetAlgorithm, ResetState, Split
 from .sampling import from_trainer
 from .sampling.base import DecodeRequest, StepCounter, decode
 from .scheduler import can_overlap, run_overlapped
@@ -132,6 +133,8 @@ class ResetTrainer(GRPOTrainer):
             base_group=args.base_group,
         )
         check_trainer(self, train_dataset)
+        self.pipeline = self._pipeline() if args.reset_lag else None
+        self._shown_prompts = None  # pipelined resets: each row's prompt for the completions table
         self._vllm_per_thought = from_trainer.probe_prefix_caching(self) if self.use_vllm else False
         self._batch_inputs = None
         self._batch_state = None
@@ -141,6 +144,22 @@ class ResetTrainer(GRPOTrainer):
         self._warned_no_loss = False  # see _warn_no_loss
         self._keys = seeding.TrainerKeys(self)  # the keys of the generation's randomness
         self.reset_history: list[dict] = []  # per generation step, this process's (h*, H_s, localizer failed)
+
+    def _pipeline(self) -> Pipeline:
+        """Pipelined resets' queue (`pipeline`), the same on every process."""
+        processes = self.accelerator.num_processes
+        if processes > 1 and not self.args.per_row_sampling_seed:
+            raise ValueError(f"reset_lag={self.args.reset_lag} on {processes} processes needs "
+                             "per_row_sampling_seed=True: a carried reset state's suffixes are sampled on whichever "
+                             "process its slot falls to, and only a generator per row samples them the same there. "
+                             "Set per_row_sampling_seed=True.")
+        return Pipeline(self.args.reset_lag, self.args.reset_max_age, self.args.num_reset_prefixes,
+                        self.accelerator.process_index, processes, gather_object if processes > 1 else list)
+
+    def _generations_left(self, generation: int) -> int | None:
+        """Generations after ``generation`` when the run's length is known (``max_steps``; one optimizer step per
+        generation under a lag), else None."""
+        return self.args.max_steps - 1 - generation if self.args.max_steps > 0 else None
 
     # ------------------------------------------------------------------ generation
     def _any_process(self, flag: bool) -> bool:
@@ -224,9 +243,14 @@ class ResetTrainer(GRPOTrainer):
         inputs = self._batch_inputs
         self._scorer.unscored = [0, 0]
 
-        def score(owners, completion_ids):
-            rows = [firsts[u] for u in owners]
-            return self._score([inputs[r] for r in rows], [prompts[r] for r in rows], completion_ids)
+        def score(owners, completion_ids):  # a carried reset state's rows: its origin prompt's columns
+            columns = [u.columns if isinstance(u, ResetState) else inputs[firsts[u]] for u in owners]
+            return self._score(columns, [c["prompt"] for c in columns], completion_ids)
+
+        lag = None
+        if self.pipeline is not None:
+            generation, _ = self._keys.global_prompts(len(firsts))
+            lag = self.pipeline.begin(generation, len(firsts), self._generations_left(generation))
 
         questions = [batch.question_text(prompts[i]) for i in firsts]
         with self._sampler() as sampler:
@@ -234,7 +258,8 @@ class ResetTrainer(GRPOTrainer):
             policy = PolicyText(sampler, self._tokenized, self._decode_text, is_conversational(prompts[0]))
             common = {"contexts": [prompt_ids[i] for i in firsts], "questions": questions, "score": score,
                       "localizer": localizer, "describe": self._describe, "policy": policy,
-                      "rng": self._keys.prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts]}
+                      "rng": self._keys.prompt_generators(len(firsts)), "rows": [inputs[i] for i in firsts],
+                      "lag": lag}
             if can_overlap(localizer, policy) or self.split.is_grpo:  # no barriers between the phases
                 stream = StepCounter(sampler.stream())
                 groups = run_overlapped(self.reset_algorithm, stream=stream, **common,
@@ -245,12 +270,22 @@ class ResetTrainer(GRPOTrainer):
             else:  # a localizer that needs the policy for a whole batch at once
                 groups = self.reset_algorithm.run(sampler=sampler, **common)
             self._batch_state = self._summarize(groups, questions, policy)
+        if lag is not None:
+            for name, value in self.pipeline.end(lag, groups).items():
+                self._metrics["train"][name].append(value)
+            self._batch_state["carried"] = torch.tensor(
+                [float(row.origin is not None and row.weight > 0) for g in groups for row in g.rows],
+                device=self.accelerator.device)
+            origin_prompts = {s.origin: s.columns["prompt"] for s in lag.ready}
+            self._shown_prompts = [origin_prompts[row.origin] if row.origin is not None else prompts[i]
+                                   for i, g in zip(firsts, groups) for row in g.rows]
         rows = [row for g in groups for row in g.rows]
         self._row_stats = batch.stats_of_rows([(len(r.completion_ids), r.stop_reason, r.weight) for r in rows],
                                      self.accelerator.device)
         self._scorer.log_row_extras(rows)
         return {
-            "prompt_ids": [prompt_ids[i] for i in firsts for _ in range(n)],
+            "prompt_ids": [prompt_ids[i] if row.context is None else row.context  # a carried row: its origin's
+                           for i, g in zip(firsts, groups) for row in g.rows],
             "completion_ids": [row.completion_ids for row in rows],
             "logprobs": batch.logprobs_or_none([row.logprobs for row in rows]),
             "env_mask": [[0] * row.prefix_len + [1] * row.active_tokens for row in rows],
@@ -260,7 +295,9 @@ class ResetTrainer(GRPOTrainer):
         """This process's rows as tensors for TRL: rewards, per-group advantages (per token with comparison-based
         credit) and metric sums (`batch.summarize`); the resets go to the run's reset history."""
         self.reset_history.append({"step": self.state.global_step + 1, "resets": [
-            (r.reset_index, r.num_thoughts, r.localizer_failed) for g in groups for r in g.resets]})
+            (r.reset_index, r.num_thoughts, r.localizer_failed)
+            + (() if r.origin is None else (r.origin.generation, r.origin.prompt))  # a carried reset's origin
+            for g in groups for r in g.resets]})
         credit = None
         if self.args.credit != "uniform":
             decode = self.processing_class.decode
@@ -285,6 +322,8 @@ class ResetTrainer(GRPOTrainer):
         values, group_sums, untrained_tokens = {}, None, 0.0
         if state is not None:
             output["advantages"] = state["advantages"]
+            if "carried" in state:  # pipelined resets: the rows whose prefix a past policy sampled
+                output["carried_rows"] = state["carried"]
             if "token_advantages" in state:
                 output["token_advantages"] = batch.padded(state["token_advantages"], output["completion_ids"])
                 sums = self.accelerator.reduce(state["credit_sums"], reduction="sum").tolist()
@@ -310,6 +349,7 @@ class ResetTrainer(GRPOTrainer):
     # tests/trainer/test_parity_metrics.py fails when one of them moves (a TRL upgrade must be checked against it).
     TRL_LOG_STATEMENTS: ClassVar[dict[str, tuple[str, ...]]] = {
         "_generate_and_score_completions": (
+            'self._logs["prompt"].extend(',
             'self._logs["advantages"].extend(',
             'self._metrics[mode]["frac_reward_zero_std"].append(',
         ),
@@ -326,6 +366,7 @@ class ResetTrainer(GRPOTrainer):
         active tokens; this restates them for the reset groups and the trained rows' whole trajectories:
 
         * ``_logs["advantages"]`` (the completions table): the advantages trained, per group, not TRL's per prompt;
+        * ``_logs["prompt"]`` (the completions table), with pipelined resets: a carried row's origin prompt;
         * ``frac_reward_zero_std``: the share of groups (base and reset) whose rewards are all equal;
         * ``num_tokens``: TRL added each row's prompt and active tokens; the tokens generated outside them are
           added, so it counts every generated token once, as GRPO's does;
@@ -340,6 +381,12 @@ class ResetTrainer(GRPOTrainer):
             self._metrics["train"]["frac_reward_zero_std"][-1] = reset_metrics.zero_std_group_fraction(group_sums)
             self.state.num_input_tokens_seen += int(untrained_tokens)
             self._metrics["train"]["num_tokens"] = [self.state.num_input_tokens_seen]
+        shown, self._shown_prompts = self._shown_prompts, None
+        if shown is not None:
+            shown = gather_object(shown) if self.accelerator.num_processes > 1 else shown
+            logs = self._logs["prompt"]
+            for i, prompt in enumerate(shown[-len(logs):], start=max(len(logs) - len(shown), 0)):
+                logs[i] = prompt
         if row_stats is not None:
             stats = gather(row_stats)
             trained_rows = stats[stats[:, 2] > 0]
@@ -420,6 +467,8 @@ class ResetTrainer(GRPOTrainer):
 
         if terms.kl is not None:
             self._metrics[mode]["kl"].append(masked_mean(terms.kl))
+        if "carried_rows" in inputs and "sampling_per_token_logps" in inputs:
+            self._log_carried_drift(mode, logps, inputs)
         self._metrics[mode]["entropy"].append(masked_mean(entropies))
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(terms.policy_loss).mean().item())
         if self.args.clip_surrogate:
@@ -433,6 +482,15 @@ class ResetTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
+
+    def _log_carried_drift(self, mode, logps, inputs) -> None:
+        """Pipelined resets: the mean of log pi_current - log pi_sampling over the carried rows' prefix tokens (sampled
+        by the policy of an earlier generation), from this forward pass; NaN when the batch holds none."""
+        prefix = inputs["completion_mask"] * (1 - inputs["tool_mask"]) * inputs["carried_rows"][:, None]
+        ratio = torch.nan_to_num(logps.detach() - inputs["sampling_per_token_logps"], nan=0.0)
+        totals = self.accelerator.reduce(torch.stack([(ratio * prefix).sum(), prefix.sum()]).double(), reduction="sum")
+        drift = (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan
+        self._metrics[mode][reset_metrics.PREFIX + "carried_prefix_drift"].append(drift)
 
     def _log_clip_ratios(self, mode, logps, old_logps, advantages, mask) -> None:
         """GRPO's ``clip_ratio/*`` metrics, over all processes (`metrics.clip_ratios`)."""
@@ -528,6 +586,8 @@ class ResetTrainer(GRPOTrainer):
         # A checkpoint between the optimizer steps of one generation (steps_per_generation >
         # gradient_accumulation_steps): keep the generation's rows, or the resumed run would sample new ones.
         buffer = {"step": self._step, "buffered_inputs": self._buffered_inputs}
+        if self.pipeline is not None:  # pipelined resets: the states waiting for later generations
+            buffer["reset_queue"] = self.pipeline.queue.state_dict()
         checkpoints.write_atomically(self._buffer_file(output_dir), lambda path: torch.save(buffer, path))
 
     def _load_rng_state(self, checkpoint) -> None:
@@ -541,6 +601,11 @@ class ResetTrainer(GRPOTrainer):
             return
         buffer = torch.load(path, map_location=self.accelerator.device, weights_only=False)
         self._step, self._buffered_inputs = buffer["step"], buffer["buffered_inputs"]
+        if self.pipeline is not None:
+            if "reset_queue" not in buffer:
+                raise ValueError(f"{path} holds no queue of reset states: the checkpoint was saved without "
+                                 "pipelined resets. Resume it with reset_lag=0.")
+            self.pipeline.queue.load_state_dict(buffer["reset_queue"])
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card (trainer name, tags, paper citation) plus the method, split, localizer and headline metrics."""

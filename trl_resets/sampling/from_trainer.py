@@ -67,6 +67,7 @@ def transformers_sampler(trainer, model) -> TransformersThoughtSampler:
         collective=is_zero3(trainer),
         share_prefill=trainer.args.share_prefill,
         compact=trainer.args.compact_decoding,
+        record_logprobs=bool(trainer.args.reset_lag),  # pipelined resets: the carried prefixes' drift
     )
 
 
