@@ -22,8 +22,9 @@ first failure among them, so phase 1 draws 4 rollouts, not 5), judged against it
 at most 0.90x GRPO's. ``--methods`` picks the methods compared (GRPO and SRPO always among them).
 ``--lag 1,2`` adds SRPO with ``reset_lag`` 1 and 2 (``SRPO-lag1``, ``SRPO-lag2``; a lagged run has no seed search:
 ``seed_budget=0``) and, with lag 1 and RRPO among the methods, ``RRPO-lag1``. A lagged run's first generation has
-empty reset slots, so with ``--lag`` every method runs one untimed step first and is measured from its second step
-on (steady state); the lag variants are judged against their target: sequential decoding steps at most 1.10x GRPO's.
+empty reset slots and its last does not localize, so with ``--lag`` every method runs one untimed step before and
+one after the measured ones (steady state); the lag variants are judged against their target: sequential decoding
+steps at most 1.10x GRPO's.
 Everything is measured from outside the trainers:
 
 * a callback marks the step boundaries (``on_step_begin`` .. ``on_step_end``, optimizer step included);
@@ -479,9 +480,10 @@ class _BatchOnly:
         self.inner, self.name, self.locate = inner, inner.name, inner.locate
 
 
-def instrument(trainer, probe: Probe, phased: bool = False, skip: int = 0):
+def instrument(trainer, probe: Probe, phased: bool = False, skip: int = 0, measured: int | None = None):
     """Attaches the probes to a trainer instance (nothing in the trainer's code changes); ``phased``: hide the
-    localizer's streaming interface, so SRPO samples phase by phase; ``skip``: the first steps are not measured."""
+    localizer's streaming interface, so SRPO samples phase by phase; only steps ``skip`` .. ``skip + measured - 1``
+    (0-based; all from ``skip`` on when ``measured`` is None) are measured."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
@@ -490,7 +492,7 @@ def instrument(trainer, probe: Probe, phased: bool = False, skip: int = 0):
             self.logs = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            probe.active = state.global_step >= skip
+            probe.active = skip <= state.global_step and (measured is None or state.global_step < skip + measured)
             self.start = probe.clock()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -555,8 +557,8 @@ def light_warm_up(model_path: str) -> None:
     del model
 
 
-def measure(method, model, dataset, settings, lora_r, prompts, output_dir, skip: int = 0) -> dict:
-    """One method's run of ``settings["max_steps"]`` steps, the first ``skip`` of them untimed."""
+def measure(method, model, dataset, settings, lora_r, prompts, output_dir, skip: int = 0, tail: int = 0) -> dict:
+    """One method's run of ``settings["max_steps"]`` steps, the first ``skip`` and the last ``tail`` untimed."""
     import gc
 
     import torch
@@ -565,15 +567,15 @@ def measure(method, model, dataset, settings, lora_r, prompts, output_dir, skip:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer = build_trainer(method, model, dataset, settings, lora_r, output_dir)
-    clock = instrument(trainer, probe, phased=method == PHASED, skip=skip)
+    steps = settings["max_steps"] - skip - tail
+    clock = instrument(trainer, probe, phased=method == PHASED, skip=skip, measured=steps)
     trainer.train()
-    steps = trainer.state.global_step - skip
     record = step_record(probe, prompts * steps, generations=probe.calls.get("rollout", 0) or 1)
     if torch.cuda.is_available():
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     for key in ("step", "generation", "localization", "update"):
         record[key] /= steps
-    record["trainer_logged"] = logged_metrics(clock.logs[skip:], prompts * steps)
+    record["trainer_logged"] = logged_metrics(clock.logs[skip:skip + steps], prompts * steps)
     record["steps"] = steps
     del trainer
     gc.collect()
@@ -736,7 +738,8 @@ def main():
     if not set(lags) <= {1, 2}:
         parser.error(f"--lag {args.lag!r}: name lags among 1 and 2.")
     lagged = tuple(f"SRPO-lag{n}" for n in lags) + (("RRPO-lag1",) if 1 in lags and "RRPO" in base_methods else ())
-    skip = 1 if lags else 0  # steady state: a lagged run's first generation has no carried resets
+    # steady state: a lagged run's first generation has no carried resets, and its last does not localize
+    skip = tail = 1 if lags else 0
     results_dir = results_folder(args.results_dir, args.quick and not args.replot)
     if args.replot:
         result = json.loads((results_dir / f"{name}.json").read_text())
@@ -755,7 +758,7 @@ def main():
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     settings = {
-        "per_device_train_batch_size": 8 * args.prompts, "max_steps": args.steps + skip, "learning_rate": 5e-5,
+        "per_device_train_batch_size": 8 * args.prompts, "max_steps": args.steps + skip + tail, "learning_rate": 5e-5,
         "max_completion_length": args.tokens, "max_thought_tokens": args.thought_tokens,
         "max_thoughts": args.thoughts, "temperature": 0.7, "top_p": 0.95, "seed_budget": 4, "logging_steps": 1,
         "save_strategy": "no", "report_to": "none", "use_cpu": not torch.cuda.is_available(), "bf16": args.bf16,
@@ -801,7 +804,7 @@ def main():
             order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
             for method in order:
                 record = measure(method, args.model, dataset, dict(settings, seed=args.seed + rnd), args.lora_r,
-                                 args.prompts, tmp, skip=skip)
+                                 args.prompts, tmp, skip=skip, tail=tail)
                 record["round"] = rnd
                 runs[method].append(record)
                 print(f"round {rnd} {method}: step {record['step']:.1f} s (generation {record['generation']:.1f}, "
@@ -827,7 +830,7 @@ def main():
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO"
               + ("; SRPO-iid: SRPO with base_group='iid'" if args.with_iid else "")
               + (f"; {', '.join(lagged)}: reset_lag as named, seed_budget=0 (SRPO/RRPO: seed_budget=4); steady state: "
-                 "each run's first step untimed" if lagged else "") + "; "
+                 "each run's first and last steps untimed" if lagged else "") + "; "
               f"median of {args.rounds} round(s) x {args.steps} step(s); "
               + ("shared prefill" if args.share_prefill else "no prefill sharing")
               + ("; compact decoding" if args.compact else "; generate (no compaction)")
