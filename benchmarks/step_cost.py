@@ -21,9 +21,9 @@ thought sampler); RRPO and SRPO use the 4 + 1x4 split (G1=4 base rollouts, one s
 first failure among them, so phase 1 draws 4 rollouts, not 5), judged against its own target: generated tokens
 at most 0.90x GRPO's. ``--methods`` picks the methods compared (GRPO and SRPO always among them).
 ``--lag 1,2`` adds SRPO with ``reset_lag`` 1 and 2 (``SRPO-lag1``, ``SRPO-lag2``; a lagged run has no seed search:
-``seed_budget=0``) and, with lag 1 and RRPO among the methods, ``RRPO-lag1``. A lagged run's first generation has
-empty reset slots and its last does not localize, so with ``--lag`` every method runs one untimed step before and
-one after the measured ones (steady state); the lag variants are judged against their target: sequential decoding
+``seed_budget=0``) and, with lag 1 and RRPO among the methods, ``RRPO-lag1``. A run lagged by L generations has
+empty reset slots in its first L generations, and its last L do not localize (or keep) seeds no later generation
+uses, so with ``--lag`` every method runs max(L) untimed steps before and after the measured ones (steady state); the lag variants are judged against their target: sequential decoding
 steps at most 1.10x GRPO's.
 Everything is measured from outside the trainers:
 
@@ -738,8 +738,9 @@ def main():
     if not set(lags) <= {1, 2}:
         parser.error(f"--lag {args.lag!r}: name lags among 1 and 2.")
     lagged = tuple(f"SRPO-lag{n}" for n in lags) + (("RRPO-lag1",) if 1 in lags and "RRPO" in base_methods else ())
-    # steady state: a lagged run's first generation has no carried resets, and its last does not localize
-    skip = tail = 1 if lags else 0
+    # steady state: a run lagged by L generations fills its reset slots from generation L on, and its last L
+    # generations do not localize (or keep) what no later generation would use
+    skip = tail = max(lags, default=0)
     results_dir = results_folder(args.results_dir, args.quick and not args.replot)
     if args.replot:
         result = json.loads((results_dir / f"{name}.json").read_text())
@@ -830,7 +831,7 @@ def main():
               f"({args.thoughts} thoughts x {args.thought_tokens}); split 4 + 1x4 for RRPO/SRPO"
               + ("; SRPO-iid: SRPO with base_group='iid'" if args.with_iid else "")
               + (f"; {', '.join(lagged)}: reset_lag as named, seed_budget=0 (SRPO/RRPO: seed_budget=4); steady state: "
-                 "each run's first and last steps untimed" if lagged else "") + "; "
+                 f"each run's first and last {skip} step(s) untimed" if lagged else "") + "; "
               f"median of {args.rounds} round(s) x {args.steps} step(s); "
               + ("shared prefill" if args.share_prefill else "no prefill sharing")
               + ("; compact decoding" if args.compact else "; generate (no compaction)")
