@@ -79,7 +79,16 @@ def _base_rows(groups):
 @pytest.mark.parametrize("split", [Split(4, 1, 4), Split(0, 2, 4), Split(0, 1, 8)], ids=["1x4", "2x4", "1x8"])
 @pytest.mark.parametrize("lag", [1, 2])
 def test_a_lagged_run_builds_algorithm_2s_groups_lag_generations_later(split, localizer, lag):
-    algo = _algo(split)
+    _check_lagged_run(split, localizer, lag, "algorithm2")
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_with_the_iid_base_group_too(lag):
+    _check_lagged_run(Split(4, 1, 4), "callable", lag, "iid")
+
+
+def _check_lagged_run(split, localizer, lag, base_group):
+    algo = _algo(split, base_group)
     seen = {"resets": 0, "ended searches": 0}
     for salt in range(4):
         reference = _run(algo, 0, Policy(salt), localizer)  # Algorithm 2 on generation 0, suffixes included

@@ -3,13 +3,17 @@ first generation's reset states, shown and scored with their origin prompt; the 
 
 import math
 
+import pytest
+
 from tests.conftest import make_tiny_llama
 from tests.trainer.test_trainer import _args, _dataset
 from trl_resets import SRPOConfig, SRPOTrainer
 
 
-def test_a_lagged_run_trains_the_previous_generations_resets_with_their_origin(tmp_path, char_tokenizer):
-    args = _args(tmp_path, SRPOConfig, max_steps=3, reset_lag=1, seed_budget=0)
+@pytest.mark.parametrize("accumulation", [1, 2])  # 2: the generation's 8 rows over two micro-batches of 4
+def test_a_lagged_run_trains_the_previous_generations_resets_with_their_origin(tmp_path, char_tokenizer, accumulation):
+    args = _args(tmp_path, SRPOConfig, max_steps=3, reset_lag=1, seed_budget=0,
+                 per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation)
     answers = []  # the answer column of each reward call
 
     def reward(completions, answer, **kwargs):  # passes by length parity: advantages, and seeds in 5 draws
