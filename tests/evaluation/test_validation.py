@@ -1,6 +1,7 @@
 """ValidationCallback: greedy held-out pass rate on the trainer's model, logged where every report_to logger
 sees it (inside a TRL trainer's step line, or through a plain Trainer's log)."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,8 @@ from transformers import Trainer, TrainerControl, TrainingArguments
 from tests.conftest import ScriptedLlama, make_tiny_llama
 from tests.trainer.test_trainer import _args, _dataset
 from trl_resets import SRPOConfig, SRPOTrainer
-from trl_resets.evaluation.callback import ValidationCallback
+from trl_resets.evaluation.callback import ValidationCallback, _trainer_settings
+from trl_resets.evaluation.generation import prompt_ids
 from trl_resets.rewards import boxed_answer_reward
 
 
@@ -20,16 +22,22 @@ def _held_out(answers):
                               "answer": answers})
 
 
-def _srpo_trainer(tmp_path, tok, scripts, **overrides):
-    model = ScriptedLlama.build(tok, [tok(s, add_special_tokens=False)["input_ids"] for s in scripts])
+def _srpo_trainer(tmp_path, tok, scripts, held_out=None, **overrides):
+    """An SRPO trainer on a scripted model; with ``held_out``, held-out row i follows ``scripts[i]`` whatever the
+    validation's batching (the model knows each row by its rollout prompt)."""
     args = _args(tmp_path, SRPOConfig, max_thought_tokens=40, max_completion_length=40, **overrides)
+    prompts = None if held_out is None else [prompt_ids(tok, q, _trainer_settings(args, None))
+                                             for q in held_out["prompt"]]
+    model = ScriptedLlama.build(tok, [tok(s, add_special_tokens=False)["input_ids"] for s in scripts], prompts)
     return SRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=args, train_dataset=_dataset(),
                        processing_class=tok)
 
 
 def test_greedy_pass_rate_joins_the_step_line_of_a_trl_trainer(tmp_path, char_tokenizer):
-    trainer = _srpo_trainer(tmp_path, char_tokenizer, ["so \\boxed{5}</thought>", "so \\boxed{3}</thought>"])
-    callback = ValidationCallback(trainer, _held_out(["5", "7"]), boxed_answer_reward, every_steps=2)
+    held_out = _held_out(["5", "7"])
+    trainer = _srpo_trainer(tmp_path, char_tokenizer, ["so \\boxed{5}</thought>", "so \\boxed{3}</thought>"],
+                            held_out)
+    callback = ValidationCallback(trainer, held_out, boxed_answer_reward, every_steps=2)
     trainer.add_callback(callback)
     assert callback.settings.temperature == 0 and callback.settings.max_completion_tokens == 40
     trainer.model.train()
@@ -97,12 +105,21 @@ def test_batched_validation_gives_the_unbatched_greedy_answers(tmp_path, char_to
         seen.setdefault(batch, []).extend(completions)
         return [0.0] * len(completions)
 
+    widths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     for batch in (1, 2, 5):
         callback = ValidationCallback(trainer, held_out, recording_reward, every_steps=1, max_completion_tokens=12,
                                       batch_size=batch)
         assert callback.settings.batch_size == batch
+        widths.clear()
         callback.evaluate()
+    hook.remove()
     assert len(seen[1]) == len(questions) and len(set(seen[1])) > 1  # distinct answers, not one repeated row
     assert seen[2] == seen[1] and seen[5] == seen[1]
+    # the batched pass encoded the prompts' shared opening (chat template and instruction) once, for all 5 rows
+    prompts = [prompt_ids(char_tokenizer, q, callback.settings) for q in held_out["prompt"]]
+    opening = len(os.path.commonprefix(prompts))
+    assert opening > 20 and widths[:2] == [(1, opening), (5, max(map(len, prompts)) - opening)]
     with pytest.raises(ValueError, match="batch_size=0"):
         ValidationCallback(trainer, held_out, recording_reward, every_steps=1, batch_size=0)

@@ -20,7 +20,8 @@ PREFIX = "validation/"
 
 def _trainer_settings(args, max_completion_tokens: int | None, batch_size: int | None = None) -> GenerationSettings:
     """Greedy decoding with the trainer's thought format and rollout prompt (the package's defaults otherwise);
-    ``batch_size`` rows decode together (default: the trainer's ``per_device_eval_batch_size``)."""
+    ``batch_size`` rows decode together (default: the trainer's ``per_device_eval_batch_size``), their prompts'
+    shared opening encoded once."""
     defaults = GenerationSettings()
     return GenerationSettings(
         template=getattr(args, "rollout_template", defaults.template),
@@ -31,6 +32,7 @@ def _trainer_settings(args, max_completion_tokens: int | None, batch_size: int |
         max_completion_tokens=max_completion_tokens or getattr(args, "max_completion_length", None)
         or defaults.max_completion_tokens,
         batch_size=batch_size or getattr(args, "per_device_eval_batch_size", defaults.batch_size),
+        share_prompt_prefix=True,
     )
 
 
