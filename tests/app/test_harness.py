@@ -57,6 +57,11 @@ def test_srpo_main_job_one_step_writes_adapter_metrics_plots_and_card(tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["headline"]["reward"]["last"] == pytest.approx(step[0]["reward"])
     assert [v["step"] for v in summary["validation"]] == [0, 1] and summary["validation_problems"] == 8
+    rise = summary["validation_rise"]  # step 0 -> the last step, paired over the same 8 problems
+    assert (rise["from_step"], rise["to_step"], rise["problems"]) == (0, 1, 8)
+    assert rise["start"] == summary["validation"][0]["validation/pass_rate"]
+    assert rise["end"] == summary["validation"][1]["validation/pass_rate"]
+    assert rise["rise"] == pytest.approx(rise["end"] - rise["start"]) and rise["se"] >= 0
     card = (out / "README.md").read_text()
     assert "| method | SRPO |" in card and "| localizer | self |" in card and "generated arithmetic task" in card
 
