@@ -63,7 +63,11 @@ class ValidationCallback(TrainerCallback):
         max_completion_tokens: the completion budget (default: the trainer's ``max_completion_length``).
         batch_size: held-out problems decoded together (default: the trainer's ``per_device_eval_batch_size``).
             Greedy answers do not depend on it; a larger batch is faster on a CPU (one forward pass per token
-            for all rows), at the cost of the batch's KV cache.
+            for all rows), at the cost of the batch's KV cache. The opening the batch's prompts share (chat
+            template and rollout instruction) is encoded once and copied to the rows.
+
+    After training, ``history`` lists each evaluation's metrics, ``passes`` each one's per-problem results, and
+    ``rise()`` the change from the first evaluation to the last with its paired standard error.
 
     Generation runs on the trainer's own model with transformers (also when the trainer samples with vLLM),
     with LoRA adapters merged for the duration; every process evaluates the whole set. Not available under
