@@ -26,7 +26,7 @@ def _smoke_args(model_dir, out, *extra):
             "--max_completion_length", "24",
             "--max_thought_tokens", "6", "--max_thoughts", "4", "--localization_max_tokens", "8",
             "--seed_budget", "2", "--temperature", "1.0", "--lora_r", "4", "--lora_alpha", "8",
-            "--lora_target_modules", "q_proj", "v_proj", "--learning_rate", "1e-3", *extra]
+            "--lora_target_modules", "q_proj", "v_proj", "--learning_rate", "1e-3", "--validation_problems", "8", *extra]
 
 
 def _png(path: Path) -> bool:
@@ -57,6 +57,11 @@ def test_srpo_main_job_one_step_writes_adapter_metrics_plots_and_card(tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["headline"]["reward"]["last"] == pytest.approx(step[0]["reward"])
     assert [v["step"] for v in summary["validation"]] == [0, 1] and summary["validation_problems"] == 8
+    rise = summary["validation_rise"]  # step 0 -> the last step, paired over the same 8 problems
+    assert (rise["from_step"], rise["to_step"], rise["problems"]) == (0, 1, 8)
+    assert rise["start"] == summary["validation"][0]["validation/pass_rate"]
+    assert rise["end"] == summary["validation"][1]["validation/pass_rate"]
+    assert rise["rise"] == pytest.approx(rise["end"] - rise["start"]) and rise["se"] >= 0
     card = (out / "README.md").read_text()
     assert "| method | SRPO |" in card and "| localizer | self |" in card and "generated arithmetic task" in card
 
@@ -127,7 +132,12 @@ def test_recipes_parse_with_their_script(path):
     keys = yaml.safe_load(path.read_text())
     args, model_args, task, run = harness.parse(method, ["--config", str(path), *_hardware_argv(keys)])
     assert args.num_generations == 8 and model_args.lora_r == 64 and model_args.lora_alpha == 64
-    assert args.learning_rate == 5e-5 and args.temperature == 0.7 and args.top_p == 0.95
+    if "gpu" in recipe:  # the paper's settings
+        assert args.learning_rate == 5e-5 and args.temperature == 0.7 and args.top_p == 0.95
+    else:  # the CPU main job: sampled at T=1, lr 2e-4 decayed to 0 over its 10 steps, validated on 64 problems
+        assert args.learning_rate == 2e-4 and args.temperature == 1.0 and args.top_p == 0.95
+        assert args.lr_scheduler_type == "cosine" and args.max_steps == 10
+        assert run.validation_problems == 64 and run.validation_steps == args.max_steps  # the start and the end
     assert args.num_reset_prefixes == (0 if method == "grpo" else 1)
     if method != "grpo":
         assert args.localizer == {"srpo": "self", "rrpo": "random"}[method]

@@ -383,6 +383,9 @@ def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, mo
     if validation:
         summary["validation_problems"] = len(validation[0].dataset)  # what each pass rate is over
         summary["validation"] = validation[0].history
+        rise = validation[0].rise()
+        if rise is not None:  # first to last evaluation, paired over the problems
+            summary["validation_rise"] = rise
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if run.plots:
         from .plots import plot_reset_index, plot_rewards, plot_validation
@@ -436,6 +439,11 @@ def train(method: str, args, model_args: ModelConfig, task: TaskArguments, run: 
         reward = summary.get("headline", {}).get("reward", {}).get("mean", math.nan)
         print(f"{trainer._name}: {trainer.state.global_step} steps in {seconds:.0f} s, mean reward {reward:.3f}; "
               f"adapter, metrics, plots and model card in {out}")
+        rise = summary.get("validation_rise")
+        if rise is not None:
+            print(f"{trainer._name}: held-out greedy pass rate {rise['start']:.3f} at step {rise['from_step']} -> "
+                  f"{rise['end']:.3f} at step {rise['to_step']} ({rise['problems']} problems): rise "
+                  f"{rise['rise']:+.3f} +- {rise['se']:.3f} (paired standard error)")
     return trainer
 
 

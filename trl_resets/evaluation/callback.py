@@ -7,6 +7,7 @@ validation curves of the paper's Figure 3.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -20,7 +21,8 @@ PREFIX = "validation/"
 
 def _trainer_settings(args, max_completion_tokens: int | None, batch_size: int | None = None) -> GenerationSettings:
     """Greedy decoding with the trainer's thought format and rollout prompt (the package's defaults otherwise);
-    ``batch_size`` rows decode together (default: the trainer's ``per_device_eval_batch_size``)."""
+    ``batch_size`` rows decode together (default: the trainer's ``per_device_eval_batch_size``), their prompts'
+    shared opening encoded once."""
     defaults = GenerationSettings()
     return GenerationSettings(
         template=getattr(args, "rollout_template", defaults.template),
@@ -31,7 +33,21 @@ def _trainer_settings(args, max_completion_tokens: int | None, batch_size: int |
         max_completion_tokens=max_completion_tokens or getattr(args, "max_completion_length", None)
         or defaults.max_completion_tokens,
         batch_size=batch_size or getattr(args, "per_device_eval_batch_size", defaults.batch_size),
+        share_prompt_prefix=True,
     )
+
+
+def paired_rise(first: list[float], last: list[float]) -> dict:
+    """The change of the pass rate between two evaluations of the same problems (1 for a pass, else 0), with its
+    standard error paired over the problems: ``rise`` = mean of (last - first) per problem, ``se`` = their sample
+    standard deviation / sqrt(n) (0 for one problem)."""
+    if len(first) != len(last) or not first:
+        raise ValueError(f"paired_rise needs the same problems twice, got {len(first)} and {len(last)} scores.")
+    diffs = [b - a for a, b in zip(first, last)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+    return {"start": sum(first) / n, "end": sum(last) / n, "rise": mean, "se": se, "problems": n}
 
 
 class ValidationCallback(TrainerCallback):
@@ -47,7 +63,11 @@ class ValidationCallback(TrainerCallback):
         max_completion_tokens: the completion budget (default: the trainer's ``max_completion_length``).
         batch_size: held-out problems decoded together (default: the trainer's ``per_device_eval_batch_size``).
             Greedy answers do not depend on it; a larger batch is faster on a CPU (one forward pass per token
-            for all rows), at the cost of the batch's KV cache.
+            for all rows), at the cost of the batch's KV cache. The opening the batch's prompts share (chat
+            template and rollout instruction) is encoded once and copied to the rows.
+
+    After training, ``history`` lists each evaluation's metrics, ``passes`` each one's per-problem results, and
+    ``rise()`` the change from the first evaluation to the last with its paired standard error.
 
     Generation runs on the trainer's own model with transformers (also when the trainer samples with vLLM),
     with LoRA adapters merged for the duration; every process evaluates the whole set. Not available under
@@ -75,6 +95,9 @@ class ValidationCallback(TrainerCallback):
         self.at_start = at_start
         self.settings = _trainer_settings(trainer.args, max_completion_tokens, batch_size)
         self.history: list[dict] = []
+        # per step: 1.0 for each held-out problem passed, else 0.0 (an unscorable completion counts as not passed)
+        self.passes: dict[int, list[float]] = {}
+        self._last_passes: list[float] = []
 
     def evaluate(self) -> dict:
         """The held-out metrics for the model as it is now."""
@@ -89,11 +112,21 @@ class ValidationCallback(TrainerCallback):
         columns = {name: self.dataset[name] for name in self.dataset.column_names if name != "prompt"}
         scores = self.reward(completions=texts, prompts=list(self.dataset["prompt"]), **columns)
         result = summarize([{"id": str(i), "score": s} for i, s in enumerate(scores)])
+        self._last_passes = [1.0 if s is not None and s >= 1 else 0.0 for s in scores]
         return {PREFIX + "pass_rate": result["accuracy"], PREFIX + "reward": result["mean_score"],
                 PREFIX + "seconds": round(time.perf_counter() - start, 2)}
 
     def _record(self, step: int, metrics: dict) -> None:
         self.history.append({"step": step, **metrics})
+        self.passes[step] = self._last_passes
+
+    def rise(self) -> dict | None:
+        """The pass rate's change from the first evaluation to the last, paired over the problems (`paired_rise`,
+        with the two steps), or None before two evaluations."""
+        if len(self.passes) < 2:
+            return None
+        first, last = min(self.passes), max(self.passes)
+        return {"from_step": first, "to_step": last, **paired_rise(self.passes[first], self.passes[last])}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.at_start and state.global_step == 0:

@@ -34,6 +34,10 @@ class GenerationSettings:
         max_thoughts, max_thought_tokens, max_completion_tokens: the thought caps.
         batch_size: items decoded together.
         seed: seeds the sampling (``temperature > 0``).
+        share_prompt_prefix: with transformers, encode the opening that every prompt of a batch shares (the chat
+            template and the rollout instruction) once, and only each prompt's own tail per row (the sampler's
+            ``share_prompt_prefix``). Off by default: each row's logits equal the unshared ones only up to float
+            rounding, as batching's padding does too.
     """
 
     temperature: float = 0.0
@@ -47,6 +51,7 @@ class GenerationSettings:
     max_completion_tokens: int = 2048
     batch_size: int = 32
     seed: int = 0
+    share_prompt_prefix: bool = False
 
     def __post_init__(self):
         if self.answer_format == "code" and self.template == DEFAULT_ROLLOUT_TEMPLATE:
@@ -135,7 +140,8 @@ def transformers_completer(model, tokenizer, settings: GenerationSettings) -> Co
         config = GenerationConfig(do_sample=False, temperature=None, top_p=None, top_k=None)
     sampler = TransformersThoughtSampler(model, tokenizer, settings.thought_format(), generation_config=config,
                                          eos_ids=eos_ids(model.generation_config, tokenizer),
-                                         batch_size=settings.batch_size * settings.num_samples)
+                                         batch_size=settings.batch_size * settings.num_samples,
+                                         share_prompt_prefix=settings.share_prompt_prefix)
     return Completer(sampler, tokenizer, settings)
 
 
