@@ -219,6 +219,8 @@ def collect(opts, subject: Subject | None = None) -> tuple[list[dict], dict]:
     """Seeds, their reset indices under each localizer, and the success of their suffix groups."""
     subject = subject or testbed_subject(opts)
     with torch.no_grad(), subject.sampling() as sampler:
+        if getattr(opts, "batch_size", None):
+            sampler.batch_size = opts.batch_size  # bounds the KV cache: ~1000 suffixes at once take ~12 GB on SmolLM2
         return _collect(opts, subject, sampler)
 
 
@@ -387,6 +389,8 @@ def main():
                              "the trainer built from the main job's recipe, instead of a testbed policy")
     parser.add_argument("--adapter", default=None,
                         help="with --embedded: the output_dir of a main-job run, whose LoRA adapter is merged in")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="most sequences decoded at once (default: all for a testbed policy, 32 with --embedded)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tag", default="", help="results name suffix, e.g. 'critical' -> localization_quality_critical.*")
@@ -395,6 +399,10 @@ def main():
     opts = parser.parse_args()
     if opts.adapter and not opts.embedded:
         parser.error("--adapter is for the main job's model: add --embedded (a testbed checkpoint is a --policy).")
+    if opts.batch_size is not None and opts.batch_size < 1:
+        parser.error(f"--batch_size {opts.batch_size}: decode at least one sequence at a time.")
+    if opts.embedded and opts.batch_size is None:
+        opts.batch_size = 32
     if opts.quick:
         opts.problems = 8 if opts.embedded else 48
     torch.set_num_threads(opts.threads)

@@ -71,7 +71,7 @@ def test_the_testbed_runs_through_the_shared_collection():
     from experiments.localization_quality import collect
     from experiments.testbed import POLICY_DIR
 
-    opts = SimpleNamespace(policy=str(POLICY_DIR), problems=4, samples=2, g2=2, seed=0, temperature=None)
+    opts = SimpleNamespace(policy=str(POLICY_DIR), problems=4, samples=2, g2=2, seed=0, temperature=None, batch_size=3)
     records, stats = collect(opts)
     assert stats["rollouts"] == 8 and stats["seeds"] == len(records) + stats["no_checker_error"]
     for r in records:
