@@ -106,12 +106,13 @@ def rates(records: list[dict], key: str | tuple[str, ...]) -> dict:
     for name, keep in (("all", lambda c: True), ("clean", lambda c: c["clean"]),
                        ("erroneous", lambda c: not c["clean"])):
         chosen = [c for c in resets if keep(c)]
-        passed = sum(c["success"] > 0 for c in chosen)
+        scored = [c for c in chosen if c["success"] is not None]  # none without suffixes (--g2 0)
+        passed = sum(c["success"] > 0 for c in scored)
         out[name] = {
             "n": len(chosen),
-            "success": sum(c["success"] for c in chosen) / len(chosen) if chosen else None,
-            "pass_at_g2": passed / len(chosen) if chosen else None,
-            "pass_at_g2_ci": wilson_interval(passed, len(chosen)),
+            "success": sum(c["success"] for c in scored) / len(scored) if scored else None,
+            "pass_at_g2": passed / len(scored) if scored else None,
+            "pass_at_g2_ci": wilson_interval(passed, len(scored)),
         }
     return out
 
@@ -123,7 +124,8 @@ def deviation_histogram(records: list[dict], key: str) -> dict[int, int]:
 def correction_by_deviation(records: list[dict], key: str) -> dict[int, float]:
     by = {}
     for r in records:
-        by.setdefault(r[key]["index"] - r["first_wrong"], []).append(r[key]["success"])
+        if r[key]["success"] is not None:
+            by.setdefault(r[key]["index"] - r["first_wrong"], []).append(r[key]["success"])
     return {d: sum(v) / len(v) for d, v in sorted(by.items())}
 
 
@@ -262,13 +264,15 @@ def _collect(opts, subject: Subject, sampler) -> tuple[list[dict], dict]:
         records.append(record)
     stats["no_checker_error"] = len(seeds) - len(records)
 
+    for name in LOCALIZERS:
+        for r in records:
+            r[name]["success"] = 0.0 if opts.g2 else None  # --g2 0: the localizers alone, no suffixes
+    if not jobs:
+        return records, stats
     budget = subject.budget
     suffixes = sampler.sample([j[2] for j in jobs], [j[4] for j in jobs], [budget - len(j[3]) for j in jobs])
     full = [subject.decode(j[3] + s.token_ids) for j, s in zip(jobs, suffixes)]
     scores = boxed_answer_reward(full, [rows[records[j[0]]["problem"]]["answer"] for j in jobs])
-    for name in LOCALIZERS:
-        for r in records:
-            r[name]["success"] = 0.0
     for (r, name, *_), score in zip(jobs, scores):
         records[r][name]["success"] += score / opts.g2
     return records, stats
@@ -298,6 +302,7 @@ def summarize(records: list[dict]) -> dict:
                                        [float(test(r["random"], r)) for r in records])
             for measure, test in (("exact", lambda c, r: c["index"] == r["first_wrong"]),
                                   ("clean", lambda c, r: c["clean"]), ("success", lambda c, r: c["success"]))
+            if measure != "success" or records[0]["self"]["success"] is not None
         }
     out["pooled_self_random"] = rates(records, ("self", "random"))
     return out
@@ -337,7 +342,7 @@ def table(summary: dict) -> str:
         lines.append("\nSelf minus random on the same seeds (mean, 95% interval): " + "; ".join(
             f"{label} {p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" for label, p in
             (("exact hit", paired["exact"]), ("clean prefix", paired["clean"]),
-             ("suffix success", paired["success"]))) + f" (n={paired['exact']['n']}).")
+             ("suffix success", paired.get("success"))) if p) + f" (n={paired['exact']['n']}).")
     return "\n".join(lines) + "\n"
 
 
@@ -379,7 +384,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=128)
     parser.add_argument("--samples", type=int, default=4, help="rollouts per problem")
-    parser.add_argument("--g2", type=int, default=4, help="suffixes per reset state")
+    parser.add_argument("--g2", type=int, default=4,
+                        help="suffixes per reset state (0: measure the localizers only, no suffix success)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=None,
                         help="temperature of the localization reply (default: the testbed config's)")

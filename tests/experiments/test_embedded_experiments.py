@@ -115,3 +115,17 @@ def test_a_partial_seed_major_run_keeps_the_seeds_every_method_finished():
     kept = _seed_major(runs)
     assert [r["seed"] for r in kept["GRPO"]] == [0] and [r["seed"] for r in kept["SRPO"]] == [0]
     assert paired_with_baseline(kept) == {}  # one common seed: no standard error yet
+
+
+def test_without_suffixes_the_localizers_are_measured_and_no_success_is_made_up():
+    from experiments.localization_quality import collect
+    from experiments.testbed import POLICY_DIR
+
+    opts = SimpleNamespace(policy=str(POLICY_DIR), problems=4, samples=2, g2=0, seed=0, temperature=None)
+    records, _ = collect(opts)
+    assert records and all(r[name]["success"] is None for r in records for name in ("self", "random", "oracle"))
+    summary = summarize(records)
+    assert summary["oracle"]["exact"] == 1.0 and summary["self"]["correction"]["all"]["success"] is None
+    assert summary["pooled_self_random"]["clean"]["pass_at_g2"] is None
+    if len(records) >= 2:
+        assert "success" not in summary["self_vs_random"] and "suffix success" not in table(summary)
