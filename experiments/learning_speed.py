@@ -8,11 +8,19 @@
                                                    # earlier runs read back (same settings), the rest run
     python -m experiments.learning_speed --methods GRPO RRPO SRPO GRPO-diff GRPO-state SRPO-diff --seeds 6 --tag credit
                                                    # comparison-based credit (docs/credit.md) beside resets
+    python -m experiments.learning_speed --embedded --methods GRPO RRPO SRPO --seeds 3 --steps 6 --eval_every 3 \
+        --eval_problems 32 --job_args="--learning_rate 2e-4" --tag smollm2
+                                                   # the main job (embedded SmolLM2-135M-Instruct, its recipe)
 
 Every method trains the shipped testbed policy (experiments/testbed/) with the package's trainers,
 sampler and localizers: 8 rows per prompt, the same prompts in the same order each step, the same number
 of steps. GRPO is the reset trainer with k=0 and G1=8 (same thought sampler and harness). Held-out
 accuracy is sampled at temperature 1 on a fixed evaluation set with fixed sampling noise.
+
+With ``--embedded`` every run is the main job itself (`trl_resets.app.harness`, the method's CPU recipe: the
+warmed-up SmolLM2-135M-Instruct, LoRA, the arithmetic task) with ``--seed``, ``--max_steps`` (``--steps``) and its
+greedy held-out validation (``--eval_problems`` problems every ``--eval_every`` steps) set from here, and any other
+main-job flag passed through ``--job_args``; accuracy is the validation's greedy pass rate.
 
 Headline: the steps SRPO needs to reach GRPO's final accuracy, as a fraction of GRPO's steps (last line).
 Writes experiments/results/learning_speed.{json,md,png} (``--quick``: a new temporary folder; ``--out``: any folder).
@@ -191,6 +199,62 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
     return record
 
 
+# The main job's methods by the harness's name (its train_grpo.py / train_rrpo.py / train_srpo.py).
+EMBEDDED_METHODS = {"GRPO": "grpo", "RRPO": "rrpo", "SRPO": "srpo"}
+
+
+def embedded_argv(seed: int, opts, out_dir: str) -> list[str]:
+    """The main job's command line for one run: the harness's flags set here, then ``opts.job_args`` (shlex-split),
+    which may override any of them."""
+    import shlex
+
+    return ["--output_dir", out_dir, "--seed", str(seed), "--max_steps", str(opts.steps),
+            "--validation_problems", str(opts.eval_problems), "--validation_steps", str(opts.eval_every),
+            "--plots", "false", "--disable_tqdm", "true", *shlex.split(opts.job_args or "")]
+
+
+def embedded_record(seed: int, log_history: list[dict], validation: list[dict], train_seconds: float) -> dict:
+    """A run's record from the main job's log: the validation's greedy pass rate at each evaluated step, and the
+    tokens generated up to that step (every logged training step's `generated_tokens`, summed)."""
+    per_step = {}
+    for entry in log_history:
+        if "resets/generated_tokens" in entry:
+            per_step[entry["step"]] = generated_tokens(entry)
+    record = {"seed": seed, "steps": [], "accuracy": [], "tokens": [], "train_seconds": train_seconds}
+    for point in validation:
+        record["steps"].append(point["step"])
+        record["accuracy"].append(point["validation/pass_rate"])
+        record["tokens"].append(int(sum(t for step, t in per_step.items() if step <= point["step"])))
+    if not record["steps"] or record["steps"][0] != 0:
+        raise ValueError(f"the run's validation has no step-0 point ({[p.get('step') for p in validation]}); "
+                         "the learning-speed curves start from the untrained model.")
+    return record
+
+
+def train_embedded(method: str, seed: int, opts) -> dict:
+    """One main-job run of ``method`` (GRPO, RRPO or SRPO) with ``seed``, through the harness; its output folder is
+    a temporary one, removed afterwards."""
+    from trl_resets.app.harness import main as run_main_job
+    from trl_resets.evaluation.callback import ValidationCallback
+
+    out_dir = tempfile.mkdtemp(prefix="learning_speed-embedded-")
+    start = time.perf_counter()
+    trainer = run_main_job(EMBEDDED_METHODS[method], embedded_argv(seed, opts, out_dir))
+    seconds = time.perf_counter() - start
+    validation = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback))
+    summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    record = embedded_record(seed, trainer.state.log_history, validation.history, summary["train_seconds"])
+    record["seconds"] = [seconds]
+    record["validation_problems"] = len(validation.dataset)
+    logs = [e for e in trainer.state.log_history if "resets/tokens_base" in e]
+    record["localization_parse_failure"] = _mean([e.get("resets/parse_failure_rate") for e in logs])
+    record["fallback_rate"] = _mean([e.get("resets/fallback_rate") for e in logs])
+    record["zero_std_share"] = _mean([e.get("frac_reward_zero_std") for e in logs])
+    record["grad_norm_zero_steps"] = sum(1 for e in logs if e.get("grad_norm") == 0.0)
+    return record
+
+
 def _mean(values):
     finite = [v for v in values if v is not None and not math.isnan(v)]
     return sum(finite) / len(finite) if finite else None
@@ -283,7 +347,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path, title: str) -> None:
+def plot(summary: dict, path: Path, title: str, measure: str = "held-out accuracy (sampled, T=1)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +366,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
                              linestyle=":", linewidth=1)
         axes[row][0].set_xlabel("training step")
         axes[row][1].set_xlabel("generated tokens (all sampling, localization included; mean over seeds)")
-        axes[row][0].set_ylabel(f"held-out accuracy (sampled, T=1)\n{name}")
+        axes[row][0].set_ylabel(f"{measure}\n{name}")
     axes[0][1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -330,11 +394,20 @@ def main():
     parser.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
                         help="results files of earlier runs with the same settings: their (method, seed) runs are "
                              "read back, not run again (to add seeds or methods to a comparison)")
+    parser.add_argument("--embedded", action="store_true",
+                        help="run the main job (embedded SmolLM2-135M-Instruct, the methods' CPU recipes) instead of "
+                             "the testbed: methods GRPO, RRPO, SRPO; accuracy is the greedy held-out pass rate")
+    parser.add_argument("--job_args", default="",
+                        help="with --embedded: more main-job flags, e.g. --job_args='--learning_rate 2e-4'")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tag", default="", help="results name suffix, e.g. 'critical' -> learning_speed_critical.*")
     parser.add_argument("--out", default=None, help="results folder (default: experiments/results; --quick: a new "
                         "temporary folder)")
     opts = parser.parse_args()
+    if opts.embedded:
+        return main_embedded(parser, opts)
+    if opts.job_args:
+        parser.error("--job_args are main-job flags: add --embedded.")
     if opts.quick:
         opts.methods, opts.seeds, opts.steps, opts.eval_every = [BASELINE, HEADLINE_METHOD], 1, 12, 4
         opts.prompts_per_step, opts.eval_problems, opts.eval_samples = 8, 48, 4
@@ -384,17 +457,71 @@ def main():
     print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")
 
 
+def main_embedded(parser, opts) -> None:
+    """The learning-speed comparison on the main job (``--embedded``): GRPO, RRPO and SRPO runs of the harness, paired
+    by seed, accuracy the greedy held-out pass rate."""
+    if opts.reuse:
+        parser.error("--reuse reads testbed runs; with --embedded run every (method, seed) here.")
+    unknown = [m for m in opts.methods if m not in EMBEDDED_METHODS]
+    if unknown:
+        parser.error(f"--embedded runs the main job's methods {list(EMBEDDED_METHODS)}, not {unknown}.")
+    if opts.methods == list(METHODS):  # the testbed's default list: all the main job has
+        opts.methods = list(EMBEDDED_METHODS)
+    for name in (BASELINE, HEADLINE_METHOD):
+        if name not in opts.methods:
+            opts.methods.insert(0 if name == BASELINE else 1, name)
+    if opts.quick:
+        opts.methods, opts.seeds, opts.steps, opts.eval_every, opts.eval_problems = [BASELINE, HEADLINE_METHOD], 1, 1, 1, 4
+    opts.lr, opts.policy, opts.task = None, "embedded SmolLM2-135M-Instruct (main job)", None
+    torch.set_num_threads(opts.threads)
+    quiet()
+    wall = time.perf_counter()
+    runs: dict[str, list[dict]] = {}
+    planned = len(opts.methods) * opts.seeds
+    for seed in range(opts.first_seed, opts.first_seed + opts.seeds):  # seed-major: a stopped run leaves pairs
+        for method in opts.methods:
+            record = train_embedded(method, seed, opts)
+            runs.setdefault(method, []).append(record)
+            print(f"{method:6s} seed {seed}: pass rate {' '.join(f'{a:.3f}' for a in record['accuracy'])} at steps "
+                  f"{record['steps']}, tokens {record['tokens'][-1]} ({record['train_seconds']:.0f}s)", flush=True)
+            if sum(len(r) for r in runs.values()) < planned:
+                write_results(opts, runs, {"accuracy": record["accuracy"][0]}, time.perf_counter() - wall,
+                              final=False)
+    start = {"accuracy": runs[BASELINE][0]["accuracy"][0]}
+    text, setting, machine, wall_text, headline_text = write_results(opts, runs, start, time.perf_counter() - wall)
+    print(text)
+    print(f"{setting}; {machine}; {wall_text}")
+    print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")
+
+
+def _seed_major(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Only the seeds every method has finished (a partial seed-major run): curves and pairs over the same seeds."""
+    common = set.intersection(*({r["seed"] for r in records} for records in runs.values()))
+    return {m: [r for r in records if r["seed"] in common] for m, records in runs.items()}
+
+
 def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: float, final: bool = True,
                   read_back: int = 0):
     """Writes learning_speed{suffix}.{json,md,png} for the runs so far (``final=False``: marked partial, with the
     seeds each method has)."""
+    if getattr(opts, "embedded", False):
+        runs = _seed_major(runs)
+        if not all(runs.values()):
+            return None
     summary = summarize(runs)
     machine = machine_description(opts.threads)
     seeds = {method: len(records) for method, records in runs.items()}
     seed_text = (f"{opts.seeds} seed(s)" if set(seeds.values()) == {opts.seeds} else
                  "seeds per method " + ", ".join(f"{m} {n}" for m, n in seeds.items()))
-    setting = (f"{seed_text}, {opts.steps} steps x {opts.prompts_per_step} prompts x 8 rows, lr {opts.lr}, "
-               f"eval {opts.eval_problems} problems x {opts.eval_samples} samples every {opts.eval_every} steps")
+    if getattr(opts, "embedded", False):
+        subject = "the main job (embedded SmolLM2-135M-Instruct)"
+        setting = (f"{seed_text}, the main job's recipe for {opts.steps} steps"
+                   + (f" with {opts.job_args}" if opts.job_args else "")
+                   + f", greedy pass rate on {opts.eval_problems} held-out problems every {opts.eval_every} steps")
+    else:
+        subject = "the testbed"
+        setting = (f"{seed_text}, {opts.steps} steps x {opts.prompts_per_step} prompts x 8 rows, lr {opts.lr}, "
+                   f"eval {opts.eval_problems} problems x {opts.eval_samples} samples every {opts.eval_every} steps")
     if not final:
         setting = f"PARTIAL ({sum(seeds.values())} of {len(opts.methods) * opts.seeds} runs), " + setting
     headline = summary[HEADLINE_METHOD]["ratio_to_grpo"] if HEADLINE_METHOD in summary else None
@@ -415,11 +542,12 @@ def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: flo
     if not baseline_improved(summary):
         headline_text = "undefined (GRPO did not improve)"
     (out / f"learning_speed{suffix}.md").write_text(
-        f"# Learning speed on the testbed\n\n{text}\nSRPO steps to GRPO's final accuracy / GRPO's steps: "
+        f"# Learning speed on {subject}\n\n{text}\nSRPO steps to GRPO's final accuracy / GRPO's steps: "
         f"**{headline_text}**\n\n{setting}; {machine}; {wall_text}.\n\n"
         f"![learning speed](learning_speed{suffix}.png)\n"
     )
-    plot(summary, out / f"learning_speed{suffix}.png", f"testbed, {setting}")
+    measure = "held-out pass rate (greedy)" if getattr(opts, "embedded", False) else "held-out accuracy (sampled, T=1)"
+    plot(summary, out / f"learning_speed{suffix}.png", f"{subject}, {setting}", measure)
     return text, setting, machine, wall_text, headline_text
 
 

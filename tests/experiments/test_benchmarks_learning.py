@@ -126,7 +126,8 @@ def test_clean_prefixes_and_correction_rates_split_by_the_checkers_first_error()
     records = [_record(2, 2, 0.75, 3, 0.0), _record(3, 1, 0.5, 1, 0.25), _record(1, 2, 0.0, 1, 1.0)]
     self_rates = rates(records, "self")
     assert self_rates["clean"]["n"] == 2 and self_rates["clean"]["success"] == pytest.approx(0.625)
-    assert self_rates["erroneous"] == {"n": 1, "success": 0.0, "pass_at_g2": 0.0}
+    assert self_rates["erroneous"] == {"n": 1, "success": 0.0, "pass_at_g2": 0.0,
+                                       "pass_at_g2_ci": pytest.approx((0.0, 0.7935), abs=1e-4)}
     assert self_rates["all"]["pass_at_g2"] == pytest.approx(2 / 3)
     assert deviation_histogram(records, "self") == {-2: 1, 0: 1, 1: 1}
     assert correction_by_deviation(records, "random") == {-2: 0.25, 0: 1.0, 1: 0.0}
