@@ -353,12 +353,12 @@ class ResetConfig(GRPOConfig):
              "from its batch prompt, which a carried row does not share. Set credit='uniform', or reset_lag=0")),
             (self.pack_shared_prefixes, ("pack_shared_prefixes=True: packing assumes a prompt's rows share its "
              "prompt, which a carried row does not. Set pack_shared_prefixes=False, or reset_lag=0")),
-            (self.num_iterations != 1, (f"num_iterations={self.num_iterations}: pipelined resets are built and tested "
-             "with one optimization pass per generation. Set num_iterations=1, or reset_lag=0")),
-            (self.steps_per_generation != self.gradient_accumulation_steps,
-             (f"steps_per_generation={self.steps_per_generation} (gradient_accumulation_steps="
-             f"{self.gradient_accumulation_steps}): pipelined resets are built and tested with one optimizer step "
-             "per generation. Leave steps_per_generation unset, or set reset_lag=0")),
+            (self.steps_per_generation % self.gradient_accumulation_steps != 0,
+             (f"steps_per_generation={self.steps_per_generation}, not a multiple of gradient_accumulation_steps="
+             f"{self.gradient_accumulation_steps}: a generation would end inside an optimizer step, and the run's "
+             "number of generations, which decides when the last one comes, would depend on where epochs end. Set "
+             "steps_per_generation to a multiple of gradient_accumulation_steps (or leave it unset), or "
+             "reset_lag=0")),
         ]
         for refused, why in rules:
             if refused:

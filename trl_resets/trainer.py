@@ -157,9 +157,16 @@ class ResetTrainer(GRPOTrainer):
                         self.accelerator.process_index, processes, gather_object if processes > 1 else list)
 
     def _generations_left(self, generation: int) -> int | None:
-        """Generations after ``generation`` when the run's length is known (``max_steps``; one optimizer step per
-        generation under a lag), else None."""
-        return self.args.max_steps - 1 - generation if self.args.max_steps > 0 else None
+        """Generations after ``generation`` when the run's length is known (``max_steps``), else None. A generation
+        is trained for ``steps_per_generation x num_iterations`` micro-batches, ``gradient_accumulation_steps`` of
+        them per optimizer step (the config makes ``steps_per_generation`` a multiple of it under a lag, so every
+        epoch holds whole optimizer steps and the run ``max_steps x gradient_accumulation_steps`` micro-batches);
+        the last generation may be cut short by ``max_steps``."""
+        if self.args.max_steps <= 0:
+            return None
+        micro_batches = self.args.max_steps * self.args.gradient_accumulation_steps
+        generations = -(-micro_batches // (self.args.steps_per_generation * self.num_iterations))
+        return generations - 1 - generation
 
     # ------------------------------------------------------------------ generation
     def _any_process(self, flag: bool) -> bool:

@@ -7,6 +7,7 @@
     python tests/trainer/resume_worker.py OUT kill-before-marker   # ... once they are all written, before the marker
     python tests/trainer/resume_worker.py OUT resume-latest    # resume_from_checkpoint=True
     python tests/trainer/resume_worker.py OUT full lag=1       # any mode with pipelined resets (reset_lag=1)
+    python tests/trainer/resume_worker.py OUT full iters=3     # any mode with num_iterations=3
 
 At most one checkpoint is kept (save_total_limit=1).
 
@@ -68,7 +69,7 @@ def _kill_during_save(mode):
         checkpoints.mark_complete = die_before_marker
 
 
-def main(out_dir, mode, steps_per_generation=None, reset_lag=0):
+def main(out_dir, mode, steps_per_generation=None, reset_lag=0, num_iterations=1):
     if mode.startswith("kill-"):
         _kill_during_save(mode)
     torch.use_deterministic_algorithms(True)
@@ -78,6 +79,8 @@ def main(out_dir, mode, steps_per_generation=None, reset_lag=0):
     extra = {} if steps_per_generation is None else {"steps_per_generation": steps_per_generation}
     if reset_lag:
         extra.update(reset_lag=reset_lag, seed_budget=0)
+    if num_iterations != 1:
+        extra.update(num_iterations=num_iterations)
     args = SRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=8, max_steps=4, max_completion_length=16,
         max_thought_tokens=5, max_thoughts=4, learning_rate=1e-2, logging_steps=1, report_to="none",
@@ -92,6 +95,7 @@ def main(out_dir, mode, steps_per_generation=None, reset_lag=0):
 
 
 if __name__ == "__main__":
-    numbers = [int(a) for a in sys.argv[3:] if not a.startswith("lag=")]
-    lags = [int(a.split("=")[1]) for a in sys.argv[3:] if a.startswith("lag=")]
-    main(sys.argv[1], sys.argv[2], steps_per_generation=numbers[0] if numbers else None, reset_lag=lags[0] if lags else 0)
+    named = dict(a.split("=") for a in sys.argv[3:] if "=" in a)
+    numbers = [int(a) for a in sys.argv[3:] if "=" not in a]
+    main(sys.argv[1], sys.argv[2], steps_per_generation=numbers[0] if numbers else None,
+         reset_lag=int(named.get("lag", 0)), num_iterations=int(named.get("iters", 1)))

@@ -61,3 +61,37 @@ def test_a_lagged_run_trains_the_previous_generations_resets_with_their_origin(t
 def _missing(value) -> bool:
     """A metric with nothing counted: NaN, which TRL may log as None."""
     return value is None or math.isnan(value)
+
+
+def _lagged_generations(tmp_path, char_tokenizer, **overrides):
+    """A lagged run at learning rate 0 (the policy never changes) with a generator per row: the rows of each
+    generation and the resets/* metrics logged at its first optimizer step."""
+    args = _args(tmp_path, SRPOConfig, reset_lag=1, seed_budget=0, per_row_sampling_seed=True, learning_rate=0.0,
+                 **overrides)
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), args=args, train_dataset=_dataset(),
+                          reward_funcs=lambda completions, **kw: [float(len(c) % 2) for c in completions],
+                          processing_class=char_tokenizer, localizer=lambda q, thoughts: len(thoughts))
+    outputs, rollout = [], trainer._reset_rollout
+    trainer._reset_rollout = lambda prompts: outputs.append(rollout(prompts)) or outputs[-1]
+    trainer.train()
+    metrics = [{k: v for k, v in entry.items() if k.startswith("resets/") and k != "resets/carried_prefix_drift"}
+               for entry in trainer.state.log_history if "resets/queue_fill" in entry]
+    return outputs, metrics
+
+
+@pytest.mark.parametrize("overrides", [
+    {"num_iterations": 2},  # two optimization passes over each generation
+    {"per_device_train_batch_size": 4, "steps_per_generation": 2},  # each generation spans two optimizer steps
+])
+def test_a_lagged_generation_trained_for_several_optimizer_steps_builds_the_rows_of_one_step_per_generation(
+        tmp_path, char_tokenizer, overrides):
+    """The queue advances once per generation, whatever the optimizer steps in it: at a fixed policy, a run with
+    two optimizer steps per generation builds every generation's rows as the run with one does, and knows its last
+    generation (no seed localized for nothing, the same unused states)."""
+    once, once_metrics = _lagged_generations(tmp_path / "once", char_tokenizer, max_steps=3)
+    twice, twice_metrics = _lagged_generations(tmp_path / "twice", char_tokenizer, max_steps=6, **overrides)
+    assert len(once) == len(twice) == 3
+    assert twice == once
+    assert twice_metrics == once_metrics and len(once_metrics) == 3
+    assert once_metrics[1]["resets/reset_age"] == 1.0  # carried states were used
+    assert once_metrics[-1]["resets/unused_states"] > 0  # the last generation's seeds, not localized

@@ -34,7 +34,7 @@ def _compared(entry):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """The uninterrupted run's logs, per steps_per_generation (run once for the module)."""
+    """The uninterrupted run's logs, per worker arguments (run once for the module)."""
     runs = {}
 
     def logs(*extra):
@@ -58,10 +58,10 @@ def _assert_same_run(expected, logged):
                 assert got[key] == pytest.approx(value, abs=1e-6), (step, key, value, got[key])
 
 
-@pytest.mark.parametrize("steps_per_generation", [None, 4, "lag=2"])  # 4: the checkpoint falls inside
-def test_a_run_killed_after_a_checkpoint_resumes_as_the_same_run(tmp_path, full_run, steps_per_generation):
-    """... one generation; lag=N: pipelined resets, whose queue of reset states the checkpoint holds."""
-    extra = () if steps_per_generation is None else (steps_per_generation,)
+@pytest.mark.parametrize("extra", [(), (4,), ("lag=2",), ("lag=1", "iters=3")])  # 4: the checkpoint falls inside
+def test_a_run_killed_after_a_checkpoint_resumes_as_the_same_run(tmp_path, full_run, extra):
+    """... one generation; lag=N: pipelined resets, whose queue of reset states the checkpoint holds; with
+    iters=3 (num_iterations) the checkpoint falls inside the first generation, and the next one uses its states."""
     broken = tmp_path / "broken"
     killed = _run(broken, "kill", *extra)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -71,10 +71,13 @@ def test_a_run_killed_after_a_checkpoint_resumes_as_the_same_run(tmp_path, full_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, before, after = full_run(*extra), _logs(broken, "kill"), _logs(broken, "resume")
     assert sorted(before) == [1, 2] and sorted(after) == [3, 4]
-    assert any(k.startswith("resets/") for k in expected[1 if steps_per_generation == 4 else 3])
-    if isinstance(steps_per_generation, str):  # the resumed generation uses states the checkpoint carried
-        assert expected[3]["resets/reset_age"] == int(steps_per_generation[-1])
-        assert expected[3]["resets/fallback_rate"] < 1.0 and expected[2]["resets/queue_fill"] > 0
+    named = dict(a.split("=") for a in extra if isinstance(a, str))
+    resumed_generation = 4 if "iters" in named else 3  # the first optimizer step of a generation after the resume
+    assert any(k.startswith("resets/") for k in expected[1 if extra == (4,) else resumed_generation])
+    if "lag" in named:  # the resumed generation uses states the checkpoint carried
+        assert expected[resumed_generation]["resets/reset_age"] == int(named["lag"])
+        assert expected[resumed_generation]["resets/fallback_rate"] < 1.0
+        assert expected[resumed_generation - 1 if "iters" not in named else 1]["resets/queue_fill"] > 0
     _assert_same_run(expected, {**before, **after})
 
 
