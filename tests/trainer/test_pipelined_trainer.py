@@ -2,12 +2,15 @@
 first generation's reset states, shown and scored with their origin prompt; the queue's metrics are logged."""
 
 import math
+from contextlib import contextmanager
 
 import pytest
 
 from tests.conftest import make_tiny_llama
 from tests.trainer.test_trainer import _args, _dataset
 from trl_resets import SRPOConfig, SRPOTrainer
+from trl_resets.metrics import PREFIX
+from trl_resets.thoughts import Rollout
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])  # 2: the generation's 8 rows over two micro-batches of 4
@@ -95,3 +98,54 @@ def test_a_lagged_generation_trained_for_several_optimizer_steps_builds_the_rows
     assert twice_metrics == once_metrics and len(once_metrics) == 3
     assert once_metrics[1]["resets/reset_age"] == 1.0  # carried states were used
     assert once_metrics[-1]["resets/unused_states"] > 0  # the last generation's seeds, not localized
+
+
+@pytest.mark.parametrize("lag, localizer", [(1, "callable"), (2, "self"), (0, "callable"), (0, "self")])
+def test_a_lagged_generation_decodes_in_one_wave_and_logs_its_decoding_steps(tmp_path, char_tokenizer, lag,
+                                                                             localizer):
+    """``resets/decode_steps`` under a lag: no request waits for another of its generation (lag 1: the carried
+    suffixes start beside the new draws, a localizer without the policy answers at once; lag 2: the carried seeds'
+    localization replies start there too), so the generation's decoding steps are its longest request's tokens.
+    Without a lag the same run decodes chains (a seed, then its reply, then its suffixes): more steps than that."""
+    args = _args(tmp_path, SRPOConfig, max_steps=3, reset_lag=lag, seed_budget=0, localization_max_tokens=10)
+    trainer = SRPOTrainer(model=make_tiny_llama(char_tokenizer), args=args, train_dataset=_dataset(),
+                          reward_funcs=lambda completions, **kw: [float(len(c) % 2) for c in completions],
+                          processing_class=char_tokenizer,
+                          localizer=(lambda q, thoughts: len(thoughts)) if localizer == "callable" else None)
+    lengths = []  # per generation: the tokens of every request decoded (rollouts and replies)
+    open_sampler = trainer._sampler
+
+    @contextmanager
+    def recorded_sampler():
+        with open_sampler() as sampler:
+            make_stream = sampler.stream
+
+            def stream():
+                inner = make_stream()
+                step = inner.step
+
+                def recorded_step():
+                    done = step()
+                    lengths[-1] += [len(r.token_ids) if isinstance(r, Rollout) else len(r) for _, r in done]
+                    return done
+
+                inner.step = recorded_step
+                return inner
+
+            sampler.stream = stream
+            lengths.append([])
+            yield sampler
+
+    trainer._sampler = recorded_sampler
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    logged = [e[PREFIX + "decode_steps"] for e in logs]
+    longest = [float(max(generation)) for generation in lengths]
+    assert len(logged) == len(lengths) == 3
+    if lag == 0:
+        assert all(s >= n for s, n in zip(logged, longest)) and logged != longest
+        return
+    assert logged == longest
+    assert logs[-1]["resets/reset_age"] == lag  # carried states were decoded in the last generation
+    if localizer == "self":  # generation 0's seed, localized in generation 1 beside its draws
+        assert len(lengths[1]) == len(lengths[0]) + 1
