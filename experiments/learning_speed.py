@@ -1,13 +1,23 @@
 """Learning speed on the fast testbed: GRPO, RRPO and SRPO (self / oracle, splits, clip) at the same rollout budget.
 
-    python -m experiments.learning_speed            # every method, 3 seeds (about 20 minutes on 2 busy cores)
-    python -m experiments.learning_speed --quick    # GRPO and SRPO, 1 seed, 12 steps (under two minutes)
+    python -m experiments.learning_speed            # every method, 3 seeds
+    python -m experiments.learning_speed --quick    # GRPO and SRPO, 1 seed, 12 steps (under two minutes); options
+                                                   # given beside --quick keep their values
     python -m experiments.learning_speed --policy experiments/testbed/policy-critical --tag critical
                                                    # the critical-step testbed (hard * and / steps)
     python -m experiments.learning_speed --methods GRPO SRPO --seeds 12 --reuse A.json B.json --tag more
                                                    # earlier runs read back (same settings), the rest run
     python -m experiments.learning_speed --methods GRPO RRPO SRPO GRPO-diff GRPO-state SRPO-diff --seeds 6 --tag credit
                                                    # comparison-based credit (docs/credit.md) beside resets
+    python -m experiments.learning_speed --methods GRPO SRPO SRPO-b0 SRPO-lag1 SRPO-lag2 SRPO-iid --seeds 6 --tag lag
+    python -m experiments.learning_speed --methods GRPO SRPO SRPO-b0 SRPO-lag1 SRPO-lag2 SRPO-iid --seeds 6 \
+        --policy experiments/testbed/policy-critical --tag lag_critical
+    python -m experiments.learning_speed --methods GRPO SRPO SRPO-b0 SRPO-lag1 SRPO-lag2 SRPO-iid --seeds 12 \
+        --policy experiments/testbed/policy-hard --tag lag_hard_12seeds
+                                                   # pipelined resets and the iid base group (docs/concepts.md),
+                                                   # paired by seed: lag - SRPO-b0 (SRPO without seed search, as a
+                                                   # lag runs) and SRPO-iid - SRPO at the last evaluation, 95%
+                                                   # t-intervals; accuracy also against cumulative decoding steps
     python -m experiments.learning_speed --embedded --methods GRPO RRPO SRPO --seeds 3 --steps 6 --eval_every 3 \
         --eval_problems 32 --job_args="--learning_rate 2e-4" --tag smollm2
                                                    # the main job (embedded SmolLM2-135M-Instruct, its recipe)
@@ -22,6 +32,11 @@ warmed-up SmolLM2-135M-Instruct, LoRA, the arithmetic task) with ``--seed``, ``-
 greedy held-out validation (``--eval_problems`` problems every ``--eval_every`` steps) set from here, and any other
 main-job flag passed through ``--job_args``; accuracy is the validation's greedy pass rate.
 
+Every run also records the tokens the policy generated and its cumulative sequential decoding steps (the trainer's
+``resets/decode_steps``; NaN, not zero, where a step was not counted), and the curves are plotted against optimizer
+steps, generated tokens and decoding steps. For each pair in ``PAIRS`` that ran on common seeds, the method minus
+its pair is reported seed by seed with a 95% t-interval over seeds.
+
 Headline: the steps SRPO needs to reach GRPO's final accuracy, as a fraction of GRPO's steps (last line).
 Writes experiments/results/learning_speed.{json,md,png} (``--quick``: a new temporary folder; ``--out``: any folder).
 """
@@ -29,6 +44,7 @@ Writes experiments/results/learning_speed.{json,md,png} (``--quick``: a new temp
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -70,8 +86,23 @@ METHODS = {
                             "state_key": "arithmetic"}),
     "SRPO-diff": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
                            "credit": "diff", "state_key": "arithmetic"}),
+    # pipelined resets (docs/concepts.md): no seed search under a lag, so SRPO-b0 (seed_budget=0) is their pair
+    "SRPO-b0": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
+                         "seed_budget": 0}),
+    "SRPO-lag1": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
+                           "seed_budget": 0, "reset_lag": 1}),
+    "SRPO-lag2": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
+                           "seed_budget": 0, "reset_lag": 2}),
+    # the base group as the first G1 draws, iid (base_group="iid")
+    "SRPO-iid": ("srpo", {"num_base_generations": 4, "num_reset_prefixes": 1, "num_reset_generations": 4,
+                          "base_group": "iid"}),
 }
 BASELINE, HEADLINE_METHOD = "GRPO", "SRPO"
+# --quick: a smoke run (options given on the command line keep their values)
+QUICK = {"methods": [BASELINE, HEADLINE_METHOD], "seeds": 1, "steps": 12, "eval_every": 4, "prompts_per_step": 8,
+         "eval_problems": 48, "eval_samples": 4}
+# (method, its pair): the paired differences reported with a 95% t-interval over seeds, where both ran
+PAIRS = (("SRPO-lag1", "SRPO-b0"), ("SRPO-lag2", "SRPO-b0"), ("SRPO-iid", "SRPO"))
 # The options a run's result depends on: a run in a --reuse file counts for this invocation only if they match.
 RUN_OPTIONS = ("steps", "prompts_per_step", "lr", "eval_every", "eval_problems", "eval_samples", "train_prompts",
                "num_steps", "policy", "task")
@@ -145,6 +176,14 @@ def generated_tokens(logs: dict) -> float:
     return logs["resets/generated_tokens"] + logs.get("credit/tokens_repair", 0.0)
 
 
+def decoding_steps(logs: dict) -> float:
+    """Sequential decoding steps of a logged training step's generation (``resets/decode_steps``, the compact
+    decoder's steps); NaN when the trainer could not count them (vLLM, collective decoding, a localizer called once
+    per batch), so that a cumulative count never hides a missing step as zero."""
+    value = logs.get("resets/decode_steps")
+    return math.nan if value is None else float(value)
+
+
 def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -160,18 +199,20 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
         output_dir=out_dir, per_device_train_batch_size=8 * opts.prompts_per_step, max_steps=opts.steps,
         learning_rate=opts.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0, seed=seed,
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True,
-        seed_budget=8, **config_fields(opts.task), **overrides,
+        **config_fields(opts.task), **{"seed_budget": 8, **overrides},
     )
-    record = {"seed": seed, "steps": [0], "accuracy": [start_eval["accuracy"]], "tokens": [0], "seconds": [0.0]}
+    record = {"seed": seed, "steps": [0], "accuracy": [start_eval["accuracy"]], "tokens": [0], "decode_steps": [0],
+              "seconds": [0.0]}
     eval_seconds = [0.0]
 
-    tokens = [0.0]
+    tokens, decode_steps = [0.0], [0.0]
 
     class Evaluate(TrainerCallback):
         def on_log(self, _args, state, control, logs=None, **kwargs):
             if "resets/generated_tokens" not in (logs or {}):
                 return  # the end-of-training summary
             tokens[0] += generated_tokens(logs)
+            decode_steps[0] += decoding_steps(logs)
             if state.global_step % opts.eval_every == 0 or state.global_step == opts.steps:
                 tic = time.perf_counter()
                 result = evaluate(trainer.model, tokenizer, eval_set, opts.eval_samples, seed=EVAL_SEED,
@@ -179,6 +220,7 @@ def train_one(method: str, seed: int, opts, eval_set, start_eval: dict) -> dict:
                 record["steps"].append(state.global_step)
                 record["accuracy"].append(result["accuracy"])
                 record["tokens"].append(int(tokens[0]))
+                record["decode_steps"].append(decode_steps[0])
                 record["seconds"].append(tic - start - eval_seconds[0])
                 eval_seconds[0] += time.perf_counter() - tic
 
@@ -215,16 +257,20 @@ def embedded_argv(seed: int, opts, out_dir: str) -> list[str]:
 
 def embedded_record(seed: int, log_history: list[dict], validation: list[dict], train_seconds: float) -> dict:
     """A run's record from the main job's log: the validation's greedy pass rate at each evaluated step, and the
-    tokens generated up to that step (every logged training step's `generated_tokens`, summed)."""
-    per_step = {}
+    tokens generated up to that step (every logged training step's `generated_tokens`, summed) and the sequential
+    decoding steps (`decoding_steps`, summed)."""
+    per_step, steps_per_step = {}, {}
     for entry in log_history:
         if "resets/generated_tokens" in entry:
             per_step[entry["step"]] = generated_tokens(entry)
-    record = {"seed": seed, "steps": [], "accuracy": [], "tokens": [], "train_seconds": train_seconds}
+            steps_per_step[entry["step"]] = decoding_steps(entry)
+    record = {"seed": seed, "steps": [], "accuracy": [], "tokens": [], "decode_steps": [],
+              "train_seconds": train_seconds}
     for point in validation:
         record["steps"].append(point["step"])
         record["accuracy"].append(point["validation/pass_rate"])
         record["tokens"].append(int(sum(t for step, t in per_step.items() if step <= point["step"])))
+        record["decode_steps"].append(sum(n for step, n in steps_per_step.items() if step <= point["step"]))
     if not record["steps"] or record["steps"][0] != 0:
         raise ValueError(f"the run's validation has no step-0 point ({[p.get('step') for p in validation]}); "
                          "the learning-speed curves start from the untrained model.")
@@ -269,6 +315,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             "steps": records[0]["steps"], "accuracy_mean": mean, "accuracy_min": low, "accuracy_max": high,
             "accuracy_median": median_curve([r["accuracy"] for r in records]), "seeds": len(records),
             "tokens_mean": mean_and_spread([r["tokens"] for r in records])[0],
+            "decode_steps_mean": (mean_and_spread([r["decode_steps"] for r in records])[0]
+                                  if all("decode_steps" in r for r in records) else None),
             "seconds_per_step": sum(r["train_seconds"] for r in records) / len(records) / records[0]["steps"][-1],
         }
     base = summary[BASELINE]
@@ -306,6 +354,75 @@ def paired_with_baseline(runs: dict[str, list[dict]]) -> dict[str, dict]:
                        "curve_diff": statistics.fmean(curve), "curve_diff_se": statistics.stdev(curve) / len(curve) ** 0.5,
                        "seeds_above": sum(d > 0 for d in curve)}
     return out
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p``-quantile (p >= 0.5) of Student's t distribution with ``df`` degrees of freedom: bisection on its
+    distribution function, integrated from the density by Simpson's rule."""
+    scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:
+        h = x / n
+        density = [scale * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < p else (low, middle)
+    return (low + high) / 2
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of ``values`` (at least two) and its ``level`` Student t-interval: (mean, low, high)."""
+    import statistics
+
+    mean = statistics.fmean(values)
+    half = t_quantile((1 + level) / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def paired_differences(runs: dict[str, list[dict]], pairs=PAIRS) -> dict[str, dict]:
+    """``method - reference`` seed by seed (the same seed: the same prompts and sampling seed) for each pair where
+    both ran at least two common seeds: the held-out accuracy difference at the last evaluation and in the mean over
+    the evaluations after the start, each with its 95% t-interval over seeds, and the ratio of cumulative sequential
+    decoding steps and of generated tokens at the end (mean over seeds; None where steps were not counted)."""
+    import statistics
+
+    out = {}
+    for method, reference in pairs:
+        theirs = {r["seed"]: r for r in runs.get(reference, [])}
+        both = [(r, theirs[r["seed"]]) for r in runs.get(method, []) if r.get("seed") in theirs]
+        if len(both) < 2:
+            continue
+        final = t_interval([r["accuracy"][-1] - g["accuracy"][-1] for r, g in both])
+        curve = t_interval([statistics.fmean(r["accuracy"][1:]) - statistics.fmean(g["accuracy"][1:]) for r, g in both])
+        ratios = [r["decode_steps"][-1] / g["decode_steps"][-1] for r, g in both
+                  if "decode_steps" in r and "decode_steps" in g]
+        step_ratio = statistics.fmean(ratios) if len(ratios) == len(both) else None
+        out[f"{method} - {reference}"] = {
+            "method": method, "reference": reference, "seeds": len(both),
+            "final_diff": final[0], "final_ci95": list(final[1:]), "curve_diff": curve[0], "curve_ci95": list(curve[1:]),
+            "decode_steps_ratio": None if step_ratio is None or math.isnan(step_ratio) else step_ratio,
+            "tokens_ratio": statistics.fmean(r["tokens"][-1] / g["tokens"][-1] for r, g in both),
+        }
+    return out
+
+
+def paired_differences_table(differences: dict[str, dict]) -> str:
+    if not differences:
+        return ""
+    lines = [("| paired by seed | seeds | final accuracy difference [95% t-interval] | mean accuracy over the curve, "
+              "difference [95% t-interval] | cumulative decoding steps, ratio | generated tokens, ratio |"),
+             "|---|---|---|---|---|---|"]
+    for name, d in differences.items():
+        steps = "not counted" if d["decode_steps_ratio"] is None else f"{d['decode_steps_ratio']:.2f}"
+        lines.append(f"| {name} | {d['seeds']} | {d['final_diff']:+.3f} [{d['final_ci95'][0]:+.3f}, "
+                     f"{d['final_ci95'][1]:+.3f}] | {d['curve_diff']:+.3f} [{d['curve_ci95'][0]:+.3f}, "
+                     f"{d['curve_ci95'][1]:+.3f}] | {steps} | {d['tokens_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def paired_table(paired: dict[str, dict]) -> str:
@@ -353,11 +470,14 @@ def plot(summary: dict, path: Path, title: str, measure: str = "held-out accurac
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharey=True)
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5), sharey=True)
     for method, e in summary.items():
         style = {"linewidth": 2.5} if method in (BASELINE, HEADLINE_METHOD) else {"linewidth": 1.2, "alpha": 0.85}
         for row, curve in ((0, "accuracy_mean"), (1, "accuracy_median")):
-            for ax, x in ((axes[row][0], e["steps"]), (axes[row][1], e["tokens_mean"])):
+            columns = [(axes[row][0], e["steps"]), (axes[row][1], e["tokens_mean"])]
+            if e.get("decode_steps_mean") is not None:  # a run whose steps were not all counted is left out
+                columns.append((axes[row][2], e["decode_steps_mean"]))
+            for ax, x in columns:
                 (line,) = ax.plot(x, e[curve], label=method, **style)
                 if row == 0:  # the spread over seeds around the mean
                     ax.fill_between(x, e["accuracy_min"], e["accuracy_max"], color=line.get_color(), alpha=0.12)
@@ -366,12 +486,22 @@ def plot(summary: dict, path: Path, title: str, measure: str = "held-out accurac
                              linestyle=":", linewidth=1)
         axes[row][0].set_xlabel("training step")
         axes[row][1].set_xlabel("generated tokens (all sampling, localization included; mean over seeds)")
+        axes[row][2].set_xlabel("sequential decoding steps, cumulative (resets/decode_steps; mean over seeds)")
         axes[row][0].set_ylabel(f"{measure}\n{name}")
     axes[0][1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> set[str]:
+    """The options given on the command line (``argv``, default ``sys.argv``), whatever their values: the command
+    line parsed again with no defaults."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
 
 
 def main():
@@ -408,9 +538,11 @@ def main():
         return main_embedded(parser, opts)
     if opts.job_args:
         parser.error("--job_args are main-job flags: add --embedded.")
-    if opts.quick:
-        opts.methods, opts.seeds, opts.steps, opts.eval_every = [BASELINE, HEADLINE_METHOD], 1, 12, 4
-        opts.prompts_per_step, opts.eval_problems, opts.eval_samples = 8, 48, 4
+    if opts.quick:  # the quick settings, for the options not given on the command line
+        given = given_options(parser)
+        for name, value in QUICK.items():
+            if name not in given:
+                setattr(opts, name, list(value) if isinstance(value, list) else value)
     for name in (BASELINE, HEADLINE_METHOD):
         if name not in opts.methods:
             opts.methods.insert(0 if name == BASELINE else 1, name)
@@ -455,6 +587,11 @@ def main():
     print(text)
     print(f"{setting}; {machine}; {wall_text}")
     print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")
+    for name, d in paired_differences(runs).items():
+        steps = "not counted" if d["decode_steps_ratio"] is None else f"{d['decode_steps_ratio']:.2f}x"
+        print(f"{name} at the last evaluation ({d['seeds']} seeds): accuracy {d['final_diff']:+.3f}, 95% t-interval "
+              f"[{d['final_ci95'][0]:+.3f}, {d['final_ci95'][1]:+.3f}]; cumulative decoding steps {steps}, "
+              f"generated tokens {d['tokens_ratio']:.2f}x")
 
 
 def main_embedded(parser, opts) -> None:
@@ -526,7 +663,9 @@ def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: flo
         setting = f"PARTIAL ({sum(seeds.values())} of {len(opts.methods) * opts.seeds} runs), " + setting
     headline = summary[HEADLINE_METHOD]["ratio_to_grpo"] if HEADLINE_METHOD in summary else None
     paired = paired_with_baseline(runs)
-    text = table(summary) + ("\n" + paired_table(paired) if paired else "")
+    differences = paired_differences(runs)
+    text = (table(summary) + ("\n" + paired_table(paired) if paired else "")
+            + ("\n" + paired_differences_table(differences) if differences else ""))
     if read_back:
         wall_text = f"wall {wall:.0f}s ({read_back} of {sum(seeds.values())} runs read back from earlier results)"
     else:
@@ -536,7 +675,8 @@ def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: flo
     suffix = (f"_{opts.tag}" if opts.tag else "") + ("_quick" if opts.quick else "")
     (out / f"learning_speed{suffix}.json").write_text(json.dumps(
         {"setting": setting, "machine": machine, "wall_seconds": wall, "options": vars(opts),
-         "start_accuracy": start_eval["accuracy"], "summary": summary, "paired_with_grpo": paired, "runs": runs,
+         "start_accuracy": start_eval["accuracy"], "summary": summary, "paired_with_grpo": paired,
+         "paired_differences": differences, "runs": runs,
          "runs_read_back": read_back}, indent=1) + "\n")
     headline_text = "not reached" if headline is None else f"{headline:.2f}"
     if not baseline_improved(summary):

@@ -7,12 +7,16 @@ import pytest
 from experiments.credit_signal import split_by_part
 from experiments.learning_speed import (
     mean_and_spread,
+    paired_differences,
+    paired_differences_table,
     paired_table,
     paired_with_baseline,
     reusable_runs,
     speed_ratio,
     steps_to_reach,
     summarize,
+    t_interval,
+    t_quantile,
 )
 from experiments.localization_quality import correction_by_deviation, deviation_histogram, is_clean, rates
 
@@ -82,6 +86,52 @@ def test_methods_are_compared_with_grpo_seed_by_seed():
     assert paired_with_baseline({"GRPO": runs["GRPO"], "RRPO": [run(0, [0.2, 0.3, 0.4])]}) == {}  # one pair: no s.e.
 
 
+def test_t_quantiles_and_intervals_match_the_tables():
+    for df, quantile in ((1, 12.706), (2, 4.303), (5, 2.571), (11, 2.201), (30, 2.042)):  # two-sided 95%
+        assert t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-3)
+    mean, low, high = t_interval([1.0, 2.0, 3.0])  # s.e. 1/sqrt(3), 2 degrees of freedom
+    assert mean == 2.0 and high - mean == pytest.approx(4.3027 / 3 ** 0.5, abs=1e-3) and mean - low == pytest.approx(high - mean)
+
+
+def test_lags_are_paired_with_srpo_without_seed_search_and_iid_with_srpo():
+    def run(seed, acc, tokens, steps):
+        return {"seed": seed, "steps": [0, 10, 20], "accuracy": acc, "tokens": [0, tokens / 2, tokens],
+                "decode_steps": [0, steps / 2, steps], "train_seconds": 20.0}
+
+    runs = {"GRPO": [run(0, [0.2, 0.3, 0.4], 100, 50), run(1, [0.2, 0.3, 0.4], 100, 50)],
+            "SRPO": [run(0, [0.2, 0.4, 0.5], 120, 120), run(1, [0.2, 0.4, 0.6], 120, 120)],
+            "SRPO-b0": [run(0, [0.2, 0.4, 0.5], 110, 100), run(1, [0.2, 0.5, 0.6], 110, 100), run(2, [0.2] * 3, 1, 1)],
+            "SRPO-lag1": [run(0, [0.2, 0.3, 0.6], 110, 50), run(1, [0.2, 0.4, 0.5], 110, 60)],
+            "SRPO-iid": [run(1, [0.2, 0.4, 0.8], 90, 120)]}  # one seed: no interval
+    differences = paired_differences(runs)
+    assert set(differences) == {"SRPO-lag1 - SRPO-b0"}
+    lag = differences["SRPO-lag1 - SRPO-b0"]
+    assert lag["seeds"] == 2 and lag["final_diff"] == pytest.approx(0.0)  # +0.1 and -0.1; seed 2 has no pair
+    assert lag["final_ci95"] == pytest.approx([-12.706 * 0.1, 12.706 * 0.1], abs=1e-3)  # s.e. 0.1, 1 d.o.f.
+    assert lag["curve_diff"] == pytest.approx(-0.05)  # curve means: 0 for seed 0, -0.1 for seed 1
+    assert lag["decode_steps_ratio"] == pytest.approx(0.55)  # 50 / 100 and 60 / 100
+    assert lag["tokens_ratio"] == pytest.approx(1.0)
+    assert "| SRPO-lag1 - SRPO-b0 | 2 | +0.000 [-1.271, +1.271] |" in paired_differences_table(differences)
+    uncounted = {m: [{**r, "decode_steps": [0, math.nan, math.nan]} for r in records] for m, records in runs.items()}
+    assert paired_differences(uncounted)["SRPO-lag1 - SRPO-b0"]["decode_steps_ratio"] is None  # never a silent 0
+    summary = summarize(runs)
+    assert summary["SRPO-lag1"]["decode_steps_mean"] == [0, 27.5, 55.0]
+
+
+def test_quick_settings_leave_the_options_given_on_the_command_line():
+    import argparse
+
+    from experiments.learning_speed import given_options
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--eval_every", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=["GRPO"])
+    parser.add_argument("--quick", action="store_true")
+    assert given_options(parser, ["--quick", "--eval_every", "2"]) == {"quick", "eval_every"}  # the default's value
+    assert given_options(parser, ["--eval_every=3", "--methods", "SRPO-lag1"]) == {"eval_every", "methods"}
+    assert given_options(parser, []) == set()
+
+
 def test_reused_runs_must_come_from_the_same_settings(tmp_path):
     from types import SimpleNamespace
 
@@ -148,6 +198,22 @@ def test_one_oracle_srpo_step_on_the_testbed_counts_tokens_and_evaluates():
     # 5 phase-1 rollouts (G1 + k) at least, then 4 suffixes when a seed was found: far more than 20 tokens
     assert record["tokens"][1] > 20
     assert record["localization_parse_failure"] in (None, 0.0)  # the checker always names a step
+    # the generation's sequential decoding steps: at least its longest rollout, at most every token one at a time
+    assert record["decode_steps"][0] == 0 and 0 < record["decode_steps"][1] < record["tokens"][1]
+
+
+def test_a_lagged_srpo_run_on_the_testbed_counts_its_decoding_steps():
+    from types import SimpleNamespace
+
+    from experiments.learning_speed import train_one
+    from experiments.testbed import EVAL_SEED, POLICY_DIR, task_dataset
+
+    opts = SimpleNamespace(policy=str(POLICY_DIR), prompts_per_step=1, steps=2, lr=3e-4, eval_every=1,
+                           eval_samples=1, train_prompts=4, num_steps=None, task=None)
+    record = train_one("SRPO-lag1", 0, opts, task_dataset(4, seed=EVAL_SEED), {"accuracy": 0.25})
+    assert record["steps"] == [0, 1, 2]
+    steps = record["decode_steps"]
+    assert steps[0] == 0 and 0 < steps[1] < steps[2] and all(math.isfinite(n) for n in steps)
 
 
 def test_credit_signal_on_the_shipped_policy_accounts_for_every_failed_token():

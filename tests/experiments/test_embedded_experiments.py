@@ -83,17 +83,20 @@ def test_the_testbed_runs_through_the_shared_collection():
 def test_a_main_job_run_becomes_a_learning_speed_record():
     logs = [
         {"step": 0, "validation/pass_rate": 0.25},
-        {"step": 1, "loss": 0.1, "resets/generated_tokens": 100.0},
+        {"step": 1, "loss": 0.1, "resets/generated_tokens": 100.0, "resets/decode_steps": 30.0},
         {"step": 2, "loss": 0.1, "resets/generated_tokens": 120.0, "credit/tokens_repair": 5.0,
-         "validation/pass_rate": 0.5},
-        {"step": 3, "loss": 0.1, "resets/generated_tokens": 90.0},
+         "validation/pass_rate": 0.5, "resets/decode_steps": 40.0},
+        {"step": 3, "loss": 0.1, "resets/generated_tokens": 90.0, "resets/decode_steps": 20.0},
         {"step": 3, "train_runtime": 9.0},
     ]
     validation = [{"step": 0, "validation/pass_rate": 0.25}, {"step": 2, "validation/pass_rate": 0.5},
                   {"step": 3, "validation/pass_rate": 0.375}]
     record = embedded_record(4, logs, validation, 30.0)
     assert record == {"seed": 4, "steps": [0, 2, 3], "accuracy": [0.25, 0.5, 0.375], "tokens": [0, 225, 315],
-                      "train_seconds": 30.0}
+                      "decode_steps": [0, 70.0, 90.0], "train_seconds": 30.0}
+    uncounted = embedded_record(4, [{k: v for k, v in e.items() if k != "resets/decode_steps" or e["step"] != 2}
+                                    for e in logs], validation, 30.0)
+    assert uncounted["decode_steps"][0] == 0 and all(math.isnan(n) for n in uncounted["decode_steps"][1:])
     with pytest.raises(ValueError, match="step-0"):
         embedded_record(4, logs, validation[1:], 30.0)
 
