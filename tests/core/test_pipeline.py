@@ -12,11 +12,12 @@ import torch
 
 from tests.core.test_scheduler import LOCALIZERS, DelayedStream, Policy, Sampler, TextPolicy, _plain, score
 from trl_resets.advantages import group_advantages
-from trl_resets.localizers import RandomLocalizer
+from trl_resets.localizers import RandomLocalizer, SelfLocalizer
 from trl_resets.pipeline import ResetQueue, process_slice
 from trl_resets.resets import LagStep, Origin, ResetAlgorithm, Split
+from trl_resets.sampling.base import StepCounter
 from trl_resets.scheduler import run_overlapped
-from trl_resets.thoughts import ThoughtFormat
+from trl_resets.thoughts import Rollout, ThoughtFormat
 
 LOCALIZERS = {**LOCALIZERS, "random": RandomLocalizer}
 PROMPTS = 4
@@ -256,3 +257,75 @@ def test_the_trainers_pipeline_metrics_over_a_run_of_known_length():
     assert [m["resets/queue_fill"] for m in logged] == [found[0], found[1], 0] and found[2] > 0
     assert logged[2]["resets/unused_states"] == found[2] and step.localized == []
     assert sum(m["resets/searches_ended"] for m in logged) > 0
+
+
+class TokenStream:
+    """Decodes one token per running request and step, as the compact decoder does: a request submitted after step
+    n draws its first token in step n + 1. A prompt's draw n has ``lengths[n]`` tokens (draw 0 ends in 50: the
+    incorrect one, the seed; the others in 60), a suffix ``suffix`` tokens, a localization reply ``reply``."""
+
+    def __init__(self, lengths, reply, suffix):
+        self.lengths, self.reply, self.suffix = lengths, reply, suffix
+        self.running, self.handles, self.asked = [], 0, {}
+
+    @property
+    def busy(self):
+        return bool(self.running)
+
+    def _result(self, request):
+        if request.is_reply:  # TextPolicy reads the reply's second token
+            return list(request.context) + [0] * (self.reply - len(request.context))
+        if request.start_thoughts:
+            return _rollout([60] * self.suffix)
+        n = self.asked.get(tuple(request.context), 0)
+        self.asked[tuple(request.context)] = n + 1
+        return _rollout([60] * (self.lengths[n] - 1) + [50 if n == 0 else 60])
+
+    def submit(self, requests):
+        handles = list(range(self.handles, self.handles + len(requests)))
+        self.handles += len(requests)
+        for handle, request in zip(handles, requests):
+            result = self._result(request)
+            tokens = len(result) if isinstance(result, list) else len(result.token_ids)
+            self.running.append([tokens, handle, result])
+        return handles
+
+    def step(self):
+        for job in self.running:
+            job[0] -= 1
+        done = [(handle, result) for left, handle, result in self.running if left <= 0]
+        self.running = [job for job in self.running if job[0] > 0]
+        return done
+
+
+def _rollout(ids):
+    return Rollout(ids, [(i, min(i + 2, len(ids))) for i in range(0, len(ids), 2)], "answer")
+
+
+def _score_last_token(owners, completions):
+    return [[0.0 if c[-1] == 50 else 1.0] for c in completions]
+
+
+@pytest.mark.parametrize("lag, expected", [
+    (0, [30, 30, 30]),  # every generation: the seed (10 tokens), then its reply (14), then its suffixes (6)
+    (1, [24, 24, 24]),  # the seed, then its reply; the carried suffixes decode beside the draws
+    (2, [12, 14, 14]),  # the longest draw; from generation 1 the carried seed's reply, beside the draws
+])
+def test_the_counted_decoding_steps_are_each_generations_longest_chain(lag, expected):
+    """The steps a `StepCounter` counts on the stream (the trainer's ``resets/decode_steps``) are the generation's
+    longest dependency chain: Algorithm 2 waits for a seed, its localization reply and its suffixes; a lag takes the
+    suffixes (lag 1), then the reply too (lag 2), out of the chain."""
+    algo = _algo(Split(4, 1, 4))
+    queue = ResetQueue(lag, 2) if lag else None
+    counted = []
+    for t in range(3):
+        step = queue.step(t, 1, generations_left=None)[0] if lag else None
+        stream = StepCounter(TokenStream(lengths=[10, 4, 6, 12, 8], reply=14, suffix=6))
+        groups = run_overlapped(algo, [[7 + t, 7]], [f"q{t}"], stream, _score_last_token, SelfLocalizer(max_new_tokens=16),
+                                describe=lambda r: ["t"] * r.num_thoughts, policy=TextPolicy(),
+                                rng=[random.Random(t)], rows=[{"answer": "a"}], lag=step)
+        if lag:
+            queue.put(step.localized, step.found, step.discarded)
+        counted.append(stream.steps)
+        assert [len(g.resets) for g in groups] == [1 if t >= lag else 0]  # generation t trains a reset from t - lag
+    assert counted == expected
