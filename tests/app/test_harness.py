@@ -12,6 +12,7 @@ from trl_resets.app.plots import plot_reset_index, plot_rewards
 from trl_resets.evaluation.callback import ValidationCallback
 from trl_resets.rewards import CodeReward, boxed_answer_reward
 from trl_resets.tasks import make_arithmetic_dataset
+from trl_resets.tasks.arithmetic import ArithmeticProblem
 
 RECIPES = Path(__file__).resolve().parents[2] / "examples" / "recipes"
 # every shipped recipe: the GPU ones in examples/, the main jobs inside the package
@@ -386,3 +387,23 @@ def test_resets_jsonl_rows_name_a_carried_resets_origin():
         {"step": 1, "reset_index": 2, "num_thoughts": 4, "localizer_failed": True},
         {"step": 2, "reset_index": 3, "num_thoughts": 5, "localizer_failed": False, "origin_generation": 0,
          "origin_prompt": 1}]
+
+
+def test_the_arithmetic_ranges_and_the_warmup_step_counts_reach_the_data(tmp_path):
+    """max_start / max_operand / max_value bound the training and held-out problems; warmup_num_steps sets the
+    warm-up's step counts apart from the task's (unset: the task's)."""
+    args, _, task, run = harness.parse("srpo", ["--output_dir", str(tmp_path), "--num_steps", "3", "--max_start",
+                                                "10", "--max_operand", "5", "--max_value", "20",
+                                                "--warmup_num_steps", "2,3", "--validation_problems", "16"])
+    train = harness.load_problems(task)
+    held_out = harness.load_validation(task, run, train)
+    for row in [*train, *held_out]:
+        problem = ArithmeticProblem.from_row(row)
+        assert problem.start <= 10 and all(operand <= 5 for _, operand in problem.ops) and len(problem.ops) == 3
+        assert max(problem.values) <= 20 and min(problem.values) >= 1
+    assert harness.warmup_settings(args, task, run).num_steps == (2, 3)
+    args, _, task, run = harness.parse("srpo", ["--output_dir", str(tmp_path), "--num_steps", "3",
+                                                "--warmup_num_steps", ""])
+    assert harness.warmup_settings(args, task, run).num_steps == (3,)
+    wide = harness.load_problems(harness.TaskArguments(num_steps="3"))  # the generator's default ranges
+    assert max(max(ArithmeticProblem.from_row(row).values) for row in wide) > 20

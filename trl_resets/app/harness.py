@@ -80,6 +80,9 @@ class TaskArguments:
     num_problems: int = field(default=32, metadata={"help": "Training problems (hub: the first N after shuffling)."})
     num_steps: str = field(default="2,3", metadata={"help": "Arithmetic steps per problem, e.g. '3' or '2,3'."})
     operations: str = field(default="+-", metadata={"help": "Arithmetic operations, e.g. '+-' or '+-*/'."})
+    max_start: int = field(default=20, metadata={"help": "Arithmetic: largest starting number."})
+    max_operand: int = field(default=10, metadata={"help": "Arithmetic: largest number added or subtracted."})
+    max_value: int = field(default=100, metadata={"help": "Arithmetic: largest running value (all stay >= 1)."})
     task_seed: int = field(default=0, metadata={"help": "Seed of the generated problems / of the hub shuffle."})
     data_files: str | None = field(
         default=None, metadata={"help": "Local JSON-lines file in the hub dataset's schema, read instead of the hub."}
@@ -108,6 +111,10 @@ class RunArguments:
     warmup_examples: int = field(default=64, metadata={"help": "Warm-up reference solutions (rollout format)."})
     warmup_localization_examples: int = field(
         default=32, metadata={"help": "Warm-up injected-error chains (localization format)."}
+    )
+    warmup_num_steps: str | None = field(
+        default=None,
+        metadata={"help": "Arithmetic steps per warm-up problem, e.g. '2,3' (unset: the task's num_steps)."},
     )
     plots: bool = field(
         default=True, metadata={"help": "Write reward.png, reset_index.png and validation.png (needs matplotlib)."}
@@ -219,7 +226,8 @@ def load_problems(task: TaskArguments, skip: int = 0, count: int | None = None):
         raise ValueError(f"num_problems must be at least 1, got {task.num_problems}.")
     if task.dataset_name is None:
         rows = make_arithmetic_dataset(skip + count, num_steps=step_counts(task.num_steps), seed=task.task_seed,
-                                       operations=tuple(task.operations))
+                                       operations=tuple(task.operations), max_start=task.max_start,
+                                       max_operand=task.max_operand, max_value=task.max_value)
         rows = rows.select(range(skip, skip + count))  # row i does not depend on the count: a disjoint tail
     elif is_code_task(task):
         rows = load_code_problems(task, "train", count)
@@ -302,7 +310,7 @@ def warmup_settings(args: ResetConfig, task: TaskArguments, run: RunArguments):
     return WarmupSettings(
         num_rollout_examples=run.warmup_examples,
         num_localization_examples=run.warmup_localization_examples,
-        num_steps=tuple(step_counts(task.num_steps)),
+        num_steps=tuple(step_counts(run.warmup_num_steps or task.num_steps)),
         operations=task.operations,
         epochs=run.warmup_epochs,
         learning_rate=run.warmup_learning_rate,
@@ -354,7 +362,8 @@ def gathered_resets(trainer) -> list[dict]:
 def dataset_label(task: TaskArguments) -> str:
     if task.dataset_name is None:
         return (f"generated arithmetic task ({task.num_problems} problems, {task.num_steps} steps, "
-                f"operations {task.operations})")
+                f"operations {task.operations}, start <= {task.max_start}, operands <= {task.max_operand}, values "
+                f"<= {task.max_value})")
     source = f", source={task.dataset_source}" if task.dataset_source else ""
     return f"{task.dataset_name} ({task.num_problems} problems{source})"
 
