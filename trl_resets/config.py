@@ -347,8 +347,6 @@ class ResetConfig(GRPOConfig):
              f"dropped before its slot comes. Set reset_max_age >= {self.reset_lag}")),
             (self.seed_budget != 0, (f"seed_budget={self.seed_budget}: a lagged run draws no seed-search rounds (a "
              "prompt whose first draws hold no failure hands on no seed). Set seed_budget=0")),
-            (self.use_vllm, ("use_vllm=True: pipelined resets are built for the transformers sampler only. Set "
-             "use_vllm=False, or reset_lag=0")),
             (self.credit != "uniform", (f"credit={self.credit!r}: comparison-based credit reads each row's question "
              "from its batch prompt, which a carried row does not share. Set credit='uniform', or reset_lag=0")),
             (self.pack_shared_prefixes, ("pack_shared_prefixes=True: packing assumes a prompt's rows share its "

@@ -148,7 +148,10 @@ class ResetTrainer(GRPOTrainer):
     def _pipeline(self) -> Pipeline:
         """Pipelined resets' queue (`pipeline`), the same on every process."""
         processes = self.accelerator.num_processes
-        if processes > 1 and not self.args.per_row_sampling_seed:
+        # a vLLM server samples every process's requests itself, from its own generator, so a carried state's
+        # suffixes do not depend on the process its slot falls to (nor, as without a lag, on the number of processes)
+        server = self.use_vllm and self.args.vllm_mode == "server"
+        if processes > 1 and not self.args.per_row_sampling_seed and not server:
             raise ValueError(f"reset_lag={self.args.reset_lag} on {processes} processes needs "
                              "per_row_sampling_seed=True: a carried reset state's suffixes are sampled on whichever "
                              "process its slot falls to, and only a generator per row samples them the same there. "

@@ -1,6 +1,7 @@
 """Run by tests/distributed/test_distributed.py as 2 CPU processes (accelerate launch, or torchrun for DeepSpeed).
 
-Modes: none (plain data parallel), "server" (vLLM server mode against the fake engine), "zero2" (DeepSpeed
+Modes: none (plain data parallel), "server" (vLLM server mode against the fake engine), "server-lag" (the same
+with pipelined resets, reset_lag=1, for three generations), "zero2" (DeepSpeed
 ZeRO-2: optimizer states and gradients sharded), "zero3" (DeepSpeed ZeRO-3: parameters sharded, so generation
 is a collective on every process), "zero3-peft" (ZeRO-3 with a LoRA adapter).
 """
@@ -26,7 +27,8 @@ def reward(completions, answer, **kwargs):
 def main(out_dir, mode=None):
     stage = {"zero2": 2, "zero3": 3, "zero3-peft": 3}.get(mode)
     zero3 = stage == 3
-    vllm_mode = mode if mode in ("server", "colocate") else None
+    lag = mode == "server-lag"
+    vllm_mode = "server" if lag else mode if mode in ("server", "colocate") else None
     if stage:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     engines = []
@@ -38,9 +40,9 @@ def main(out_dir, mode=None):
     # Different seeds per prompt make some processes find seeds and others not.
     data = Dataset.from_dict({"prompt": [f"{i}+{7 - i}?" for i in range(8)], "answer": ["7"] * 8})
     args = SRPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=8, max_steps=2, max_completion_length=16,
+        output_dir=out_dir, per_device_train_batch_size=8, max_steps=3 if lag else 2, max_completion_length=16,
         max_thought_tokens=5, max_thoughts=4, learning_rate=1e-3, logging_steps=1, report_to="none",
-        use_cpu=True, bf16=False, seed_budget=2, localization_max_tokens=6,
+        use_cpu=True, bf16=False, seed_budget=0 if lag else 2, localization_max_tokens=6, reset_lag=int(lag),
         # plain data parallel saves a checkpoint at the end: every process writes its files before the marker
         save_strategy="steps" if mode is None else "no", save_steps=2,
         use_vllm=bool(vllm_mode), vllm_mode=vllm_mode or "colocate",
@@ -77,6 +79,9 @@ def main(out_dir, mode=None):
         "engine_requests": engines[0].fake_llm.requests if engines else None,
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "num_params": int(params.numel()),
+        "resets": [[list(r) for r in step["resets"]] for step in trainer.reset_history],
+        "queue": None if trainer.pipeline is None else [
+            [s.origin.generation, s.origin.prompt, s.seed_number] for s in trainer.pipeline.queue.ready],
     }
     write_report(trainer, out_dir, report)
 

@@ -19,7 +19,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("vllm_mode", [None, "server", "zero2", "zero3", "zero3-peft"])
+@pytest.mark.parametrize("vllm_mode", [None, "server", "server-lag", "zero2", "zero3", "zero3-peft"])
 def test_two_process_srpo_run(tmp_path, vllm_mode):
     launcher = Path(sys.executable).with_name("accelerate")
     worker = Path(__file__).with_name("distributed_worker.py")
@@ -41,7 +41,8 @@ def test_two_process_srpo_run(tmp_path, vllm_mode):
     assert done.returncode == 0, done.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["num_processes"] for r in reports] == [2, 2]
-    assert [r["global_step"] for r in reports] == [2, 2]
+    steps = 3 if vllm_mode == "server-lag" else 2
+    assert [r["global_step"] for r in reports] == [steps, steps]
     assert reports[0]["param_hash"] == reports[1]["param_hash"]  # gradients were all-reduced
     first, second = (set(r["prompts"]) for r in reports)
     assert first and second and not (first & second)  # each process built the groups of its own prompts
@@ -61,6 +62,16 @@ def test_two_process_srpo_run(tmp_path, vllm_mode):
         assert reports[0]["engine_requests"] > 0
         for r in reports:
             assert all(e["sampling/sampling_logp_difference/mean"] < 1e-3 for e in r["logs"])
+    if vllm_mode == "server-lag":
+        # pipelined resets with one server for both processes (no per-row seeds there): the queue is the same on
+        # both, and each process's reset slot takes the state found by the prompt at its place a generation before
+        assert reports[0]["queue"] == reports[1]["queue"]
+        for rank, r in enumerate(reports):
+            assert r["resets"][0] == []  # generation 0: fillers
+            assert [reset[3:] for reset in r["resets"][1]] == [[0, rank]]  # from generation 0, global prompt `rank`
+            assert [e["resets/reset_age"] for e in r["logs"][1:]] == [1.0, 1.0]
+        fills = [[e["resets/queue_fill"] for e in r["logs"]] for r in reports]
+        assert fills[0] == fills[1] and fills[0][0] == 2.0  # generation 0: both processes' seeds, localized
     if deepspeed:
         stage = 2 if vllm_mode == "zero2" else 3
         assert [r["zero_stage"] for r in reports] == [stage, stage]

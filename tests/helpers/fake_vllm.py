@@ -9,7 +9,8 @@ stand-in. Tokens are sampled from a real torch model. What it follows (vLLM v1, 
   tokens plus the sampled one), ``.finish_reason`` (``"stop"`` / ``"length"``) and ``.stop_reason``
   (None for EOS, the stop string, or the stop token id).
 * Per-request random generators: a request with ``seed`` draws from its own generator seeded with it
-  (``n > 1`` children get ``seed + index``); unseeded requests share the engine's generator.
+  (``n > 1`` children get ``seed + index``); unseeded requests share the engine's generator (the
+  server client: one generator per call, see `FakeVLLMClient`).
 * Per-request options: ``repetition_penalty`` (prompt and output tokens), ``presence_penalty`` and
   ``frequency_penalty`` (output tokens only), ``min_tokens`` (EOS, stop tokens and stop strings held
   back until then), ``ignore_eos``, ``stop_token_ids``.
@@ -45,6 +46,8 @@ completion at every step, which can differ for byte-fallback tokenizers), and re
 from __future__ import annotations
 
 import copy
+import hashlib
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -134,6 +137,7 @@ class FakeLLM:
             model = model.merge_and_unload()  # loads it from its files (TRL then sends merged weights by name)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.weights = _Weights(self.model)
         self.max_model_len = max_model_len
@@ -260,12 +264,20 @@ class FakeLLM:
 
 
 class FakeVLLMClient:
-    """``trl.generation.vllm_client.VLLMClient`` look-alike (the server side is a FakeLLM)."""
+    """``trl.generation.vllm_client.VLLMClient`` look-alike (the server side is a FakeLLM).
+
+    Calls may arrive from several threads at once (as TRL's client sends them, and as trl-resets sends a wave's
+    calls); they are served one at a time. An unseeded call draws from a generator of its own, keyed by the engine's
+    seed, the call's prompts and sampling settings and how many identical calls came before, so its samples do not depend on
+    the order in which calls in flight together are served (a real server's unseeded samples are not reproducible
+    at all)."""
 
     def __init__(self, llm: FakeLLM):
         self.llm = llm
         self.weight_updates = 0
         self.bodies = []  # the sampling settings of each /v1/completions call, after the client's merge
+        self._lock = threading.Lock()
+        self._seen: dict[str, int] = {}
 
     def get_server_info(self):
         return {
@@ -283,6 +295,10 @@ class FakeVLLMClient:
         if structured_outputs_regex is not None:
             body["structured_outputs"] = {"regex": structured_outputs_regex}
         body.update(generation_kwargs or {})
+        with self._lock:
+            return self._serve(prompts, body)
+
+    def _serve(self, prompts, body):
         self.bodies.append(body)
         for prompt in prompts:  # the server validates the request before it runs any of it
             if len(prompt) + (body["max_tokens"] or 0) > self.llm.max_model_len:
@@ -291,7 +307,14 @@ class FakeVLLMClient:
                     f"However, you requested {body['max_tokens']} output tokens and your prompt contains "
                     f"{len(prompt)} input tokens."
                 )
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], FakeSamplingParams(**body))
+        key = repr((prompts, sorted((k, v) for k, v in body.items() if k != "logprobs")))  # what decides the draws
+        self._seen[key] = self._seen.get(key, 0) + 1
+        digest = hashlib.blake2b(f"{self.llm.seed}/{key}/{self._seen[key]}".encode(), digest_size=7).digest()
+        shared, self.llm.generator = self.llm.generator, torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], FakeSamplingParams(**body))
+        finally:
+            self.llm.generator = shared
         samples = [o for r in outs for o in r.outputs]
         ranked = None
         if body["logprobs"] is not None:

@@ -91,7 +91,6 @@ LAG_REFUSALS = [  # (settings beside reset_lag=1, what the message names)
     ({"num_base_generations": 8, "num_reset_prefixes": 0}, "Set reset_lag=0, or num_reset_prefixes >= 1"),
     ({"reset_max_age": 0}, "Set reset_max_age >= 1"),
     ({"seed_budget": 8}, "Set seed_budget=0"),
-    ({"seed_budget": 0, "use_vllm": True}, "Set use_vllm=False"),
     ({"seed_budget": 0, "credit": "diff"}, "Set credit='uniform'"),
     ({"seed_budget": 0, "pack_shared_prefixes": True}, "Set pack_shared_prefixes=False"),
     ({"seed_budget": 0, "gradient_accumulation_steps": 2, "steps_per_generation": 3},
@@ -112,5 +111,8 @@ def test_pipelined_resets_construct_and_an_unknown_lag_is_refused(tmp_path):
     # several optimizer steps per generation: the queue advances per generation (tests/trainer/test_pipelined_trainer)
     args = _config(tmp_path, reset_lag=1, seed_budget=0, num_iterations=2, steps_per_generation=2)
     assert (args.num_iterations, args.steps_per_generation, args.gradient_accumulation_steps) == (2, 2, 1)
+    for mode in ("colocate", "server"):  # vLLM: tests/trainer/test_pipelined_vllm.py
+        args = _config(tmp_path, reset_lag=2, seed_budget=0, use_vllm=True, vllm_mode=mode)
+        assert (args.reset_lag, args.use_vllm, args.vllm_mode) == (2, True, mode)
     with pytest.raises(ValueError, match=r"reset_lag=3 is not one of \[0, 1, 2\]"):
         _config(tmp_path, reset_lag=3, seed_budget=0)

@@ -1,6 +1,7 @@
 """The vLLM backends (colocate and server) through TRL's own wrapper, against a fake engine."""
 
 import math
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -299,7 +300,8 @@ def test_every_request_asks_for_at_most_the_rows_remaining_budget(monkeypatch, c
         else:
             assert sorted(asked) == sorted(budgets)
         if mode == "server":  # one call per distinct budget (the server applies one to a whole call)
-            assert [b["max_tokens"] for b in engine.vllm_client.bodies[:2]] == [7, 50 if per_thought else budgets[1]]
+            first = sorted(b["max_tokens"] for b in engine.vllm_client.bodies[:2])  # in flight together: any order
+            assert first == [7, 50 if per_thought else budgets[1]]
 
 
 @pytest.mark.parametrize("per_thought", [True, False])
@@ -583,6 +585,54 @@ def test_vllm_stream_rows_join_the_next_round_and_decode_as_sample_does(monkeypa
         assert (g.token_ids, g.thought_spans, g.stop_reason) == (w.token_ids, w.thought_spans, w.stop_reason)
         assert len(g.logprobs) == len(g.token_ids)
     assert got[2] == want[2] and len(got[2]) == 5
+
+
+class _WaveClient(fake_vllm.FakeVLLMClient):
+    """A server that serves its first ``parties`` calls only once they are all in flight at the same time: calls sent
+    one after another break its barrier (`threading.BrokenBarrierError`)."""
+
+    def __init__(self, llm, parties):
+        super().__init__(llm)
+        self.barrier, self.arrived, self.count = threading.Barrier(parties, timeout=20), 0, threading.Lock()
+
+    def generate(self, prompts, **kwargs):
+        with self.count:
+            self.arrived += 1
+            waits = self.arrived <= self.barrier.parties
+        if waits:
+            self.barrier.wait()
+        return super().generate(prompts, **kwargs)
+
+
+@pytest.mark.parametrize("per_thought", [True, False])
+def test_in_server_mode_a_steps_calls_are_in_flight_together(monkeypatch, char_tokenizer, scripted, per_thought):
+    """A stream step's new draws, a reset suffix (a smaller token budget: a call of its own in one pass) and a
+    localization reply (another temperature, no stop strings: a call of its own) reach the server as calls in flight
+    at the same time, which its scheduler decodes together, and come back as `sample` and `complete` give them."""
+    from trl_resets.sampling.base import DecodeRequest
+
+    monkeypatch.setattr(fake_vllm.vllm_generation, "SamplingParams", fake_vllm.FakeSamplingParams, raising=False)
+    prompt, script, model = scripted
+    ends = _thought_ends(script, char_tokenizer)
+    fmt = ThoughtFormat(max_completion_tokens=200, max_thought_tokens=50, max_thoughts=10)
+    eos = [char_tokenizer.eos_token_id]
+    requests = [DecodeRequest(prompt, 0, 200), DecodeRequest(prompt, 0, 200),
+                DecodeRequest(prompt + script[: ends[1]], 2, 200 - ends[1]),
+                DecodeRequest(prompt, reply_tokens=5, temperature=0.0)]
+    parties = 2 if per_thought else 3  # per thought, the suffix's first round asks for one thought, as the draws
+    engine = _engine(fake_vllm.FakeLLM(model, char_tokenizer, prefix_caching=per_thought), "server", temperature=1.0)
+    engine.vllm_client = _WaveClient(engine.vllm_client.llm, parties)
+    stream = VLLMThoughtSampler(engine, char_tokenizer, fmt, eos_ids=eos, per_thought=per_thought).stream()
+    handles = stream.submit(requests)
+    done = dict(stream.step())
+    first_wave = engine.vllm_client.bodies[:parties]
+    assert sorted((b["max_tokens"], b["temperature"]) for b in first_wave) == sorted(
+        {(50 if per_thought else 200, 1.0), (50 if per_thought else 200 - ends[1], 1.0), (5, 0.0)})
+    while stream.busy:
+        done.update(stream.step())
+    got = [done[h] for h in handles]
+    assert [(r.token_ids, r.stop_reason) for r in got[:3]] == [(script, "answer")] * 2 + [(script[ends[1]:], "answer")]
+    assert got[3] == script[:5]
 
 
 # ---------------------------------------------------------------------------------------------------- per-row seeds

@@ -21,14 +21,19 @@ seed per row, derived from it.
 
 Modes: ``colocate`` calls the process's own ``vllm.LLM`` with one ``SamplingParams`` per row;
 ``server`` gathers every process's requests, sends them from the main process through the
-wrapper's ``VLLMClient`` (one call per distinct token budget), and hands each process its own
-completions back, so processes may have different numbers of unfinished rows in a round.
+wrapper's ``VLLMClient`` (one call per distinct token budget and temperature), and hands each
+process its own completions back, so processes may have different numbers of unfinished rows in a
+round. A decoding stream's step is one wave: its rollouts' requests (new draws and reset suffixes,
+whatever their budgets) and its localization replies go to the engine together, in one ``generate``
+call (colocate) or as server calls all in flight at once, which the server schedules together.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from trl.generation import vllm_generation
 
@@ -150,6 +155,38 @@ def length_error(rows: list[tuple[str, int, int]], limit: int | None, mode: str)
     return None
 
 
+@dataclass
+class _Batch:
+    """Requests of one kind sent in a wave (`VLLMThoughtSampler._wave`): prompts, a token budget per prompt, the
+    temperature (one, a list with one per prompt, or None: the config's), extra sampling settings (stop strings),
+    the kind named in length errors, and each request's own seed (colocate mode; None: unseeded)."""
+
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    temperature: float | list[float | None] | None = None
+    extra: dict | None = None
+    kind: str = "rollout"
+    seeds: list[int | None] | None = None
+
+    def __post_init__(self):
+        self.extra = self.extra or {}
+
+    @property
+    def temperatures(self) -> list[float | None]:
+        if isinstance(self.temperature, list):
+            return self.temperature
+        return [self.temperature] * len(self.prompts)
+
+
+def _split(completions: list, logprobs: list, sizes: list[int]) -> list[tuple[list, list]]:
+    """Consecutive slices of ``sizes`` rows, one per batch."""
+    out, start = [], 0
+    for size in sizes:
+        out.append((completions[start:start + size], logprobs[start:start + size]))
+        start += size
+    return out
+
+
 class VLLMThoughtSampler(ThoughtDecoding):
     """`ThoughtSampler` over TRL's ``VLLMGeneration`` (``use_vllm=True``, colocate or server).
 
@@ -244,25 +281,33 @@ class VLLMThoughtSampler(ThoughtDecoding):
         """Completion ids and sampled-token logprobs per prompt (one completion each, ``max_tokens[i]`` at most);
         ``temperature``: one for every row, or a list with one per row (None: the config's). ``seeds``: each
         request's own seed (colocate only; None: derived from ``generation_kwargs['seed']`` when set)."""
-        extra = extra or {}
-        temperatures = temperature if isinstance(temperature, list) else [temperature] * len(prompts)
-        self._check_lengths([len(p) for p in prompts], max_tokens, kind)
+        return self._wave([_Batch(prompts, max_tokens, temperature, extra, kind, seeds)])[0]
+
+    def _wave(self, batches: list[_Batch]) -> list[tuple[list[list[int]], list[list[float]]]]:
+        """Each batch's completions and logprobs (as `_request`), all decoded in one wave of the engine: colocate
+        mode makes one ``LLM.generate`` call with one ``SamplingParams`` per row; server mode sends the calls the
+        server needs (one per batch, token budget and temperature) at the same time, so that the server schedules
+        them together rather than one after another. Every process makes the same collective calls."""
+        for batch in batches:
+            self._check_lengths([len(p) for p in batch.prompts], batch.max_tokens, batch.kind)
         if self.engine.mode == "server":
-            if any(seed is not None for seed in seeds or []):
+            if any(seed is not None for batch in batches for seed in batch.seeds or []):
                 raise ValueError(
                     "requests with seeds of their own cannot go to a vLLM server, which applies one seed to every "
                     "prompt of a call. Use vllm_mode='colocate', or turn per_row_sampling_seed off.")
-            return self._request_server(prompts, max_tokens, temperatures, extra)
-        if not prompts:
-            return [], []
+            return self._wave_server(batches)
         user = self.engine.generation_kwargs or {}
-        params = [  # vLLM's SamplingParams, as TRL's wrapper imports it
-            vllm_generation.SamplingParams(**self._settings(m, t), **{**user, **extra, "seed": seed})
-            for m, t, seed in zip(max_tokens, temperatures, seeds or self._next_row_seeds(len(prompts)))
-        ]
-        outputs = self.engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params,
-                                           use_tqdm=False)
+        prompts, params = [], []
+        for batch in batches:
+            seeds = batch.seeds or self._next_row_seeds(len(batch.prompts))
+            prompts += [list(p) for p in batch.prompts]
+            params += [  # vLLM's SamplingParams, as TRL's wrapper imports it
+                vllm_generation.SamplingParams(**self._settings(m, t), **{**user, **batch.extra, "seed": seed})
+                for m, t, seed in zip(batch.max_tokens, batch.temperatures, seeds)
+            ]
         completions, logprobs = [], []
+        outputs = self.engine.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=params,
+                                           use_tqdm=False) if prompts else []
         for out in outputs:
             sample = out.outputs[0]
             ids = list(sample.token_ids)
@@ -271,25 +316,36 @@ class VLLMThoughtSampler(ThoughtDecoding):
                 logprobs.append([float("nan")] * len(ids))
             else:
                 logprobs.append([_logprob_of(entry, token) for entry, token in zip(sample.logprobs, ids)])
-        return completions, logprobs
+        return _split(completions, logprobs, [len(batch.prompts) for batch in batches])
 
-    def _request_server(self, prompts, max_tokens, temperatures, extra):
-        everyone = self.gather([(list(p), m, t) for p, m, t in zip(prompts, max_tokens, temperatures)])
+    def _wave_server(self, batches: list[_Batch]):
+        everyone = self.gather([(b, list(p), m, t) for b, batch in enumerate(batches)
+                                for p, m, t in zip(batch.prompts, batch.max_tokens, batch.temperatures)])
         payload = None
         if self.is_main_process:
             flat = [row for part in everyone for row in part]
+            # one call per batch, budget and temperature: the server applies one of each (and one set of stop
+            # strings) to a call
+            keys = sorted({(b, m, t) for b, _, m, t in flat}, key=lambda k: (k[0], k[1], k[2] is None, k[2]))
+            where = [[j for j, (b, _, m, t) in enumerate(flat) if (b, m, t) == key] for key in keys]
+            calls = [([flat[j][1] for j in rows], m, t, batches[b].extra) for (b, m, t), rows in zip(keys, where)]
             completions, logprobs = [None] * len(flat), [None] * len(flat)
-            # one call per budget and temperature: the server applies one of each to a call
-            for budget, temperature in sorted({(m, t) for _, m, t in flat}, key=lambda k: (k[0], k[1] is None, k[1])):
-                where = [j for j, (_, m, t) in enumerate(flat) if m == budget and t == temperature]
-                ids, lps = self._call_server([flat[j][0] for j in where], budget, temperature, extra)
-                for j, row_ids, row_lps in zip(where, ids, lps):
+            for rows, (ids, lps) in zip(where, self._send_together(calls)):
+                for j, row_ids, row_lps in zip(rows, ids, lps):
                     completions[j], logprobs[j] = row_ids, row_lps
             payload = (completions, logprobs, [len(part) for part in everyone])
         completions, logprobs, sizes = self.broadcast(payload)
         start = sum(sizes[: self.process_index])
         end = start + sizes[self.process_index]
-        return completions[start:end], logprobs[start:end]
+        return _split(completions[start:end], logprobs[start:end], [len(batch.prompts) for batch in batches])
+
+    def _send_together(self, calls: list[tuple]) -> list[tuple[list[list[int]], list[list[float]]]]:
+        """Each server call's results; several calls are in flight at once (as TRL's client sends its per-prompt
+        requests), so the server's scheduler decodes them in the same steps."""
+        if len(calls) <= 1:
+            return [self._call_server(*call) for call in calls]
+        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+            return list(pool.map(lambda call: self._call_server(*call), calls))
 
     def _call_server(self, prompts, max_tokens, temperature, extra):
         out = self.engine.vllm_client.generate(
@@ -353,11 +409,17 @@ class VLLMThoughtSampler(ThoughtDecoding):
     def _thought_round(self, contexts, trackers, logprobs, seeds=None) -> None:
         """One request per row for its next thought, stopping at the thought boundary (or the row's budget);
         ``seeds``: each row's own seed (None: unseeded), from which each of its requests derives one."""
+        (result,) = self._wave([self._round_batch(contexts, trackers, seeds)])
+        self._take_round(trackers, logprobs, *result)
+
+    def _round_batch(self, contexts, trackers, seeds=None) -> _Batch:
         # Stop strings are matched on the decoded completion; keep special tokens in it, as the tracker does.
         stop = {"stop": [self.fmt.boundary], "include_stop_str_in_output": True, "skip_special_tokens": False}
         prompts = [list(context) + tracker.tokens for context, tracker in zip(contexts, trackers)]
         budgets = [min(self.fmt.max_thought_tokens, t.token_budget - len(t.tokens)) for t in trackers]
-        completions, lps = self._request(prompts, budgets, extra=stop, seeds=_round_seeds(seeds, trackers))
+        return _Batch(prompts, budgets, extra=stop, seeds=_round_seeds(seeds, trackers))
+
+    def _take_round(self, trackers, logprobs, completions, lps) -> None:
         self.rounds += 1
         for tracker, lp_out, ids, new_lps in zip(trackers, logprobs, completions, lps):
             if not ids:  # the engine gave nothing back: end the row rather than loop forever
@@ -370,8 +432,14 @@ class VLLMThoughtSampler(ThoughtDecoding):
 
     def _replies(self, prompts, max_new_tokens: list[int], temperature, seeds=None) -> list[list[int]]:
         """Free replies, each cut after its first EOS."""
-        completions, _ = self._request(prompts, max_new_tokens, temperature=temperature, kind="localization",
-                                       seeds=seeds)
+        (result,) = self._wave([self._reply_batch(prompts, max_new_tokens, temperature, seeds)])
+        return self._cut_replies(result[0])
+
+    @staticmethod
+    def _reply_batch(prompts, max_new_tokens: list[int], temperature, seeds=None) -> _Batch:
+        return _Batch(prompts, max_new_tokens, temperature, kind="localization", seeds=seeds)
+
+    def _cut_replies(self, completions) -> list[list[int]]:
         replies = []
         for row in completions:
             cut = next((j + 1 for j, tok in enumerate(row) if tok in self.eos_ids), len(row))
@@ -387,8 +455,9 @@ class _VLLMStream:
     """`DecodingStream` over the vLLM sampler. Per-thought rounds: each step is one round, in which every unfinished
     rollout asks for its next thought; rollouts submitted since the last step join that round, so a reset suffix
     starts while other rollouts are mid-chain. One pass: each step sends everything submitted since the last one,
-    each rollout for its whole budget. Localization replies go out in the same step, in a request of their own
-    (no stop strings). The steps are collective: every process makes the same requests calls, as in `sample`.
+    each rollout for its whole budget. Localization replies (no stop strings) go out in the same wave as the
+    rollouts' requests (`VLLMThoughtSampler._wave`). The steps are collective: every process makes the same requests
+    calls, as in `sample`.
 
     A request with a seed (`DecodeRequest.seed`, colocate mode) sends it to vLLM as its per-request seed; a rollout's
     later per-thought rounds send seeds derived from it and the tokens it has so far, so its tokens follow from its
@@ -422,24 +491,27 @@ class _VLLMStream:
         # every request of a rollout fits when its context plus its whole budget does: fail before the first one
         s._check_lengths([len(r.context) for _, r in joining], [t.token_budget for t in trackers], "rollout")
         self.rows += [(h, t, [], list(r.context), r.seed) for (h, r), t in zip(joining, trackers)]
+        replies, self.replies = self.replies, []
+        # the rollouts' requests and the replies go out in one wave
+        reply_batch = s._reply_batch([list(r.context) for _, r in replies], [r.reply_tokens for _, r in replies],
+                                     [r.temperature for _, r in replies], _seeds_or_none([r.seed for _, r in replies]))
         if s.per_thought:
             live = [row for row in self.rows if not row[1].done]
-            s._thought_round([row[3] for row in live], [row[1] for row in live], [row[2] for row in live],
-                             [row[4] for row in live])
+            trackers = [row[1] for row in live]
+            rollouts, answered = s._wave([s._round_batch([row[3] for row in live], trackers, [row[4] for row in live]),
+                                          reply_batch])
+            s._take_round(trackers, [row[2] for row in live], *rollouts)
         else:
-            completions, lps = s._request([row[3] for row in self.rows], [row[1].token_budget for row in self.rows],
-                                          seeds=_round_seeds([row[4] for row in self.rows],
-                                                             [row[1] for row in self.rows]))
+            batch = _Batch([row[3] for row in self.rows], [row[1].token_budget for row in self.rows],
+                           seeds=_round_seeds([row[4] for row in self.rows], [row[1] for row in self.rows]))
+            (completions, lps), answered = s._wave([batch, reply_batch])
             s.rounds += 1
             for (_, tracker, lp_out, _, _), ids, new_lps in zip(self.rows, completions, lps):
                 s._feed(tracker, lp_out, ids, new_lps)
                 tracker.finish()
         done = [(h, s._rollout(t, lps)) for h, t, lps, _, _ in self.rows if t.done]
         self.rows = [row for row in self.rows if not row[1].done]
-        replies, self.replies = self.replies, []
-        out = s._replies([list(r.context) for _, r in replies], [r.reply_tokens for _, r in replies],
-                         [r.temperature for _, r in replies], _seeds_or_none([r.seed for _, r in replies]))
-        return done + list(zip([h for h, _ in replies], out))
+        return done + list(zip([h for h, _ in replies], s._cut_replies(answered[0])))
 
 
 def _seeds_or_none(seeds: list[int | None]) -> list[int | None] | None:
