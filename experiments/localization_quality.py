@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import statistics
 import tempfile
 import time
@@ -181,7 +182,7 @@ def embedded_subject(opts) -> Subject:
     flags = ["--output_dir", work, "--report_to", "none"]
     if opts.temperature is not None:
         flags += ["--localization_temperature", str(opts.temperature)]
-    args, model_args, task, run = parse("srpo", flags)
+    args, model_args, task, run = parse("srpo", flags + shlex.split(opts.job_args))
     model_path = prepare_model(args, model_args, task, run)
     if opts.adapter:
         model_path = merged_adapter(model_path, opts.adapter, work)
@@ -395,6 +396,8 @@ def main():
                              "the trainer built from the main job's recipe, instead of a testbed policy")
     parser.add_argument("--adapter", default=None,
                         help="with --embedded: the output_dir of a main-job run, whose LoRA adapter is merged in")
+    parser.add_argument("--job_args", default="",
+                        help="with --embedded: main-job flags over its recipe, e.g. --job_args='--num_steps 2,3'")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="most sequences decoded at once (default: all for a testbed policy, 32 with --embedded)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
@@ -403,6 +406,8 @@ def main():
     parser.add_argument("--out", default=None, help="results folder (default: experiments/results; --quick: a new "
                         "temporary folder)")
     opts = parser.parse_args()
+    if opts.job_args and not opts.embedded:
+        parser.error("--job_args are main-job flags: add --embedded.")
     if opts.adapter and not opts.embedded:
         parser.error("--adapter is for the main job's model: add --embedded (a testbed checkpoint is a --policy).")
     if opts.batch_size is not None and opts.batch_size < 1:
