@@ -135,12 +135,10 @@ def test_recipes_parse_with_their_script(path):
     assert args.num_generations == 8 and model_args.lora_r == 64 and model_args.lora_alpha == 64
     if "gpu" in recipe:  # the paper's settings
         assert args.learning_rate == 5e-5 and args.temperature == 0.7 and args.top_p == 0.95
-    else:  # the CPU main job: three-operation problems after a warm-up on two and three, lr 2e-4 decayed to 0
-        assert args.learning_rate == 2e-4 and args.temperature == 0.7 and args.top_p == 0.95
+    else:  # the CPU main job: sampled at T=1, lr 2e-4 decayed to 0 over its 10 steps, validated on 64 problems
+        assert args.learning_rate == 2e-4 and args.temperature == 1.0 and args.top_p == 0.95
         assert args.lr_scheduler_type == "cosine" and args.max_steps == 10
-        assert task.num_steps == "3" and harness.warmup_settings(args, task, run).num_steps == (2, 3)
-        held_out = harness.load_validation(task, run, harness.load_problems(task))
-        assert len(held_out) >= 64 and run.validation_steps == args.max_steps  # validated at the start and the end
+        assert run.validation_problems == 64 and run.validation_steps == args.max_steps  # the start and the end
     assert args.num_reset_prefixes == (0 if method == "grpo" else 1)
     if method != "grpo":
         assert args.localizer == {"srpo": "self", "rrpo": "random"}[method]
