@@ -31,6 +31,12 @@ def main(out_dir, mode=None):
     vllm_mode = "server" if lag else mode if mode in ("server", "colocate") else None
     if stage:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel on first use (about two minutes
+        # of C++ per suite, in the session's temporary extensions folder); without it DeepSpeed reduces through
+        # torch.distributed (gloo here), which is what these tests check against.
+        import importlib
+
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     engines = []
     if vllm_mode:
         from tests.helpers import fake_vllm

@@ -133,6 +133,12 @@ class FakeLLM:
     def __init__(self, model, tokenizer, prefix_caching: bool = True, seed: int = 0, max_model_len: int = 4096,
                  block_size: int = 16):
         model = copy.deepcopy(model)
+        # vLLM loads the model from its files, so none of the trainer's per-instance patches reach it. They must
+        # not reach the copy either: TRL's fused-LM-head patch (`add_fused_lm_head`) binds the model's original
+        # `forward` in a closure, which a deep copy keeps pointing at the trainer's live model (train mode, LoRA
+        # dropout), so the engine would sample from that model instead of the weights loaded into it.
+        for module in model.modules():
+            module.__dict__.pop("forward", None)
         if hasattr(model, "merge_and_unload"):  # a PEFT model: the engine holds the plain base model, as vLLM
             model = model.merge_and_unload()  # loads it from its files (TRL then sends merged weights by name)
         self.model = model.eval()

@@ -685,3 +685,27 @@ def test_per_row_sampling_seeds_are_refused_where_vllm_cannot_honour_them(tmp_pa
     with pytest.raises(ValueError, match="cannot go to a vLLM server"):
         stream.step()
     assert llm.requests == 0
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_the_stand_in_samples_from_its_own_copy_not_the_trainers_live_model(char_tokenizer, peft):
+    """TRL patches the policy's forward with a fused LM head whose closure holds the original model's forward; the
+    engine's copy must not follow it back to the live model (train mode, LoRA dropout, weights not yet synced)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = make_tiny_llama(char_tokenizer)
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"],
+                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+    add_fused_lm_head(model.get_base_model() if peft else model, outputs=("log_probs", "entropy"))
+    model.train()
+    llm = fake_vllm.FakeLLM(model, char_tokenizer)
+    x = torch.tensor([char_tokenizer(PROMPT)["input_ids"]])
+    before = llm.model(input_ids=x).logits
+    assert torch.equal(llm.model(input_ids=x).logits, before)  # no dropout: the engine's copy is in eval mode
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5)
+    assert torch.equal(llm.model(input_ids=x).logits, before)  # the trainer's weights reach it only when loaded
