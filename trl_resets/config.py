@@ -349,8 +349,6 @@ class ResetConfig(GRPOConfig):
              "prompt whose first draws hold no failure hands on no seed). Set seed_budget=0")),
             (self.credit != "uniform", (f"credit={self.credit!r}: comparison-based credit reads each row's question "
              "from its batch prompt, which a carried row does not share. Set credit='uniform', or reset_lag=0")),
-            (self.pack_shared_prefixes, ("pack_shared_prefixes=True: packing assumes a prompt's rows share its "
-             "prompt, which a carried row does not. Set pack_shared_prefixes=False, or reset_lag=0")),
             (self.steps_per_generation % self.gradient_accumulation_steps != 0,
              (f"steps_per_generation={self.steps_per_generation}, not a multiple of gradient_accumulation_steps="
              f"{self.gradient_accumulation_steps}: a generation would end inside an optimizer step, and the run's "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -98,7 +99,7 @@ def _packed_and_unpacked(tmp_path, char_tokenizer, tiny_model_dir, **geometry):
     runs = {}
     for pack in (False, True):
         trainer = _trainer(tmp_path / str(pack), char_tokenizer, tiny_model_dir, per_device_train_batch_size=4,
-                           max_steps=2, pack_shared_prefixes=pack, **geometry)
+                           pack_shared_prefixes=pack, **{"max_steps": 2, **geometry})
         micro = _captured_batch(trainer)
         runs[pack] = ([e for e in trainer.state.log_history if "loss" in e], micro)
     return runs[False], runs[True]
@@ -152,3 +153,30 @@ def test_a_model_that_cannot_take_the_mask_warns_once_and_trains_unpacked(tmp_pa
     said = [w for w in caught if "forwarded unpacked" in str(w.message)]
     assert len(said) == 1 and "sliding window (8 tokens)" in str(said[0].message)
     assert not calls and trainer.state.global_step == 2
+
+
+def test_a_lagged_packed_run_logs_the_lagged_unpacked_runs_loss_gradient_norm_and_drift(tmp_path, char_tokenizer,
+                                                                                      tiny_model_dir):
+    """Pipelined resets (``reset_lag=1``): a generation's carried suffixes share their origin prompt and prefix,
+    not the batch prompt of their slot; packing finds their groups from the tokens, so the packed run trains as the
+    unpacked one, the carried prefix's drift included."""
+    (off_logs, off_micro), (on_logs, on_micro) = _packed_and_unpacked(
+        tmp_path, char_tokenizer, tiny_model_dir, steps_per_generation=2, gradient_accumulation_steps=2,
+        reset_lag=1, seed_budget=0, max_steps=3, beta=0.0)  # no KL: a step with all-equal rewards has no gradient
+    assert len(on_logs) == len(off_logs) == 3
+    drift = "resets/carried_prefix_drift"
+
+    def absent(value):  # no carried row in the step: logged as NaN (None in the log history)
+        return value is None or math.isnan(value)
+
+    assert absent(on_logs[0][drift]) and absent(off_logs[0][drift])  # the first generation carries nothing
+    assert all(not absent(entry[drift]) for entry in on_logs[1:])  # the next ones train carried rows
+    for on, off in zip(on_logs, off_logs):
+        for key, tolerance in (("loss", 1e-5), ("grad_norm", 1e-5), ("entropy", 1e-5), (drift, 1e-4)):
+            if absent(off[key]):
+                assert absent(on[key]), key
+                continue
+            assert on[key] == pytest.approx(off[key], abs=tolerance, rel=1e-4), key
+    for step in (2, 4):  # a generation with carried rows: the same rows, each group whole where it fits
+        assert sorted(_rows(on_micro[step:step + 2])[0].tolist()) == sorted(_rows(off_micro[step:step + 2])[0].tolist())
+        _assert_groups_whole(on_micro[step:step + 2])

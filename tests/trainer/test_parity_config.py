@@ -92,7 +92,6 @@ LAG_REFUSALS = [  # (settings beside reset_lag=1, what the message names)
     ({"reset_max_age": 0}, "Set reset_max_age >= 1"),
     ({"seed_budget": 8}, "Set seed_budget=0"),
     ({"seed_budget": 0, "credit": "diff"}, "Set credit='uniform'"),
-    ({"seed_budget": 0, "pack_shared_prefixes": True}, "Set pack_shared_prefixes=False"),
     ({"seed_budget": 0, "gradient_accumulation_steps": 2, "steps_per_generation": 3},
      "Set steps_per_generation to a multiple of gradient_accumulation_steps"),
 ]
@@ -108,6 +107,7 @@ def test_pipelined_resets_refuse_what_they_do_not_honour_naming_the_fix(tmp_path
 def test_pipelined_resets_construct_and_an_unknown_lag_is_refused(tmp_path):
     args = _config(tmp_path, reset_lag=2, seed_budget=0)
     assert (args.reset_lag, args.reset_max_age) == (2, 2)
+    assert _config(tmp_path, reset_lag=1, seed_budget=0, pack_shared_prefixes=True).pack_shared_prefixes
     # several optimizer steps per generation: the queue advances per generation (tests/trainer/test_pipelined_trainer)
     args = _config(tmp_path, reset_lag=1, seed_budget=0, num_iterations=2, steps_per_generation=2)
     assert (args.num_iterations, args.steps_per_generation, args.gradient_accumulation_steps) == (2, 2, 1)
