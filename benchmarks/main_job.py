@@ -107,10 +107,12 @@ def run_job(opts) -> dict:
             harness.train("srpo", args, model_args, task, run)
             phases.append(rss.mark(f"training, {opts.steps} step(s) with validation", time.perf_counter() - tic))
             summary = json.loads((Path(out) / "summary.json").read_text())
+            logs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            step_seconds = [round(entry["step_time"], 1) for entry in logs if "step_time" in entry]
         rss.running = False
     return {"phases": phases, "peak_rss_mib": max(p["peak_rss_mib"] for p in phases),
             "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "validation": summary.get("validation", [])}
+            "validation": summary.get("validation", []), "step_seconds": step_seconds if opts.steps else []}
 
 
 def run_validation(opts) -> dict:
@@ -204,6 +206,8 @@ def main():
     headline = []
     if "job" in result:
         headline.append(f"main job peak RSS {result['job']['peak_rss_mib']} MiB")
+        if result["job"]["step_seconds"]:
+            headline.append(f"training steps {result['job']['step_seconds']} s")
     for p in result.get("validation", {}).get("passes", []):
         headline.append(f"validation of {p['problems']} problems at batch {p['batch_size']}: {p['seconds']} s "
                         f"(load {p['load_average_before']}-{p['load_average_after']})")

@@ -135,10 +135,12 @@ def test_recipes_parse_with_their_script(path):
     assert args.num_generations == 8 and model_args.lora_r == 64 and model_args.lora_alpha == 64
     if "gpu" in recipe:  # the paper's settings
         assert args.learning_rate == 5e-5 and args.temperature == 0.7 and args.top_p == 0.95
-    else:  # the CPU main job: sampled at T=1, lr 2e-4 decayed to 0 over its 10 steps, validated on 64 problems
-        assert args.learning_rate == 2e-4 and args.temperature == 1.0 and args.top_p == 0.95
-        assert args.lr_scheduler_type == "cosine" and args.max_steps == 10
-        assert run.validation_problems == 64 and run.validation_steps == args.max_steps  # the start and the end
+    else:  # the CPU main job: sampled at T=0.7, lr 2e-4 decayed to 0 over its 8 steps, validated on 65 problems
+        assert args.learning_rate == 2e-4 and args.temperature == 0.7 and args.top_p == 0.95
+        assert args.lr_scheduler_type == "cosine" and args.max_steps == 8 and args.pack_shared_prefixes
+        assert run.validation_problems == 68 and run.validation_steps == args.max_steps  # the start and the end
+        assert (task.num_steps, run.warmup_num_steps, task.max_start, task.max_operand, task.max_value) == (
+            "3", "2,3", 10, 5, 20)  # three operations on small numbers, after the two- and three-step warm-up
     assert args.num_reset_prefixes == (0 if method == "grpo" else 1)
     if method != "grpo":
         assert args.localizer == {"srpo": "self", "rrpo": "random"}[method]
@@ -163,10 +165,10 @@ def test_recipes_parse_with_their_script(path):
         assert args.per_device_train_batch_size <= 4
     else:
         assert task.dataset_name is None and run.warmup and args.use_cpu
-        # 2 prompts x 8 rows per optimizer step, through the loss 2 rows at a time (the memory of the backward pass)
-        assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16
-        assert args.per_device_train_batch_size == 2 and args.steps_per_generation == 8
-        assert run.validation_batch_size == 64
+        # 4 prompts x 8 rows per optimizer step, through the loss 4 rows at a time (the memory of the backward pass)
+        assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32
+        assert args.per_device_train_batch_size == 4 and args.steps_per_generation == 8
+        assert run.validation_batch_size >= run.validation_problems  # one greedy batch
 
 
 def test_code_job_trains_on_training_tests_and_validates_on_held_out_tests(tmp_path, tiny_model_dir):
