@@ -101,7 +101,7 @@ def run_job(opts) -> dict:
         tic = time.perf_counter()
         harness.prepare_model(args, model_args, task, run)
         phases.append(rss.mark("format warm-up (cached after the first run)", time.perf_counter() - tic))
-        summary = {}
+        summary, step_seconds = {}, []
         if opts.steps:
             tic = time.perf_counter()
             harness.train("srpo", args, model_args, task, run)
@@ -112,7 +112,7 @@ def run_job(opts) -> dict:
         rss.running = False
     return {"phases": phases, "peak_rss_mib": max(p["peak_rss_mib"] for p in phases),
             "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "validation": summary.get("validation", []), "step_seconds": step_seconds if opts.steps else []}
+            "validation": summary.get("validation", []), "step_seconds": step_seconds}
 
 
 def run_validation(opts) -> dict:

@@ -156,13 +156,16 @@ def test_a_model_that_cannot_take_the_mask_warns_once_and_trains_unpacked(tmp_pa
 
 
 def test_a_lagged_packed_run_logs_the_lagged_unpacked_runs_loss_gradient_norm_and_drift(tmp_path, char_tokenizer,
-                                                                                      tiny_model_dir):
+                                                                                      tiny_model_dir, monkeypatch):
     """Pipelined resets (``reset_lag=1``): a generation's carried suffixes share their origin prompt and prefix,
     not the batch prompt of their slot; packing finds their groups from the tokens, so the packed run trains as the
     unpacked one, the carried prefix's drift included."""
+    calls, pack = [], packing.pack
+    monkeypatch.setattr(packing, "pack", lambda *a, **k: calls.append(1) or pack(*a, **k))
     (off_logs, off_micro), (on_logs, on_micro) = _packed_and_unpacked(
         tmp_path, char_tokenizer, tiny_model_dir, steps_per_generation=2, gradient_accumulation_steps=2,
         reset_lag=1, seed_budget=0, max_steps=3, beta=0.0)  # no KL: a step with all-equal rewards has no gradient
+    assert calls  # the packed run forwarded packs (the unpacked one never calls pack)
     assert len(on_logs) == len(off_logs) == 3
     drift = "resets/carried_prefix_drift"
 
