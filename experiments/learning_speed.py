@@ -18,9 +18,12 @@
                                                    # paired by seed: lag - SRPO-b0 (SRPO without seed search, as a
                                                    # lag runs) and SRPO-iid - SRPO at the last evaluation, 95%
                                                    # t-intervals; accuracy also against cumulative decoding steps
-    python -m experiments.learning_speed --embedded --methods GRPO RRPO SRPO --seeds 3 --steps 6 --eval_every 3 \
-        --eval_problems 32 --job_args="--learning_rate 2e-4" --tag smollm2
-                                                   # the main job (embedded SmolLM2-135M-Instruct, its recipe)
+    python -m experiments.learning_speed --embedded --methods GRPO RRPO SRPO --seeds 3 --steps 8 --eval_every 4 \
+        --eval_problems 68 --tag smollm2_3op    # the main job (embedded SmolLM2-135M-Instruct, its recipe)
+    python -m experiments.learning_speed --embedded ... --first_seed S --seeds 1 --out DIR_S
+                                                   # one seed per process, side by side; then the same command with
+    python -m experiments.learning_speed --embedded ... --seeds 3 --reuse DIR_0/*.json DIR_1/*.json DIR_2/*.json
+                                                   # reads their runs back (same settings) and writes the comparison
 
 Every method trains the shipped testbed policy (experiments/testbed/) with the package's trainers,
 sampler and localizers: 8 rows per prompt, the same prompts in the same order each step, the same number
@@ -106,14 +109,16 @@ PAIRS = (("SRPO-lag1", "SRPO-b0"), ("SRPO-lag2", "SRPO-b0"), ("SRPO-iid", "SRPO"
 # The options a run's result depends on: a run in a --reuse file counts for this invocation only if they match.
 RUN_OPTIONS = ("steps", "prompts_per_step", "lr", "eval_every", "eval_problems", "eval_samples", "train_prompts",
                "num_steps", "policy", "task")
+# With --embedded a run also depends on the main-job flags passed through (and is not a testbed run).
+EMBEDDED_RUN_OPTIONS = ("embedded", "steps", "eval_every", "eval_problems", "job_args")
 
 
-def reusable_runs(paths, opts) -> dict[tuple[str, int], dict]:
+def reusable_runs(paths, opts, options=RUN_OPTIONS) -> dict[tuple[str, int], dict]:
     """Runs recorded in earlier results files (``--reuse``), keyed by (method, seed).
 
-    A run is reproducible from its method, seed and RUN_OPTIONS (the trainer, the sampling noise and the
-    evaluation are all seeded), so a file whose options match is read back instead of run again; one whose
-    options differ is an error, not a silent mix. Records from before seeds were written down are numbered
+    A run is reproducible from its method, seed and ``options`` (RUN_OPTIONS; EMBEDDED_RUN_OPTIONS for the main
+    job): the trainer, the sampling noise and the evaluation are all seeded, so a file whose options match is read
+    back instead of run again; one whose options differ is an error, not a silent mix. Records from before seeds were written down are numbered
     from 0 in file order (every earlier run started at seed 0).
     """
     found = {}
@@ -122,7 +127,7 @@ def reusable_runs(paths, opts) -> dict[tuple[str, int], dict]:
         if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
             raise SystemExit(f"--reuse {path}: not a learning_speed results file (it has no runs).")
         theirs = data.get("options", {})
-        differ = [k for k in RUN_OPTIONS if _comparable(theirs.get(k)) != _comparable(getattr(opts, k))]
+        differ = [k for k in options if _comparable(theirs.get(k)) != _comparable(getattr(opts, k))]
         if differ:
             raise SystemExit(f"--reuse {path}: its runs used other settings ({', '.join(differ)}: "
                              f"{[theirs.get(k) for k in differ]} here {[getattr(opts, k) for k in differ]}).")
@@ -597,8 +602,6 @@ def main():
 def main_embedded(parser, opts) -> None:
     """The learning-speed comparison on the main job (``--embedded``): GRPO, RRPO and SRPO runs of the harness, paired
     by seed, accuracy the greedy held-out pass rate."""
-    if opts.reuse:
-        parser.error("--reuse reads testbed runs; with --embedded run every (method, seed) here.")
     unknown = [m for m in opts.methods if m not in EMBEDDED_METHODS]
     if unknown:
         parser.error(f"--embedded runs the main job's methods {list(EMBEDDED_METHODS)}, not {unknown}.")
@@ -615,17 +618,28 @@ def main_embedded(parser, opts) -> None:
     wall = time.perf_counter()
     runs: dict[str, list[dict]] = {}
     planned = len(opts.methods) * opts.seeds
+    # runs of the same settings from earlier files (e.g. one process per seed, run side by side), read back
+    reused = reusable_runs(opts.reuse, opts, EMBEDDED_RUN_OPTIONS)
+    read_back = 0
     for seed in range(opts.first_seed, opts.first_seed + opts.seeds):  # seed-major: a stopped run leaves pairs
         for method in opts.methods:
-            record = train_embedded(method, seed, opts)
+            record = reused.get((method, seed))
+            read_back += record is not None
+            if record is None:
+                record = train_embedded(method, seed, opts)
             runs.setdefault(method, []).append(record)
+            starts = {r["accuracy"][0] for records in runs.values() for r in records}
+            if len(starts) > 1:  # every run starts from the same warmed-up model and held-out set
+                raise SystemExit(f"{method} seed {seed} starts at pass rate {record['accuracy'][0]:.3f}, other runs "
+                                 f"at {sorted(starts)}: not the same code, model or held-out set.")
             print(f"{method:6s} seed {seed}: pass rate {' '.join(f'{a:.3f}' for a in record['accuracy'])} at steps "
                   f"{record['steps']}, tokens {record['tokens'][-1]} ({record['train_seconds']:.0f}s)", flush=True)
             if sum(len(r) for r in runs.values()) < planned:
                 write_results(opts, runs, {"accuracy": record["accuracy"][0]}, time.perf_counter() - wall,
-                              final=False)
+                              final=False, read_back=read_back)
     start = {"accuracy": runs[BASELINE][0]["accuracy"][0]}
-    text, setting, machine, wall_text, headline_text = write_results(opts, runs, start, time.perf_counter() - wall)
+    text, setting, machine, wall_text, headline_text = write_results(opts, runs, start, time.perf_counter() - wall,
+                                                                     read_back=read_back)
     print(text)
     print(f"{setting}; {machine}; {wall_text}")
     print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")

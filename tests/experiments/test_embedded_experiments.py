@@ -1,6 +1,7 @@
 """The localization-quality and learning-speed arithmetic added for the main job's model (intervals, pooling, the
 records read from a main-job run), and the testbed path through the shared collection code."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -132,3 +133,42 @@ def test_without_suffixes_the_localizers_are_measured_and_no_success_is_made_up(
     assert summary["pooled_self_random"]["clean"]["pass_at_g2"] is None
     if len(records) >= 2:
         assert "success" not in summary["self_vs_random"] and "suffix success" not in table(summary)
+
+
+def _embedded_results(path, seed, start=0.3, job_args=""):
+    """A learning_speed --embedded results file of one seed, as one process of a side-by-side run writes it."""
+    options = {"embedded": True, "steps": 8, "eval_every": 4, "eval_problems": 68, "job_args": job_args}
+    runs = {method: [{"seed": seed, "steps": [0, 4, 8], "accuracy": [start, start + 0.1 * i, start + 0.05 * seed],
+                      "tokens": [0, 100 * i, 200 * i], "decode_steps": [0, 10, 20], "train_seconds": 8.0}]
+            for i, method in enumerate(("GRPO", "SRPO"), start=1)}
+    path.write_text(json.dumps({"options": options, "runs": runs}))
+    return str(path)
+
+
+def test_embedded_runs_of_side_by_side_processes_are_read_back_into_one_comparison(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    from experiments import learning_speed
+
+    files = [_embedded_results(tmp_path / f"seed{seed}.json", seed) for seed in (0, 1)]
+    monkeypatch.setattr(learning_speed, "train_embedded", lambda *a: pytest.fail("a read-back run was run again"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    argv = ["learning_speed", "--embedded", "--methods", "GRPO", "SRPO", "--seeds", "2", "--steps", "8",
+            "--eval_every", "4", "--eval_problems", "68", "--out", str(tmp_path / "out"), "--tag", "t"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--reuse", *files])
+    learning_speed.main()
+    result = json.loads((tmp_path / "out" / "learning_speed_t.json").read_text())
+    assert result["runs_read_back"] == 4
+    assert [r["seed"] for r in result["runs"]["SRPO"]] == [0, 1]
+    assert result["runs"]["SRPO"][1]["accuracy"] == [0.3, 0.5, 0.35]
+    assert result["summary"]["SRPO"]["accuracy_mean"] == pytest.approx([0.3, 0.5, 0.325])
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--job_args=--learning_rate 3e-4", "--reuse", *files])
+    with pytest.raises(SystemExit, match="job_args"):  # other main-job flags: other runs, not read back
+        learning_speed.main()
+    other_start = _embedded_results(tmp_path / "seed1b.json", 1, start=0.2)
+    monkeypatch.setattr(sys, "argv", [*argv, "--reuse", files[0], other_start])
+    with pytest.raises(SystemExit, match="not the same code, model or held-out set"):
+        learning_speed.main()

@@ -383,6 +383,7 @@ def write_outputs(trainer, out: Path, task: TaskArguments, run: RunArguments, mo
         "method": trainer._name,
         "model": model_path,
         "steps": trainer.state.global_step,
+        "seed": trainer.args.seed,
         "train_seconds": round(seconds, 1),
         "headline": headline_metrics(trainer.state.log_history),
         "resets": len(resets),

@@ -61,6 +61,10 @@ class ValidationCallback(TrainerCallback):
         every_steps: evaluate after every this many optimizer steps; the last step is always evaluated.
         at_start: also evaluate before training (the curve's step 0).
         max_completion_tokens: the completion budget (default: the trainer's ``max_completion_length``).
+        generation_args: the config whose thought format, rollout prompt, completion budget and
+            ``per_device_eval_batch_size`` the decoding follows (default: the trainer's own ``args``). Give a
+            `ResetConfig` to validate another trainer, such as TRL's own ``GRPOTrainer``, exactly as a reset
+            trainer with that config would.
         batch_size: held-out problems decoded together (default: the trainer's ``per_device_eval_batch_size``).
             Greedy answers do not depend on it; a larger batch is faster on a CPU (one forward pass per token
             for all rows), at the cost of the batch's KV cache. The opening the batch's prompts share (chat
@@ -75,7 +79,7 @@ class ValidationCallback(TrainerCallback):
     """
 
     def __init__(self, trainer, dataset, reward, every_steps: int, at_start: bool = True,
-                 max_completion_tokens: int | None = None, batch_size: int | None = None):
+                 max_completion_tokens: int | None = None, batch_size: int | None = None, generation_args=None):
         if every_steps < 1:
             raise ValueError(f"every_steps={every_steps}: evaluate at least every step (1) or more rarely.")
         if batch_size is not None and batch_size < 1:
@@ -93,7 +97,8 @@ class ValidationCallback(TrainerCallback):
         self.reward = reward
         self.every_steps = every_steps
         self.at_start = at_start
-        self.settings = _trainer_settings(trainer.args, max_completion_tokens, batch_size)
+        self.settings = _trainer_settings(generation_args if generation_args is not None else trainer.args,
+                                          max_completion_tokens, batch_size)
         self.history: list[dict] = []
         # per step: 1.0 for each held-out problem passed, else 0.0 (an unscorable completion counts as not passed)
         self.passes: dict[int, list[float]] = {}
