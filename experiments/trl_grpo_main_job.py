@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import fields
@@ -80,14 +79,10 @@ def run(argv: list[str]) -> dict:
     return summary
 
 
-def _t95(n: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1))
-
-
 def report(folders: list[str]) -> str:
     """The runs' start and end pass rates, and each trainer minus TRL's, paired by seed (95% t-interval)."""
+    from experiments.learning_speed import t_interval
+
     rows = []
     for folder in folders:
         summary = json.loads((Path(folder) / "summary.json").read_text())
@@ -114,10 +109,9 @@ def report(folders: list[str]) -> str:
         if len(diffs) < 2:
             lines.append(f"| {trainer} | {len(diffs)} | - | needs 2 common seeds |")
             continue
-        mean = sum(diffs) / len(diffs)
-        half = _t95(len(diffs)) * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+        mean, low, high = t_interval(diffs)
         lines.append(f"| {trainer} | {len(diffs)} ({', '.join(map(str, common))}) | {mean:+.3f} | "
-                     f"[{mean - half:+.3f}, {mean + half:+.3f}] |")
+                     f"[{low:+.3f}, {high:+.3f}] |")
     return "\n".join(lines)
 
 
