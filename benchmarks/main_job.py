@@ -5,6 +5,9 @@
                                                          # warm-up run in the job's process, as in a fresh clone
     python -m benchmarks.main_job --quick                # 1 step, 8 held-out problems (a smoke test)
     python -m benchmarks.main_job --cache /tmp/fresh --steps 0 --skip validation   # conversion + warm-up only
+    python -m benchmarks.main_job --skip job --validation_problems 68 --batch_sizes 68 --repeats 2 --adapter OUT
+                                                         # validation of a trained run's adapter (OUT: its output
+                                                         # folder), whose answers are longer than step 0's
 
 Two child processes, each with a thread that reads its resident memory (RSS) every 20 ms:
 
@@ -14,7 +17,9 @@ Two child processes, each with a thread that reads its resident memory (RSS) eve
   validation. Each phase reports the peak RSS so far and the RSS at its end; a cached phase takes no time.
 * ``validation``: the warmed-up model's greedy pass over the held-out problems with the trainer's decoding
   settings, once one problem at a time and once batched as the harness validates (``--batch_sizes``); it checks
-  that every batch size gives the same answers and prints each pass's wall time and pass rate.
+  that every batch size gives the same answers and prints each pass's wall time and pass rate. With ``--adapter``
+  the model is the warmed-up one with a trained run's LoRA adapter merged (the validation at that run's last
+  step); ``--repeats`` times each batch size that many times.
 
 The load average is printed beside every time: the machine may be shared. Writes ``--out`` (default: a temp
 folder) ``main_job.json``; the last line printed is the headline.
@@ -132,10 +137,14 @@ def run_validation(opts) -> dict:
     path = harness.prepare_model(args, model_args, task, run)
     held_out = harness.load_validation(task, run, harness.load_problems(task))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if opts.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, opts.adapter).merge_and_unload().eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = list(held_out["prompt"])
     passes, answers = [], {}
-    for batch_size in opts.batch_sizes:
+    for batch_size in [b for b in opts.batch_sizes for _ in range(opts.repeats)]:
         settings = _trainer_settings(args, None)
         settings = type(settings)(**{**settings.__dict__, "batch_size": batch_size})
         load = os.getloadavg()[0]
@@ -174,6 +183,9 @@ def main():
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64],
                         help="validation batch sizes to time (the first is the reference for the answers)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--adapter", default=None,
+                        help="validation: merge this trained LoRA adapter (a main-job output folder) into the model")
+    parser.add_argument("--repeats", type=int, default=1, help="validation: passes per batch size")
     parser.add_argument("--cache", default=None, help="model and warm-up cache (default: the user cache)")
     parser.add_argument("--skip", choices=["job", "validation"], default=None, help="leave out one measurement")
     parser.add_argument("--quick", action="store_true", help="1 step, 8 held-out problems")
@@ -183,9 +195,11 @@ def main():
     parser.add_argument("--phase", choices=["job", "validation"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--record", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts.steps < 0 or opts.validation_problems < 1 or min(opts.batch_sizes) < 1:
+    if opts.adapter and not (Path(opts.adapter) / "adapter_config.json").is_file():
+        parser.error(f"--adapter {opts.adapter}: no adapter_config.json there (give a main-job output folder).")
+    if opts.steps < 0 or opts.validation_problems < 1 or min(opts.batch_sizes) < 1 or opts.repeats < 1:
         raise ValueError(f"steps={opts.steps}, validation_problems={opts.validation_problems}, batch_sizes="
-                         f"{opts.batch_sizes}: need steps >= 0 and the others at least 1.")
+                         f"{opts.batch_sizes}, repeats={opts.repeats}: need steps >= 0 and the others at least 1.")
     if opts.quick:
         opts.steps, opts.validation_problems = 1, 8
     if opts.phase is not None:
