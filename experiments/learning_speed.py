@@ -645,6 +645,14 @@ def main_embedded(parser, opts) -> None:
     print(f"SRPO steps to reach GRPO's final accuracy / GRPO's steps: {headline_text}")
 
 
+def held_out_count(runs: dict[str, list[dict]], drawn: int) -> str:
+    """The held-out problems the runs validated on (``drawn`` less those that repeat a training question)."""
+    counts = {r.get("validation_problems") for records in runs.values() for r in records}
+    if len(counts) == 1 and None not in counts and counts != {drawn}:
+        return f"{counts.pop()} ({drawn} drawn, less those repeating a training question)"
+    return str(drawn)
+
+
 def _seed_major(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Only the seeds every method has finished (a partial seed-major run): curves and pairs over the same seeds."""
     common = set.intersection(*({r["seed"] for r in records} for records in runs.values()))
@@ -668,7 +676,8 @@ def write_results(opts, runs: dict[str, list[dict]], start_eval: dict, wall: flo
         subject = "the main job (embedded SmolLM2-135M-Instruct)"
         setting = (f"{seed_text}, the main job's recipe for {opts.steps} steps"
                    + (f" with {opts.job_args}" if opts.job_args else "")
-                   + f", greedy pass rate on {opts.eval_problems} held-out problems every {opts.eval_every} steps")
+                   + f", greedy pass rate on {held_out_count(runs, opts.eval_problems)} held-out problems every "
+                     f"{opts.eval_every} steps")
     else:
         subject = "the testbed"
         setting = (f"{seed_text}, {opts.steps} steps x {opts.prompts_per_step} prompts x 8 rows, lr {opts.lr}, "
