@@ -13,7 +13,7 @@ its sampler decodes each rollout to EOS or ``max_completion_length`` tokens (the
 first thought with a boxed answer) with the model in train mode, and the reward reads the completion's last box.
 Every ``GRPOConfig`` field is copied from the package's resolved config, so the two trainers see the same
 settings; the run's folder holds ``summary.json`` (with ``validation_rise``, ``seed`` and ``trainer``) and
-``metrics.jsonl`` as the main job writes them.
+``metrics.jsonl`` as the main job writes them, and no plots (the main job's plots show reset metrics).
 """
 
 from __future__ import annotations
@@ -68,9 +68,12 @@ def run(argv: list[str]) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     trainer.save_model(args.output_dir)
-    run_args.plots = False
-    summary = harness.write_outputs(trainer, out, task, run_args, model_path, seconds)
-    summary.update(trainer=TRAINER_LABEL, seed=args.seed)
+    if run_args.plots:
+        print("trl_grpo_main_job writes no plots (the main job's plots show reset metrics, which TRL's trainer does "
+              "not log); --plots is ignored here.")
+        run_args.plots = False
+    summary = harness.write_outputs(trainer, out, task, run_args, model_path, seconds)  # records the seed too
+    summary["trainer"] = TRAINER_LABEL
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     rise = summary.get("validation_rise")
     if rise is not None:
